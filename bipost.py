@@ -1,0 +1,565 @@
+"""
+bipost: one-stage bi-objective (and bilevel) LLM post-training, e.g. SFT + DPO in one run.
+
+    python bipost.py                                               # the CPU demo, a few minutes
+    python bipost.py config/demo.py --strategy=maxright            # a recipe, plus overrides
+    torchrun --nproc_per_node=8 bipost.py config/llama3_dpo_sft.py # 8 GPUs, DeepSpeed ZeRO-3
+
+One launch path: plain python or torchrun; the only branch is whether RANK is in the environment.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configurator import configure
+from objectives import OBJECTIVES, DATA_KIND
+from selector import ObjectiveSelector
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out-demo'          # checkpoint, HF export, metrics.jsonl
+eval_interval = 50            # updates between held-out evals (and checkpoints)
+eval_iters = 8                # batches per objective per eval
+log_interval = 1              # updates between log lines
+eval_only = False             # evaluate once and exit
+always_save_checkpoint = True # save every eval (else only at the end)
+init_from = 'scratch'         # 'scratch' (LlamaConfig from the globals below) | 'resume' | a local HF model dir
+export_hf = True              # write out_dir/hf, loadable by transformers.AutoModelForCausalLM
+wandb_log = False             # optional; imported lazily
+wandb_project = 'bipost'
+wandb_run_name = 'demo'
+# data
+dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
+train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train'}  # split each objective trains on
+val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val'}          # held-out split it is judged on
+keep_list = ''                # a keep.npy from the data selector: train only on those examples
+keep_objective = 'sft'        # the objective whose train split keep_list indexes
+batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo
+gradient_accumulation_steps = 1  # micro-batches per update per rank
+# model ('scratch' only; HF dirs bring their own config)
+n_layer = 2
+n_head = 4
+n_embd = 128
+block_size = 128              # max positions of a scratch model; prepared data never exceeds it
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+# objectives
+objectives = ['sft', 'dpo']   # names from objectives.OBJECTIVES; 2 or more
+beta = 0.1                    # DPO temperature, usually 0.05-0.5 (length-normalized: ~5)
+dpo_loss = 'sigmoid'          # 'sigmoid' (DPO; with label_smoothing > 0 the conservative variant) | 'ipo'
+label_smoothing = 0.0         # ε of conservative DPO, 0-0.5
+length_normalize = False      # mean instead of sum of response log-probs (Tulu 3)
+dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
+reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
+teacher_from = ''             # local HF dir of the frozen KD teacher
+fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
+# selector (objectives)
+strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
+weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
+optima = [0.0, 0.0]           # f* per objective (from single-objective runs): maxright and the ideal distance
+maxright_refresh = 10         # maxright: re-estimate every objective every k updates
+# optimizer
+learning_rate = 1e-3          # peak lr; ~1e-6-1e-5 for 8B models
+max_iters = 300               # total optimizer updates
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0               # 0 disables
+warmup_iters = 20
+decay_lr = True               # cosine decay to min_lr at max_iters
+min_lr = 1e-4
+# deepspeed
+deepspeed = False             # False: plain torch (gradients all-reduced by hand under torchrun)
+zero_stage = 2                # 0-3
+offload = False               # ZeRO-Offload optimizer state to CPU
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+seed = 1337
+nonfinite = 'stop'            # non-finite loss: 'stop' (nothing written) | 'skip' (drop that micro-batch, counted)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, dict))]
+config = {k: globals()[k] for k in config_keys}
+configure(config, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+def fail(message):
+    """Bad input ends the run with one actionable line, before anything is written."""
+    print(f"bipost: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+# distributed: torchrun sets RANK; plain python is a world of one
+ddp = 'RANK' in os.environ
+if deepspeed and not ddp:  # DeepSpeed wants a process group even for one process
+    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=os.environ.get('MASTER_PORT', str(29500 + os.getpid() % 1000)))
+rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+master = rank == 0
+if device.startswith('cuda'):
+    device = f'cuda:{local_rank}'
+    torch.cuda.set_device(device)
+backend = 'nccl' if device.startswith('cuda') else 'gloo'
+if deepspeed:
+    import deepspeed as ds
+    ds.init_distributed(dist_backend=backend)
+elif ddp:
+    dist.init_process_group(backend=backend)
+distributed = dist.is_available() and dist.is_initialized() and world_size > 1
+
+def all_mean(values):
+    """Average a list of floats over ranks (every rank gets the same numbers)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(t)
+        t /= world_size
+    return t.tolist()
+
+torch.manual_seed(seed)
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+for name in objectives:
+    if name not in OBJECTIVES:
+        fail(f"objectives: unknown objective '{name}'; known: {sorted(OBJECTIVES)} (add one in objectives.py)")
+if len(weights) != len(objectives) or len(optima) != len(objectives):
+    fail(f"weights {weights} and optima {optima} need one entry per objective {objectives}")
+
+# -----------------------------------------------------------------------------
+# data: token bins + index arrays written by data/prepare.py; training never tokenizes
+
+data_dir = os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.exists(meta_path):
+    fail(f"{meta_path} not found: prepare the data first (python data/prepare.py --out_dir={data_dir} ..., "
+         f"or python data/demo/prepare.py for the demo)")
+with open(meta_path) as f:
+    meta = json.load(f)
+
+
+class Split:
+    """One split: memmapped tokens + index. Every rank walks the same seeded per-epoch permutation."""
+
+    def __init__(self, name, kind, keep=None):
+        self.name, self.kind = name, kind
+        path = os.path.join(data_dir, name)
+        for suffix in ('.bin', '_index.npy'):
+            if not os.path.exists(path + suffix):
+                fail(f"{path + suffix} not found: split '{name}' was not prepared "
+                     f"(splits in {meta_path}: {sorted(meta.get('splits', {}))})")
+        self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
+        self.index = np.load(path + '_index.npy')
+        columns = {'sft': 3, 'pref': 4}[kind]
+        if self.index.ndim != 2 or self.index.shape[1] != columns:
+            fail(f"{path}_index.npy has shape {self.index.shape}, but objective data of kind '{kind}' needs "
+                 f"[n, {columns}]: is '{name}' a {'preference' if kind == 'sft' else 'SFT'} split?")
+        self.ids = np.arange(len(self.index)) if keep is None else np.asarray(keep, dtype=np.int64)
+        self.epoch, self.cursor = 0, 0
+
+    def next_ids(self, n, advance=True):
+        """The next n examples of this rank; every rank's cursor moves by n·world_size."""
+        if n * world_size > len(self.ids):
+            fail(f"split '{self.name}' has {len(self.ids)} examples, fewer than one batch ({n} x {world_size} ranks)")
+        epoch, cursor = self.epoch, self.cursor
+        if cursor + n * world_size > len(self.ids):
+            epoch, cursor = epoch + 1, 0
+        if getattr(self, '_epoch', None) != epoch:  # one permutation per epoch, the same on every rank
+            self._epoch, self._order = epoch, np.random.default_rng([seed, epoch]).permutation(self.ids)
+        if advance:
+            self.epoch, self.cursor = epoch, cursor + n * world_size
+        return self._order[cursor + rank * n:cursor + (rank + 1) * n]
+
+    def batch(self, ids):
+        rows, masks = [], []
+        for i in ids:
+            offset, prompt, *responses = (int(x) for x in self.index[i])
+            prompt_tokens, start = self.tokens[offset:offset + prompt], offset + prompt
+            for length in responses:  # sft: one response; pref: chosen then rejected
+                rows.append(np.concatenate([prompt_tokens, self.tokens[start:start + length]]))
+                masks.append(np.r_[np.zeros(prompt, bool), np.ones(length, bool)])
+                start += length
+        if self.kind == 'pref':  # chosen rows first, then rejected rows: one forward per model
+            rows, masks = rows[0::2] + rows[1::2], masks[0::2] + masks[1::2]
+        L = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), L), meta['pad_id'], np.int64)
+        response_mask = np.zeros((len(rows), L), bool)
+        for j, (r, m) in enumerate(zip(rows, masks)):
+            input_ids[j, :len(r)], response_mask[j, :len(m)] = r, m
+        attention_mask = np.arange(L)[None, :] < np.array([len(r) for r in rows])[:, None]
+        to = lambda a: torch.from_numpy(a).to(device)
+        return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask.astype(np.int64)),
+                'response_mask': to(response_mask), 'index': torch.as_tensor(np.asarray(ids), device=device)}
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'cursor': self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = state['epoch'], state['cursor']
+
+
+def make_split(split_map, name, keep=None):
+    if name not in split_map:
+        fail(f"no split for objective '{name}' in {split_map}: add it to train_splits/val_splits")
+    return Split(split_map[name], DATA_KIND[name], keep)
+
+keep = None
+if keep_list:
+    if not os.path.exists(keep_list):
+        fail(f"keep_list {keep_list} not found: run the data selector first (see README, data selection)")
+    keep = np.load(keep_list)
+train_data = {n: make_split(train_splits, n, keep if n == keep_objective else None) for n in objectives}
+val_data = {n: make_split(val_splits, n) for n in objectives}
+
+# -----------------------------------------------------------------------------
+# models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
+
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers.utils import logging as hf_logging
+hf_logging.disable_progress_bar()
+
+checkpoint = None
+if init_from == 'resume':
+    pointer = os.path.join(out_dir, 'ckpt.json')
+    if not os.path.exists(pointer):
+        fail(f"init_from='resume' but {pointer} does not exist: no complete checkpoint in out_dir={out_dir}")
+    with open(pointer) as f:
+        checkpoint = json.load(f)
+policy_source = checkpoint['policy_init'] if checkpoint else init_from
+
+
+def load_model(source):
+    if source == 'scratch':
+        torch.manual_seed(seed)  # the same seed rebuilds the same initial weights: the reference = initial policy
+        hf_config = LlamaConfig(vocab_size=meta['vocab_size'], hidden_size=n_embd, intermediate_size=4 * n_embd,
+                                num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+                                max_position_embeddings=block_size, tie_word_embeddings=False,
+                                bos_token_id=meta['eos_id'], eos_token_id=meta['eos_id'], pad_token_id=meta['pad_id'])
+        return AutoModelForCausalLM.from_config(hf_config)
+    if not os.path.isdir(source) or not os.path.exists(os.path.join(source, 'config.json')):
+        fail(f"model '{source}' is not a local HF model directory (with config.json); "
+             f"use 'scratch', 'resume' or a path written by save_pretrained")
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+
+def check_vocab(model, source):
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if meta['vocab_size'] > vocab:
+        fail(f"{meta_path}: the data was tokenized with vocab_size {meta['vocab_size']} ({meta['tokenizer']}) but "
+             f"model '{source}' has {vocab} ids: prepare the data with this model's tokenizer")
+    return vocab
+
+if checkpoint and checkpoint['format'] == 'torch':
+    state = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**state['model_config']))
+    model.load_state_dict(state['model'])
+elif checkpoint:
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
+else:
+    model = load_model(policy_source)
+vocab_size = check_vocab(model, policy_source)
+for split in list(train_data.values()) + list(val_data.values()):
+    if len(split.tokens) and int(split.tokens.max()) >= vocab_size:
+        fail(f"{split.name}.bin in {data_dir} holds token id {int(split.tokens.max())} >= the model's vocab "
+             f"{vocab_size}: the bins were prepared with another tokenizer; prepare them again")
+model.config.use_cache = False
+if not deepspeed:
+    model.to(device)  # fp32 master weights; bf16 compute through autocast
+
+
+def frozen(source, role):
+    m = load_model(source)
+    if m.get_output_embeddings().weight.shape[0] != vocab_size:
+        fail(f"{role} '{source}' has vocab {m.get_output_embeddings().weight.shape[0]} but the policy has "
+             f"{vocab_size}: the {role} must share the policy's tokenizer")
+    m.requires_grad_(False).eval()
+    if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
+        return ds.initialize(model=m, config={'train_micro_batch_size_per_gpu': batch_size,
+                             'bf16': {'enabled': dtype == 'bfloat16'}, 'zero_optimization': {'stage': 3}})[0].module
+    return m.to(device, ptdtype if device.startswith('cuda') else torch.float32)
+
+reference = frozen(reference_from or policy_source, 'reference') if 'dpo' in objectives else None
+teacher = None
+if 'kd' in objectives:
+    if not teacher_from:
+        fail("objective 'kd' needs teacher_from = a local HF model directory")
+    teacher = frozen(teacher_from, 'teacher')
+ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
+                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
+                      zero3=deepspeed and zero_stage == 3)
+
+# -----------------------------------------------------------------------------
+# optimizer: explicit DeepSpeed, or plain torch
+
+micro_steps = gradient_accumulation_steps * (len(objectives) if strategy == 'mix' else 1)
+decay = [p for p in model.parameters() if p.dim() >= 2]
+no_decay = [p for p in model.parameters() if p.dim() < 2]
+groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+if deepspeed:
+    ds_config = {
+        'train_micro_batch_size_per_gpu': batch_size,
+        'gradient_accumulation_steps': micro_steps,  # mix runs one micro-step per objective
+        'train_batch_size': batch_size * micro_steps * world_size,
+        'gradient_clipping': grad_clip,
+        'bf16': {'enabled': dtype == 'bfloat16'},
+        'zero_optimization': {'stage': zero_stage, 'overlap_comm': device.startswith('cuda'),
+                              **({'offload_optimizer': {'device': 'cpu'}} if offload else {})},
+        'optimizer': {'type': 'AdamW', 'params': {'lr': learning_rate, 'betas': [beta1, beta2], 'eps': 1e-8,
+                                                  'weight_decay': weight_decay,
+                                                  'torch_adam': not device.startswith('cuda') and not offload}},
+        'steps_per_print': 10 ** 9,
+    }
+    if master:
+        print('deepspeed config:', json.dumps(ds_config))
+    engine, optimizer, _, _ = ds.initialize(model=model, model_parameters=groups, config=ds_config)
+    raw_model = engine.module
+else:
+    engine, raw_model = None, model
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
+                                  fused=device.startswith('cuda'))
+    if distributed:  # one broadcast so every rank starts from rank 0's weights
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+autocast = torch.autocast('cuda', dtype=ptdtype) if device.startswith('cuda') and not deepspeed \
+    else torch.autocast('cpu', enabled=False)
+
+selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optima, maxright_refresh, seed)
+iter_num, skipped = 0, 0
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic (temp name, then rename), resumable exactly (data cursors, selector and RNG state)
+
+def train_state():
+    return {'iter_num': iter_num, 'skipped': skipped, 'selector': selector.state_dict(),
+            'data': {n: s.state_dict() for n, s in train_data.items()}, 'torch_rng': torch.get_rng_state(),
+            'cuda_rng': torch.cuda.get_rng_state() if device.startswith('cuda') else None, 'config': config}
+
+
+def load_train_state(state):
+    global iter_num, skipped
+    iter_num, skipped = state['iter_num'], state['skipped']
+    selector.load_state_dict(state['selector'])
+    for n, s in train_data.items():
+        s.load_state_dict(state['data'][n])
+    torch.set_rng_state(state['torch_rng'])
+    if state['cuda_rng'] is not None and device.startswith('cuda'):
+        torch.cuda.set_rng_state(state['cuda_rng'])
+
+
+def write_json_atomic(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def save_checkpoint():
+    pointer = {'iter_num': iter_num, 'policy_init': policy_source, 'model_config': raw_model.config.to_dict()}
+    if deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer flips only once all are done
+        tag = f'iter_{iter_num:07d}'
+        engine.save_checkpoint(os.path.join(out_dir, 'ds'), tag=tag, client_state=train_state(), save_latest=False)
+        dist.barrier()
+        if master:
+            write_json_atomic(os.path.join(out_dir, 'ckpt.json'), {**pointer, 'format': 'deepspeed', 'tag': tag})
+            for old in os.listdir(os.path.join(out_dir, 'ds')):
+                if old != tag:
+                    shutil.rmtree(os.path.join(out_dir, 'ds', old), ignore_errors=True)
+    elif master:
+        state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'model_config': raw_model.config.to_dict(), **train_state()}
+        torch.save(state, os.path.join(out_dir, 'ckpt.pt.tmp'))
+        os.replace(os.path.join(out_dir, 'ckpt.pt.tmp'), os.path.join(out_dir, 'ckpt.pt'))
+        write_json_atomic(os.path.join(out_dir, 'ckpt.json'), {**pointer, 'format': 'torch'})
+    if export_hf:
+        export(os.path.join(out_dir, 'hf'))
+
+
+def export(path):
+    """HF-format weights that AutoModelForCausalLM.from_pretrained loads; ZeRO-3 gathers them first."""
+    if deepspeed and zero_stage == 3:
+        with ds.zero.GatheredParameters(list(raw_model.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()} if master else None
+    else:
+        state = raw_model.state_dict() if master else None
+    if master:
+        shutil.rmtree(path + '.tmp', ignore_errors=True)
+        raw_model.save_pretrained(path + '.tmp', state_dict=state)
+        if os.path.isdir(policy_source):  # ship the tokenizer with the weights
+            from transformers import AutoTokenizer
+            try:
+                AutoTokenizer.from_pretrained(policy_source).save_pretrained(path + '.tmp')
+            except (OSError, ValueError):
+                pass  # a weights-only directory: the export has no tokenizer either
+        shutil.copy(meta_path, os.path.join(path + '.tmp', 'bipost_data_meta.json'))
+        shutil.rmtree(path + '.old', ignore_errors=True)
+        if os.path.exists(path):
+            os.replace(path, path + '.old')
+        os.replace(path + '.tmp', path)
+        shutil.rmtree(path + '.old', ignore_errors=True)
+
+if checkpoint and checkpoint['format'] == 'torch':
+    optimizer.load_state_dict(state['optimizer'])
+    load_train_state(state)
+    del state
+elif checkpoint:
+    _, client_state = engine.load_checkpoint(os.path.join(out_dir, 'ds'), tag=checkpoint['tag'])
+    load_train_state(client_state)
+if checkpoint and master:
+    print(f"resumed from {out_dir} at update {iter_num}")
+
+# -----------------------------------------------------------------------------
+# helpers for the loop
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    ratio = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate(name, split, ids_per_batch):
+    """Mean per-example loss and metrics of one objective over the given batches (forward only)."""
+    raw_model.eval()
+    totals = {}
+    for ids in ids_per_batch:
+        with autocast:
+            losses, metrics = OBJECTIVES[name](raw_model, split.batch(ids), ctx)
+        for k, v in {'loss': losses, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v.float().mean().item() / len(ids_per_batch)
+    raw_model.train()
+    keys = sorted(totals)
+    return dict(zip(keys, all_mean([totals[k] for k in keys])))
+
+
+def evaluate():
+    results = {}
+    for name, split in val_data.items():
+        n = len(split.index)
+        per_rank = min(batch_size, max(1, n // world_size))
+        batches = [[(b * world_size + rank) * per_rank + j for j in range(per_rank)
+                    if (b * world_size + rank) * per_rank + j < n] or [0] for b in range(eval_iters)]
+        for k, v in estimate(name, split, batches).items():
+            results[f'val/{name}/{k}'] = v
+    gaps = [results[f'val/{n}/loss'] - f for n, f in zip(objectives, optima)]
+    results['val/ideal_distance'] = math.sqrt(sum(g * g for g in gaps))
+    return results
+
+
+def log(record, line):
+    if not master:
+        return
+    print(line, flush=True)
+    with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb_log:
+        wandb.log(record, step=record['iter'])
+
+
+def zero_loss():
+    """A loss with zero gradient for every parameter: stands in for a skipped non-finite micro-batch."""
+    return sum((p.view(-1)[:1] * 0).sum() for p in raw_model.parameters() if p.requires_grad)
+
+# -----------------------------------------------------------------------------
+# startup facts
+
+n_params = sum(p.numel() for p in raw_model.parameters())
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}")
+    print(f"objectives: {objectives} | strategy {strategy} | weights {weights} | optima {optima}")
+    print(f"world {world_size} | {'deepspeed ZeRO-' + str(zero_stage) if deepspeed else 'plain torch'} | device {device} | "
+          f"{batch_size} x {gradient_accumulation_steps} accum x {world_size} ranks = "
+          f"{batch_size * gradient_accumulation_steps * world_size} examples (pairs for dpo) per update")
+    for name in objectives:
+        print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
+              f"val {val_data[name].name} ({len(val_data[name].index)})")
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+t0 = time.time()
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        results = evaluate()
+        log({'iter': iter_num, **results}, f"eval {iter_num} | " + " | ".join(
+            f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
+            (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
+            f" | ideal {results['val/ideal_distance']:.4f}")
+        if eval_only:
+            break
+        if iter_num > 0 and (always_save_checkpoint or iter_num == max_iters):
+            save_checkpoint()
+    if iter_num >= max_iters:
+        break
+
+    if selector.needs_refresh(iter_num):  # maxright: forward-only estimates of every objective
+        for name in objectives:
+            selector.observe(name, estimate(name, train_data[name], [train_data[name].next_ids(batch_size, advance=False)])['loss'])
+    chosen = selector.choose(iter_num)
+
+    totals, tokens = {}, 0
+    for name, weight in chosen:
+        split = train_data[name]
+        for micro_step in range(gradient_accumulation_steps):
+            batch = split.batch(split.next_ids(batch_size))
+            with autocast:
+                losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
+                loss = losses.mean()
+            finite = all_mean([float(torch.isfinite(loss))])[0] == 1.0  # every rank takes the same branch
+            if not finite:
+                if nonfinite == 'stop':
+                    fail(f"non-finite {name} loss at update {iter_num} (lr {lr:.2e}): stopped before any "
+                         f"checkpoint was written; lower learning_rate, check the data, or set nonfinite='skip'")
+                skipped += 1
+                loss = zero_loss()
+            scale = weight * len(chosen)  # mix: the engine divides by micro_steps, which counts every objective
+            if deepspeed:
+                engine.backward(loss * scale)  # the engine scales by 1/gradient_accumulation_steps itself
+                engine.step()                  # every micro-step: the engine updates at the boundary
+            else:
+                (loss * scale / micro_steps).backward()
+            tokens += int(batch['attention_mask'].sum()) * world_size
+            for k, v in {'loss': losses.detach(), **metrics}.items():
+                totals[f'{name}/{k}'] = totals.get(f'{name}/{k}', 0.0) + v.float().mean().item() / gradient_accumulation_steps
+    if not deepspeed:
+        if distributed:  # plain torch across ranks: average the accumulated gradients by hand
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if strategy == 'maxright':  # the step just taken refreshes the chosen objective's estimate
+        name = chosen[0][0]
+        selector.observe(name, all_mean([totals[f'{name}/loss']])[0])
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    iter_num += 1
+    if iter_num % log_interval == 0:
+        names = '+'.join(n for n, _ in chosen)
+        line = f"iter {iter_num} | {names} | " + " | ".join(
+            f"{k.split('/', 1)[0]} loss {v:.4f}" for k, v in totals.items() if k.endswith('/loss'))
+        if 'dpo/rewards/accuracies' in totals:
+            line += f" | acc {totals['dpo/rewards/accuracies']:.2f} | margin {totals['dpo/rewards/margins']:.3f}"
+        line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {tokens / dt / 1000:.1f}k tok/s"
+        log({'iter': iter_num, 'objective': names, 'lr': lr, 'ms': dt * 1000, 'tokens': tokens, 'skipped': skipped,
+             **{f'train/{k}': v for k, v in totals.items()}}, line)
+
+if distributed:
+    dist.barrier()
+    dist.destroy_process_group()

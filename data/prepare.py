@@ -1,0 +1,244 @@
+"""
+Generic JSONL -> token bins for bipost. Training never tokenizes; this does it once, offline.
+
+    python data/prepare.py --out_dir=data/mydata --tokenizer=/path/to/hf_model_dir --max_length=1024 \
+        --truncation=truncate sft_train=train.jsonl pref_train=prefs.jsonl pref_val=prefs_val.jsonl
+
+Records (the shapes TRL uses), one JSON object per line:
+  SFT         {"prompt": str, "completion": str}   or   {"messages": [{"role": .., "content": ..}, ...]}
+              (messages: the last message must be the assistant's; it is the response, the rest the prompt)
+  preference  {"prompt": str, "chosen": str, "rejected": str}, or prompt/chosen/rejected each a message list
+Split kind rule: a split is a preference split if its first record has "chosen" or "rejected", else SFT;
+a split name starting with "sft" or "pref" must agree with that.
+
+Tokenizer (--tokenizer): 'demo' (the byte-level encoding below, built in code), a local Hugging Face
+tokenizer directory, or a tiktoken built-in name that is already cached (nothing is downloaded). String
+records: prompt = [BOS if the tokenizer adds one] + prompt, response = completion + EOS. Message records:
+the chat template renders the prompt (with the generation prompt) and prompt+response; the response is
+the rendered text after the prompt, plus EOS unless the template already put it there. Without a chat
+template the messages are rendered as "role: content\\n" lines followed by "assistant: ".
+
+Output in --out_dir: <split>.bin (flat uint32 ids: prompt, then response(s)), <split>_index.npy
+(int64 [n, 3] offset, prompt_len, response_len for SFT; [n, 4] offset, prompt_len, chosen_len,
+rejected_len for preferences) and meta.json (merged when splits are added later).
+Prompt tokens are never scored by the trainer, so masking is by construction.
+--truncation=truncate: cut the prompt from the left (down to 1 token), then the response's end;
+--truncation=drop: drop examples longer than max_length. Pairs whose chosen and rejected tokens are
+identical (after truncation) carry no preference signal: they are dropped with a warning.
+"""
+import os, sys, json, argparse
+import numpy as np
+
+class DataError(Exception):
+    """Bad input; the message is the user-facing explanation (file:line, what is wrong, how to fix)."""
+
+SHAPES = ('SFT records need {"prompt": str, "completion": str} or {"messages": [{"role": str, "content": str}, ...]}; '
+          'preference records need {"prompt", "chosen", "rejected"}, each a string or each a list of messages')
+
+def demo_encoding():
+    """Byte-level tiktoken encoding built in code: ids 0-255 are the bytes, 256 is <|endoftext|> (EOS and pad)."""
+    import tiktoken
+    return tiktoken.Encoding(name="bipost-demo-bytes", pat_str=r"\S+|\s+",
+                             mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
+
+class Tokenizer:
+    """The few things prepare needs from a tokenizer: 'demo', a local HF directory or a tiktoken name."""
+    def __init__(self, spec):
+        self.bos, self.template = [], None
+        if os.path.isdir(spec):
+            try:
+                from transformers import AutoTokenizer
+                hf = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+            except Exception as e:
+                raise DataError(f"could not load a Hugging Face tokenizer from directory {spec} ({type(e).__name__}: {e}); "
+                                "it needs tokenizer.json or the tokenizer files save_pretrained writes") from None
+            if hf.eos_token_id is None:
+                raise DataError(f"{spec}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+            self.name, self.vocab_size, self.eos_id = os.path.abspath(spec), len(hf), hf.eos_token_id
+            self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+            self.encode = lambda text: hf.encode(text, add_special_tokens=False)
+            added = hf.encode("", add_special_tokens=True)
+            self.bos = added[:1] if added[:1] == [hf.bos_token_id] else []  # keep BOS, never a trailing EOS/SEP
+            if hf.chat_template:
+                self.template = lambda messages, gen: hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            return
+        try:
+            import tiktoken
+            enc = demo_encoding() if spec == "demo" else tiktoken.get_encoding(spec)
+        except Exception as e:
+            raise DataError(f"tokenizer {spec!r} is not 'demo', not a local directory, and not a tiktoken encoding that loads "
+                            f"offline ({type(e).__name__}: {str(e)[:200]}); pass --tokenizer=demo, a local Hugging Face "
+                            "tokenizer directory, or cache the tiktoken file first (TIKTOKEN_CACHE_DIR)") from None
+        self.name, self.vocab_size, self.eos_id = enc.name, enc.n_vocab, enc.eot_token
+        self.pad_id, self.encode = enc.eot_token, enc.encode_ordinary  # text that looks like a special token stays text
+
+    def render(self, messages, generation_prompt):
+        if self.template:
+            return self.template(messages, generation_prompt)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if generation_prompt else "")
+
+def check_messages(messages, where, key):
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f'{where}: "{key}" must be a non-empty list of {{"role": str, "content": str}} messages. {SHAPES}')
+    if not "".join(m["content"] for m in messages).strip():
+        raise DataError(f'{where}: "{key}" is empty; fill it in or remove the line')
+    return messages
+
+def fields(record, kind, where):
+    """Returns (prompt, [response, ...]): strings, or message lists for conversational records."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. {SHAPES}")
+    if kind == "sft" and "messages" in record:
+        messages = check_messages(record["messages"], where, "messages")
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise DataError(f'{where}: "messages" must end with an assistant message (the response) after at least one '
+                            "prompt message")
+        check_messages(messages[-1:], where, "messages[-1] (the response)")
+        return messages[:-1], [messages[-1:]]
+    keys = ("prompt", "chosen", "rejected") if kind == "pref" else ("prompt", "completion")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)} for a {kind} record (got keys: "
+                        f"{', '.join(record) or 'none'}). {SHAPES}")
+    conversational = isinstance(record["prompt"], list)
+    for k in keys:
+        if conversational:
+            check_messages(record[k], where, k)
+        elif not isinstance(record[k], str):
+            raise DataError(f'{where}: "{k}" must be a string like "prompt" (or every field a message list), '
+                            f"got {type(record[k]).__name__}")
+        elif not record[k].strip():
+            raise DataError(f'{where}: "{k}" is empty; fill it in or remove the line')
+    return record["prompt"], [record[k] for k in keys[1:]]
+
+def encode(prompt, responses, tok, where):
+    """Token ids of the prompt and of each response; stored back to back, so the prompt is a prefix by construction."""
+    if isinstance(prompt, str):
+        return tok.bos + tok.encode(prompt), [tok.encode(r) + [tok.eos_id] for r in responses]
+    prompt_text, response_ids = tok.render(prompt, True), []
+    for response in responses:
+        full = tok.render(prompt + response, False)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{where}: the chat template renders the prompt differently once a response follows, so the "
+                            "prompt is not a prefix of prompt+response; use a template without that behaviour or string records")
+        ids = tok.encode(full[len(prompt_text):])
+        if not ids:
+            raise DataError(f"{where}: the response is empty after applying the chat template; check the template")
+        response_ids.append(ids if tok.eos_id in ids else ids + [tok.eos_id])
+    return ([] if tok.template else tok.bos) + tok.encode(prompt_text), response_ids
+
+def fit(prompt, responses, max_length, truncation):
+    """Returns (prompt, responses, truncated), or None when the example is dropped."""
+    longest = max(map(len, responses))
+    if len(prompt) + longest <= max_length:
+        return prompt, responses, False
+    if truncation == "drop":
+        return None
+    prompt = prompt[-max(1, max_length - longest):]  # keep the prompt's end: the question sits next to the answer
+    return prompt, [r[:max_length - len(prompt)] for r in responses], True
+
+def read_jsonl(path):
+    """[(where, record)]; where is 'file:line' for error messages."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records, lineno = [], 0
+    with open(path, encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    records.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); each line must hold one JSON "
+                            "object, e.g. {\"prompt\": \"...\", \"completion\": \"...\"}") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{lineno + 1}: not valid UTF-8; re-save the file as UTF-8") from None
+    if not records:
+        raise DataError(f"{path}: the file is empty; it needs one JSON object per line")
+    return records
+
+def build_split(name, source, tok, max_length, truncation):
+    records = read_jsonl(source) if isinstance(source, str) else [(f"<{name}>:{i}", r) for i, r in enumerate(source, 1)]
+    if not records:
+        raise DataError(f"<{name}>: no records")
+    first = records[0][1]
+    kind = "pref" if isinstance(first, dict) and ("chosen" in first or "rejected" in first) else "sft"
+    if name.startswith(("sft", "pref")) and not name.startswith(kind):
+        raise DataError(f"{records[0][0]}: split {name!r} is named like a {'pref' if kind == 'sft' else 'sft'} split but "
+                        f"its first record is a{' preference' if kind == 'pref' else 'n SFT'} record. {SHAPES}")
+    tokens, index, stats, identical = [], [], dict(examples=0, tokens=0, truncated=0, dropped=0), []
+    for where, record in records:
+        fitted = fit(*encode(*fields(record, kind, where), tok, where), max_length, truncation)
+        if fitted and kind == "pref" and fitted[1][0] == fitted[1][1]:
+            identical.append(where)
+            fitted = None
+        if fitted is None:
+            stats["dropped"] += 1
+            continue
+        prompt, responses, truncated = fitted
+        index.append([stats["tokens"], len(prompt)] + [len(r) for r in responses])
+        for ids in [prompt] + responses:
+            tokens.extend(ids)
+            stats["tokens"] += len(ids)
+        stats["examples"] += 1
+        stats["truncated"] += truncated
+    if identical:
+        print(f"warning: {name}: dropped {len(identical)} pair(s) whose chosen and rejected are identical (first: {identical[0]})")
+    if not index:
+        raise DataError(f"{records[0][0].rsplit(':', 1)[0]}: every example of split {name!r} was dropped; "
+                        "raise --max_length or use --truncation=truncate")
+    return kind, np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats
+
+def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
+    """Tokenizes splits {name: JSONL path or list of records} into out_dir; returns meta. Nothing is written on error."""
+    if truncation not in ("truncate", "drop"):
+        raise DataError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    if max_length < 2:
+        raise DataError(f"max_length={max_length} leaves no room for 1 prompt token and 1 response token; use >= 2")
+    tok = Tokenizer(tokenizer)
+    meta = dict(vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok.name,
+                max_length=max_length, splits={})
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if any(old.get(k) != meta[k] for k in ("tokenizer", "vocab_size", "eos_id", "pad_id")):
+            raise DataError(f"{meta_path}: existing splits use tokenizer {old.get('tokenizer')!r} (vocab {old.get('vocab_size')}), "
+                            f"not {tok.name!r} (vocab {tok.vocab_size}); one directory holds one tokenizer: "
+                            "use another --out_dir or re-prepare every split")
+        meta["splits"], meta["max_length"] = old["splits"], max(old["max_length"], max_length)
+    built = {name: build_split(name, source, tok, max_length, truncation) for name, source in splits.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    renames = []
+    for name, (kind, tokens, index, stats) in built.items():
+        bin_path, index_path = os.path.join(out_dir, f"{name}.bin"), os.path.join(out_dir, f"{name}_index.npy")
+        tokens.tofile(bin_path + ".tmp")
+        with open(index_path + ".tmp", "wb") as f:
+            np.save(f, index)
+        renames += [bin_path, index_path]
+        meta["splits"][name] = dict(kind=kind, **stats, max_length=max_length)
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    for path in renames + [meta_path]:  # meta.json last: it only ever describes complete files
+        os.replace(path + ".tmp", path)
+    print(f"{out_dir}: tokenizer {tok.name} (vocab {tok.vocab_size}, eos {tok.eos_id}), max_length {max_length}, {truncation}")
+    for name, (kind, tokens, index, stats) in built.items():
+        print(f"  {name:<18} {kind:<4} {stats['examples']:>8,} examples {stats['tokens']:>11,} tokens  truncated "
+              f"{stats['truncated']:,}  dropped {stats['dropped']:,}  {tokens.nbytes / 1e6:.2f} MB")
+    return meta
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", required=True, help="dataset directory, e.g. data/mydata")
+    parser.add_argument("--tokenizer", required=True, help="'demo', a local HF tokenizer dir, or a cached tiktoken name")
+    parser.add_argument("--max_length", type=int, default=1024, help="prompt + response never exceeds this")
+    parser.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
+    parser.add_argument("splits", nargs="+", metavar="split=file.jsonl", help="e.g. sft_train=train.jsonl")
+    args = parser.parse_args()
+    try:
+        if bad := [s for s in args.splits if "=" not in s or not s.split("=", 1)[0] or not s.split("=", 1)[1]]:
+            raise DataError(f"{bad[0]!r}: splits are given as name=path.jsonl, e.g. sft_train=train.jsonl")
+        prepare(args.out_dir, args.tokenizer, dict(s.split("=", 1) for s in args.splits), args.max_length, args.truncation)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

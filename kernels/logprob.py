@@ -1,0 +1,239 @@
+"""
+Per-token log-probs through the LM head, log softmax(hidden @ weight.T)[i, targets[i]], without ever
+holding the N x V logits. Two implementations with one autograd contract:
+
+- PyTorch twin (_ChunkedLogprob): rows in chunks of ~TWIN_CHUNK_ELEMS logits; the backward recomputes
+  each chunk's logits from the saved per-row log-sum-exp. Memory O(chunk x V). Runs anywhere (CPU).
+- Triton (_FusedLogprob), for the GPU:
+  forward: one GEMM-shaped kernel; each program owns a (token block, vocab block) tile, accumulates
+    its logits in fp32 over H, and writes only the tile's log-sum-exp and, where the target falls in
+    the tile, the target logit. A [N, V/BLOCK_N] fp32 array of partial lse (~33 MB at N=16k) is
+    reduced in torch. Tiles are ordered in GROUP_M swizzled groups like a matmul, so the head runs
+    at GEMM speed; there is no cross-program online softmax that would serialize the vocab.
+  backward: per vocab chunk of VC columns (N x VC bf16 <= GRAD_CHUNK_ELEMS), a kernel recomputes the
+    logits tile by tile in fp32 and writes grad_logits = g * (onehot - softmax) in the input dtype;
+    cuBLAS then does dW[chunk] = G^T h (exact, written once) and dh += G W[chunk] into an fp32
+    accumulator. cuBLAS is faster than an in-kernel GEMM with atomics, and a vocab-chunked G keeps
+    dW exact (an fp32 dW accumulator would cost V*H*4 = 2 GiB at Llama-3 size).
+Why it cannot reach 3 GEMMs: grad_logits needs the upstream per-token gradient, unknown in the
+forward, and storing the logits costs N*V bytes; so the floor is 4 GEMMs (fwd, recompute, dh, dW),
+i.e. ~1.33x the three bare GEMMs. The forward-only path (reference/teacher) is one GEMM.
+Masked rows are dropped before the matmuls (prompt tokens are 30-50 % of rows) and scattered back as 0.
+"""
+import os
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the twin still works
+    triton = None
+
+TWIN_CHUNK_ELEMS = 2**25  # twin: logits per chunk (128 MiB in fp32)
+GRAD_CHUNK_ELEMS = 2**26  # Triton backward: grad_logits per vocab chunk (128 MiB in bf16)
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch twin
+
+def _twin_forward(h, w, t, chunk_rows):
+    """log-probs and log-sum-exp of the rows of h, chunk_rows rows at a time (fp32 results)."""
+    logp = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    for s in range(0, h.shape[0], chunk_rows):
+        logits = (h[s:s + chunk_rows] @ w.T).float()
+        lse[s:s + chunk_rows] = logits.logsumexp(-1)
+        logp[s:s + chunk_rows] = logits.gather(1, t[s:s + chunk_rows, None]).squeeze(1) - lse[s:s + chunk_rows]
+    return logp, lse
+
+class _ChunkedLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, t, chunk_rows):
+        logp, lse = _twin_forward(h, w, t, chunk_rows)
+        ctx.save_for_backward(h, w, t, lse)
+        ctx.chunk_rows = chunk_rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, t, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(h) if need_dh else None
+        # accumulate dW over row chunks in fp32 (the twin is the CPU path, where fp32 is the norm)
+        dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_dw else None
+        g = g.float()
+        for s in range(0, h.shape[0], ctx.chunk_rows):
+            hc, tc, gc = h[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows], g[s:s + ctx.chunk_rows]
+            logits = (hc @ w.T).float()
+            grad = logits.sub_(lse[s:s + ctx.chunk_rows, None]).exp_().mul_(-gc[:, None])  # -g * softmax
+            grad[torch.arange(len(tc), device=tc.device), tc] += gc                          # + g * onehot
+            grad = grad.to(h.dtype)
+            if need_dh:
+                dh[s:s + ctx.chunk_rows] = grad @ w
+            if need_dw:
+                dw += (grad.T @ hc).float()
+        return dh, (dw.to(w.dtype) if need_dw else None), None, None
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+
+if triton is not None:
+    @triton.jit
+    def _tile_logits(h_ptr, w_ptr, pid, M, V, H, v_start, v_end,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+        """fp32 logits of one (token block, vocab block) tile of columns [v_start, v_end)."""
+        # swizzle: GROUP_M token blocks sweep the same vocab blocks together, so W tiles hit in L2
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(v_end - v_start, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = v_start + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * H + ks[None, :]
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * H + ks[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, H, BLOCK_K):
+            hk = tl.load(h_ptrs, mask=(rows[:, None] < M) & (ks[None, :] < H - k), other=0.0)
+            wk = tl.load(w_ptrs, mask=(cols[:, None] < v_end) & (ks[None, :] < H - k), other=0.0)
+            acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = tl.where(cols[None, :] < v_end, acc, float("-inf"))  # padding columns vanish in exp
+        return acc, rows, cols, pid_n
+
+    @triton.jit
+    def _forward_kernel(h_ptr, w_ptr, t_ptr, lse_part_ptr, target_logit_ptr, M, V, H,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+        logits, rows, cols, pid_n = _tile_logits(h_ptr, w_ptr, tl.program_id(0), M, V, H, 0, V,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PRECISION)
+        row_ok = rows < M
+        row_max = tl.max(logits, 1)
+        tile_lse = row_max + tl.log(tl.sum(tl.exp(logits - row_max[:, None]), 1))
+        tl.store(lse_part_ptr + rows.to(tl.int64) * tl.cdiv(V, BLOCK_N) + pid_n, tile_lse, mask=row_ok)
+        # exactly one tile holds each row's target: only that one writes it
+        t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        target_logit = tl.sum(tl.where(cols[None, :] == t[:, None], logits, 0.0), 1)
+        in_tile = (t >= pid_n * BLOCK_N) & (t < pid_n * BLOCK_N + BLOCK_N)
+        tl.store(target_logit_ptr + rows, target_logit, mask=row_ok & in_tile)
+
+    @triton.jit
+    def _grad_logits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, grad_ptr, M, V, H, v_start, v_end,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+        logits, rows, cols, pid_n = _tile_logits(h_ptr, w_ptr, tl.program_id(0), M, V, H, v_start, v_end,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PRECISION)
+        row_ok = rows < M
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        onehot = (cols[None, :] == t[:, None]).to(tl.float32)
+        grad = g[:, None] * (onehot - tl.exp(logits - lse[:, None]))
+        width = v_end - v_start
+        ptrs = grad_ptr + rows[:, None].to(tl.int64) * width + (cols - v_start)[None, :]
+        tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < v_end))
+
+def _launch_config(dtype):
+    """Tile sizes: the classic Hopper bf16 GEMM tile; small tiles in the CPU interpreter (speed)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, PRECISION="ieee")
+    if dtype == torch.float32:  # fp32 is for tests: exact (no tf32), smaller K tile to fit SMEM
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, PRECISION="ieee", num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, PRECISION="tf32", num_warps=8, num_stages=3)
+
+def _triton_forward(h, w, t):
+    M, H = h.shape
+    V = w.shape[0]
+    cfg = _launch_config(h.dtype)
+    lse_part = torch.empty(M, triton.cdiv(V, cfg["BLOCK_N"]), device=h.device, dtype=torch.float32)
+    target_logit = torch.empty(M, device=h.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_N"]),)
+    _forward_kernel[grid](h, w, t, lse_part, target_logit, M, V, H, **cfg)
+    lse = lse_part.logsumexp(-1)
+    return target_logit - lse, lse
+
+_addmm_fp32_ok = None
+def _addmm_fp32(acc, a, b):
+    """acc (fp32) += a @ b (bf16): cuBLAS accumulating straight into fp32 when this torch supports it
+    (checked once, numerically), else via a bf16 temporary."""
+    global _addmm_fp32_ok
+    if _addmm_fp32_ok is None:
+        x, y = torch.randn(64, 32, device=a.device, dtype=a.dtype), torch.randn(32, 16, device=a.device, dtype=a.dtype)
+        z = torch.ones(64, 16, device=a.device)
+        try:
+            torch.addmm(z, x, y, out_dtype=torch.float32, out=z)
+            _addmm_fp32_ok = torch.allclose(z, 1 + x.float() @ y.float(), atol=1e-2, rtol=1e-2)
+        except (RuntimeError, TypeError):
+            _addmm_fp32_ok = False
+    if _addmm_fp32_ok:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += a @ b
+
+class _FusedLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, t):
+        logp, lse = _triton_forward(h, w, t)
+        ctx.save_for_backward(h, w, t, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, t, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        (M, H), V = h.shape, w.shape[0]
+        cfg = _launch_config(h.dtype)
+        g = g.float().contiguous()
+        dh = torch.zeros(M, H, device=h.device, dtype=torch.float32) if need_dh else None
+        dw = torch.empty_like(w) if need_dw else None
+        chunk = max(cfg["BLOCK_N"], GRAD_CHUNK_ELEMS // max(M, 1) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
+        for v0 in range(0, V, chunk):
+            v1 = min(V, v0 + chunk)
+            grad = torch.empty(M, v1 - v0, device=h.device, dtype=h.dtype)
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(v1 - v0, cfg["BLOCK_N"]),)
+            _grad_logits_kernel[grid](h, w, t, lse, g, grad, M, V, H, v0, v1, **cfg)
+            if need_dw:
+                torch.mm(grad.T, h, out=dw[v0:v1])
+            if need_dh:
+                if h.dtype == torch.float32:
+                    dh.addmm_(grad, w[v0:v1])
+                else:
+                    _addmm_fp32(dh, grad, w[v0:v1])
+        return (dh.to(h.dtype) if need_dh else None), dw, None
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=None):
+    """fp32 log softmax(hidden @ weight.T)[..., targets]; positions where mask is False give exactly 0
+    (and no gradient; their targets may be anything, e.g. -100). hidden [..., H], weight [V, H],
+    targets/mask [...]. fused=None: Triton on CUDA, else the PyTorch twin; True/False force one.
+    chunk_rows: twin rows per chunk (default: TWIN_CHUNK_ELEMS // V). Without grad: forward only."""
+    if fused is None:
+        fused = hidden.is_cuda and triton is not None
+    shape, H = targets.shape, hidden.shape[-1]
+    h, t = hidden.reshape(-1, H), targets.reshape(-1)
+    if mask is not None:  # compact: masked rows never reach the matmuls
+        keep = mask.reshape(-1).nonzero().squeeze(1)
+        h, t = h.index_select(0, keep), t.index_select(0, keep)
+    if fused:
+        h, weight = h.contiguous(), weight.contiguous()
+    chunk_rows = chunk_rows or max(1, TWIN_CHUNK_ELEMS // weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if h.shape[0] == 0:  # all masked: zeros that still reach the graph, so backward() works
+        logp = (h.sum() + weight.sum()).float().mul(0).expand(0)
+    elif need_grad:
+        logp = _FusedLogprob.apply(h, weight, t) if fused else _ChunkedLogprob.apply(h, weight, t, chunk_rows)
+    else:
+        with torch.no_grad():
+            logp = (_triton_forward(h, weight, t) if fused else _twin_forward(h, weight, t, chunk_rows))[0]
+    if mask is not None:
+        logp = logp.new_zeros(mask.numel()).index_copy(0, keep, logp)
+    return logp.reshape(shape)
+
+def token_logprobs_torch(hidden, weight, targets, mask=None, chunk_rows=None):
+    """The PyTorch twin, whatever the device (token_logprobs with fused=False)."""
+    return token_logprobs(hidden, weight, targets, mask, fused=False, chunk_rows=chunk_rows)
