@@ -233,6 +233,193 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
 
 # ---- kernels ----
 
+# Triton runs on CPU only in its interpreter, chosen when a kernel is decorated (module import time);
+# an earlier section may already have imported the kernels, so reload them after setting the flag.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import importlib
+import kernels.logprob, kernels.dpo
+if not torch.cuda.is_available():
+    importlib.reload(kernels.logprob), importlib.reload(kernels.dpo)
+from kernels.logprob import token_logprobs
+from kernels.dpo import dpo_losses
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+def _reference_logprobs(h, w, t, mask):
+    """fp32 log_softmax().gather() on the full logits, 0 where masked."""
+    logp = (h.double() @ w.double().T).log_softmax(-1).gather(-1, t.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(mask, logp, 0.0).float() if mask is not None else logp.float()
+
+def _logprob_case(N, H, V, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.5).requires_grad_()  # logit std ~ 2.5: peaked softmax
+    t = torch.randint(0, V, (N,), generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(N, generator=g) > 0.4
+        mask[0] = True
+        t[~mask] = -100  # masked targets may be anything
+    return h, w, t, mask
+
+# N, V not multiples of the tiles (interpreter tiles 16 x 32); one token; masked rows; no mask
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("N,H,V,masked", [(37, 24, 101, True), (1, 8, 33, False), (50, 16, 64, False)])
+def test_kernel_logprob_matches_reference(fused, N, H, V, masked, monkeypatch):
+    # small chunks so both implementations cross chunk boundaries (a ragged last one included)
+    monkeypatch.setattr(kernels.logprob, "GRAD_CHUNK_ELEMS", 32 * N)
+    h, w, t, mask = _logprob_case(N, H, V, masked)
+    g = torch.randn(N)
+    ref = _reference_logprobs(h, w, t, mask)
+    dh_ref, dw_ref = torch.autograd.grad((ref * g).sum(), (h, w))
+    out = token_logprobs(h, w, t, mask, fused=fused, chunk_rows=7)
+    dh, dw = torch.autograd.grad((out * g).sum(), (h, w))
+    assert out.dtype == torch.float32 and out.shape == (N,)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # fp32 vs fp64-computed reference
+    torch.testing.assert_close(dh, dh_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-4)
+    if mask is not None:
+        assert (out[~mask] == 0).all() and (dh[~mask] == 0).all()
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernel_logprob_fully_masked_and_batched_shapes(fused):
+    h, w, t, _ = _logprob_case(12, 8, 40, False)
+    out = token_logprobs(h, w, t, torch.zeros(12, dtype=torch.bool), fused=fused)
+    out.sum().backward()
+    assert (out == 0).all() and (h.grad == 0).all() and (w.grad == 0).all()
+    # [B, T, H] hidden with [B, T] targets/mask gives [B, T]
+    mask = torch.rand(3, 4) > 0.5
+    out = token_logprobs(h.view(3, 4, 8), w, t.view(3, 4), mask, fused=fused)
+    torch.testing.assert_close(out, _reference_logprobs(h, w, t, mask.view(-1)).view(3, 4), atol=1e-5, rtol=1e-5)
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernel_logprob_forward_only_equals_grad_path(fused):
+    h, w, t, mask = _logprob_case(29, 16, 70, True, seed=1)
+    with_grad = token_logprobs(h, w, t, mask, fused=fused)
+    with torch.no_grad():
+        no_grad = token_logprobs(h, w, t, mask, fused=fused)
+    frozen = token_logprobs(h.detach(), w.detach(), t, mask, fused=fused)
+    assert with_grad.requires_grad and not no_grad.requires_grad and not frozen.requires_grad
+    assert torch.equal(with_grad.detach(), no_grad) and torch.equal(no_grad, frozen)
+
+def test_kernel_logprob_twin_memory_is_chunked():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, o.numel())
+            return out
+    N, H, V, chunk = 64, 8, 500, 4
+    h, w, t, _ = _logprob_case(N, H, V, False)
+    with LargestTensor():
+        out = token_logprobs(h, w, t, fused=False, chunk_rows=chunk)
+        out.sum().backward()
+    # nothing bigger than one chunk of logits or the weight gradient; the full logits are N*V = 32000
+    assert LargestTensor.largest <= max(chunk * V, V * H), LargestTensor.largest
+    dh, dw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    unchunked = token_logprobs(h, w, t, fused=False, chunk_rows=N)
+    unchunked.sum().backward()
+    torch.testing.assert_close(out, unchunked, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dh, h.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dw, w.grad, atol=1e-6, rtol=1e-5)
+
+def _dpo_case(B=3, T=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    policy = -torch.rand(2 * B, T, generator=g) * 3
+    reference = -torch.rand(2 * B, T, generator=g) * 3
+    mask = torch.rand(2 * B, T, generator=g) > 0.4
+    mask[1] = False  # a chosen response with no tokens
+    policy[~mask] = float("nan")  # masked positions must be ignored, not multiplied by 0
+    return policy.requires_grad_(), reference, mask
+
+@pytest.mark.parametrize("loss_type,eps,length_normalize",
+                         [("sigmoid", 0.0, False), ("sigmoid", 0.2, False), ("ipo", 0.0, False), ("sigmoid", 0.0, True)])
+def test_kernel_dpo_matches_twin_and_hand(loss_type, eps, length_normalize):
+    beta = 0.5
+    policy, reference, mask = _dpo_case()
+    results = []
+    for fused in (False, True):
+        losses, policy_seq, reference_seq = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=fused)
+        grad, = torch.autograd.grad((losses * torch.tensor([1.0, 2.0, 3.0])).sum(), policy)
+        assert not policy_seq.requires_grad and not reference_seq.requires_grad
+        results.append((losses, policy_seq, reference_seq, grad))
+    for a, b in zip(*results):  # Triton vs twin, forward and backward
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # by hand, in float64
+    m = mask.double()
+    average = loss_type == "ipo" or length_normalize
+    def seq(x):
+        s = (torch.nan_to_num(x.detach().double()) * m).sum(1)
+        return s / m.sum(1).clamp(min=1) if average else s
+    assert results[0][1][1] == 0 and torch.isfinite(results[0][0]).all()  # empty response: seq = 0
+    ps, rs = seq(policy), seq(reference)
+    z = (ps[:3] - ps[3:]) - (rs[:3] - rs[3:])
+    if loss_type == "ipo":
+        expected = (z - 1 / (2 * beta)) ** 2
+    else:
+        expected = -(1 - eps) * torch.log(torch.sigmoid(beta * z)) - eps * torch.log(torch.sigmoid(-beta * z))
+    torch.testing.assert_close(results[1][0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1].double(), ps, atol=1e-5, rtol=1e-5)
+    # gradient by hand: d loss_b / d policy[i, t] = weight_b * dloss/dz * (+-1) * mask / count
+    dz = 2 * (z - 1 / (2 * beta)) if loss_type == "ipo" else beta * (-(1 - eps) * torch.sigmoid(-beta * z) + eps * torch.sigmoid(beta * z))
+    per_row = torch.cat([dz, -dz]) * torch.tensor([1.0, 2, 3, 1, 2, 3], dtype=torch.float64)
+    if average:
+        per_row = per_row / m.sum(1).clamp(min=1)
+    torch.testing.assert_close(results[1][3].double(), per_row[:, None] * m, atol=1e-6, rtol=1e-5)
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernel_dpo_policy_equals_reference_is_log2(fused):
+    policy, _, mask = _dpo_case(seed=2)
+    losses, _, _ = dpo_losses(policy, policy.detach().clone(), mask, 0.1, fused=fused)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2)), atol=1e-6, rtol=0)
+    losses, _, _ = dpo_losses(policy, policy.detach().clone(), mask, 0.1, "ipo", fused=fused)
+    torch.testing.assert_close(losses, torch.full((3,), (1 / 0.2) ** 2), atol=1e-4, rtol=0)  # (0 - 1/(2 beta))^2
+    with pytest.raises(ValueError):
+        dpo_losses(policy, policy, mask, 0.1, "hinge", fused=fused)
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H,V", [(4096, 4096, 128256), (3000, 2048, 50257)])
+def test_kernel_logprob_gpu_bf16(N, H, V):
+    torch.manual_seed(0)
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") * 3.5 / H**0.5).bfloat16().requires_grad_()  # logit std ~3.5
+    mask = torch.rand(N, device="cuda") > 0.4
+    with torch.no_grad():
+        t = torch.multinomial((h[:64].float() @ w.float().T).softmax(-1), N // 64 + 1, replacement=True).view(-1)[:N]
+    g = torch.randn(N, device="cuda")
+    hf, wf = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = _reference_logprobs(hf, wf, t, mask)
+    (ref * g).sum().backward()
+    for fused in (True, False):
+        h.grad = w.grad = None
+        out = token_logprobs(h, w, t, mask, fused=fused)
+        (out * g).sum().backward()
+        rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+        # fused: fp32 logits from bf16 inputs, so only bf16 rounding of grad_logits and of the results;
+        # the twin rounds the logits themselves to bf16 (like naive torch), hence looser bounds
+        log_tol, grad_tol = (2e-3, 1e-2) if fused else (0.1, 3e-2)
+        assert (out - ref).abs().max().item() < log_tol
+        assert rel(h.grad, hf.grad) < grad_tol and rel(w.grad, wf.grad) < grad_tol, (rel(h.grad, hf.grad), rel(w.grad, wf.grad))
+        with torch.no_grad():
+            assert torch.equal(token_logprobs(h, w, t, mask, fused=fused), out.detach())
+
+@gpu
+@pytest.mark.gpu
+def test_kernel_dpo_gpu_matches_twin():
+    policy, reference, mask = _dpo_case(B=8, T=1500)
+    policy = policy.detach().cuda().requires_grad_()
+    outs = []
+    for fused in (True, False):
+        losses, ps, rs = dpo_losses(policy, reference.cuda(), mask.cuda(), 0.1, fused=fused)
+        outs.append((losses, ps, rs, torch.autograd.grad(losses.sum(), policy)[0]))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
 # ---- selector ----
 from selector import ObjectiveSelector
 

@@ -66,7 +66,7 @@ def garble(rng, text):
     rng.shuffle(chars)
     return "".join(chars)
 
-def pairs(rng, examples):
+def pairs(examples):
     """Even positions: style pairs (verbose over terse); odd: correctness pairs (terse right over terse wrong)."""
     return [dict(prompt=p, chosen=verbose(a), rejected=a) if i % 2 == 0 else dict(prompt=p, chosen=a, rejected=w)
             for i, (p, a, w) in enumerate(examples)]
@@ -83,7 +83,7 @@ def build(seed=1337):
     val, trusted, train = pool[:N_VAL], pool[N_VAL:N_VAL + N_TRUSTED], pool[N_VAL + N_TRUSTED:]
     sft = lambda examples: [dict(prompt=p, completion=a) for p, a, _ in examples]
     splits = dict(sft_train=sft(train), sft_val=sft(val), sft_trusted=sft(trusted),
-                  pref_train=pairs(rng, rng.sample(train, len(train))), pref_val=pairs(rng, val))
+                  pref_train=pairs(rng.sample(train, len(train))), pref_val=pairs(val))
     corrupt, wrong_of = {}, {p: w for p, _, w in train}
     for name in ("sft", "pref"):
         records = [dict(r) for r in splits[f"{name}_train"]]
