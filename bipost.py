@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import configure
+from configurator import configure, ConfigError
 from objectives import OBJECTIVES, DATA_KIND
 from selector import ObjectiveSelector
 
@@ -44,6 +44,7 @@ keep_list = ''                # a keep.npy from the data selector: train only on
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo
 gradient_accumulation_steps = 1  # micro-batches per update per rank
+total_batch_size = 0          # if > 0: examples per update over all ranks; sets gradient_accumulation_steps for any world size
 # model ('scratch' only; HF dirs bring their own config)
 n_layer = 2
 n_head = 4
@@ -86,7 +87,10 @@ nonfinite = 'stop'            # non-finite loss: 'stop' (nothing written) | 'ski
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, dict))]
 config = {k: globals()[k] for k in config_keys}
-configure(config, sys.argv[1:])
+try:
+    configure(config, sys.argv[1:])
+except ConfigError as e:  # a typo gets one line, not a traceback
+    sys.exit(f"bipost: error: {e}")
 globals().update(config)
 # -----------------------------------------------------------------------------
 
@@ -122,12 +126,24 @@ def all_mean(values):
     return t.tolist()
 
 torch.manual_seed(seed)
+for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo'))):
+    if config[key] not in allowed:
+        fail(f"{key}={config[key]!r} is not one of {allowed}")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 for name in objectives:
     if name not in OBJECTIVES:
         fail(f"objectives: unknown objective '{name}'; known: {sorted(OBJECTIVES)} (add one in objectives.py)")
-if len(weights) != len(objectives) or len(optima) != len(objectives):
-    fail(f"weights {weights} and optima {optima} need one entry per objective {objectives}")
+try:  # strategy, weights and optima are checked here, before any model is loaded
+    selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optima, maxright_refresh, seed)
+except ValueError as e:
+    fail(f"{e} (config keys objectives, strategy, weights, optima)")
+if total_batch_size:  # the same recipe on any number of GPUs: the accumulation absorbs the world size
+    if total_batch_size % (batch_size * world_size):
+        fail(f"total_batch_size={total_batch_size} is not divisible by batch_size {batch_size} x {world_size} ranks: "
+             f"use a multiple of {batch_size * world_size}, or another batch_size")
+    config['gradient_accumulation_steps'] = gradient_accumulation_steps = total_batch_size // (batch_size * world_size)
+if batch_size < 1 or gradient_accumulation_steps < 1:
+    fail(f"batch_size={batch_size} and gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
@@ -157,7 +173,13 @@ class Split:
         if self.index.ndim != 2 or self.index.shape[1] != columns:
             fail(f"{path}_index.npy has shape {self.index.shape}, but objective data of kind '{kind}' needs "
                  f"[n, {columns}]: is '{name}' a {'preference' if kind == 'sft' else 'SFT'} split?")
+        if len(self.index) and self.index[-1, 0] + self.index[-1, 1:].sum() != len(self.tokens):
+            fail(f"{path}.bin holds {len(self.tokens)} tokens, not the {self.index[-1, 0] + self.index[-1, 1:].sum()} that "
+                 f"{path}_index.npy describes: a truncated copy or files from different runs; prepare the split again")
         self.ids = np.arange(len(self.index)) if keep is None else np.asarray(keep, dtype=np.int64)
+        if len(self.ids) and not 0 <= self.ids.min() <= self.ids.max() < len(self.index):
+            fail(f"keep_list {keep_list} holds ids outside 0..{len(self.index) - 1} of split '{name}': "
+                 f"it was made for another split; set keep_objective or run the data selector again")
         self.epoch, self.cursor = 0, 0
 
     def next_ids(self, n, advance=True):
@@ -326,7 +348,6 @@ else:
 autocast = torch.autocast('cuda', dtype=ptdtype) if device.startswith('cuda') and not deepspeed \
     else torch.autocast('cpu', enabled=False)
 
-selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optima, maxright_refresh, seed)
 iter_num, skipped = 0, 0
 
 # -----------------------------------------------------------------------------
@@ -497,9 +518,12 @@ while True:
             f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
             f" | ideal {results['val/ideal_distance']:.4f}")
+        if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
+            fail(f"non-finite held-out loss at update {iter_num}: the weights diverged and were not saved (the last "
+                 f"checkpoint in {out_dir} is intact); lower learning_rate and resume, or check the data")
         if eval_only:
             break
-        if iter_num > 0 and (always_save_checkpoint or iter_num == max_iters):
+        if iter_num > (checkpoint['iter_num'] if checkpoint else 0) and (always_save_checkpoint or iter_num == max_iters):
             save_checkpoint()
     if iter_num >= max_iters:
         break

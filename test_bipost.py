@@ -217,11 +217,11 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
     prompts = lambda name: {r["prompt"] for r in splits[name]}
     assert not prompts("sft_val") & (prompts("sft_train") | prompts("pref_train") | prompts("sft_trusted"))
     assert not prompts("sft_trusted") & prompts("sft_train")
-    assert not any(r["completion"].startswith("The answer is") for r in splits["sft_train"])
-    for name in ("pref_train", "pref_val"):  # half style pairs (verbose over the SFT answer), half correctness pairs
-        style = [r["chosen"] == f"The answer is {answer[r['prompt']]}." and r["rejected"] == answer[r["prompt"]]
+    assert all(r["completion"].startswith("The answer is ") for r in splits["sft_train"] + splits["sft_trusted"])
+    for name in ("pref_train", "pref_val"):  # half style pairs (terse over the SFT answer), half correctness pairs
+        style = [f"The answer is {r['chosen']}." == r["rejected"] == answer[r["prompt"]] for r in splits[name]]
+        right = [r["chosen"] == answer[r["prompt"]] != r["rejected"] and r["rejected"].startswith("The answer is ")
                  for r in splits[name]]
-        right = [r["chosen"] == answer[r["prompt"]] != r["rejected"] for r in splits[name]]
         assert sum(style) == sum(right) == len(splits[name]) // 2 and not any(map(all, zip(style, right)))
     for name in ("sft", "pref"):
         clean, noisy, labels = splits[f"{name}_train"], splits[f"{name}_noisy_train"], corrupt[f"{name}_noisy_train"]
@@ -233,17 +233,16 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
 
 # ---- kernels ----
 
-# Triton runs on CPU only in its interpreter, chosen when a kernel is decorated (module import time);
-# an earlier section may already have imported the kernels, so reload them after setting the flag.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-import importlib
-import kernels.logprob, kernels.dpo
-if not torch.cuda.is_available():
-    importlib.reload(kernels.logprob), importlib.reload(kernels.dpo)
+# On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
+# triton is first imported: kernels/ does that itself when CUDA is absent.
+import kernels.logprob
 from kernels.logprob import token_logprobs
 from kernels.dpo import dpo_losses
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+_triton_runs = kernels.logprob.triton is not None and (
+    torch.cuda.is_available() or type(kernels.logprob.triton.language.zeros).__name__ == "InterpretedFunction")
+FUSED = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _triton_runs, reason="triton missing, or imported without TRITON_INTERPRET=1 before kernels/ on CPU"))]
 
 def _reference_logprobs(h, w, t, mask):
     """fp32 log_softmax().gather() on the full logits, 0 where masked."""
@@ -263,7 +262,7 @@ def _logprob_case(N, H, V, masked, seed=0):
     return h, w, t, mask
 
 # N, V not multiples of the tiles (interpreter tiles 16 x 32); one token; masked rows; no mask
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("N,H,V,masked", [(37, 24, 101, True), (1, 8, 33, False), (50, 16, 64, False)])
 def test_kernel_logprob_matches_reference(fused, N, H, V, masked, monkeypatch):
     # small chunks so both implementations cross chunk boundaries (a ragged last one included)
@@ -281,7 +280,7 @@ def test_kernel_logprob_matches_reference(fused, N, H, V, masked, monkeypatch):
     if mask is not None:
         assert (out[~mask] == 0).all() and (dh[~mask] == 0).all()
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", FUSED)
 def test_kernel_logprob_fully_masked_and_batched_shapes(fused):
     h, w, t, _ = _logprob_case(12, 8, 40, False)
     out = token_logprobs(h, w, t, torch.zeros(12, dtype=torch.bool), fused=fused)
@@ -292,7 +291,7 @@ def test_kernel_logprob_fully_masked_and_batched_shapes(fused):
     out = token_logprobs(h.view(3, 4, 8), w, t.view(3, 4), mask, fused=fused)
     torch.testing.assert_close(out, _reference_logprobs(h, w, t, mask.view(-1)).view(3, 4), atol=1e-5, rtol=1e-5)
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", FUSED)
 def test_kernel_logprob_forward_only_equals_grad_path(fused):
     h, w, t, mask = _logprob_case(29, 16, 70, True, seed=1)
     with_grad = token_logprobs(h, w, t, mask, fused=fused)
@@ -339,6 +338,8 @@ def _dpo_case(B=3, T=11, seed=0):
 @pytest.mark.parametrize("loss_type,eps,length_normalize",
                          [("sigmoid", 0.0, False), ("sigmoid", 0.2, False), ("ipo", 0.0, False), ("sigmoid", 0.0, True)])
 def test_kernel_dpo_matches_twin_and_hand(loss_type, eps, length_normalize):
+    if not _triton_runs:
+        pytest.skip("Triton cannot run here (see FUSED)")
     beta = 0.5
     policy, reference, mask = _dpo_case()
     results = []
@@ -371,7 +372,7 @@ def test_kernel_dpo_matches_twin_and_hand(loss_type, eps, length_normalize):
         per_row = per_row / m.sum(1).clamp(min=1)
     torch.testing.assert_close(results[1][3].double(), per_row[:, None] * m, atol=1e-6, rtol=1e-5)
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", FUSED)
 def test_kernel_dpo_policy_equals_reference_is_log2(fused):
     policy, _, mask = _dpo_case(seed=2)
     losses, _, _ = dpo_losses(policy, policy.detach().clone(), mask, 0.1, fused=fused)
@@ -390,7 +391,7 @@ def test_kernel_logprob_gpu_bf16(N, H, V):
     w = (torch.randn(V, H, device="cuda") * 3.5 / H**0.5).bfloat16().requires_grad_()  # logit std ~3.5
     mask = torch.rand(N, device="cuda") > 0.4
     with torch.no_grad():
-        t = torch.multinomial((h[:64].float() @ w.float().T).softmax(-1), N // 64 + 1, replacement=True).view(-1)[:N]
+        t = torch.multinomial((h.float() @ w.float().T).softmax(-1), 1).squeeze(1)  # the model's own samples
     g = torch.randn(N, device="cuda")
     hf, wf = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = _reference_logprobs(hf, wf, t, mask)
@@ -471,3 +472,98 @@ def test_selector_rejects_bad_weights():
 # ---- training ----
 
 # ---- reliability ----
+
+# Every reliability test runs bipost.py as a user would (a subprocess, tiny model, data/demo) and reads
+# what it leaves on disk. Faults are injected from outside bipost.py: KILLER runs it under runpy after
+# patching one stdlib/torch function to SIGKILL the process at a chosen point, so no test-only hook
+# lives in production code and the kill point is deterministic (no timing races).
+REL_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--batch_size=4', '--eval_iters=2', '--warmup_iters=2']
+KILLER = r'''
+import builtins, io, os, runpy, signal, sys, torch
+kind, pattern, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.argv, calls = sys.argv[4:], []
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if kind == 'print':  # killed right after the n-th log line starting with pattern: mid-training
+    real_print = builtins.print
+    def print(*args, **kwargs):
+        real_print(*args, **kwargs)
+        if args and str(args[0]).startswith(pattern) and len(calls.append(1) or calls) == nth:
+            die()
+    builtins.print = print
+else:  # killed half-way through writing the n-th file whose path contains pattern: mid-save
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if pattern in str(f) and len(calls.append(1) or calls) == nth:
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            with open(f, 'wb') as out:
+                out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            die()
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def _rel_run(out_dir, *args, kill=None, timeout=240):
+    """bipost.py with the tiny model into out_dir; kill=(kind, pattern, nth) runs it under KILLER."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    env.pop('RANK', None)
+    prefix = [sys.executable] + (['-c', KILLER, kill[0], kill[1], str(kill[2])] if kill else [])
+    return subprocess.run(prefix + ['bipost.py', *REL_TINY, f'--out_dir={out_dir}', *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rel_metrics(out_dir):
+    """{('iter' or 'eval', n): record}, the last record per update wins (a resumed run logs again)."""
+    records = {}
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        for line in f:
+            record = json.loads(line)
+            records[('iter' if 'objective' in record else 'eval', record['iter'])] = record
+    return records
+
+
+def _rel_losses(records):
+    return {key: {k: v for k, v in r.items() if k.startswith(('train/', 'val/')) or k in ('objective', 'skipped')}
+            for key, r in records.items()}
+
+
+@pytest.fixture(scope='module')
+def rel_uninterrupted(tmp_path_factory):
+    """Per path ('plain' or 'deepspeed'): the metrics of 6 updates run without interruption (cached)."""
+    runs = {}
+    def get(path, *args):
+        if path not in runs:
+            out = tmp_path_factory.mktemp(f'full_{path}')
+            done = _rel_run(out, '--max_iters=6', '--eval_interval=3', *args)
+            assert done.returncode == 0, done.stderr[-2000:]
+            runs[path] = _rel_losses(_rel_metrics(out))
+        return runs[path]
+    return get
+
+
+@pytest.mark.parametrize('path, kill', [
+    ('plain', ('print', 'iter 5 |', 1)),         # SIGKILL mid-training, after update 5
+    ('plain', ('save', 'ckpt.pt.tmp', 2)),       # SIGKILL half-way through writing the update-6 checkpoint
+    ('deepspeed', ('save', 'iter_0000006', 1)),  # ZeRO-2: SIGKILL half-way through the first shard of update 6
+])
+def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path, kill):
+    args = ['--deepspeed=True', '--zero_stage=2'] if path == 'deepspeed' else []
+    full = rel_uninterrupted(path, *args)
+    killed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', *args, kill=kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    pointer = json.load(open(tmp_path / 'ckpt.json'))
+    assert pointer['iter_num'] == 3  # the previous complete checkpoint, untouched by the kill
+    if kill[0] == 'save' and path == 'plain':  # the half-written file is the temp one; ckpt.pt loads
+        assert (tmp_path / 'ckpt.pt.tmp').exists()
+        assert torch.load(tmp_path / 'ckpt.pt', weights_only=False)['iter_num'] == 3
+    if path == 'deepspeed':
+        assert pointer['tag'] == 'iter_0000003' and (tmp_path / 'ds' / 'iter_0000006').exists()
+    resumed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', '--init_from=resume', *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'resumed from' in resumed.stdout and json.load(open(tmp_path / 'ckpt.json'))['iter_num'] == 6
+    # same objective choices, data order, optimizer and RNG state: the per-update losses match exactly
+    assert _rel_losses(_rel_metrics(tmp_path)) == full
+    assert [k for k in full if k[0] == 'iter'] == [('iter', i) for i in range(1, 7)]

@@ -12,8 +12,14 @@ Rows without response tokens get seq = 0 (never NaN). Masked positions are ignor
 The Triton kernel computes everything per pair in the forward and saves one scalar per row, so the
 backward is d policy_logps = grad_loss * coef_row * mask. The twin is plain PyTorch.
 """
+import os
 import torch
 import torch.nn.functional as F
+
+# Without a GPU, Triton kernels can only run in its interpreter (fused=True in the CPU tests), and the
+# choice is read when triton is first imported; with CUDA this changes nothing.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton

@@ -23,6 +23,11 @@ Masked rows are dropped before the matmuls (prompt tokens are 30-50 % of rows) a
 import os
 import torch
 
+# Without a GPU, Triton kernels can only run in its interpreter (fused=True in the CPU tests), and the
+# choice is read when triton is first imported; with CUDA this changes nothing.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 try:
     import triton
     import triton.language as tl
@@ -149,7 +154,7 @@ def _triton_forward(h, w, t):
     V = w.shape[0]
     cfg = _launch_config(h.dtype)
     lse_part = torch.empty(M, triton.cdiv(V, cfg["BLOCK_N"]), device=h.device, dtype=torch.float32)
-    target_logit = torch.empty(M, device=h.device, dtype=torch.float32)
+    target_logit = torch.full((M,), float("nan"), device=h.device)  # stays NaN for a target outside [0, V)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_N"]),)
     _forward_kernel[grid](h, w, t, lse_part, target_logit, M, V, H, **cfg)
     lse = lse_part.logsumexp(-1)
@@ -220,7 +225,7 @@ def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=No
         keep = mask.reshape(-1).nonzero().squeeze(1)
         h, t = h.index_select(0, keep), t.index_select(0, keep)
     if fused:
-        h, weight = h.contiguous(), weight.contiguous()
+        h, weight, t = h.contiguous(), weight.contiguous(), t.contiguous()
     chunk_rows = chunk_rows or max(1, TWIN_CHUNK_ELEMS // weight.shape[0])
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if h.shape[0] == 0:  # all masked: zeros that still reach the graph, so backward() works

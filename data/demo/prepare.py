@@ -4,15 +4,18 @@ CPU steps, generated deterministically (fixed seed: running this twice gives byt
 
     python data/demo/prepare.py     # writes data/demo/*.jsonl, then the bins (demo byte encoding, max_length 128)
 
-Tasks, prompt -> terse answer: "What is 7+12?\\n" -> "19", "What is 15-8?\\n" -> "7", "Reverse: kelo\\n" -> "olek",
+Tasks, prompt -> answer (its terse form): "What is 7+12?\\n" -> "19", "What is 15-8?\\n" -> "7", "Reverse: kelo\\n" -> "olek",
 "Uppercase: mip\\n" -> "MIP", "Next 3 letters after c\\n" -> "d e f".
 
-The conflict: SFT teaches the terse answer ("19"). Half of the preference pairs are *style* pairs:
-chosen is the verbose "The answer is 19.", rejected is exactly the terse SFT answer "19". So DPO
-alone moves probability off the terse answer (held-out SFT loss rises) and SFT alone raises the terse
-answer over the verbose one (reward accuracy on the style pairs falls toward 0). The other half are
-*correctness* pairs in the SFT's own terse style (chosen "19", rejected a wrong "18"): there the two
-objectives agree. So it is a trade-off on answer style with shared content, not pure opposition.
+The conflict: SFT teaches verbose answers ("The answer is 19."); half of the preference pairs are
+*style* pairs that prefer the terse "19" over exactly that SFT answer (users who like brevity). So
+DPO alone pushes probability off the SFT answer (held-out SFT loss rises) and SFT alone raises the
+verbose answer far above the terse one (reward accuracy on the style pairs falls to 0). The direction
+matters: the SFT answer is the long one, so SFT raises its log-prob by many tokens' worth, which the
+terse chosen cannot outgrow; the trade-off stays real even with a randomly initialized reference
+(preferring the *longer* style would let DPO win on length alone). The other half are *correctness*
+pairs in the SFT's own style ("The answer is 19." over "The answer is 18."): there the objectives
+agree, so this is a trade-off on answer style with shared content, not pure opposition.
 
 Splits: sft_train, sft_val, pref_train, pref_val (val prompts never occur in any training split);
 for the bilevel selector: sft_trusted (small clean set, prompts disjoint from train and val),
@@ -27,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.prepare import prepare
 
-N_TRAIN, N_VAL, N_TRUSTED, NOISE = 3000, 300, 150, 0.25
+N_TRAIN, N_VAL, N_TRUSTED, NOISE = 2000, 300, 150, 0.25  # ~2.4 MB on disk, shipped in git
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OFF_TASK = ["I like turtles.", "Buy cheap watches now!", "Let's talk about the weather.", "lorem ipsum dolor",
             "Sorry, I can't help.", "Click here to win.", "The sky is blue.", "zzz"]
@@ -67,9 +70,9 @@ def garble(rng, text):
     return "".join(chars)
 
 def pairs(examples):
-    """Even positions: style pairs (verbose over terse); odd: correctness pairs (terse right over terse wrong)."""
-    return [dict(prompt=p, chosen=verbose(a), rejected=a) if i % 2 == 0 else dict(prompt=p, chosen=a, rejected=w)
-            for i, (p, a, w) in enumerate(examples)]
+    """Even positions: style pairs (terse over the verbose SFT answer); odd: correctness pairs in the SFT style."""
+    return [dict(prompt=p, chosen=a, rejected=verbose(a)) if i % 2 == 0 else
+            dict(prompt=p, chosen=verbose(a), rejected=verbose(w)) for i, (p, a, w) in enumerate(examples)]
 
 def build(seed=1337):
     """Returns ({split: [record, ...]}, {split: bool array of corrupted examples})."""
@@ -81,7 +84,7 @@ def build(seed=1337):
     pool = list(pool.values())
     rng.shuffle(pool)
     val, trusted, train = pool[:N_VAL], pool[N_VAL:N_VAL + N_TRUSTED], pool[N_VAL + N_TRUSTED:]
-    sft = lambda examples: [dict(prompt=p, completion=a) for p, a, _ in examples]
+    sft = lambda examples: [dict(prompt=p, completion=verbose(a)) for p, a, _ in examples]
     splits = dict(sft_train=sft(train), sft_val=sft(val), sft_trusted=sft(trusted),
                   pref_train=pairs(rng.sample(train, len(train))), pref_val=pairs(val))
     corrupt, wrong_of = {}, {p: w for p, _, w in train}
@@ -91,7 +94,7 @@ def build(seed=1337):
         for j, i in enumerate(chosen):
             r = records[i]
             if name == "sft":  # a third each: wrong answer, garbled characters, off-task text
-                r["completion"] = [wrong_of[r["prompt"]], garble(rng, r["completion"]), rng.choice(OFF_TASK)][j % 3]
+                r["completion"] = [verbose(wrong_of[r["prompt"]]), garble(rng, r["completion"]), rng.choice(OFF_TASK)][j % 3]
             elif j % 2 == 0:
                 r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
             else:
