@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from configurator import configure, ConfigError
 from objectives import OBJECTIVES, DATA_KIND
-from selector import ObjectiveSelector
+from selector import ObjectiveSelector, DataSelector
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -66,6 +66,17 @@ strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
 weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
 optima = [0.0, 0.0]           # f* per objective (from single-objective runs): maxright and the ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
+# selector (data): bilevel per-example weights learned against a small trusted set (DESIGN.md)
+data_selection = False        # learn weights for selection_objective's train split; writes weights/ranking/keep.npy to out_dir
+selection_objective = 'sft'   # whose train split gets weights: 'sft' (examples) or 'dpo' (pairs)
+trusted_split = 'sft_trusted' # small clean split of the same kind (~100-1000 examples)
+selector_weights = 'softmax'  # 'softmax': w = N·softmax(ω), mean 1 | 'sigmoid': w = 2·sigmoid(ω)
+selector_lr = 0.05            # Adam lr of the logits ω, ~0.01-0.1
+lower_level = 'copy'          # θ̂: 'copy' (policy copy, SGD on the weighted loss) | 'reference' (frozen, cheap) | 'none'
+lower_lr = 0.1                # SGD lr of the copy θ̂
+trusted_weight = 0.5          # c0: share of the trusted loss in the model's loss, 0-1
+trusted_decay = 0.5           # c = c0 · trusted_decay^epoch
+keep_fraction = 0.8           # keep.npy holds the top fraction by weight
 # optimizer
 learning_rate = 1e-3          # peak lr; ~1e-6-1e-5 for 8B models
 max_iters = 300               # total optimizer updates
@@ -185,7 +196,8 @@ class Split:
     def next_ids(self, n, advance=True):
         """The next n examples of this rank; every rank's cursor moves by n·world_size."""
         if n * world_size > len(self.ids):
-            fail(f"split '{self.name}' has {len(self.ids)} examples, fewer than one batch ({n} x {world_size} ranks)")
+            fail(f"split '{self.name}' has {len(self.ids)} examples, fewer than one batch ({n} x {world_size} ranks): "
+                 f"lower batch_size or add data")
         epoch, cursor = self.epoch, self.cursor
         if cursor + n * world_size > len(self.ids):
             epoch, cursor = epoch + 1, 0
@@ -235,6 +247,11 @@ if keep_list:
     keep = np.load(keep_list)
 train_data = {n: make_split(train_splits, n, keep if n == keep_objective else None) for n in objectives}
 val_data = {n: make_split(val_splits, n) for n in objectives}
+if data_selection:  # the trusted split rides along in train_data so that its cursor is checkpointed too
+    if selection_objective not in objectives or (lower_level == 'copy' and deepspeed and zero_stage == 3):
+        fail(f"data_selection: selection_objective '{selection_objective}' must be one of {objectives}, and under "
+             f"ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
+    train_data['trusted'] = Split(trusted_split, DATA_KIND[selection_objective])
 
 # -----------------------------------------------------------------------------
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
@@ -303,7 +320,8 @@ def frozen(source, role):
                              'bf16': {'enabled': dtype == 'bfloat16'}, 'zero_optimization': {'stage': 3}})[0].module
     return m.to(device, ptdtype if device.startswith('cuda') else torch.float32)
 
-reference = frozen(reference_from or policy_source, 'reference') if 'dpo' in objectives else None
+reference = frozen(reference_from or policy_source, 'reference') \
+    if 'dpo' in objectives or (data_selection and lower_level == 'reference') else None
 teacher = None
 if 'kd' in objectives:
     if not teacher_from:
@@ -312,6 +330,9 @@ if 'kd' in objectives:
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       zero3=deepspeed and zero_stage == 3)
+data_selector = DataSelector(  # before deepspeed.initialize: θ̂ is a copy of the plain module
+    len(train_data[selection_objective].index), OBJECTIVES[selection_objective], model, selector_weights, selector_lr,
+    lower_level, lower_lr, trusted_weight, trusted_decay, device) if data_selection else None
 
 # -----------------------------------------------------------------------------
 # optimizer: explicit DeepSpeed, or plain torch
@@ -355,6 +376,7 @@ iter_num, skipped = 0, 0
 
 def train_state():
     return {'iter_num': iter_num, 'skipped': skipped, 'selector': selector.state_dict(),
+            'data_selector': data_selector.state_dict() if data_selector else None,
             'data': {n: s.state_dict() for n, s in train_data.items()}, 'torch_rng': torch.get_rng_state(),
             'cuda_rng': torch.cuda.get_rng_state() if device.startswith('cuda') else None, 'config': config}
 
@@ -363,6 +385,8 @@ def load_train_state(state):
     global iter_num, skipped
     iter_num, skipped = state['iter_num'], state['skipped']
     selector.load_state_dict(state['selector'])
+    if data_selector:
+        data_selector.load_state_dict(state['data_selector'])
     for n, s in train_data.items():
         s.load_state_dict(state['data'][n])
     torch.set_rng_state(state['torch_rng'])
@@ -395,6 +419,8 @@ def save_checkpoint():
         write_json_atomic(os.path.join(out_dir, 'ckpt.json'), {**pointer, 'format': 'torch'})
     if export_hf:
         export(os.path.join(out_dir, 'hf'))
+    if data_selector and master:
+        data_selector.save(out_dir, keep_fraction)
 
 
 def export(path):
@@ -541,6 +567,9 @@ while True:
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
                 loss = losses.mean()
+                if data_selector and name == selection_objective:  # weighted + trusted loss; also steps ω and θ̂
+                    trusted = train_data['trusted'].batch(train_data['trusted'].next_ids(batch_size))
+                    loss = data_selector.step(losses, batch, trusted, raw_model, ctx, split.epoch)
             finite = all_mean([float(torch.isfinite(loss))])[0] == 1.0  # every rank takes the same branch
             if not finite:
                 if nonfinite == 'stop':

@@ -8,9 +8,13 @@ on every rank, and maxright's loss estimates are averaged across ranks by the tr
 reach observe(). Both classes keep all their state in state_dict() so that a resumed run continues
 exactly where the killed one stopped.
 """
+import copy
 import math
+import os
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 STRATEGIES = ('sequential', 'mix', 'alright', 'maxright')
 
@@ -60,3 +64,103 @@ class ObjectiveSelector:
     def load_state_dict(self, state):
         self.generator.set_state(state['generator'])
         self.estimates = list(state['estimates'])
+
+
+def _gather(t):
+    """Every rank's rows in rank order, so that every rank takes the same ω step (identity in a world of one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+class DataSelector:
+    """Bilevel data weights (DESIGN.md): one logit ω_i per example of the training split, by its stable index.
+
+    Penalty (value-function) form; per micro-step, with a trusted batch G and a training batch I:
+      model θ:  c·mean(ℓ_G(θ)) + (1−c)·mean(w_I·ℓ_I(θ)), w detached, c = c0·decay^epoch (returned to the trainer)
+      ω:        one Adam step on mean(w_I(ω)·(ℓ_I(θ) − ℓ_I(θ̂))), the losses detached
+      θ̂:        one SGD step on mean(w_I·ℓ_I(θ̂)): it tracks the lower-level optimum for the current weights
+    An example that θ̂ (the weighted training data alone) fits better than θ (also held to the trusted set)
+    is one the trusted set disagrees with, and its weight falls. lower_level: 'copy' (θ̂ as above, a copy
+    of the policy: not under ZeRO-3), 'reference' (θ̂ = the frozen ctx.reference; free, but it never moves),
+    'none' (no θ̂ term, as in the original BiPOST code: high-loss examples lose weight).
+    """
+
+    def __init__(self, n, objective, model=None, weights='softmax', lr=0.05, lower_level='copy', lower_lr=0.1,
+                 trusted_weight=0.5, trusted_decay=0.5, device=None):
+        if weights not in ('softmax', 'sigmoid') or lower_level not in ('copy', 'reference', 'none'):
+            raise ValueError(f"weights must be 'softmax'|'sigmoid' and lower_level 'copy'|'reference'|'none'; "
+                             f"got {weights!r}, {lower_level!r}")
+        self.n, self.objective, self.kind, self.lower_level = n, objective, weights, lower_level
+        self.trusted_weight, self.trusted_decay = trusted_weight, trusted_decay
+        self.omega = torch.zeros(n, requires_grad=True)  # on the CPU: every rank holds all N
+        self.optimizer = torch.optim.SGD([self.omega], lr=lr) if os.environ.get('OSGD') else torch.optim.Adam([self.omega], lr=lr)
+        self.lower = self.lower_optimizer = None
+        if lower_level == 'copy':
+            self.lower = copy.deepcopy(model).to(device).train()
+            self.lower_optimizer = torch.optim.Adam(self.lower.parameters(), lr=lower_lr) if os.environ.get("LADAM") else torch.optim.SGD(self.lower.parameters(), lr=lower_lr)
+
+    def weights(self, index=None):
+        """w = N·softmax(ω) (mean exactly 1) or 2·sigmoid(ω) (mean 1 at the start), of the given examples."""
+        w = self.n * torch.softmax(self.omega, 0) if self.kind == 'softmax' else 2 * torch.sigmoid(self.omega)
+        return w if index is None else w[index]
+
+    def trusted_share(self, epoch):
+        return self.trusted_weight * self.trusted_decay ** epoch
+
+    def lower_losses(self, batch, ctx, w):
+        """ℓ_I(θ̂) (detached); with lower_level='copy' also takes θ̂'s SGD step on the weighted loss."""
+        if self.lower_level == 'none':
+            return 0.0
+        if self.lower_level == 'reference':
+            with torch.no_grad():
+                return self.objective(ctx.reference, batch, ctx)[0].detach().float()
+        losses = self.objective(self.lower, batch, ctx)[0]
+        if torch.isfinite(losses).all():  # a bad batch must not poison θ̂
+            self.lower_optimizer.zero_grad(set_to_none=True)
+            (w * losses).mean().backward()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for p in self.lower.parameters():  # the same θ̂ on every rank
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+            self.lower_optimizer.step()
+        return losses.detach().float()
+
+    def step(self, losses, batch, trusted_batch, model, ctx, epoch):
+        """losses: ℓ_I(θ) with grad. Updates ω and θ̂; returns the model loss for the trainer to backprop."""
+        c = self.trusted_share(epoch)
+        w = self.weights(batch['index'].cpu()).detach().to(losses.device)
+        trusted_losses = self.objective(model, trusted_batch, ctx)[0]
+        difference = losses.detach().float() - self.lower_losses(batch, ctx, w)
+        gathered = _gather(torch.stack([batch['index'].to(difference).double(), difference.double()], 1)).cpu()
+        if torch.isfinite(gathered).all():  # the trainer handles a non-finite loss; ω stays as it was
+            self.optimizer.zero_grad(set_to_none=True)
+            dd = gathered[:, 1].float(); dd = dd - dd.mean() if os.environ.get('CENTER') else dd
+            (self.weights(gathered[:, 0].long()) * dd).mean().backward()
+            self.optimizer.step()
+        return c * trusted_losses.mean() + (1 - c) * (w * losses).mean()
+
+    def state_dict(self):
+        return {'omega': self.omega.detach().clone(), 'optimizer': self.optimizer.state_dict(),
+                'lower': self.lower.state_dict() if self.lower else None,
+                'lower_optimizer': self.lower_optimizer.state_dict() if self.lower else None}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.omega.copy_(state['omega'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        if self.lower:
+            self.lower.load_state_dict(state['lower'])
+            self.lower_optimizer.load_state_dict(state['lower_optimizer'])
+
+    def save(self, out_dir, keep_fraction):
+        """weights.npy [N], ranking.npy (example indices, highest weight first), keep.npy (top fraction, sorted)."""
+        w = self.weights().detach().numpy()
+        ranking = np.argsort(-w, kind='stable')
+        keep = np.sort(ranking[:max(1, round(keep_fraction * self.n))])
+        for name, array in (('weights', w), ('ranking', ranking), ('keep', keep)):
+            with open(os.path.join(out_dir, name + '.npy.tmp'), 'wb') as f:  # atomic, like the checkpoint
+                np.save(f, array)
+            os.replace(os.path.join(out_dir, name + '.npy.tmp'), os.path.join(out_dir, name + '.npy'))

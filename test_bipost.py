@@ -231,6 +231,191 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
 
 # ---- objectives ----
 
+# Each objective against a hand computation from model(input_ids).logits on a tiny random Llama: rows of
+# different prompt and response lengths, right-padded, so that a wrong shift or mask cannot hide.
+import copy, types
+import kernels.logprob, kernels.dpo
+import objectives
+from transformers import LlamaConfig, LlamaForCausalLM
+
+OBJ_VOCAB = 40
+
+
+def _obj_model(seed):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=OBJ_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def _obj_batch(spans, seed=0):
+    """Rows of (prompt length, response length), right-padded with junk ids; masks as bipost's Split.batch makes them."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(p + r for p, r in spans)
+    input_ids = torch.randint(0, OBJ_VOCAB, (len(spans), L), generator=g)
+    prompt, total = (torch.tensor(x)[:, None] for x in zip(*((p, p + r) for p, r in spans)))
+    attention = torch.arange(L) < total
+    return {'input_ids': input_ids, 'attention_mask': attention.long(),
+            'response_mask': (torch.arange(L) >= prompt) & attention, 'index': torch.arange(len(spans))}
+
+
+# chosen rows first (3 pairs), then rejected: lengths differ inside each pair and across pairs
+OBJ_PAIRS = [(3, 4), (1, 6), (5, 2), (3, 2), (1, 3), (5, 5)]
+
+
+def _obj_ctx(**overrides):
+    return types.SimpleNamespace(**{**dict(reference=None, teacher=None, beta=0.1, dpo_loss='sigmoid', label_smoothing=0.0,
+                                           length_normalize=False, dpo_nll_weight=0.0, fused_kernels=False, zero3=False),
+                                    **overrides})
+
+
+def _obj_hand_logprobs(model, batch):
+    """log p(token t+1 | ..t) from the logits at t, for response tokens only; plain autograd, fp32."""
+    logits = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits.float()
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch['input_ids'][:, 1:, None]).squeeze(-1)
+    mask = batch['response_mask'][:, 1:]
+    return torch.where(mask, logp, 0.0), mask
+
+
+def _obj_grads(model, loss):
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+def test_objective_logprobs_shift_and_mask():
+    model, batch = _obj_model(0), _obj_batch([(3, 4), (1, 6), (5, 2)])
+    logps, mask = objectives.response_logprobs(model, batch, _obj_ctx())
+    hand, hand_mask = _obj_hand_logprobs(model, batch)
+    assert logps.shape == (3, 6) and logps.dtype == torch.float32 and torch.equal(mask, hand_mask)
+    # the first scored position is the last prompt token (it predicts the first response token)
+    assert mask.tolist() == [[False, False, True, True, True, True], [True] * 6, [False] * 4 + [True, True]]
+    torch.testing.assert_close(logps, hand, atol=1e-5, rtol=1e-5)
+    assert (logps[~mask] == 0).all() and (logps[mask] < 0).all()
+    # the junk in the padding, and the prompt's own scores, never matter
+    junk = {**batch, 'input_ids': batch['input_ids'].masked_fill(batch['attention_mask'] == 0, 7)}
+    assert torch.equal(objectives.response_logprobs(model, junk, _obj_ctx())[0], logps)
+
+
+def test_objective_sft_is_per_example_mean_nll():
+    model, batch = _obj_model(0), _obj_batch([(3, 4), (1, 6), (5, 2)])
+    losses, metrics = objectives.sft(model, batch, _obj_ctx())
+    hand, mask = _obj_hand_logprobs(model, batch)
+    expected = -hand.sum(1) / mask.sum(1)
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+    assert metrics['tokens'].tolist() == [4, 6, 2]
+    # the documented convention: every example counts the same (not a token-pooled mean over the batch)
+    assert abs(losses.mean() - (-hand.sum() / mask.sum())) > 1e-3
+    torch.testing.assert_close(_obj_grads(model, losses.mean()), _obj_grads(model, expected.mean()), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('label_smoothing, length_normalize', [(0.0, False), (0.1, False), (0.0, True)])
+def test_objective_dpo_policy_equals_reference_is_log2(label_smoothing, length_normalize):
+    model = _obj_model(0)
+    ctx = _obj_ctx(reference=copy.deepcopy(model), label_smoothing=label_smoothing, length_normalize=length_normalize)
+    losses, metrics = objectives.dpo(model, _obj_batch(OBJ_PAIRS), ctx)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2)), atol=1e-6, rtol=0)
+    for name in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies'):
+        assert (metrics[name].abs() < 1e-6).all(), name
+
+
+def _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normalize, nll_weight):
+    """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (DESIGN.md formulas)."""
+    policy_logps, mask = _obj_hand_logprobs(policy, batch)
+    with torch.no_grad():
+        reference_logps, _ = _obj_hand_logprobs(reference, batch)
+    counts = mask.sum(1)
+    average = loss_type == 'ipo' or length_normalize  # TRL's IPO: each log-ratio divided by its token count
+    policy_seq = policy_logps.sum(1) / (counts if average else 1)
+    reference_seq = reference_logps.sum(1) / (counts if average else 1)
+    B = len(counts) // 2
+    z = (policy_seq[:B] - policy_seq[B:]) - (reference_seq[:B] - reference_seq[B:])
+    if loss_type == 'ipo':
+        losses = (z - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - eps) * torch.log(torch.sigmoid(beta * z)) - eps * torch.log(torch.sigmoid(-beta * z))
+    losses = losses + nll_weight * (-policy_logps[:B].sum(1) / counts[:B])
+    rewards = beta * (policy_seq - reference_seq).detach()
+    return losses, {'rewards/chosen': rewards[:B], 'rewards/rejected': rewards[B:],
+                    'rewards/margins': rewards[:B] - rewards[B:], 'rewards/accuracies': (rewards[:B] > rewards[B:]).float(),
+                    'logps/chosen': policy_seq[:B].detach(), 'logps/rejected': policy_seq[B:].detach()}
+
+
+@pytest.mark.parametrize('loss_type, eps, length_normalize, nll_weight, beta', [
+    ('sigmoid', 0.0, False, 0.0, 0.1),   # DPO
+    ('sigmoid', 0.1, False, 0.0, 0.1),   # conservative / label-smoothed
+    ('ipo', 0.0, False, 0.0, 0.1),       # IPO, TRL's per-token log-ratios
+    ('sigmoid', 0.0, True, 0.0, 5.0),    # length-normalized (Tulu 3)
+    ('sigmoid', 0.0, False, 0.5, 0.1),   # + NLL on the chosen response (RPO)
+])
+def test_objective_dpo_variants_match_hand(loss_type, eps, length_normalize, nll_weight, beta):
+    # two random models: seeds picked so that the margins have both signs (accuracies neither all 0 nor all 1)
+    policy, reference, batch = _obj_model(4), _obj_model(14), _obj_batch(OBJ_PAIRS)
+    ctx = _obj_ctx(reference=reference, beta=beta, dpo_loss=loss_type, label_smoothing=eps,
+                   length_normalize=length_normalize, dpo_nll_weight=nll_weight)
+    losses, metrics = objectives.dpo(policy, batch, ctx)
+    hand_losses, hand_metrics = _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normalize, nll_weight)
+    assert losses.shape == (3,)
+    torch.testing.assert_close(losses, hand_losses, atol=1e-5, rtol=1e-5)
+    assert set(metrics) == set(hand_metrics)
+    for name, value in hand_metrics.items():
+        torch.testing.assert_close(metrics[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    margins = hand_metrics['rewards/margins']
+    assert (margins.abs() > 1e-3).all() and 0 < hand_metrics['rewards/accuracies'].sum() < 3  # a non-trivial case
+    torch.testing.assert_close(_obj_grads(policy, losses.sum()), _obj_grads(policy, hand_losses.sum()), atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def _obj_hand_kd(student, teacher, batch):
+    """−Σ_v p_teacher(v) log p_student(v) at each position t whose next token is a response token, mean per example."""
+    student_logps = student(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, :-1].log_softmax(-1)
+    with torch.no_grad():
+        teacher_p = teacher(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, :-1].softmax(-1)
+    mask = batch['response_mask'][:, 1:]
+    per_position = -(teacher_p * student_logps).sum(-1)
+    return torch.where(mask, per_position, 0.0).sum(1) / mask.sum(1)
+
+
+def test_objective_kd_matches_hand_self_entropy_and_gradient():
+    student, teacher, batch = _obj_model(0), _obj_model(1), _obj_batch([(3, 4), (1, 6), (5, 2)])
+    teacher.requires_grad_(False)
+    losses, metrics = objectives.kd(student, batch, _obj_ctx(teacher=teacher))
+    hand = _obj_hand_kd(student, teacher, batch)
+    torch.testing.assert_close(losses, hand, atol=1e-5, rtol=1e-5)
+    assert metrics['tokens'].tolist() == [4, 6, 2]
+    # chunked over response positions (chunk smaller than the 12 positions): the same values
+    torch.testing.assert_close(objectives.kd(student, batch, _obj_ctx(teacher=teacher), chunk=5)[0], losses, atol=1e-6, rtol=0)
+    # the gradient flows to the student through the checkpointed chunks, and equals the hand one
+    grads = _obj_grads(student, losses.mean())
+    torch.testing.assert_close(grads, _obj_grads(student, hand.mean()), atol=1e-5, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in grads)
+    # against itself: the cross-entropy is the teacher's entropy (forward KL = 0), mean over response positions
+    with torch.no_grad():
+        self_kd = objectives.kd(teacher, batch, _obj_ctx(teacher=teacher))[0]
+        p = teacher(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, :-1].softmax(-1)
+    mask = batch['response_mask'][:, 1:]
+    entropy = torch.where(mask, -(p * p.log()).sum(-1), 0.0).sum(1) / mask.sum(1)
+    torch.testing.assert_close(self_kd, entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
+    """fused_kernels=True is the default config; without CUDA it must still run (the twins) and give the same values.
+    The ZeRO-3 branch (full logits through the head module) must agree as well."""
+    def no_triton(*args, **kwargs):
+        raise AssertionError('a Triton kernel ran on CPU')
+    for module, name in ((kernels.logprob, '_FusedLogprob'), (kernels.logprob, '_triton_forward'), (kernels.dpo, '_FusedDPO')):
+        monkeypatch.setattr(module, name, types.SimpleNamespace(apply=no_triton) if name.startswith('_Fused') else no_triton)
+    policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
+    sft_batch, pair_batch = _obj_batch([(3, 4), (1, 6), (5, 2)]), _obj_batch(OBJ_PAIRS)
+    for name, batch in (('sft', sft_batch), ('dpo', pair_batch), ('kd', sft_batch)):
+        results = []
+        for overrides in ({'fused_kernels': False}, {'fused_kernels': True}, {'zero3': True}):
+            ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
+            losses, metrics = objectives.OBJECTIVES[name](policy, batch, ctx)
+            results.append((losses.detach(), metrics, _obj_grads(policy, losses.mean())))
+        (twin, twin_metrics, twin_grads), (fused, fused_metrics, fused_grads), (zero3, _, zero3_grads) = results
+        assert torch.equal(twin, fused) and all(torch.equal(twin_metrics[k], fused_metrics[k]) for k in twin_metrics), name
+        assert all(torch.equal(a, b) for a, b in zip(twin_grads, fused_grads)), name
+        torch.testing.assert_close(zero3, twin, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(zero3_grads, twin_grads, atol=1e-5, rtol=1e-4)
+
 # ---- kernels ----
 
 # On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
@@ -471,6 +656,221 @@ def test_selector_rejects_bad_weights():
 
 # ---- training ----
 
+# bipost.py is a script (globals + a `while True:`), so these tests run it as users do, in a subprocess, on the
+# shipped data/demo. TRAIN_RUNNER runs it under runpy, possibly several times in one process (imports are paid
+# once), and records from outside through public hooks only: the gradients every optimizer step is about to
+# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps) and
+# the objectives ObjectiveSelector.choose returns on each rank. Nothing test-only lives in bipost.py.
+TRAIN_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=2']
+TRAIN_RUNNER = r'''
+import json, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import torch, selector
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+recorded = {'grads': [], 'choices': []}
+def keep_grads(optimizer, args, kwargs):
+    recorded['grads'].append([None if p.grad is None else p.grad.detach().clone()
+                              for group in optimizer.param_groups for p in group['params']])
+register_optimizer_step_pre_hook(keep_grads)
+choose = selector.ObjectiveSelector.choose
+def recording_choose(self, iter_num):
+    chosen = choose(self, iter_num)
+    recorded['choices'].append('+'.join(name for name, _ in chosen))
+    return chosen
+selector.ObjectiveSelector.choose = recording_choose
+for argv in json.loads(sys.argv[1]):
+    recorded['grads'], recorded['choices'] = [], []
+    sys.argv = ['bipost.py'] + argv
+    runpy.run_path('bipost.py', run_name='__main__')
+    out_dir = [a.split('=', 1)[1] for a in argv if a.startswith('--out_dir=')][-1]
+    torch.save(recorded, os.path.join(out_dir, f"recorded_rank{os.environ.get('RANK', '0')}.pt"))
+'''
+
+
+def _train_run(tmp_path, runs, nproc=1, timeout=300):
+    """runs: {name: [--key=value, ...]}, each into tmp_path/name; all in one process (or one torchrun of nproc).
+    Returns {name: out_dir}."""
+    runner = tmp_path / 'runner.py'
+    runner.write_text(TRAIN_RUNNER)
+    dirs = {name: tmp_path / name for name in runs}
+    argv = [TRAIN_TINY + args + [f'--out_dir={dirs[name]}'] for name, args in runs.items()]
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    launcher = [sys.executable]
+    if nproc > 1:
+        import socket
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}']
+    done = subprocess.run(launcher + [str(runner), json.dumps(argv)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return dirs
+
+
+def _train_records(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if 'objective' not in r], [r for r in records if 'objective' in r]
+
+
+def _train_recorded(out_dir, rank=0):
+    return torch.load(os.path.join(out_dir, f'recorded_rank{rank}.pt'), weights_only=False)
+
+
+# Learns fast enough to lower both held-out objectives in 30 updates on 2 cores (~20 s): mix (alright's
+# one-objective steps pull the two objectives apart at this size; see data/demo/prepare.py on the conflict),
+# β = 1, a high lr and a short warmup. The plain and the DeepSpeed runs share it, so they can be compared.
+TRAIN_DEMO = ['--batch_size=8', '--strategy=mix', '--beta=1.0', '--learning_rate=1e-2', '--warmup_iters=2',
+              '--decay_lr=False', '--max_iters=30', '--eval_interval=30']
+
+
+@pytest.fixture(scope='module')
+def train_demo(tmp_path_factory):
+    """out_dir of the short plain-torch demo run (its checkpoint and HF export are tested too)."""
+    return _train_run(tmp_path_factory.mktemp('demo'), {'plain': TRAIN_DEMO})['plain']
+
+
+def test_training_short_run_lowers_both_heldout_objectives(train_demo):
+    evals, steps = _train_records(train_demo)
+    assert [r['iter'] for r in evals] == [0, 30] and [r['iter'] for r in steps] == list(range(1, 31))
+    assert {r['objective'] for r in steps} == {'sft+dpo'}
+    first, last = evals
+    assert abs(first['val/dpo/loss'] - math.log(2)) < 1e-6  # the reference is the initial policy
+    assert last['val/sft/loss'] < first['val/sft/loss'] - 0.1, (first, last)
+    assert last['val/dpo/loss'] < first['val/dpo/loss'] - 0.1, (first, last)
+    assert last['val/dpo/rewards/accuracies'] > 0.6
+    assert last['val/ideal_distance'] < first['val/ideal_distance']
+
+
+def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path):
+    """mix scales each objective's micro-step loss by λ·len(chosen)/micro_steps. Checked on the gradient the
+    optimizer receives in update 1 (grad_clip=0, so it is the raw accumulated gradient): the mix run's must be
+    0.3·∇f_sft + 0.7·∇f_dpo, with each ∇f from a single-objective run of the same seed, the same initial weights
+    and the same batches (each split walks its own seeded permutation, whatever the other objectives).
+    Two micro-batches per objective, so the 1/gradient_accumulation_steps part is checked too."""
+    common = ['--batch_size=4', '--gradient_accumulation_steps=2', '--max_iters=1', '--eval_iters=1', '--grad_clip=0',
+              '--export_hf=False']
+    single = ['--strategy=sequential', '--weights=[1.0]', '--optima=[0.0]']
+    dirs = _train_run(tmp_path, {'mix': common + ['--strategy=mix', '--weights=[0.3, 0.7]'],
+                                 'sft': common + single + ['--objectives=["sft"]'],
+                                 'dpo': common + single + ['--objectives=["dpo"]']})
+    (mix,), (sft,), (dpo,) = (_train_recorded(dirs[n])['grads'] for n in ('mix', 'sft', 'dpo'))
+    assert len(mix) == len(sft) == len(dpo) and all(g is not None for g in mix + sft + dpo)
+    expected = [0.3 * a + 0.7 * b for a, b in zip(sft, dpo)]
+    torch.testing.assert_close(mix, expected, rtol=1e-4, atol=1e-7)
+    # λ matters at this tolerance: an equal-weight sum is far off
+    assert max((m - 0.5 * (a + b)).abs().max().item() for m, a, b in zip(mix, sft, dpo)) > 1e-3
+
+
+def test_training_gradient_accumulation_equivalence(tmp_path):
+    """4 examples x 1 micro-batch and 1 example x 4 micro-batches see the same examples in the same order
+    (Split.next_ids: one seeded permutation per epoch, cursor advanced by n per call) and the objectives are
+    per-example means, so 2 updates of each give the same gradients and the same model (fp32; up to summation
+    order, tolerance 1e-5 on weights of size ~0.02-1). sft-only and dpo-only runs."""
+    runs = {}
+    for name in ('sft', 'dpo'):
+        single = [f'--objectives=["{name}"]', '--strategy=sequential', '--weights=[1.0]', '--optima=[0.0]',
+                  '--max_iters=2', '--eval_iters=1', '--warmup_iters=0', '--learning_rate=1e-2']
+        runs[f'{name}_4x1'] = single + ['--batch_size=4', '--gradient_accumulation_steps=1']
+        runs[f'{name}_1x4'] = single + ['--batch_size=1', '--gradient_accumulation_steps=4']
+    dirs = _train_run(tmp_path, runs)
+    from safetensors.torch import load_file
+    for name in ('sft', 'dpo'):
+        big, small = _train_recorded(dirs[f'{name}_4x1']), _train_recorded(dirs[f'{name}_1x4'])
+        assert big['choices'] == small['choices'] == [name, name] and len(big['grads']) == len(small['grads']) == 2
+        torch.testing.assert_close(small['grads'], big['grads'], rtol=1e-4, atol=1e-6, msg=name)
+        big_weights = load_file(dirs[f'{name}_4x1'] / 'hf' / 'model.safetensors')
+        small_weights = load_file(dirs[f'{name}_1x4'] / 'hf' / 'model.safetensors')
+        assert big_weights.keys() == small_weights.keys()
+        for key in big_weights:
+            torch.testing.assert_close(small_weights[key], big_weights[key], rtol=0, atol=1e-5, msg=f'{name} {key}')
+        # the tolerance is meaningful: the 2 updates (lr 1e-2) moved the weights by far more
+        torch.manual_seed(1337)
+        initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs[f'{name}_4x1'] / 'hf')).state_dict()
+        assert max((big_weights[k] - initial[k]).abs().max().item() for k in big_weights) > 1e-2
+
+
+def _train_val_sft_loss(model, eval_iters, batch_size):
+    """The held-out SFT loss as bipost's evaluate() defines it: eval_iters batches of the first examples of sft_val."""
+    tokens = np.memmap(os.path.join(ROOT, 'data', 'demo', 'sft_val.bin'), dtype=np.uint32, mode='r')
+    index = np.load(os.path.join(ROOT, 'data', 'demo', 'sft_val_index.npy'))
+    losses = []
+    for b in range(eval_iters):
+        spans = [index[i] for i in range(b * batch_size, (b + 1) * batch_size)]
+        L = max(int(p + r) for _, p, r in spans)
+        batch = {'input_ids': torch.full((batch_size, L), 256), 'attention_mask': torch.zeros(batch_size, L, dtype=torch.long),
+                 'response_mask': torch.zeros(batch_size, L, dtype=torch.bool)}
+        for j, (offset, p, r) in enumerate(spans):
+            batch['input_ids'][j, :p + r] = torch.from_numpy(tokens[offset:offset + p + r].astype(np.int64))
+            batch['attention_mask'][j, :p + r] = 1
+            batch['response_mask'][j, p:p + r] = True
+        with torch.no_grad():
+            losses.append(objectives.sft(model, batch, _obj_ctx())[0].mean().item())
+    return sum(losses) / len(losses)
+
+
+def test_training_hf_export_matches_checkpoint(train_demo):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(train_demo / 'hf').eval()
+    state = torch.load(train_demo / 'ckpt.pt', map_location='cpu', weights_only=False)
+    assert state['iter_num'] == 30 and json.load(open(train_demo / 'ckpt.json'))['format'] == 'torch'
+    checkpointed = AutoModelForCausalLM.from_config(AutoConfig.for_model(**state['model_config']))
+    checkpointed.load_state_dict(state['model'])
+    checkpointed.eval()
+    for key, value in checkpointed.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
+    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, checkpointed(ids).logits)
+    # it is the trained model that was saved: it reproduces the final logged held-out loss
+    final = _train_records(train_demo)[0][-1]
+    assert abs(_train_val_sft_loss(exported, eval_iters=2, batch_size=8) - final['val/sft/loss']) < 1e-4
+    assert json.load(open(train_demo / 'hf' / 'bipost_data_meta.json'))['vocab_size'] == 257
+
+
+@pytest.fixture(scope='module')
+def train_deepspeed(tmp_path_factory):
+    """out_dir of the demo run through DeepSpeed ZeRO-2, one process (gloo; a first run JIT-builds a small op)."""
+    return _train_run(tmp_path_factory.mktemp('ds'), {'ds': TRAIN_DEMO + ['--deepspeed=True', '--zero_stage=2']},
+                      timeout=600)['ds']
+
+
+def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspeed):
+    pointer = json.load(open(train_deepspeed / 'ckpt.json'))
+    assert pointer['format'] == 'deepspeed' and pointer['iter_num'] == 30
+    assert (train_deepspeed / 'ds' / pointer['tag']).is_dir() and (train_deepspeed / 'hf' / 'config.json').exists()
+    (ds_first, ds_last), ds_steps = _train_records(train_deepspeed)
+    assert ds_last['val/sft/loss'] < ds_first['val/sft/loss'] - 0.1 and ds_last['val/dpo/loss'] < ds_first['val/dpo/loss'] - 0.1
+    # the same AdamW, clipping, lr schedule and batches: DeepSpeed's numbers are plain torch's, update by update
+    plain_evals, plain_steps = _train_records(train_demo)
+    for ds_record, plain_record in zip([ds_first, ds_last] + ds_steps, plain_evals + plain_steps):
+        for key, value in plain_record.items():
+            if key.startswith(('train/', 'val/')) or key in ('iter', 'objective', 'lr'):
+                assert ds_record[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (ds_record['iter'], key)
+
+
+def test_training_two_ranks_make_identical_choices(tmp_path):
+    """torchrun, 2 processes, DeepSpeed ZeRO-2. alright draws each update's objective from a generator seeded the
+    same on every rank; maxright decides on loss estimates averaged over ranks (each rank sees other examples).
+    The runner records what ObjectiveSelector.choose returned on each rank: the two ranks must agree update by
+    update (a disagreement would not necessarily hang: both ranks still all-reduce the same parameters, so it must
+    be observed, not inferred); rank 0's log must say the same; alright's sequence must be the single-process one
+    (it depends on the seed only); and both objectives must occur, so the check is not vacuous."""
+    common = ['--batch_size=2', '--max_iters=8', '--eval_interval=8', '--eval_iters=1', '--deepspeed=True',
+              '--zero_stage=2', '--export_hf=False']
+    dirs = _train_run(tmp_path, {'alright': common, 'maxright': common + ['--strategy=maxright', '--maxright_refresh=2',
+                                                                            '--optima=[5.0, 0.0]']}, nproc=2, timeout=600)
+    for name, out_dir in dirs.items():
+        ranks = [_train_recorded(out_dir, rank)['choices'] for rank in (0, 1)]
+        logged = [r['objective'] for r in _train_records(out_dir)[1]]
+        assert ranks[0] == ranks[1] == logged and len(logged) == 8 and set(logged) == {'sft', 'dpo'}, (name, ranks, logged)
+        assert json.load(open(out_dir / 'ckpt.json'))['iter_num'] == 8  # every rank reached the final save barrier
+    # what a single process with the same seed (bipost's default 1337) chooses: the selector alone, no model needed
+    single = ObjectiveSelector(['sft', 'dpo'], [0.5, 0.5], 'alright', 8, seed=1337)
+    assert [r['objective'] for r in _train_records(dirs['alright'])[1]] == [single.choose(i)[0][0] for i in range(8)]
+
 # ---- reliability ----
 
 # Every reliability test runs bipost.py as a user would (a subprocess, tiny model, data/demo) and reads
@@ -532,7 +932,7 @@ def _rel_losses(records):
 
 @pytest.fixture(scope='module')
 def rel_uninterrupted(tmp_path_factory):
-    """Per path ('plain' or 'deepspeed'): the metrics of 6 updates run without interruption (cached)."""
+    """Per path ('plain', 'deepspeed' = ZeRO-2, 'deepspeed3'): the metrics of 6 updates run without interruption (cached)."""
     runs = {}
     def get(path, *args):
         if path not in runs:
@@ -548,9 +948,10 @@ def rel_uninterrupted(tmp_path_factory):
     ('plain', ('print', 'iter 5 |', 1)),         # SIGKILL mid-training, after update 5
     ('plain', ('save', 'ckpt.pt.tmp', 2)),       # SIGKILL half-way through writing the update-6 checkpoint
     ('deepspeed', ('save', 'iter_0000006', 1)),  # ZeRO-2: SIGKILL half-way through the first shard of update 6
+    ('deepspeed3', ('save', 'iter_0000006', 1)),  # ZeRO-3, the same
 ])
 def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path, kill):
-    args = ['--deepspeed=True', '--zero_stage=2'] if path == 'deepspeed' else []
+    args = {'plain': [], 'deepspeed': ['--deepspeed=True', '--zero_stage=2'], 'deepspeed3': ['--deepspeed=True', '--zero_stage=3']}[path]
     full = rel_uninterrupted(path, *args)
     killed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', *args, kill=kill)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -559,7 +960,7 @@ def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, pat
     if kill[0] == 'save' and path == 'plain':  # the half-written file is the temp one; ckpt.pt loads
         assert (tmp_path / 'ckpt.pt.tmp').exists()
         assert torch.load(tmp_path / 'ckpt.pt', weights_only=False)['iter_num'] == 3
-    if path == 'deepspeed':
+    if path != 'plain':
         assert pointer['tag'] == 'iter_0000003' and (tmp_path / 'ds' / 'iter_0000006').exists()
     resumed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', '--init_from=resume', *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -567,3 +968,198 @@ def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, pat
     # same objective choices, data order, optimizer and RNG state: the per-update losses match exactly
     assert _rel_losses(_rel_metrics(tmp_path)) == full
     assert [k for k in full if k[0] == 'iter'] == [('iter', i) for i in range(1, 7)]
+    if path == 'deepspeed3':  # the export gathered the partitioned weights: full shapes, and it generates
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf')
+        assert model.get_input_embeddings().weight.shape == (257, 32)
+        assert model.generate(torch.tensor([[87, 104]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
+
+
+def _rel_inprocess(monkeypatch, capsys, *args):
+    """bipost.py run inside this process (no ~5 s of imports per run); returns (exit code, stdout, stderr).
+    Anything but a clean exit (a traceback from deep inside torch) propagates and fails the test."""
+    import runpy
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.setattr(sys, 'argv', ['bipost.py', *REL_TINY, *args])
+    threads, code = torch.get_num_threads(), 0
+    torch.set_num_threads(1)
+    try:
+        runpy.run_path('bipost.py', run_name='__main__')
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return (1, out, err + code) if isinstance(code, str) else (code, out, err)
+
+
+def _rel_byte_tokenizer():
+    """A transformers tokenizer with the demo's ids (byte b -> id b, <|endoftext|> -> 256), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's byte -> character table
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in printable)}
+    tk = Tokenizer(models.BPE({chars[b]: b for b in range(256)}, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token='<|endoftext|>', pad_token='<|endoftext|>')
+
+
+@pytest.fixture(scope='module')
+def rel_models(tmp_path_factory):
+    """Tiny Llamas written by transformers' save_pretrained: 'init' (demo vocab 257, with a tokenizer),
+    'v200' / 'v300' (other vocabularies), 'nan_ref' ('init' with the embedding row of byte 'N' set to NaN)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root, paths = tmp_path_factory.mktemp('models'), {}
+    for name, vocab in (('init', 257), ('v200', 200), ('v300', 300), ('nan_ref', 257)):
+        torch.manual_seed(0)
+        special = min(256, vocab - 1)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                             bos_token_id=special, eos_token_id=special, pad_token_id=special))
+        if name == 'nan_ref':
+            model.get_input_embeddings().weight.data[ord('N')] = float('nan')
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+    _rel_byte_tokenizer().save_pretrained(paths['init'])
+    return paths
+
+
+def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from data.prepare import demo_encoding
+    # transformers -> bipost: a save_pretrained model (with a tokenizer) as init_from; its export ships the tokenizer
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={rel_models["init"]}', '--max_iters=2',
+                                    '--eval_interval=2', f'--out_dir={tmp_path / "hf_init"}')
+    assert code == 0, err
+    export = tmp_path / 'hf_init' / 'hf'
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
+    trained = torch.load(tmp_path / 'hf_init' / 'ckpt.pt', weights_only=False)['model']
+    initial = AutoModelForCausalLM.from_pretrained(rel_models['init']).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())  # the export is the checkpoint
+    assert not all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # and it trained
+    prompt = 'What is 2+2?\n'
+    ids = tokenizer(prompt, return_tensors='pt').input_ids
+    assert ids[0].tolist() == demo_encoding().encode_ordinary(prompt)  # the tokenizer the data was prepared with
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape[1] > ids.shape[1] and isinstance(tokenizer.decode(generated[0]), str)
+    # bipost -> transformers: the demo's scratch model; its tokenizer is the tiktoken encoding in data/prepare.py
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "scratch"}')
+    assert code == 0, err
+    export = tmp_path / 'scratch' / 'hf'
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert json.load(open(export / 'bipost_data_meta.json'))['tokenizer'] == demo_encoding().name
+    encoding = demo_encoding()
+    generated = model.generate(torch.tensor([encoding.encode_ordinary(prompt)]), max_new_tokens=5, do_sample=False,
+                               pad_token_id=encoding.eot_token)
+    assert isinstance(encoding.decode(generated[0].tolist()), str)
+    # metrics on disk: every logged line is one JSONL record, in order
+    lines = [l for l in out.splitlines() if l.startswith(('iter ', 'eval '))]
+    records = [json.loads(l) for l in open(tmp_path / 'scratch' / 'metrics.jsonl')]
+    assert [('iter' if 'objective' in r else 'eval', r['iter']) for r in records] == \
+           [(l.split()[0], int(l.split()[1])) for l in lines] == [('eval', 0), ('iter', 1), ('eval', 1)]
+    assert records[1]['train/' + records[1]['objective'] + '/loss'] == pytest.approx(float(lines[1].split('loss ')[1].split()[0]), abs=1e-4)
+    assert {'val/sft/loss', 'val/dpo/loss', 'val/dpo/rewards/accuracies', 'val/ideal_distance'} <= set(records[2])
+
+
+def _rel_finite(state):
+    return all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_reliability_nonfinite_loss_stop_skip_and_diverged_weights(tmp_path, rel_models, monkeypatch, capsys):
+    # fault: a corrupted reference model (NaN embedding row for byte 'N'): every DPO batch with an 'N' has a NaN loss
+    dpo = [f'--init_from={rel_models["init"]}', f'--reference_from={rel_models["nan_ref"]}', "--objectives=['dpo']",
+           '--weights=[1.0]', '--optima=[0.0]', '--max_iters=6']
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *dpo, '--eval_interval=1', f'--out_dir={tmp_path / "stop"}')
+    assert code == 1 and 'non-finite dpo loss at update' in err and "nonfinite='skip'" in err, err
+    stopped_at = int(err.split('at update ')[1].split()[0])
+    state = torch.load(tmp_path / 'stop' / 'ckpt.pt', weights_only=False)
+    assert stopped_at >= 1 and state['iter_num'] == stopped_at and _rel_finite(state)  # the last good update, intact
+    # nonfinite='skip': those micro-batches are dropped (zero gradient) and counted; the run finishes
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *dpo, '--eval_interval=6', '--nonfinite=skip',
+                                    f'--out_dir={tmp_path / "skip"}')
+    assert code == 0, err
+    records = [r for r in map(json.loads, open(tmp_path / 'skip' / 'metrics.jsonl')) if 'objective' in r]
+    bad = [r['iter'] for r in records if not math.isfinite(r['train/dpo/loss'])]
+    assert bad and bad[0] == stopped_at + 1 and len(bad) < len(records) == 6
+    assert [r['skipped'] for r in records] == [sum(i <= r['iter'] for i in bad) for r in records]
+    state = torch.load(tmp_path / 'skip' / 'ckpt.pt', weights_only=False)
+    assert state['skipped'] == len(bad) and _rel_finite(state)
+    # fault: a learning rate that blows the weights up; the held-out eval sees it and nothing is saved over the
+    # good checkpoint (skip mode included, where the training losses alone would not stop the run)
+    before = (tmp_path / 'skip' / 'ckpt.pt').read_bytes()
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *dpo, '--init_from=resume', '--max_iters=9', '--eval_interval=1',
+                                    '--nonfinite=skip', '--learning_rate=1e30', f'--out_dir={tmp_path / "skip"}')
+    assert code == 1 and 'non-finite held-out loss at update 7' in err and 'intact' in err, err
+    assert (tmp_path / 'skip' / 'ckpt.pt').read_bytes() == before
+    assert json.load(open(tmp_path / 'skip' / 'ckpt.json'))['iter_num'] == 6
+
+
+def _rel_dataset(root, fault):
+    """A copy of data/demo's four default splits in root/data, with one fault injected."""
+    import shutil
+    data, demo = root / 'data', os.path.join(ROOT, 'data', 'demo')
+    data.mkdir()
+    for name in ('sft_train', 'sft_val', 'pref_train', 'pref_val'):
+        for suffix in ('.bin', '_index.npy'):
+            shutil.copy(os.path.join(demo, name + suffix), data / (name + suffix))
+    meta = json.load(open(os.path.join(demo, 'meta.json')))
+    if fault == 'missing_split':
+        os.remove(data / 'pref_val.bin')
+    elif fault == 'other_tokenizer':  # meta.json of a 200-id tokenizer next to bins holding ids up to 256
+        meta.update(vocab_size=200, eos_id=199, pad_id=199)
+    elif fault == 'truncated_bin':  # an interrupted copy
+        tokens = (data / 'sft_train.bin').read_bytes()
+        (data / 'sft_train.bin').write_bytes(tokens[:len(tokens) // 2])
+    json.dump(meta, open(data / 'meta.json', 'w'))
+    return str(data)
+
+
+@pytest.mark.parametrize('fault, args, says', [
+    ('', ['--max_iters=1.5'], ['--max_iters=1.5: max_iters must be int', 'got float 1.5']),
+    ('', ['--nonfinite=stpo'], ["nonfinite='stpo' is not one of", 'skip']),
+    ('', ['--strategy=alrigth'], ['strategy must be one of', 'alright']),
+    ('', ['--weights=[0.5, 0.6]'], ['summing to 1', 'weights']),
+    ('', ["--objectives=['sft', 'ppo']", '--weights=[0.5, 0.5]'], ["unknown objective 'ppo'", 'objectives.py']),
+    ('', ['--total_batch_size=6'], ['total_batch_size=6 is not divisible by batch_size 4 x 1 ranks', 'multiple of 4']),
+    ('', ['--batch_size=0'], ['batch_size=0', 'must be >= 1']),
+    ('', ['--batch_size=100000'], ['examples, fewer than one batch (100000 x 1 ranks)', 'lower batch_size']),
+    ('', ['--dataset=/no/such/data'], ['/no/such/data/meta.json not found', 'prepare the data first']),
+    ('missing_split', [], ['pref_val.bin not found', 'was not prepared']),
+    ('other_tokenizer', [], ["sft_train.bin in", "holds token id 256 >= the model's vocab 200", 'prepare them again']),
+    ('truncated_bin', [], ['sft_train.bin holds', 'truncated copy', 'prepare the split again']),
+    ('', ["--train_splits={'sft': 'pref_train', 'dpo': 'pref_train'}"], ['pref_train_index.npy has shape', "is 'pref_train' a preference split"]),
+    ('', ['--init_from={v200}'], ['meta.json: the data was tokenized with vocab_size 257', "v200' has 200 ids", "this model's tokenizer"]),
+    ('', ['--init_from={init}', '--reference_from={v300}'], ["reference '", 'has vocab 300 but the policy has 257', "share the policy's tokenizer"]),
+    ('', ["--objectives=['sft', 'kd']"], ["'kd' needs teacher_from"]),
+    ('', ["--objectives=['sft', 'kd']", '--teacher_from={v300}'], ["teacher '", 'has vocab 300']),
+    ('', ['--init_from=/no/such/model'], ["'/no/such/model' is not a local HF model directory", 'save_pretrained']),
+    ('', ['--init_from=resume'], ["init_from='resume' but", 'ckpt.json does not exist']),
+    ('', ['--keep_list={keep}'], ['keep.npy holds ids outside 0..', "of split 'sft_train'", 'run the data selector again']),
+])
+def test_reliability_bad_input_one_clear_line(tmp_path, rel_models, monkeypatch, capsys, fault, args, says):
+    np.save(tmp_path / 'keep.npy', np.array([0, 5, 10 ** 6]))  # a keep-list made for a bigger split
+    for name, path in {**rel_models, 'keep': tmp_path / 'keep.npy'}.items():
+        args = [a.replace('{' + name + '}', str(path)) for a in args]
+    args += ([f'--dataset={_rel_dataset(tmp_path, fault)}'] if fault else [])
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=2', f'--out_dir={tmp_path / "out"}')
+    assert code == 1, (out, err)
+    message = err.strip().splitlines()[-1]
+    assert message.startswith('bipost: error: ') and all(s in message for s in says), message
+    assert not (tmp_path / 'out' / 'ckpt.json').exists()
+
+
+def test_reliability_config_typo_is_one_line_without_traceback():
+    done = subprocess.run([sys.executable, 'bipost.py', '--batch_sise=4'], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert done.stderr.strip() == "bipost: error: --batch_sise=4: unknown config key 'batch_sise'. Did you mean 'batch_size'?"
+
+
+def test_reliability_identical_pair_warns_and_counts(tmp_path, capsys):
+    pairs = [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "a", "rejected": "b"}]
+    (tmp_path / 'prefs.jsonl').write_text('\n'.join(map(json.dumps, pairs)) + '\n')
+    meta = data_prep.prepare(str(tmp_path / 'out'), 'demo', {'pref_train': str(tmp_path / 'prefs.jsonl')}, 16)
+    assert (meta['splits']['pref_train']['examples'], meta['splits']['pref_train']['dropped']) == (1, 1)
+    assert f"dropped 1 pair(s) whose chosen and rejected are identical (first: {tmp_path / 'prefs.jsonl'}:1)" in capsys.readouterr().out

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.prepare import prepare
 
-N_TRAIN, N_VAL, N_TRUSTED, NOISE = 2000, 300, 150, 0.25  # ~2.4 MB on disk, shipped in git
+N_TRAIN, N_VAL, N_TRUSTED, NOISE = 2000, 300, 150, 0.25  # ~2.3 MB on disk, shipped in git
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OFF_TASK = ["I like turtles.", "Buy cheap watches now!", "Let's talk about the weather.", "lorem ipsum dolor",
             "Sorry, I can't help.", "Click here to win.", "The sky is blue.", "zzz"]

@@ -1,0 +1,139 @@
+"""
+The headline experiment: SFT + DPO on the demo data with every strategy, measured.
+
+    OMP_NUM_THREADS=1 python data/demo/tradeoff.py      # ~35 min on 2 CPU cores; then data/demo/plot_tradeoff.py
+
+Per seed: SFT alone and DPO alone give each optimum f* (the lowest held-out loss any eval of that
+run saw); then sequential SFT→DPO and DPO→SFT, mix, alright and maxright at λ ∈ {0.25, 0.5, 0.75}
+(λ is always the weight of SFT), each with the same number of updates, the same seed and those f*
+as optima. Every run is a plain `python bipost.py config/demo.py --key=value ...` subprocess, waited
+for with os.wait4 so that its own peak RSS is measured. Writes data/demo/tradeoff.json (every
+number, every trajectory) and prints the README table. A run already finished in --out_root is
+reused, so an interrupted experiment continues where it stopped.
+"""
+import argparse, json, math, os, shutil, statistics, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHODS = ('sequential SFT→DPO', 'sequential DPO→SFT', 'mix', 'alright', 'maxright')
+
+parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+parser.add_argument('--seeds', default='1337,1338,1339')
+parser.add_argument('--lambdas', default='0.25,0.5,0.75', help='weights of SFT')
+parser.add_argument('--methods', default=','.join(METHODS))
+parser.add_argument('--max_iters', type=int, default=300, help='updates per run, the same for every run')
+parser.add_argument('--eval_interval', type=int, default=25, help='updates between evals: the plotted trajectory')
+parser.add_argument('--out_root', default=os.path.join(ROOT, 'out-tradeoff'))
+parser.add_argument('--json', default=os.path.join(ROOT, 'data', 'demo', 'tradeoff.json'))
+parser.add_argument('--fresh', action='store_true', help='rerun every run, even one finished in out_root')
+parser.add_argument('--extra', default='', help='more bipost overrides for every run, e.g. "--beta=0.2 --learning_rate=5e-4"')
+args = parser.parse_args()
+seeds = [int(s) for s in args.seeds.split(',')]
+lambdas = [float(x) for x in args.lambdas.split(',')]
+methods = args.methods.split(',')
+common = ['config/demo.py', f'--max_iters={args.max_iters}', f'--eval_interval={args.eval_interval}',
+          '--export_hf=False', '--always_save_checkpoint=False', '--log_interval=1'] + args.extra.split()
+
+
+def bipost(name, seed, objectives, strategy, weights, optima):
+    """One training run (or its saved result); returns its record."""
+    out_dir = os.path.join(args.out_root, f'seed{seed}', name)
+    done = os.path.join(out_dir, 'run.json')
+    if os.path.exists(done) and not args.fresh:
+        with open(done) as f:
+            return json.load(f)
+    shutil.rmtree(out_dir, ignore_errors=True)  # bipost appends to metrics.jsonl: start clean
+    os.makedirs(out_dir)
+    command = [sys.executable, 'bipost.py', *common, f'--out_dir={out_dir}', f'--seed={seed}',
+               f'--objectives={objectives}', f'--strategy={strategy}', f'--weights={weights}', f'--optima={optima}']
+    print(f'[{time.strftime("%H:%M:%S")}] seed {seed} {name}', flush=True)
+    started = time.time()
+    with open(os.path.join(out_dir, 'stdout.log'), 'w') as log:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: ru_maxrss is its peak RSS (KiB on Linux)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - started
+    if child.returncode:
+        sys.exit(f'run failed (exit {child.returncode}): {" ".join(command)}\n  see {out_dir}/stdout.log')
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if 'val/sft/loss' in r or 'val/dpo/loss' in r]
+    updates = [r for r in records if 'objective' in r]
+    # an update that ran an eval first, and the very first update (warm-up of the allocator), are left out of ms
+    timed = [r['ms'] for r in updates if (r['iter'] - 1) % args.eval_interval and r['iter'] > 1]
+    record = {
+        'name': name, 'seed': seed, 'objectives': objectives, 'strategy': strategy, 'weights': weights, 'optima': optima,
+        'command': ' '.join(command[1:]), 'wall_s': wall, 'peak_rss_mb': usage.ru_maxrss / 1024,
+        'ms_per_update': statistics.fmean(timed), 'updates': len(updates),
+        'sft_share': statistics.fmean(r['objective'].split('+').count('sft') / len(r['objective'].split('+')) for r in updates),
+        'trajectory': [{'iter': r['iter'], 'sft': r.get('val/sft/loss'), 'dpo': r.get('val/dpo/loss'),
+                        'dpo_acc': r.get('val/dpo/rewards/accuracies'), 'ideal': r['val/ideal_distance']} for r in evals]}
+    with open(done, 'w') as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def ideal(point, optimum):
+    return math.hypot(point['sft'] - optimum['sft'], point['dpo'] - optimum['dpo'])
+
+
+t_start = time.time()
+runs, optimum = [], {}
+for seed in seeds:
+    # trained on one objective, evaluated on both: sequential with all of the updates on it
+    single = {n: bipost(f'{n} only', seed, ['sft', 'dpo'], 'sequential', [1.0, 0.0] if n == 'sft' else [0.0, 1.0],
+                        [0.0, 0.0]) for n in ('sft', 'dpo')}
+    optimum[seed] = {n: min(p[n] for p in single[n]['trajectory']) for n in ('sft', 'dpo')}
+    runs += [dict(r, method=f'{n.upper()} only', lam=1.0 if n == 'sft' else 0.0) for n, r in single.items()]
+for lam in sorted(lambdas, key=lambda x: abs(x - 0.5)):  # λ = 0.5, the headline, first for every seed
+    for seed in seeds:
+        f_sft, f_dpo = optimum[seed]['sft'], optimum[seed]['dpo']
+        for method in methods:
+            if method == 'sequential DPO→SFT':  # DPO first: the order of `objectives` is the order of training
+                config = (['dpo', 'sft'], 'sequential', [1 - lam, lam], [f_dpo, f_sft])
+            else:
+                config = (['sft', 'dpo'], method.split()[0], [lam, 1 - lam], [f_sft, f_dpo])
+            name = f'{method.replace(" ", "_").replace("→", "-")}_lam{lam}'
+            runs.append(dict(bipost(name, seed, *config), method=method, lam=lam))
+for r in runs:  # ideal distances with each seed's f*, recomputed here from the two losses (by name)
+    for point in r['trajectory']:
+        if point['sft'] is not None and point['dpo'] is not None:
+            point['ideal'] = ideal(point, optimum[r['seed']])
+    r['final'] = r['trajectory'][-1]
+
+
+def mean_spread(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+rows = []
+for method in ['SFT only', 'DPO only', *methods]:
+    for lam in ([1.0] if method == 'SFT only' else [0.0] if method == 'DPO only' else lambdas):
+        group = [r for r in runs if r['method'] == method and r['lam'] == lam]
+        baseline = [r for r in runs if r['method'] == 'sequential SFT→DPO' and r['lam'] == lam]
+        row = {'method': method, 'lam': lam, 'seeds': len(group)}
+        for key in ('sft', 'dpo', 'ideal', 'dpo_acc'):
+            row[key], row[key + '_std'] = mean_spread([r['final'][key] for r in group])
+        for key in ('ms_per_update', 'peak_rss_mb', 'sft_share'):
+            row[key] = statistics.fmean(r[key] for r in group)
+        for key in ('ms_per_update', 'peak_rss_mb'):
+            row[key + '_ratio'] = row[key] / statistics.fmean(r[key] for r in baseline) if baseline else None
+        rows.append(row)
+wall = sum(r['wall_s'] for r in runs)
+with open(args.json, 'w') as f:
+    json.dump({'setup': {'seeds': seeds, 'lambdas': lambdas, 'methods': methods, 'max_iters': args.max_iters,
+                         'eval_interval': args.eval_interval, 'common_overrides': common,
+                         'omp_num_threads': os.environ.get('OMP_NUM_THREADS'), 'runs_wall_s': wall},
+               'optima': {str(s): o for s, o in optimum.items()}, 'table': rows, 'runs': runs}, f, indent=1)
+
+pm = lambda row, key, digits=3: f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}"
+ratio = lambda x: '' if x is None else f'{x:.2f}×'
+print(f"\nf* (mean over {len(seeds)} seeds): SFT {statistics.fmean(o['sft'] for o in optimum.values()):.3f}, "
+      f"DPO {statistics.fmean(o['dpo'] for o in optimum.values()):.3f}")
+print('\n| method | λ (SFT) | f_SFT | f_DPO | ideal distance | DPO acc | SFT steps | ms/update | × seq | peak RSS MB | × seq |')
+print('|---|---|---|---|---|---|---|---|---|---|---|')
+for row in rows:
+    print(f"| {row['method']} | {row['lam']:g} | {pm(row, 'sft')} | {pm(row, 'dpo')} | {pm(row, 'ideal')} | "
+          f"{pm(row, 'dpo_acc', 2)} | {row['sft_share']:.0%} | {row['ms_per_update']:.0f} | {ratio(row['ms_per_update_ratio'])} | "
+          f"{row['peak_rss_mb']:.0f} | {ratio(row['peak_rss_mb_ratio'])} |")
+print(f"\n{len(runs)} runs, {wall / 60:.1f} min of training subprocesses ({(time.time() - t_start) / 60:.1f} min this call); "
+      f"wrote {os.path.relpath(args.json, ROOT)}")
