@@ -67,14 +67,14 @@ weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objec
 optima = [0.0, 0.0]           # f* per objective (from single-objective runs): maxright and the ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
 # selector (data): bilevel per-example weights learned against a small trusted set (DESIGN.md)
-data_selection = False        # learn weights for selection_objective's train split; writes weights/ranking/keep.npy to out_dir
+data_selection = False        # learn weights for selection_objective's train split -> out_dir/{weights,ranking,keep}.npy
 selection_objective = 'sft'   # whose train split gets weights: 'sft' (examples) or 'dpo' (pairs)
 trusted_split = 'sft_trusted' # small clean split of the same kind (~100-1000 examples)
 selector_weights = 'softmax'  # 'softmax': w = N·softmax(ω), mean 1 | 'sigmoid': w = 2·sigmoid(ω)
-selector_lr = 0.05            # Adam lr of the logits ω, ~0.01-0.1
-lower_level = 'copy'          # θ̂: 'copy' (policy copy, SGD on the weighted loss) | 'reference' (frozen, cheap) | 'none'
-lower_lr = 0.1                # SGD lr of the copy θ̂
-trusted_weight = 0.5          # c0: share of the trusted loss in the model's loss, 0-1
+selector_lr = 16.0            # SGD lr of the logits ω; ~ the global batch (a batch mean divides each gradient by it)
+lower_level = 'copy'          # θ̂: 'copy' (policy copy, Adam on the weighted loss) | 'reference' (frozen) | 'none'
+lower_lr = 1e-3               # Adam lr of the copy θ̂; about learning_rate
+trusted_weight = 0.8          # c0: share of the trusted loss in the model's loss, 0-1
 trusted_decay = 0.5           # c = c0 · trusted_decay^epoch
 keep_fraction = 0.8           # keep.npy holds the top fraction by weight
 # optimizer

@@ -5,8 +5,9 @@ The selector decides what each weight update optimizes:
 
 Every rank must make the same choice every update: alright draws from a generator seeded identically
 on every rank, and maxright's loss estimates are averaged across ranks by the trainer before they
-reach observe(). Both classes keep all their state in state_dict() so that a resumed run continues
-exactly where the killed one stopped.
+reach observe(); the data selector gathers every rank's (index, loss difference) before its ω step and
+averages θ̂'s gradients, so every rank holds the same ω and θ̂. Both classes keep all their state in
+state_dict() so that a resumed run continues exactly where the killed one stopped.
 """
 import copy
 import math
@@ -79,28 +80,34 @@ class DataSelector:
     """Bilevel data weights (DESIGN.md): one logit ω_i per example of the training split, by its stable index.
 
     Penalty (value-function) form; per micro-step, with a trusted batch G and a training batch I:
-      model θ:  c·mean(ℓ_G(θ)) + (1−c)·mean(w_I·ℓ_I(θ)), w detached, c = c0·decay^epoch (returned to the trainer)
-      ω:        one Adam step on mean(w_I(ω)·(ℓ_I(θ) − ℓ_I(θ̂))), the losses detached
-      θ̂:        one SGD step on mean(w_I·ℓ_I(θ̂)): it tracks the lower-level optimum for the current weights
+      model θ:  c·mean(ℓ_G(θ)) + (1−c)·mean(w_I·ℓ_I(θ)), w detached, c = c0·decay^epoch (the trainer's loss)
+      ω:        one SGD step on mean(w_I(ω)·(d_I − mean(d_I))), d = ℓ(θ) − ℓ(θ̂) detached, all ranks' rows
+      θ̂:        one Adam step on mean(w_I·ℓ_I(θ̂)): it tracks the lower-level optimum for the current weights
+    Shifting d by a constant changes no expected softmax gradient (E_I[mean_I w] = 1 for every ω); shifting
+    it by the batch mean removes the drift of the loss level during training, which would otherwise rank
+    examples by when they were seen (early batches have high losses). Measured on the demo
+    (lower_level='none'): ranking AUC 0.85 with the shift, 0.51 without. The ω step per example is
+    lr·w_i·(d_i − mean)/B (B: the global batch), so lr ~ B; SGD, not Adam, whose per-coordinate scaling
+    blows up the O(1/N) gradients of the ω's not in the batch.
     An example that θ̂ (the weighted training data alone) fits better than θ (also held to the trusted set)
     is one the trusted set disagrees with, and its weight falls. lower_level: 'copy' (θ̂ as above, a copy
     of the policy: not under ZeRO-3), 'reference' (θ̂ = the frozen ctx.reference; free, but it never moves),
     'none' (no θ̂ term, as in the original BiPOST code: high-loss examples lose weight).
     """
 
-    def __init__(self, n, objective, model=None, weights='softmax', lr=0.05, lower_level='copy', lower_lr=0.1,
-                 trusted_weight=0.5, trusted_decay=0.5, device=None):
+    def __init__(self, n, objective, model=None, weights='softmax', lr=16.0, lower_level='copy', lower_lr=1e-3,
+                 trusted_weight=0.8, trusted_decay=0.5, device=None):
         if weights not in ('softmax', 'sigmoid') or lower_level not in ('copy', 'reference', 'none'):
             raise ValueError(f"weights must be 'softmax'|'sigmoid' and lower_level 'copy'|'reference'|'none'; "
                              f"got {weights!r}, {lower_level!r}")
         self.n, self.objective, self.kind, self.lower_level = n, objective, weights, lower_level
         self.trusted_weight, self.trusted_decay = trusted_weight, trusted_decay
         self.omega = torch.zeros(n, requires_grad=True)  # on the CPU: every rank holds all N
-        self.optimizer = torch.optim.SGD([self.omega], lr=lr) if os.environ.get('OSGD') else torch.optim.Adam([self.omega], lr=lr)
+        self.optimizer = torch.optim.SGD([self.omega], lr=lr)
         self.lower = self.lower_optimizer = None
         if lower_level == 'copy':
             self.lower = copy.deepcopy(model).to(device).train()
-            self.lower_optimizer = torch.optim.Adam(self.lower.parameters(), lr=lower_lr) if os.environ.get("LADAM") else torch.optim.SGD(self.lower.parameters(), lr=lower_lr)
+            self.lower_optimizer = torch.optim.Adam(self.lower.parameters(), lr=lower_lr)  # keeps pace with θ's AdamW
 
     def weights(self, index=None):
         """w = N·softmax(ω) (mean exactly 1) or 2·sigmoid(ω) (mean 1 at the start), of the given examples."""
@@ -111,20 +118,21 @@ class DataSelector:
         return self.trusted_weight * self.trusted_decay ** epoch
 
     def lower_losses(self, batch, ctx, w):
-        """ℓ_I(θ̂) (detached); with lower_level='copy' also takes θ̂'s SGD step on the weighted loss."""
+        """ℓ_I(θ̂) (detached); with lower_level='copy' also takes θ̂'s step on the weighted loss."""
         if self.lower_level == 'none':
             return 0.0
         if self.lower_level == 'reference':
             with torch.no_grad():
                 return self.objective(ctx.reference, batch, ctx)[0].detach().float()
         losses = self.objective(self.lower, batch, ctx)[0]
-        if torch.isfinite(losses).all():  # a bad batch must not poison θ̂
-            self.lower_optimizer.zero_grad(set_to_none=True)
-            (w * losses).mean().backward()
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                for p in self.lower.parameters():  # the same θ̂ on every rank
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+        self.lower_optimizer.zero_grad(set_to_none=True)
+        (w * losses).mean().backward()
+        grads = [p.grad for p in self.lower.parameters() if p.grad is not None]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for g in grads:  # the same θ̂ on every rank
+                dist.all_reduce(g)
+                g /= dist.get_world_size()
+        if all(torch.isfinite(g).all() for g in grads):  # a bad batch must not poison θ̂ (same branch on all ranks)
             self.lower_optimizer.step()
         return losses.detach().float()
 
@@ -137,8 +145,8 @@ class DataSelector:
         gathered = _gather(torch.stack([batch['index'].to(difference).double(), difference.double()], 1)).cpu()
         if torch.isfinite(gathered).all():  # the trainer handles a non-finite loss; ω stays as it was
             self.optimizer.zero_grad(set_to_none=True)
-            dd = gathered[:, 1].float(); dd = dd - dd.mean() if os.environ.get('CENTER') else dd
-            (self.weights(gathered[:, 0].long()) * dd).mean().backward()
+            difference = gathered[:, 1].float()
+            (self.weights(gathered[:, 0].long()) * (difference - difference.mean())).mean().backward()
             self.optimizer.step()
         return c * trusted_losses.mean() + (1 - c) * (w * losses).mean()
 

@@ -654,6 +654,162 @@ def test_selector_rejects_bad_weights():
         ObjectiveSelector(['sft', 'dpo'], [0.5, 0.5], 'random', 10)
 
 
+from selector import DataSelector
+
+
+def _regression(model, batch, ctx):
+    """A stand-in objective: per-example squared error of a linear model (the selector only needs per-example losses)."""
+    return (model(batch['x']).squeeze(-1) - batch['y']) ** 2, {}
+
+
+def test_data_selector_weights_keep_mean_one():
+    for kind in ('softmax', 'sigmoid'):
+        assert DataSelector(50, _regression, weights=kind, lower_level='none').weights().mean().item() == pytest.approx(1.0)
+    selector = DataSelector(50, _regression, lower_level='none')
+    for _ in range(3):  # N·softmax keeps mean 1 whatever ω is
+        with torch.no_grad():
+            selector.omega.copy_(torch.randn(50) * 3)
+        assert selector.weights().mean().item() == pytest.approx(1.0, abs=1e-5)
+        assert selector.weights(torch.tensor([3, 7])).tolist() == selector.weights()[[3, 7]].tolist()
+
+
+@pytest.mark.parametrize('kind,lower_level', [('softmax', 'none'), ('softmax', 'copy'), ('sigmoid', 'copy'),
+                                              ('softmax', 'reference')])
+def test_data_selector_gradient_matches_hand_computation(kind, lower_level):
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    N, index, lr, lower_lr, c0, decay, epoch = 6, torch.tensor([1, 4, 5]), 2.0, 0.01, 0.7, 0.5, 1
+    model, reference = torch.nn.Linear(3, 1, bias=False), torch.nn.Linear(3, 1, bias=False)
+    selector = DataSelector(N, _regression, model, kind, lr, lower_level, lower_lr, c0, decay)
+    theta_hat = model.weight.detach().clone().squeeze(0)  # θ̂ starts as the policy ...
+    with torch.no_grad():
+        model.weight.add_(torch.randn(1, 3))                # ... which has moved since, so ℓ(θ) ≠ ℓ(θ̂)
+        selector.omega.copy_(torch.randn(N))
+    omega = selector.omega.detach().clone()
+    batch = {'x': torch.randn(3, 3), 'y': torch.randn(3), 'index': index}
+    trusted = {'x': torch.randn(2, 3), 'y': torch.randn(2), 'index': torch.tensor([0, 1])}
+    losses = _regression(model, batch, None)[0]
+    ctx = SimpleNamespace(reference=reference)
+    loss = selector.step(losses, batch, trusted, model, ctx, epoch)
+    # by hand: w = N·softmax(ω) or 2·sigmoid(ω), J = ∂w/∂ω; d = ℓ(θ) − ℓ(θ̂), centred over the batch
+    p = torch.softmax(omega, 0)
+    w, J = (N * p, N * (torch.diag(p) - torch.outer(p, p))) if kind == 'softmax' else \
+        (2 * torch.sigmoid(omega), torch.diag(2 * torch.sigmoid(omega) * (1 - torch.sigmoid(omega))))
+    x, y, theta = batch['x'], batch['y'], model.weight.detach().squeeze(0)
+    own = ((x @ theta - y) ** 2).detach()
+    lower = {'none': torch.zeros(3), 'copy': (x @ theta_hat - y) ** 2,
+             'reference': (x @ reference.weight.detach().squeeze(0) - y) ** 2}[lower_level]
+    d = own - lower
+    grad = J[index].T @ (d - d.mean()) / 3
+    torch.testing.assert_close(selector.omega.grad, grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(selector.omega.detach(), omega - lr * grad, atol=1e-6, rtol=1e-5)
+    c = c0 * decay ** epoch
+    trusted_loss = ((trusted['x'] @ theta - trusted['y']) ** 2).mean()
+    torch.testing.assert_close(loss, c * trusted_loss + (1 - c) * (w[index] * own).mean())
+    if lower_level == 'copy':  # θ̂ took one Adam step on mean(w·ℓ(θ̂)): the first Adam step is lr·sign(g)
+        g = (w[index] * 2 * (x @ theta_hat - y)) @ x / 3
+        torch.testing.assert_close(selector.lower.weight.detach().squeeze(0), theta_hat - lower_lr * torch.sign(g),
+                                   atol=1e-6, rtol=1e-4)
+
+
+def test_data_selector_ranks_flipped_labels_last():
+    torch.manual_seed(0)
+    N, B, dim = 200, 20, 5
+    truth = torch.randn(dim)
+    x = torch.randn(N + B, dim)
+    y = x @ truth + 0.1 * torch.randn(N + B)
+    bad = torch.zeros(N, dtype=torch.bool)
+    bad[torch.randperm(N)[:N // 5]] = True
+    y[:N][bad] = -y[:N][bad]  # 20% flipped labels; the last B examples are the clean trusted set
+    model = torch.nn.Linear(dim, 1, bias=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    selector = DataSelector(N, _regression, model, lr=0.2, lower_level='copy', lower_lr=0.05,
+                            trusted_weight=0.8, trusted_decay=1.0)
+    trusted = {'x': x[N:], 'y': y[N:], 'index': torch.arange(B)}
+    for epoch in range(8):
+        for index in torch.randperm(N).split(B):
+            batch = {'x': x[index], 'y': y[index], 'index': index}
+            loss = selector.step(_regression(model, batch, None)[0], batch, trusted, model, None, epoch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    w = selector.weights().detach()
+    auc = ((w[~bad][:, None] > w[bad][None, :]).float() + 0.5 * (w[~bad][:, None] == w[bad][None, :])).mean()
+    assert auc > 0.95, auc  # measured 0.98; without the θ̂ term (lower_level='none') 0.89
+
+
+def test_data_selector_save_writes_weights_ranking_keep(tmp_path):
+    selector = DataSelector(10, _regression, lower_level='none')
+    with torch.no_grad():
+        selector.omega.copy_(torch.tensor([0.5, -2.0, 1.0, 0.0, 3.0, -1.0, 0.2, -0.3, 2.0, -5.0]))
+    selector.save(str(tmp_path), keep_fraction=0.3)
+    weights, ranking, keep = (np.load(tmp_path / f'{n}.npy') for n in ('weights', 'ranking', 'keep'))
+    np.testing.assert_allclose(weights, selector.weights().detach().numpy())
+    assert ranking.tolist() == [4, 8, 2, 0, 6, 3, 7, 5, 1, 9] and keep.tolist() == [2, 4, 8]
+    assert sorted(os.listdir(tmp_path)) == ['keep.npy', 'ranking.npy', 'weights.npy']  # no temp files left
+
+
+def test_data_selector_state_dict_resumes_exactly():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8)
+    batches = [{'x': x[i], 'y': y[i], 'index': i} for i in (torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]))] * 2
+    trusted = {'x': torch.randn(4, 3), 'y': torch.randn(4), 'index': torch.arange(4)}
+    model = torch.nn.Linear(3, 1, bias=False)
+    a = DataSelector(8, _regression, model, lr=4.0, lower_lr=0.01)
+    a.step(_regression(model, batches[0], None)[0], batches[0], trusted, model, None, 0)
+    b = DataSelector(8, _regression, torch.nn.Linear(3, 1, bias=False), lr=4.0, lower_lr=0.01)
+    import io
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # through bytes, as in a checkpoint (state_dicts hold live tensors)
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    for batch in batches[1:]:  # same next updates of ω and θ̂ (Adam moments included)
+        la = a.step(_regression(model, batch, None)[0], batch, trusted, model, None, 1)
+        lb = b.step(_regression(model, batch, None)[0], batch, trusted, model, None, 1)
+        assert torch.equal(la, lb) and torch.equal(a.omega, b.omega)
+        assert torch.equal(a.lower.weight, b.lower.weight)
+
+
+SELECT_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=1', '--batch_size=8', '--objectives=["sft"]',
+               '--weights=[1.0]', '--optima=[0.0]', '--strategy="sequential"', '--train_splits={"sft": "sft_noisy_train"}',
+               '--data_selection=True', '--export_hf=False', '--warmup_iters=0', '--decay_lr=False', '--log_interval=1']
+
+
+def _select_runs(*runs):
+    """Runs bipost.py once per argv list, in one subprocess (imports paid once)."""
+    code = ("import json, runpy, sys\nfor argv in json.loads(sys.argv[1]):\n"
+            "    sys.argv = ['bipost.py'] + argv\n    runpy.run_path('bipost.py', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
+    done = subprocess.run([sys.executable, '-c', code, json.dumps([SELECT_TINY + list(r) for r in runs])], cwd=ROOT,
+                          env={**env, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_data_selector_bipost_resume_and_keep_list(tmp_path):
+    whole, part, kept = tmp_path / 'whole', tmp_path / 'part', tmp_path / 'kept'
+    n = len(np.load(os.path.join(ROOT, 'data', 'demo', 'sft_noisy_train_index.npy')))
+    keep = np.sort(np.random.default_rng(0).choice(n, 16, replace=False))
+    np.save(tmp_path / 'keep.npy', keep)
+    _select_runs([f'--out_dir={whole}', '--max_iters=4', '--eval_interval=2'],
+                 [f'--out_dir={part}', '--max_iters=2', '--eval_interval=2'],
+                 [f'--out_dir={part}', '--max_iters=4', '--eval_interval=2', "--init_from='resume'"],
+                 [f'--out_dir={kept}', '--max_iters=2', '--eval_interval=2', "--selector_weights='sigmoid'",
+                  "--lower_level='none'", f"--keep_list='{tmp_path / 'keep.npy'}'"])
+    # interrupted after 2 updates and resumed == uninterrupted: same weights, same θ̂, same training losses
+    np.testing.assert_array_equal(np.load(whole / 'weights.npy'), np.load(part / 'weights.npy'))
+    a, b = (torch.load(d / 'ckpt.pt', weights_only=False)['data_selector'] for d in (whole, part))
+    assert all(torch.equal(a['lower'][k], b['lower'][k]) for k in a['lower'])
+    losses = lambda d: {r['iter']: r['train/sft/loss'] for r in map(json.loads, open(d / 'metrics.jsonl'))
+                        if 'train/sft/loss' in r}
+    assert losses(whole)[3] == losses(part)[3] and losses(whole)[4] == losses(part)[4]
+    # keep_list: with 2·sigmoid weights only the examples trained on move, and they are exactly the kept 16
+    # (lower_level='none': with a fresh copy θ̂ = θ, the first update's differences are all 0)
+    moved = np.flatnonzero(np.load(kept / 'weights.npy') != 1.0)
+    assert moved.tolist() == keep.tolist()
+    kept_ids = np.load(whole / 'keep.npy')
+    assert len(kept_ids) == round(0.8 * n) and (np.diff(kept_ids) > 0).all() and kept_ids[-1] < n
+
+
 # ---- training ----
 
 # bipost.py is a script (globals + a `while True:`), so these tests run it as users do, in a subprocess, on the
@@ -688,7 +844,8 @@ for argv in json.loads(sys.argv[1]):
 
 
 def _train_run(tmp_path, runs, nproc=1, timeout=300):
-    """runs: {name: [--key=value, ...]}, each into tmp_path/name; all in one process (or one torchrun of nproc).
+    """runs: {name: [--key=value, ...]}, each into tmp_path/name; all in one process, or one torchrun of nproc
+    processes per run (DeepSpeed keeps its process group across runs, so a distributed one cannot be repeated).
     Returns {name: out_dir}."""
     runner = tmp_path / 'runner.py'
     runner.write_text(TRAIN_RUNNER)
@@ -696,16 +853,17 @@ def _train_run(tmp_path, runs, nproc=1, timeout=300):
     argv = [TRAIN_TINY + args + [f'--out_dir={dirs[name]}'] for name, args in runs.items()]
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
     env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    launcher = [sys.executable]
-    if nproc > 1:
-        import socket
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}']
-    done = subprocess.run(launcher + [str(runner), json.dumps(argv)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for group in ([argv] if nproc == 1 else [[a] for a in argv]):
+        launcher = [sys.executable]
+        if nproc > 1:
+            import socket
+            with socket.socket() as s:
+                s.bind(('127.0.0.1', 0))
+                port = s.getsockname()[1]
+            launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}']
+        done = subprocess.run(launcher + [str(runner), json.dumps(group)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return dirs
 
 
@@ -744,19 +902,23 @@ def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     assert last['val/ideal_distance'] < first['val/ideal_distance']
 
 
-def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path):
+@pytest.mark.parametrize('engine', ['plain', 'deepspeed'])
+def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path, engine):
     """mix scales each objective's micro-step loss by λ·len(chosen)/micro_steps. Checked on the gradient the
     optimizer receives in update 1 (grad_clip=0, so it is the raw accumulated gradient): the mix run's must be
     0.3·∇f_sft + 0.7·∇f_dpo, with each ∇f from a single-objective run of the same seed, the same initial weights
     and the same batches (each split walks its own seeded permutation, whatever the other objectives).
-    Two micro-batches per objective, so the 1/gradient_accumulation_steps part is checked too."""
+    Two micro-batches per objective, so the 1/gradient_accumulation_steps part is checked too. Under DeepSpeed the
+    engine does that division (by micro_steps, which counts every objective's micro-batches) and the recorded
+    gradient is ZeRO-2's flat fp32 partition: a wrong scale there is invisible in the losses (AdamW is scale-blind)."""
     common = ['--batch_size=4', '--gradient_accumulation_steps=2', '--max_iters=1', '--eval_iters=1', '--grad_clip=0',
-              '--export_hf=False']
+              '--export_hf=False'] + (['--deepspeed=True', '--zero_stage=2'] if engine == 'deepspeed' else [])
     single = ['--strategy=sequential', '--weights=[1.0]', '--optima=[0.0]']
     dirs = _train_run(tmp_path, {'mix': common + ['--strategy=mix', '--weights=[0.3, 0.7]'],
                                  'sft': common + single + ['--objectives=["sft"]'],
                                  'dpo': common + single + ['--objectives=["dpo"]']})
-    (mix,), (sft,), (dpo,) = (_train_recorded(dirs[n])['grads'] for n in ('mix', 'sft', 'dpo'))
+    # the one update's gradients (DeepSpeed steps its fp32 partition one param group at a time: one record each)
+    mix, sft, dpo = ([g for step in _train_recorded(dirs[n])['grads'] for g in step] for n in ('mix', 'sft', 'dpo'))
     assert len(mix) == len(sft) == len(dpo) and all(g is not None for g in mix + sft + dpo)
     expected = [0.3 * a + 0.7 * b for a, b in zip(sft, dpo)]
     torch.testing.assert_close(mix, expected, rtol=1e-4, atol=1e-7)
@@ -767,8 +929,11 @@ def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path):
 def test_training_gradient_accumulation_equivalence(tmp_path):
     """4 examples x 1 micro-batch and 1 example x 4 micro-batches see the same examples in the same order
     (Split.next_ids: one seeded permutation per epoch, cursor advanced by n per call) and the objectives are
-    per-example means, so 2 updates of each give the same gradients and the same model (fp32; up to summation
-    order, tolerance 1e-5 on weights of size ~0.02-1). sft-only and dpo-only runs."""
+    per-example means, so 2 updates of each (sft-only and dpo-only runs) give the same gradients and the same model.
+    The gradients are the sharp check (rtol 1e-4: fp32 summation order only): AdamW and clipping are blind to a
+    gradient's scale, so a missing 1/gradient_accumulation_steps would leave the weights nearly unchanged. The
+    weights agree to 2% of one step (atol 2e-4 at lr 1e-2, while they moved by more than lr): Adam turns the
+    ~1e-10 summation noise of a gradient entry that is ~0 (below its eps 1e-8) into up to lr·noise/eps."""
     runs = {}
     for name in ('sft', 'dpo'):
         single = [f'--objectives=["{name}"]', '--strategy=sequential', '--weights=[1.0]', '--optima=[0.0]',
@@ -785,7 +950,7 @@ def test_training_gradient_accumulation_equivalence(tmp_path):
         small_weights = load_file(dirs[f'{name}_1x4'] / 'hf' / 'model.safetensors')
         assert big_weights.keys() == small_weights.keys()
         for key in big_weights:
-            torch.testing.assert_close(small_weights[key], big_weights[key], rtol=0, atol=1e-5, msg=f'{name} {key}')
+            torch.testing.assert_close(small_weights[key], big_weights[key], rtol=0, atol=2e-4, msg=f'{name} {key}')
         # the tolerance is meaningful: the 2 updates (lr 1e-2) moved the weights by far more
         torch.manual_seed(1337)
         initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs[f'{name}_4x1'] / 'hf')).state_dict()
@@ -848,7 +1013,9 @@ def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspee
     for ds_record, plain_record in zip([ds_first, ds_last] + ds_steps, plain_evals + plain_steps):
         for key, value in plain_record.items():
             if key.startswith(('train/', 'val/')) or key in ('iter', 'objective', 'lr'):
-                assert ds_record[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (ds_record['iter'], key)
+                # rel: losses agree to ~4e-5 after 30 updates; abs: rewards are β·differences of log-probs ~ -100
+                assert ds_record[key] == (value if key == 'objective' else pytest.approx(value, rel=1e-4, abs=1e-3)), \
+                    (ds_record['iter'], key)
 
 
 def test_training_two_ranks_make_identical_choices(tmp_path):
@@ -860,8 +1027,9 @@ def test_training_two_ranks_make_identical_choices(tmp_path):
     (it depends on the seed only); and both objectives must occur, so the check is not vacuous."""
     common = ['--batch_size=2', '--max_iters=8', '--eval_interval=8', '--eval_iters=1', '--deepspeed=True',
               '--zero_stage=2', '--export_hf=False']
-    dirs = _train_run(tmp_path, {'alright': common, 'maxright': common + ['--strategy=maxright', '--maxright_refresh=2',
-                                                                            '--optima=[5.0, 0.0]']}, nproc=2, timeout=600)
+    maxright = ['--strategy=maxright', '--maxright_refresh=2', '--optima=[5.0, 0.0]', '--learning_rate=1e-2',
+                '--warmup_iters=0']  # steps that move the estimates; odd updates use the one the last step observed
+    dirs = _train_run(tmp_path, {'alright': common, 'maxright': common + maxright}, nproc=2, timeout=600)
     for name, out_dir in dirs.items():
         ranks = [_train_recorded(out_dir, rank)['choices'] for rank in (0, 1)]
         logged = [r['objective'] for r in _train_records(out_dir)[1]]

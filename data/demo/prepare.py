@@ -18,7 +18,7 @@ pairs in the SFT's own style ("The answer is 19." over "The answer is 18."): the
 agree, so this is a trade-off on answer style with shared content, not pure opposition.
 
 Splits: sft_train, sft_val, pref_train, pref_val (val prompts never occur in any training split);
-for the bilevel selector: sft_trusted (small clean set, prompts disjoint from train and val),
+for the bilevel selector: sft_trusted and pref_trusted (small clean sets, prompts disjoint from train and val),
 sft_noisy_train = sft_train with 25% of examples corrupted (a third each: wrong answer, garbled
 characters, off-task text), pref_noisy_train = pref_train with 25% of pairs corrupted (half flipped
 chosen<->rejected, half with a garbled chosen). <split>_corrupt.npy (bool [n]) marks them; it is for
@@ -86,7 +86,7 @@ def build(seed=1337):
     val, trusted, train = pool[:N_VAL], pool[N_VAL:N_VAL + N_TRUSTED], pool[N_VAL + N_TRUSTED:]
     sft = lambda examples: [dict(prompt=p, completion=verbose(a)) for p, a, _ in examples]
     splits = dict(sft_train=sft(train), sft_val=sft(val), sft_trusted=sft(trusted),
-                  pref_train=pairs(rng.sample(train, len(train))), pref_val=pairs(val))
+                  pref_train=pairs(rng.sample(train, len(train))), pref_val=pairs(val), pref_trusted=pairs(trusted))
     corrupt, wrong_of = {}, {p: w for p, _, w in train}
     for name in ("sft", "pref"):
         records = [dict(r) for r in splits[f"{name}_train"]]
