@@ -68,9 +68,10 @@ def dpo(model, batch, ctx):
         'logps/chosen': policy_seq[:B], 'logps/rejected': policy_seq[B:]}
 
 
-def _kd_chunk(student_hidden, student_weight, teacher_logits):
-    # −Σ_v p_teacher(v) log p_student(v): forward KL to the teacher up to the teacher's entropy
-    student_logps = (student_hidden @ student_weight.T).float().log_softmax(-1)
+def _kd_chunk(student_hidden, head, teacher_logits):
+    # −Σ_v p_teacher(v) log p_student(v): forward KL to the teacher up to the teacher's entropy. The head module is
+    # called, not head.weight used: under ZeRO-3 the weight is a partitioned placeholder that only a call gathers.
+    student_logps = head(student_hidden).float().log_softmax(-1)
     return -(teacher_logits.float().softmax(-1) * student_logps).sum(-1)
 
 
@@ -88,7 +89,7 @@ def kd(model, batch, ctx, chunk=1024):
     for i in range(0, rows.numel(), chunk):  # never an fp32 [tokens, V] for the whole batch
         with torch.no_grad():
             teacher_logits = teacher_head(teacher_hidden[rows[i:i + chunk]])
-        token_losses.append(checkpoint(_kd_chunk, student_hidden[i:i + chunk], head.weight, teacher_logits,
+        token_losses.append(checkpoint(_kd_chunk, student_hidden[i:i + chunk], head, teacher_logits,
                                        use_reentrant=False))
     per_token = torch.zeros(mask.numel(), device=hidden.device, dtype=torch.float32)
     per_token = per_token.index_put((rows,), torch.cat(token_losses) if token_losses else per_token[:0])

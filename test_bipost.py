@@ -815,15 +815,16 @@ def test_data_selector_bipost_resume_and_keep_list(tmp_path):
 # bipost.py is a script (globals + a `while True:`), so these tests run it as users do, in a subprocess, on the
 # shipped data/demo. TRAIN_RUNNER runs it under runpy, possibly several times in one process (imports are paid
 # once), and records from outside through public hooks only: the gradients every optimizer step is about to
-# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps) and
-# the objectives ObjectiveSelector.choose returns on each rank. Nothing test-only lives in bipost.py.
+# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps), and
+# on each rank the objectives ObjectiveSelector.choose returns and the loss estimates it decides on (maxright).
+# Nothing test-only lives in bipost.py.
 TRAIN_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=2']
 TRAIN_RUNNER = r'''
 import json, os, runpy, sys
 sys.path.insert(0, os.getcwd())
 import torch, selector
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-recorded = {'grads': [], 'choices': []}
+recorded = {'grads': [], 'choices': [], 'estimates': []}
 def keep_grads(optimizer, args, kwargs):
     recorded['grads'].append([None if p.grad is None else p.grad.detach().clone()
                               for group in optimizer.param_groups for p in group['params']])
@@ -832,10 +833,11 @@ choose = selector.ObjectiveSelector.choose
 def recording_choose(self, iter_num):
     chosen = choose(self, iter_num)
     recorded['choices'].append('+'.join(name for name, _ in chosen))
+    recorded['estimates'].append(list(self.estimates))  # maxright's inputs to that choice
     return chosen
 selector.ObjectiveSelector.choose = recording_choose
 for argv in json.loads(sys.argv[1]):
-    recorded['grads'], recorded['choices'] = [], []
+    recorded.update(grads=[], choices=[], estimates=[])
     sys.argv = ['bipost.py'] + argv
     runpy.run_path('bipost.py', run_name='__main__')
     out_dir = [a.split('=', 1)[1] for a in argv if a.startswith('--out_dir=')][-1]
@@ -853,10 +855,10 @@ def _train_run(tmp_path, runs, nproc=1, timeout=300):
     argv = [TRAIN_TINY + args + [f'--out_dir={dirs[name]}'] for name, args in runs.items()]
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
     env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    import socket
     for group in ([argv] if nproc == 1 else [[a] for a in argv]):
         launcher = [sys.executable]
         if nproc > 1:
-            import socket
             with socket.socket() as s:
                 s.bind(('127.0.0.1', 0))
                 port = s.getsockname()[1]
@@ -931,7 +933,7 @@ def test_training_gradient_accumulation_equivalence(tmp_path):
     (Split.next_ids: one seeded permutation per epoch, cursor advanced by n per call) and the objectives are
     per-example means, so 2 updates of each (sft-only and dpo-only runs) give the same gradients and the same model.
     The gradients are the sharp check (rtol 1e-4: fp32 summation order only): AdamW and clipping are blind to a
-    gradient's scale, so a missing 1/gradient_accumulation_steps would leave the weights nearly unchanged. The
+    gradient's scale, so the weights alone would hardly notice a missing 1/gradient_accumulation_steps. The
     weights agree to 2% of one step (atol 2e-4 at lr 1e-2, while they moved by more than lr): Adam turns the
     ~1e-10 summation noise of a gradient entry that is ~0 (below its eps 1e-8) into up to lr·noise/eps."""
     runs = {}
@@ -984,8 +986,10 @@ def test_training_hf_export_matches_checkpoint(train_demo):
     checkpointed = AutoModelForCausalLM.from_config(AutoConfig.for_model(**state['model_config']))
     checkpointed.load_state_dict(state['model'])
     checkpointed.eval()
+    exported_state = exported.state_dict()
+    assert exported_state.keys() == checkpointed.state_dict().keys()
     for key, value in checkpointed.state_dict().items():
-        assert torch.equal(exported.state_dict()[key], value), key
+        assert torch.equal(exported_state[key], value), key
     ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, checkpointed(ids).logits)
@@ -993,6 +997,25 @@ def test_training_hf_export_matches_checkpoint(train_demo):
     final = _train_records(train_demo)[0][-1]
     assert abs(_train_val_sft_loss(exported, eval_iters=2, batch_size=8) - final['val/sft/loss']) < 1e-4
     assert json.load(open(train_demo / 'hf' / 'bipost_data_meta.json'))['vocab_size'] == 257
+
+
+def test_training_kd_under_zero3_matches_plain_torch(tmp_path):
+    """KD + SFT (the llama3_kd_sft.py recipe's objectives) through DeepSpeed ZeRO-3, one process: the student's LM
+    head weight is a partitioned placeholder there (KD once multiplied by it directly and crashed), and the
+    teacher is partitioned too. The per-update losses must be plain torch's."""
+    torch.manual_seed(7)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / 'teacher')
+    common = ['--objectives=["kd", "sft"]', f'--teacher_from={tmp_path / "teacher"}', '--batch_size=2', '--max_iters=4',
+              '--eval_interval=4', '--eval_iters=1', '--learning_rate=1e-2', '--warmup_iters=0', '--export_hf=False']
+    dirs = _train_run(tmp_path, {'plain': common, 'zero3': common + ['--deepspeed=True', '--zero_stage=3']})
+    plain, zero3 = (_train_records(dirs[n]) for n in ('plain', 'zero3'))
+    assert {r['objective'] for r in plain[1]} == {'kd', 'sft'} and json.load(open(dirs['zero3'] / 'ckpt.json'))['format'] == 'deepspeed'
+    for zero3_record, plain_record in zip(zero3[0] + zero3[1], plain[0] + plain[1]):
+        assert zero3_record.keys() == plain_record.keys()
+        for key, value in plain_record.items():
+            if key.startswith(('train/', 'val/')):
+                assert zero3_record[key] == pytest.approx(value, rel=1e-4), (plain_record['iter'], key)
 
 
 @pytest.fixture(scope='module')
@@ -1021,16 +1044,23 @@ def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspee
 def test_training_two_ranks_make_identical_choices(tmp_path):
     """torchrun, 2 processes, DeepSpeed ZeRO-2. alright draws each update's objective from a generator seeded the
     same on every rank; maxright decides on loss estimates averaged over ranks (each rank sees other examples).
-    The runner records what ObjectiveSelector.choose returned on each rank: the two ranks must agree update by
-    update (a disagreement would not necessarily hang: both ranks still all-reduce the same parameters, so it must
-    be observed, not inferred); rank 0's log must say the same; alright's sequence must be the single-process one
-    (it depends on the seed only); and both objectives must occur, so the check is not vacuous."""
+    The runner records what ObjectiveSelector.choose returned on each rank, and the estimates it chose from: the two
+    ranks must agree update by update (a disagreement would not necessarily hang: both ranks still all-reduce the
+    same parameters, so it must be observed, not inferred). The estimates must be bitwise equal although each rank
+    measured other examples: they were averaged before the argmax, so even a near-tie cannot split the ranks (equal
+    choices alone would let a missing average through whenever the gaps are far apart). Rank 0's log must say the
+    same; alright's sequence must be the single-process one (it depends on the seed only); both objectives must
+    occur, so the check is not vacuous."""
     common = ['--batch_size=2', '--max_iters=8', '--eval_interval=8', '--eval_iters=1', '--deepspeed=True',
               '--zero_stage=2', '--export_hf=False']
     maxright = ['--strategy=maxright', '--maxright_refresh=2', '--optima=[5.0, 0.0]', '--learning_rate=1e-2',
                 '--warmup_iters=0']  # steps that move the estimates; odd updates use the one the last step observed
-    dirs = _train_run(tmp_path, {'alright': common, 'maxright': common + maxright}, nproc=2, timeout=600)
+    # ~20 s each: a rank that waits forever on the other (a desync) fails on the timeout, not the suite's
+    dirs = _train_run(tmp_path, {'alright': common, 'maxright': common + maxright}, nproc=2, timeout=240)
     for name, out_dir in dirs.items():
+        estimates = [_train_recorded(out_dir, rank)['estimates'] for rank in (0, 1)]
+        assert estimates[0] == estimates[1], (name, estimates)
+        assert name == 'alright' or all(math.isfinite(e) for e in estimates[0][-1])  # maxright did estimate
         ranks = [_train_recorded(out_dir, rank)['choices'] for rank in (0, 1)]
         logged = [r['objective'] for r in _train_records(out_dir)[1]]
         assert ranks[0] == ranks[1] == logged and len(logged) == 8 and set(logged) == {'sft', 'dpo'}, (name, ranks, logged)

@@ -2,7 +2,7 @@
 Measures the bilevel data selector on the demo (README, data selection): 25% of sft_noisy_train is corrupted
 (sft_noisy_train_corrupt.npy knows which; training never sees that file).
 
-    python data/demo/selection_eval.py                 # ~10 min on 2 CPU cores; prints markdown tables
+    python data/demo/selection_eval.py                 # ~11 min on 2 CPU cores; prints markdown tables
     python data/demo/selection_eval.py --seeds 1337    # one training seed, ~5 min
 
 1. Selection (config/select_demo.py), once per lower_level variant: AUC of the weights for "clean above
