@@ -22,6 +22,8 @@ import torch.distributed as dist
 from configurator import configure, ConfigError
 from objectives import OBJECTIVES, DATA_KIND
 from selector import ObjectiveSelector, DataSelector
+from data.loader import Split, load_meta
+from data.prepare import DataError
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -161,97 +163,31 @@ if batch_size < 1 or gradient_accumulation_steps < 1:
 
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.json')
-if not os.path.exists(meta_path):
-    fail(f"{meta_path} not found: prepare the data first (python data/prepare.py --out_dir={data_dir} ..., "
-         f"or python data/demo/prepare.py for the demo)")
-with open(meta_path) as f:
-    meta = json.load(f)
+try:
+    meta = load_meta(data_dir)
+    keep = None
+    if keep_list:
+        if not os.path.exists(keep_list):
+            raise DataError(f"keep_list {keep_list} not found: run the data selector first (README, data selection)")
+        keep = np.load(keep_list)
 
+    def make_split(split_map, name, keep=None):
+        if name not in split_map:
+            raise DataError(f"no split for objective '{name}' in {split_map}: add it to train_splits/val_splits")
+        return Split(data_dir, split_map[name], DATA_KIND[name], meta, seed, rank, world_size, device, keep, keep_list)
 
-class Split:
-    """One split: memmapped tokens + index. Every rank walks the same seeded per-epoch permutation."""
-
-    def __init__(self, name, kind, keep=None):
-        self.name, self.kind = name, kind
-        path = os.path.join(data_dir, name)
-        for suffix in ('.bin', '_index.npy'):
-            if not os.path.exists(path + suffix):
-                fail(f"{path + suffix} not found: split '{name}' was not prepared "
-                     f"(splits in {meta_path}: {sorted(meta.get('splits', {}))})")
-        self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
-        self.index = np.load(path + '_index.npy')
-        columns = {'sft': 3, 'pref': 4}[kind]
-        if self.index.ndim != 2 or self.index.shape[1] != columns:
-            fail(f"{path}_index.npy has shape {self.index.shape}, but objective data of kind '{kind}' needs "
-                 f"[n, {columns}]: is '{name}' a {'preference' if kind == 'sft' else 'SFT'} split?")
-        if len(self.index) and self.index[-1, 0] + self.index[-1, 1:].sum() != len(self.tokens):
-            fail(f"{path}.bin holds {len(self.tokens)} tokens, not the {self.index[-1, 0] + self.index[-1, 1:].sum()} that "
-                 f"{path}_index.npy describes: a truncated copy or files from different runs; prepare the split again")
-        self.ids = np.arange(len(self.index)) if keep is None else np.asarray(keep, dtype=np.int64)
-        if len(self.ids) and not 0 <= self.ids.min() <= self.ids.max() < len(self.index):
-            fail(f"keep_list {keep_list} holds ids outside 0..{len(self.index) - 1} of split '{name}': "
-                 f"it was made for another split; set keep_objective or run the data selector again")
-        self.epoch, self.cursor = 0, 0
-
-    def next_ids(self, n, advance=True):
-        """The next n examples of this rank; every rank's cursor moves by n·world_size."""
-        if n * world_size > len(self.ids):
-            fail(f"split '{self.name}' has {len(self.ids)} examples, fewer than one batch ({n} x {world_size} ranks): "
-                 f"lower batch_size or add data")
-        epoch, cursor = self.epoch, self.cursor
-        if cursor + n * world_size > len(self.ids):
-            epoch, cursor = epoch + 1, 0
-        if getattr(self, '_epoch', None) != epoch:  # one permutation per epoch, the same on every rank
-            self._epoch, self._order = epoch, np.random.default_rng([seed, epoch]).permutation(self.ids)
-        if advance:
-            self.epoch, self.cursor = epoch, cursor + n * world_size
-        return self._order[cursor + rank * n:cursor + (rank + 1) * n]
-
-    def batch(self, ids):
-        rows, masks = [], []
-        for i in ids:
-            offset, prompt, *responses = (int(x) for x in self.index[i])
-            prompt_tokens, start = self.tokens[offset:offset + prompt], offset + prompt
-            for length in responses:  # sft: one response; pref: chosen then rejected
-                rows.append(np.concatenate([prompt_tokens, self.tokens[start:start + length]]))
-                masks.append(np.r_[np.zeros(prompt, bool), np.ones(length, bool)])
-                start += length
-        if self.kind == 'pref':  # chosen rows first, then rejected rows: one forward per model
-            rows, masks = rows[0::2] + rows[1::2], masks[0::2] + masks[1::2]
-        L = max(len(r) for r in rows)
-        input_ids = np.full((len(rows), L), meta['pad_id'], np.int64)
-        response_mask = np.zeros((len(rows), L), bool)
-        for j, (r, m) in enumerate(zip(rows, masks)):
-            input_ids[j, :len(r)], response_mask[j, :len(m)] = r, m
-        attention_mask = np.arange(L)[None, :] < np.array([len(r) for r in rows])[:, None]
-        to = lambda a: torch.from_numpy(a).to(device)
-        return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask.astype(np.int64)),
-                'response_mask': to(response_mask), 'index': torch.as_tensor(np.asarray(ids), device=device)}
-
-    def state_dict(self):
-        return {'epoch': self.epoch, 'cursor': self.cursor}
-
-    def load_state_dict(self, state):
-        self.epoch, self.cursor = state['epoch'], state['cursor']
-
-
-def make_split(split_map, name, keep=None):
-    if name not in split_map:
-        fail(f"no split for objective '{name}' in {split_map}: add it to train_splits/val_splits")
-    return Split(split_map[name], DATA_KIND[name], keep)
-
-keep = None
-if keep_list:
-    if not os.path.exists(keep_list):
-        fail(f"keep_list {keep_list} not found: run the data selector first (see README, data selection)")
-    keep = np.load(keep_list)
-train_data = {n: make_split(train_splits, n, keep if n == keep_objective else None) for n in objectives}
-val_data = {n: make_split(val_splits, n) for n in objectives}
-if data_selection:  # the trusted split rides along in train_data so that its cursor is checkpointed too
-    if selection_objective not in objectives or (lower_level == 'copy' and deepspeed and zero_stage == 3):
-        fail(f"data_selection: selection_objective '{selection_objective}' must be one of {objectives}, and under "
-             f"ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
-    train_data['trusted'] = Split(trusted_split, DATA_KIND[selection_objective])
+    train_data = {n: make_split(train_splits, n, keep if n == keep_objective else None) for n in objectives}
+    val_data = {n: make_split(val_splits, n) for n in objectives}
+    if data_selection:  # the trusted split rides along in train_data so that its cursor is checkpointed too
+        if selection_objective not in objectives or (lower_level == 'copy' and deepspeed and zero_stage == 3):
+            raise DataError(f"data_selection: selection_objective '{selection_objective}' must be one of {objectives}, "
+                            f"and under ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
+        train_data['trusted'] = Split(data_dir, trusted_split, DATA_KIND[selection_objective], meta, seed, rank,
+                                      world_size, device)
+    for split in train_data.values():
+        split.check_batch(batch_size)
+except DataError as e:
+    fail(str(e))
 
 # -----------------------------------------------------------------------------
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
@@ -515,6 +451,7 @@ def zero_loss():
 # startup facts
 
 n_params = sum(p.numel() for p in raw_model.parameters())
+peak_flops = 989e12  # dense bf16 of one H100; mfu is printed on GPUs only
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}")
@@ -551,6 +488,7 @@ while True:
             break
         if iter_num > (checkpoint['iter_num'] if checkpoint else 0) and (always_save_checkpoint or iter_num == max_iters):
             save_checkpoint()
+        t0 = time.time()  # eval and checkpoint time is not update time
     if iter_num >= max_iters:
         break
 
@@ -610,6 +548,9 @@ while True:
         if 'dpo/rewards/accuracies' in totals:
             line += f" | acc {totals['dpo/rewards/accuracies']:.2f} | margin {totals['dpo/rewards/margins']:.3f}"
         line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {tokens / dt / 1000:.1f}k tok/s"
+        if device.startswith('cuda'):  # 6P per trained token, +2P per token through a frozen reference/teacher
+            flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') for n, _ in chosen)) * n_params
+            line += f" | mfu {100 * flops / dt / (peak_flops * world_size):.0f}%"
         log({'iter': iter_num, 'objective': names, 'lr': lr, 'ms': dt * 1000, 'tokens': tokens, 'skipped': skipped,
              **{f'train/{k}': v for k, v in totals.items()}}, line)
 

@@ -1,0 +1,96 @@
+"""
+Reads what data/prepare.py writes, for the trainer: one Split per <split>.bin + <split>_index.npy.
+
+Every rank walks the same seeded per-epoch permutation and takes its own slice of each global batch,
+so the data order depends only on (seed, epoch, cursor): a resumed run sees exactly the examples the
+killed run would have seen. Bad files raise DataError with the path and the fix.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from data.prepare import DataError
+
+COLUMNS = {'sft': 3, 'pref': 4}  # index columns: offset, prompt_len, then one length per response
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found: prepare the data first (python data/prepare.py --out_dir={data_dir} ..., "
+                        f"or python data/demo/prepare.py for the demo)")
+    with open(path) as f:
+        return json.load(f)
+
+
+class Split:
+    """One split: memmapped tokens + index, batched as padded tensors with a response mask."""
+
+    def __init__(self, data_dir, name, kind, meta, seed, rank=0, world_size=1, device='cpu', keep=None, keep_source=''):
+        self.name, self.kind, self.meta, self.seed = name, kind, meta, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        path = os.path.join(data_dir, name)
+        for suffix in ('.bin', '_index.npy'):
+            if not os.path.exists(path + suffix):
+                raise DataError(f"{path + suffix} not found: split '{name}' was not prepared "
+                                f"(splits in {data_dir}/meta.json: {sorted(meta.get('splits', {}))})")
+        self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
+        self.index = np.load(path + '_index.npy')
+        if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:
+            raise DataError(f"{path}_index.npy has shape {self.index.shape}, but objective data of kind '{kind}' needs "
+                            f"[n, {COLUMNS[kind]}]: is '{name}' a {'preference' if kind == 'sft' else 'SFT'} split?")
+        expected = self.index[-1, 0] + self.index[-1, 1:].sum() if len(self.index) else 0
+        if expected != len(self.tokens):
+            raise DataError(f"{path}.bin holds {len(self.tokens)} tokens, not the {expected} that {path}_index.npy "
+                            f"describes: a truncated copy or files from different runs; prepare the split again")
+        self.ids = np.arange(len(self.index)) if keep is None else np.asarray(keep, dtype=np.int64)
+        if len(self.ids) and not 0 <= self.ids.min() <= self.ids.max() < len(self.index):
+            raise DataError(f"keep_list {keep_source} holds ids outside 0..{len(self.index) - 1} of split '{name}': "
+                            f"it was made for another split; set keep_objective or run the data selector again")
+        self.epoch, self.cursor, self._epoch = 0, 0, None
+
+    def check_batch(self, n):
+        if n * self.world_size > len(self.ids):
+            raise DataError(f"split '{self.name}' has {len(self.ids)} examples, fewer than one batch "
+                            f"({n} x {self.world_size} ranks): lower batch_size or add data")
+
+    def next_ids(self, n, advance=True):
+        """The next n examples of this rank; every rank's cursor moves by n·world_size."""
+        step = n * self.world_size
+        epoch, cursor = (self.epoch + 1, 0) if self.cursor + step > len(self.ids) else (self.epoch, self.cursor)
+        if self._epoch != epoch:  # one permutation per epoch, the same on every rank
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.ids)
+        if advance:
+            self.epoch, self.cursor = epoch, cursor + step
+        return self._order[cursor + self.rank * n:cursor + (self.rank + 1) * n]
+
+    def batch(self, ids):
+        """input_ids, attention_mask, response_mask [rows, L] (right-padded) and the example ids.
+        Preference splits give 2·len(ids) rows: all chosen first, then all rejected (one forward per model)."""
+        rows, masks = [], []
+        for i in ids:
+            offset, prompt, *responses = (int(x) for x in self.index[i])
+            prompt_tokens, start = self.tokens[offset:offset + prompt], offset + prompt
+            for length in responses:  # sft: one response; pref: chosen then rejected
+                rows.append(np.concatenate([prompt_tokens, self.tokens[start:start + length]]))
+                masks.append(np.r_[np.zeros(prompt, bool), np.ones(length, bool)])
+                start += length
+        if self.kind == 'pref':
+            rows, masks = rows[0::2] + rows[1::2], masks[0::2] + masks[1::2]
+        lengths = np.array([len(r) for r in rows])
+        input_ids = np.full((len(rows), lengths.max()), self.meta['pad_id'], np.int64)
+        response_mask = np.zeros(input_ids.shape, bool)
+        for j, (r, m) in enumerate(zip(rows, masks)):
+            input_ids[j, :len(r)], response_mask[j, :len(m)] = r, m
+        attention_mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        to = lambda a: torch.from_numpy(a).to(self.device)
+        return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
+                'index': torch.as_tensor(np.asarray(ids), device=self.device)}
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'cursor': self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor = state['epoch'], state['cursor']
