@@ -930,7 +930,7 @@ def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path, engine):
 
 def test_training_gradient_accumulation_equivalence(tmp_path):
     """4 examples x 1 micro-batch and 1 example x 4 micro-batches see the same examples in the same order
-    (Split.next_ids: one seeded permutation per epoch, cursor advanced by n per call) and the objectives are
+    (data/loader.py Split.next_ids: one seeded permutation per epoch, cursor moved by n per call) and the objectives are
     per-example means, so 2 updates of each (sft-only and dpo-only runs) give the same gradients and the same model.
     The gradients are the sharp check (rtol 1e-4: fp32 summation order only): AdamW and clipping are blind to a
     gradient's scale, so the weights alone would hardly notice a missing 1/gradient_accumulation_steps. The

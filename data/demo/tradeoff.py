@@ -115,8 +115,10 @@ for method in ['SFT only', 'DPO only', *methods]:
             row[key], row[key + '_std'] = mean_spread([r['final'][key] for r in group])
         for key in ('ms_per_update', 'peak_rss_mb', 'sft_share'):
             row[key] = statistics.fmean(r[key] for r in group)
-        for key in ('ms_per_update', 'peak_rss_mb'):
-            row[key + '_ratio'] = row[key] / statistics.fmean(r[key] for r in baseline) if baseline else None
+        for key in ('ms_per_update', 'peak_rss_mb'):  # per seed against the sequential run just before it, then the
+            # median over seeds: a shared machine's load drifts over the hour, much less over minutes
+            base = {r['seed']: r[key] for r in baseline}
+            row[key + '_ratio'] = statistics.median(r[key] / base[r['seed']] for r in group) if baseline else None
         rows.append(row)
 wall = sum(r['wall_s'] for r in runs)
 with open(args.json, 'w') as f:
