@@ -55,10 +55,10 @@ block_size = 128              # max positions of a scratch model; prepared data 
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 # objectives
 objectives = ['sft', 'dpo']   # names from objectives.OBJECTIVES; 2 or more
-beta = 0.1                    # DPO temperature, usually 0.05-0.5 (length-normalized: ~5)
+beta = 5.0                    # DPO temperature: ~0.05-0.5 on summed log-probs, ~2-10 length-normalized
 dpo_loss = 'sigmoid'          # 'sigmoid' (DPO; with label_smoothing > 0 the conservative variant) | 'ipo'
 label_smoothing = 0.0         # ε of conservative DPO, 0-0.5
-length_normalize = False      # mean instead of sum of response log-probs (Tulu 3)
+length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
 teacher_from = ''             # local HF dir of the frozen KD teacher
@@ -66,7 +66,7 @@ fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always u
 # selector (objectives)
 strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
 weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
-optima = [0.0, 0.0]           # f* per objective (from single-objective runs): maxright and the ideal distance
+optima = [0.47, 0.245]        # f* per objective (from single-objective runs): maxright and the ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
 # selector (data): bilevel per-example weights learned against a small trusted set (DESIGN.md)
 data_selection = False        # learn weights for selection_objective's train split -> out_dir/{weights,ranking,keep}.npy

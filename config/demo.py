@@ -2,6 +2,11 @@
 #   python bipost.py config/demo.py        # ~3 min on 2 CPU cores
 # A tiny Llama (2 layers, 128 wide, vocab 257 bytes) from scratch on data/demo; the reference is the
 # initial policy. 16 examples (pairs for dpo) × 1 accum × 1 rank = 16 per update, 300 updates.
+# DPO is length-normalized (Tulu 3: mean log-probs, beta ~ 5): the reference is the random initial model,
+# which gives ~5.5 nats to every token, so summed log-ratios would be dominated by response length (the
+# terse answer has 4 tokens, the verbose one 19): with sums, winning a style pair means making the SFT
+# answer less likely than a random model does, an artificially extreme conflict (README, results).
+# optima: f* of each objective, the best held-out loss of an SFT-only and a DPO-only run (data/demo/tradeoff.py).
 out_dir = 'out-demo'
 dataset = 'demo'
 objectives = ['sft', 'dpo']
@@ -15,4 +20,6 @@ gradient_accumulation_steps = 1
 learning_rate = 1e-3
 max_iters = 300
 eval_interval = 50
-beta = 0.1
+beta = 5.0
+length_normalize = True
+optima = [0.47, 0.245]

@@ -14,6 +14,7 @@ strategy = 'alright'
 weights = [0.5, 0.5]
 optima = [0.0, 0.0]                      # put f* from single-objective runs here for maxright / ideal distance
 beta = 0.1
+length_normalize = False                 # standard DPO: summed log-probs
 batch_size = 2
 gradient_accumulation_steps = 8
 learning_rate = 1e-6
