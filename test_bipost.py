@@ -882,7 +882,7 @@ def _train_recorded(out_dir, rank=0):
 # Learns fast enough to lower both held-out objectives in 30 updates on 2 cores (~20 s): mix (alright's
 # one-objective steps pull the two objectives apart at this size; see data/demo/prepare.py on the conflict),
 # β = 1, a high lr and a short warmup. The plain and the DeepSpeed runs share it, so they can be compared.
-TRAIN_DEMO = ['--batch_size=8', '--strategy=mix', '--beta=1.0', '--learning_rate=1e-2', '--warmup_iters=2',
+TRAIN_DEMO = ['--batch_size=8', '--strategy=mix', '--beta=1.0', '--length_normalize=False', '--learning_rate=1e-2', '--warmup_iters=2',
               '--decay_lr=False', '--max_iters=30', '--eval_interval=30']
 
 
