@@ -53,6 +53,20 @@ def test_configurator_prints_on_rank0_only(capsys, monkeypatch):
     assert 'overriding: batch_size = 2' in capsys.readouterr().out
 
 
+def test_configurator_every_recipe_sets_known_keys_with_right_types():
+    """Each config/*.py applies cleanly over bipost.py's globals block (a stale key in a recipe fails here)."""
+    import glob
+    block = open(os.path.join(ROOT, 'bipost.py')).read().split('# ' + '-' * 77)[1]
+    defaults = {}
+    exec(block, {'torch': torch}, defaults)
+    assert {'objectives', 'strategy', 'weights', 'deepspeed', 'zero_stage'} <= set(defaults)
+    recipes = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
+    assert len(recipes) >= 4
+    for recipe in recipes:
+        config = dict(defaults)
+        configure(config, [recipe], verbose=False)
+        assert abs(sum(config['weights']) - 1) < 1e-9 and len(config['weights']) == len(config['objectives']), recipe
+
 # ---- data ----
 
 import data.prepare as data_prep
