@@ -7,7 +7,8 @@
 # Variants: --lower_level='reference' (θ̂ = the frozen initial model: nothing extra to train) or 'none' (no θ̂
 # term, as in the original BiPOST code); --selector_weights='sigmoid'. Preference pairs (one weight per pair):
 #   python bipost.py config/select_demo.py --objectives="['dpo']" --selection_objective="'dpo'" \
-#     --trusted_split="'pref_trusted'" --train_splits="{'dpo': 'pref_noisy_train'}" --val_splits="{'dpo': 'pref_val'}"
+#     --trusted_split="'pref_trusted'" --train_splits="{'dpo': 'pref_noisy_train'}" --val_splits="{'dpo': 'pref_val'}" \
+#     --beta=0.1 --length_normalize=False   # summed DPO, as measured for the README (AUC 0.71)
 out_dir = 'out-select'
 dataset = 'demo'
 objectives = ['sft']
