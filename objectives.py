@@ -37,7 +37,11 @@ def response_logprobs(model, batch, ctx):
         # under ZeRO-3 head.weight is a partitioned placeholder; calling the module gathers it (full logits)
         logps = head(hidden).float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return logps * mask, mask
-    logps = token_logprobs(hidden.reshape(B * T, H), head.weight, targets.reshape(-1), mask.reshape(-1),
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):  # plain torch on GPU: fp32 master weights, bf16 matmuls
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(-1), mask.reshape(-1),
                            fused=None if ctx.fused_kernels else False)
     return logps.view(B, T), mask
 
