@@ -29,7 +29,7 @@ from data.prepare import DataError
 # I/O
 out_dir = 'out-demo'          # checkpoint, HF export, metrics.jsonl
 eval_interval = 50            # updates between held-out evals (and checkpoints)
-eval_iters = 8                # batches per objective per eval
+eval_iters = 0                # held-out batches per rank per objective per eval; 0 = the whole val split
 log_interval = 1              # updates between log lines
 eval_only = False             # evaluate once and exit
 always_save_checkpoint = True # save every eval (else only at the end)
@@ -66,7 +66,8 @@ fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always u
 # selector (objectives)
 strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
 weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
-optima = [0.47, 0.245]        # f* per objective (from single-objective runs): maxright and the ideal distance
+optima = []                   # f* per objective, for maxright and the ideal distance: a number, or the out_dir of a
+                              # run on that objective alone (its optimum.json); [] = unknown: no ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
 # selector (data): bilevel per-example weights learned against a small trusted set (DESIGN.md)
 data_selection = False        # learn weights for selection_objective's train split -> out_dir/{weights,ranking,keep}.npy
@@ -130,13 +131,16 @@ elif ddp:
     dist.init_process_group(backend=backend)
 distributed = dist.is_available() and dist.is_initialized() and world_size > 1
 
-def all_mean(values):
-    """Average a list of floats over ranks (every rank gets the same numbers)."""
+def all_sum(values):
+    """Sum a list of floats over ranks (every rank gets the same numbers)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if distributed:
         dist.all_reduce(t)
-        t /= world_size
     return t.tolist()
+
+
+def all_mean(values):
+    return [v / world_size for v in all_sum(values)]
 
 torch.manual_seed(seed)
 for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo'))):
@@ -146,10 +150,6 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 for name in objectives:
     if name not in OBJECTIVES:
         fail(f"objectives: unknown objective '{name}'; known: {sorted(OBJECTIVES)} (add one in objectives.py)")
-try:  # strategy, weights and optima are checked here, before any model is loaded
-    selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optima, maxright_refresh, seed)
-except ValueError as e:
-    fail(f"{e} (config keys objectives, strategy, weights, optima)")
 if total_batch_size:  # the same recipe on any number of GPUs: the accumulation absorbs the world size
     if total_batch_size % (batch_size * world_size):
         fail(f"total_batch_size={total_batch_size} is not divisible by batch_size {batch_size} x {world_size} ranks: "
@@ -157,6 +157,17 @@ if total_batch_size:  # the same recipe on any number of GPUs: the accumulation 
     config['gradient_accumulation_steps'] = gradient_accumulation_steps = total_batch_size // (batch_size * world_size)
 if batch_size < 1 or gradient_accumulation_steps < 1:
     fail(f"batch_size={batch_size} and gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
+if not (math.isfinite(learning_rate) and 0 < learning_rate <= 1 and 0 <= min_lr <= learning_rate):
+    fail(f"learning_rate={learning_rate} and min_lr={min_lr}: need 0 < learning_rate <= 1 and 0 <= min_lr <= learning_rate "
+         f"(~1e-6-1e-5 for billion-parameter models, ~1e-3 for the demo)")
+if dpo_loss == 'ipo' and label_smoothing > 0:
+    fail(f"label_smoothing={label_smoothing} has no meaning for dpo_loss='ipo' (it is conservative DPO's ε): set one of them")
+if data_selection and lower_level == 'reference' and DATA_KIND.get(selection_objective) == 'pref':
+    fail("data_selection: lower_level='reference' with preference pairs scores every pair against the reference "
+         "itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
+if dataset != 'demo' and (beta, length_normalize, learning_rate) == (5.0, True, 1e-3) and master:
+    print(f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny model "
+          f"from scratch; for dataset '{dataset}' set them in your config (standard DPO: beta ~0.1, summed log-probs)")
 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
@@ -188,6 +199,46 @@ try:
         split.check_batch(batch_size)
 except DataError as e:
     fail(str(e))
+
+# what fixes the value of each objective's held-out loss: an f* is only comparable under the same settings
+OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
+                      'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from')}
+
+
+def eval_examples(name):
+    n = len(val_data[name].index)
+    return n if eval_iters == 0 else min(n, eval_iters * batch_size * world_size)
+
+
+def optimum_record(name):
+    return {'objective': name, 'dataset': dataset, 'val_split': val_splits[name], 'eval_examples': eval_examples(name),
+            **{k: config[k] for k in OBJECTIVE_SETTINGS.get(name, ())}}
+
+
+def read_optimum(name, source):
+    """f* of one objective: a number, or the best held-out loss a run on that objective alone wrote to optimum.json."""
+    if not isinstance(source, str):
+        return float(source)
+    path = source if source.endswith('.json') else os.path.join(source, 'optimum.json')
+    if not os.path.exists(path):
+        fail(f"optima: {path} not found: train '{name}' alone with --out_dir={source} first (every eval of a "
+             f"single-objective run writes optimum.json), or give f* as a number")
+    with open(path) as f:
+        record = json.load(f)
+    for key, value in optimum_record(name).items():
+        if record.get(key) != value:
+            fail(f"optima: {path} measured f* of '{record.get('objective')}' with {key}={record.get(key)!r}, but this run "
+                 f"has {key}={value!r}: the losses are not comparable; measure f* with this run's settings")
+    return record['best']
+
+if optima and len(optima) != len(objectives):
+    fail(f"optima={optima} must hold one f* per objective {objectives} (a number or a single-objective run's out_dir), "
+         f"or be [] if unknown")
+optimum_values = [read_optimum(n, o) for n, o in zip(objectives, optima)] if optima else None
+try:  # strategy, weights and optima are checked before any model is loaded
+    selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optimum_values, maxright_refresh, seed)
+except ValueError as e:
+    fail(f"{e} (config keys objectives, strategy, weights, optima)")
 
 # -----------------------------------------------------------------------------
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
@@ -236,6 +287,12 @@ elif checkpoint:
 else:
     model = load_model(policy_source)
 vocab_size = check_vocab(model, policy_source)
+positions = getattr(model.config, 'max_position_embeddings', None)
+for split in list(train_data.values()) + list(val_data.values()):
+    longest = int((split.index[:, 1] + split.index[:, 2:].max(1)).max()) if len(split.index) else 0
+    if positions and longest > positions:
+        fail(f"{split.name} in {data_dir} has examples of up to {longest} tokens, more than the model's {positions} "
+             f"positions (block_size for a scratch model): prepare the data with --max_length={positions} or raise block_size")
 for split in list(train_data.values()) + list(val_data.values()):
     if len(split.tokens) and int(split.tokens.max()) >= vocab_size:
         fail(f"{split.name}.bin in {data_dir} holds token id {int(split.tokens.max())} >= the model's vocab "
@@ -253,8 +310,11 @@ def frozen(source, role):
     m.requires_grad_(False).eval()
     if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
         return ds.initialize(model=m, config={'train_micro_batch_size_per_gpu': batch_size,
-                             'bf16': {'enabled': dtype == 'bfloat16'}, 'zero_optimization': {'stage': 3}})[0].module
-    return m.to(device, ptdtype if device.startswith('cuda') else torch.float32)
+                             'bf16': {'enabled': dtype == 'bfloat16'}, 'fp16': {'enabled': dtype == 'float16'},
+                             'zero_optimization': {'stage': 3}})[0].module
+    # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
+    # DeepSpeed the engine holds the policy in the training dtype; plain torch keeps fp32 weights under autocast
+    return m.to(device, ptdtype if deepspeed else torch.float32)
 
 reference = frozen(reference_from or policy_source, 'reference') \
     if 'dpo' in objectives or (data_selection and lower_level == 'reference') else None
@@ -284,6 +344,7 @@ if deepspeed:
         'train_batch_size': batch_size * micro_steps * world_size,
         'gradient_clipping': grad_clip,
         'bf16': {'enabled': dtype == 'bfloat16'},
+        'fp16': {'enabled': dtype == 'float16'},
         'zero_optimization': {'stage': zero_stage, 'overlap_comm': device.startswith('cuda'),
                               **({'offload_optimizer': {'device': 'cpu'}} if offload else {})},
         'optimizer': {'type': 'AdamW', 'params': {'lr': learning_rate, 'betas': [beta1, beta2], 'eps': 1e-8,
@@ -302,8 +363,8 @@ else:
     if distributed:  # one broadcast so every rank starts from rank 0's weights
         for p in model.parameters():
             dist.broadcast(p.data, 0)
-autocast = torch.autocast('cuda', dtype=ptdtype) if device.startswith('cuda') and not deepspeed \
-    else torch.autocast('cpu', enabled=False)
+# plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
+autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
 
 iter_num, skipped = 0, 0
 
@@ -405,32 +466,50 @@ def get_lr(it):
 
 
 @torch.no_grad()
-def estimate(name, split, ids_per_batch):
-    """Mean per-example loss and metrics of one objective over the given batches (forward only)."""
+def estimate(name, split, batches):
+    """Per-example mean loss and metrics of one objective, over all ranks (forward only). batches: this rank's
+    [(example ids, weights)], as many on every rank (ZeRO-3's forwards are collective): weight 0 pads."""
     raw_model.eval()
-    totals = {}
-    for ids in ids_per_batch:
+    sums, count = {}, 0.0
+    for ids, weights in batches:
         with autocast:
             losses, metrics = OBJECTIVES[name](raw_model, split.batch(ids), ctx)
-        for k, v in {'loss': losses, **metrics}.items():
-            totals[k] = totals.get(k, 0.0) + v.float().mean().item() / len(ids_per_batch)
+        w = torch.as_tensor(weights, dtype=torch.float64, device=losses.device)
+        count += float(w.sum())
+        for k, v in {'loss': losses, **metrics}.items():  # an objective's metrics['loss'] is its value (DPO without NLL)
+            sums[k] = sums.get(k, 0.0) + float(torch.where(w > 0, v.double() * w, 0.0).sum())
     raw_model.train()
-    keys = sorted(totals)
-    return dict(zip(keys, all_mean([totals[k] for k in keys])))
+    keys = sorted(sums)
+    totals = all_sum([sums[k] for k in keys] + [count])
+    return {k: total / totals[-1] for k, total in zip(keys, totals)}
 
 
 def evaluate():
+    """Every held-out example counted exactly once, weighted by example: the first eval_iters x batch_size x ranks
+    examples of each val split (all of it if eval_iters = 0), dealt round-robin over ranks."""
     results = {}
     for name, split in val_data.items():
-        n = len(split.index)
-        per_rank = min(batch_size, max(1, n // world_size))
-        batches = [[(b * world_size + rank) * per_rank + j for j in range(per_rank)
-                    if (b * world_size + rank) * per_rank + j < n] or [0] for b in range(eval_iters)]
+        n = len(split.index) if eval_iters == 0 else min(len(split.index), eval_iters * batch_size * world_size)
+        mine = np.arange(rank, n, world_size)
+        n_batches = math.ceil(math.ceil(n / world_size) / batch_size)
+        batches = [(mine[b * batch_size:(b + 1) * batch_size], np.ones(len(mine[b * batch_size:(b + 1) * batch_size])))
+                   if b * batch_size < len(mine) else (np.zeros(1, np.int64), np.zeros(1)) for b in range(n_batches)]
         for k, v in estimate(name, split, batches).items():
             results[f'val/{name}/{k}'] = v
-    gaps = [results[f'val/{n}/loss'] - f for n, f in zip(objectives, optima)]
-    results['val/ideal_distance'] = math.sqrt(sum(g * g for g in gaps))
+    if optimum_values:  # f* known for every objective (optima): the headline number
+        gaps = [results[f'val/{n}/loss'] - f for n, f in zip(objectives, optimum_values)]
+        results['val/ideal_distance'] = math.sqrt(sum(g * g for g in gaps))
     return results
+
+
+def record_optimum(loss):
+    """out_dir/optimum.json: the best and the last held-out loss of this run, with what makes it comparable."""
+    path = os.path.join(out_dir, 'optimum.json')
+    best = loss
+    if checkpoint and os.path.exists(path):  # resumed: the evals before the kill count too
+        with open(path) as f:
+            best = min(best, json.load(f)['best'])
+    write_json_atomic(path, {**optimum_record(objectives[0]), 'best': best, 'final': loss, 'iter': iter_num})
 
 
 def log(record, line):
@@ -480,10 +559,12 @@ while True:
         log({'iter': iter_num, **results}, f"eval {iter_num} | " + " | ".join(
             f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
-            f" | ideal {results['val/ideal_distance']:.4f}")
+            (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
         if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
             fail(f"non-finite held-out loss at update {iter_num}: the weights diverged and were not saved (the last "
                  f"checkpoint in {out_dir} is intact); lower learning_rate and resume, or check the data")
+        if master and len(objectives) == 1:  # a run on one objective alone measures f* for later runs' optima
+            record_optimum(results[f'val/{objectives[0]}/loss'])
         if eval_only:
             break
         if iter_num > (checkpoint['iter_num'] if checkpoint else 0) and (always_save_checkpoint or iter_num == max_iters):
@@ -494,7 +575,8 @@ while True:
 
     if selector.needs_refresh(iter_num):  # maxright: forward-only estimates of every objective
         for name in objectives:
-            selector.observe(name, estimate(name, train_data[name], [train_data[name].next_ids(batch_size, advance=False)])['loss'])
+            ids = train_data[name].next_ids(batch_size, advance=False)
+            selector.observe(name, estimate(name, train_data[name], [(ids, np.ones(len(ids)))])['loss'])
     chosen = selector.choose(iter_num)
 
     totals, tokens = {}, 0
@@ -521,7 +603,7 @@ while True:
                 engine.step()                  # every micro-step: the engine updates at the boundary
             else:
                 (loss * scale / micro_steps).backward()
-            tokens += int(batch['attention_mask'].sum()) * world_size
+            tokens += int(batch['attention_mask'].sum())
             for k, v in {'loss': losses.detach(), **metrics}.items():
                 totals[f'{name}/{k}'] = totals.get(f'{name}/{k}', 0.0) + v.float().mean().item() / gradient_accumulation_steps
     if not deepspeed:
@@ -534,9 +616,11 @@ while True:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    keys = list(totals)  # train metrics: means over every rank's micro-batches; tokens: summed over ranks
+    *values, tokens = all_sum([totals[k] for k in keys] + [tokens])
+    totals = {k: v / world_size for k, v in zip(keys, values)}
     if strategy == 'maxright':  # the step just taken refreshes the chosen objective's estimate
-        name = chosen[0][0]
-        selector.observe(name, all_mean([totals[f'{name}/loss']])[0])
+        selector.observe(chosen[0][0], totals[f'{chosen[0][0]}/loss'])
 
     t1 = time.time()
     dt, t0 = t1 - t0, t1

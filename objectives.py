@@ -7,7 +7,8 @@ model: an HF causal LM (the raw module, also under DeepSpeed). batch: dict from 
 input_ids/attention_mask/response_mask [B, L] (for 'pref' data: 2B rows, chosen rows first). ctx: a
 namespace with the frozen reference/teacher and the hyperparameters. losses: one value per example
 (per pair for DPO), so that the trainer can weight examples (bilevel data selection) before the mean.
-metrics: name -> detached per-example tensor, averaged by the trainer.
+metrics: name -> detached per-example tensor, averaged by the trainer. A metric named 'loss' is the objective's
+value where the trained loss adds a regulariser (DPO + NLL): logs, evals, maxright and f* use it.
 
 Log-probs: the token at position t+1 is scored by the logits at position t, and only response tokens
 count (prompt and padding are masked). SFT and KD are means over an example's response tokens, then
@@ -61,15 +62,19 @@ def dpo(model, batch, ctx):
         logps, reference_logps, mask, ctx.beta, loss_type=ctx.dpo_loss, label_smoothing=ctx.label_smoothing,
         length_normalize=ctx.length_normalize, fused=None if ctx.fused_kernels else False)
     B = losses.shape[0]
-    rewards = ctx.beta * (policy_seq - reference_seq)
+    # logged with TRL's meaning whatever the loss uses (means for IPO and length_normalize): summed response
+    # log-probs, and rewards β·(log πθ(y|x) − log πref(y|x)) of those sums
+    policy_sum, reference_sum = logps.detach().sum(1), reference_logps.sum(1)
+    rewards = ctx.beta * (policy_sum - reference_sum)
     chosen, rejected = rewards[:B], rewards[B:]
+    metrics = {'rewards/chosen': chosen, 'rewards/rejected': rejected, 'rewards/margins': chosen - rejected,
+               'rewards/accuracies': (chosen > rejected).float(),
+               'logps/chosen': policy_sum[:B], 'logps/rejected': policy_sum[B:]}
     if ctx.dpo_nll_weight > 0:  # RPO: NLL on the chosen response keeps its likelihood from sinking
-        chosen_tokens = mask[:B].sum(1).clamp(min=1)
-        losses = losses + ctx.dpo_nll_weight * (-logps[:B].sum(1) / chosen_tokens)
-    return losses, {
-        'rewards/chosen': chosen, 'rewards/rejected': rejected, 'rewards/margins': chosen - rejected,
-        'rewards/accuracies': (chosen > rejected).float(),
-        'logps/chosen': policy_seq[:B], 'logps/rejected': policy_seq[B:]}
+        nll = -logps[:B].sum(1) / mask[:B].sum(1).clamp(min=1)
+        metrics.update(loss=losses.detach(), nll=nll.detach())  # the DPO loss alone is what evals report as f
+        losses = losses + ctx.dpo_nll_weight * nll
+    return losses, metrics
 
 
 def _kd_chunk(student_hidden, head, teacher_logits):

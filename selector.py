@@ -28,8 +28,10 @@ class ObjectiveSelector:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if len(weights) != len(names) or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
             raise ValueError(f"weights must be one λ ≥ 0 per objective {names}, summing to 1; got {weights}")
-        optima = list(optima) if optima else [0.0] * len(names)
-        if len(optima) != len(names):
+        if strategy == 'maxright' and not optima:  # raw losses of different objectives are not comparable
+            raise ValueError(f"maxright needs f* of every objective {names} (optima: a number or a single-objective "
+                             f"run's out_dir each); with f* unknown use alright or mix")
+        if optima and len(optima) != len(names):
             raise ValueError(f"optima must hold one f* per objective {names}; got {optima}")
         self.names, self.weights, self.strategy, self.optima = list(names), list(weights), strategy, optima
         self.refresh_every = refresh_every
@@ -142,7 +144,7 @@ class DataSelector:
         w = self.weights(batch['index'].cpu()).detach().to(losses.device)
         trusted_losses = self.objective(model, trusted_batch, ctx)[0]
         difference = losses.detach().float() - self.lower_losses(batch, ctx, w)
-        gathered = _gather(torch.stack([batch['index'].to(difference).double(), difference.double()], 1)).cpu()
+        gathered = _gather(torch.stack([batch['index'].double(), difference.double()], 1)).cpu()  # exact ids to 2^53
         if torch.isfinite(gathered).all():  # the trainer handles a non-finite loss; ω stays as it was
             self.optimizer.zero_grad(set_to_none=True)
             difference = gathered[:, 1].float()

@@ -345,11 +345,16 @@ def _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normali
         losses = (z - 1 / (2 * beta)) ** 2
     else:
         losses = -(1 - eps) * torch.log(torch.sigmoid(beta * z)) - eps * torch.log(torch.sigmoid(-beta * z))
-    losses = losses + nll_weight * (-policy_logps[:B].sum(1) / counts[:B])
-    rewards = beta * (policy_seq - reference_seq).detach()
-    return losses, {'rewards/chosen': rewards[:B], 'rewards/rejected': rewards[B:],
-                    'rewards/margins': rewards[:B] - rewards[B:], 'rewards/accuracies': (rewards[:B] > rewards[B:]).float(),
-                    'logps/chosen': policy_seq[:B].detach(), 'logps/rejected': policy_seq[B:].detach()}
+    # logged with TRL's meaning for every loss type: summed log-probs, rewards β·(summed log-ratio)
+    policy_sum, reference_sum = policy_logps.sum(1).detach(), reference_logps.sum(1)
+    rewards = beta * (policy_sum - reference_sum)
+    metrics = {'rewards/chosen': rewards[:B], 'rewards/rejected': rewards[B:],
+               'rewards/margins': rewards[:B] - rewards[B:], 'rewards/accuracies': (rewards[:B] > rewards[B:]).float(),
+               'logps/chosen': policy_sum[:B], 'logps/rejected': policy_sum[B:]}
+    nll = -policy_logps[:B].sum(1) / counts[:B]
+    if nll_weight:  # the logged loss is DPO's alone, the NLL term beside it
+        metrics.update(loss=losses.detach(), nll=nll.detach())
+    return losses + nll_weight * nll, metrics
 
 
 @pytest.mark.parametrize('loss_type, eps, length_normalize, nll_weight, beta', [
@@ -915,7 +920,6 @@ def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     assert last['val/sft/loss'] < first['val/sft/loss'] - 0.1, (first, last)
     assert last['val/dpo/loss'] < first['val/dpo/loss'] - 0.1, (first, last)
     assert last['val/dpo/rewards/accuracies'] > 0.6
-    assert last['val/ideal_distance'] < first['val/ideal_distance']
 
 
 @pytest.mark.parametrize('engine', ['plain', 'deepspeed'])
@@ -1082,6 +1086,96 @@ def test_training_two_ranks_make_identical_choices(tmp_path):
     # what a single process with the same seed (bipost's default 1337) chooses: the selector alone, no model needed
     single = ObjectiveSelector(['sft', 'dpo'], [0.5, 0.5], 'alright', 8, seed=1337)
     assert [r['objective'] for r in _train_records(dirs['alright'])[1]] == [single.choose(i)[0][0] for i in range(8)]
+
+# ---- trust: evals, f*, the reference's precision ----
+
+def _trust_initial_model():
+    """The demo's scratch policy at update 0 under TRAIN_TINY, rebuilt as bipost's load_model builds it (seed 1337)."""
+    meta = json.load(open(os.path.join(ROOT, 'data', 'demo', 'meta.json')))
+    torch.manual_seed(1337)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=meta['vocab_size'], hidden_size=32, intermediate_size=128,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=meta['eos_id'],
+                                        eos_token_id=meta['eos_id'], pad_token_id=meta['pad_id'])).eval()
+
+
+def _trust_sft_losses(model, split, ids):
+    """Per-example SFT loss (mean NLL over the response) of the given examples of a demo split, one at a time."""
+    tokens = np.memmap(os.path.join(ROOT, 'data', 'demo', f'{split}.bin'), dtype=np.uint32, mode='r')
+    index = np.load(os.path.join(ROOT, 'data', 'demo', f'{split}_index.npy'))
+    losses = []
+    for i in ids:
+        offset, p, r = (int(x) for x in index[i])
+        ids_ = torch.from_numpy(tokens[offset:offset + p + r].astype(np.int64))[None]
+        with torch.no_grad():
+            logp = model(ids_).logits[0, :-1].float().log_softmax(-1).gather(-1, ids_[0, 1:, None]).squeeze(-1)
+        losses.append(-logp[p - 1:].mean().item())
+    return losses
+
+
+def test_trust_eval_counts_every_example_once(tmp_path):
+    """150 held-out examples, batch 16: 9 full batches and one of 6. After 3 updates, the held-out loss must be the
+    plain mean over the 150 examples (each once) of the exported model, and with eval_iters=2 over the first 32 —
+    not a wrapped or batch-mean average."""
+    val = ['--val_splits={"sft": "sft_trusted", "dpo": "pref_trusted"}', '--batch_size=16', '--max_iters=3',
+           '--eval_interval=3', '--learning_rate=1e-2', '--warmup_iters=0', '--objectives=["sft"]',
+           '--strategy=sequential', '--weights=[1.0]']
+    dirs = _train_run(tmp_path, {'all': val + ['--eval_iters=0'], 'two': val + ['--eval_iters=2']})
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(dirs['all'] / 'hf').eval()
+    losses = _trust_sft_losses(model, 'sft_trusted', range(150))
+    all_eval, two_eval = (_train_records(dirs[n])[0][-1] for n in ('all', 'two'))
+    assert all_eval['val/sft/loss'] == pytest.approx(sum(losses) / 150, abs=1e-5)
+    assert two_eval['val/sft/loss'] == pytest.approx(sum(losses[:32]) / 32, abs=1e-5)
+    # the tolerance can tell: averaging the 10 batch means, or a last batch filled up by wrapping to example 0, is off
+    mean = sum(losses) / 150
+    assert abs(np.mean([np.mean(losses[b:b + 16]) for b in range(0, 150, 16)]) - mean) > 1e-4
+    assert abs((sum(losses) + sum(losses[:10])) / 160 - mean) > 1e-4
+
+
+def test_trust_optima_from_single_objective_runs(tmp_path, capsys):
+    """A run on one objective alone writes optimum.json (its best held-out loss, with what makes it comparable); a later
+    run names those run directories in optima and gets the ideal distance from them; other settings are refused."""
+    common = ['--batch_size=8', '--eval_iters=1', '--eval_interval=2', '--max_iters=4', '--learning_rate=1e-2',
+              '--warmup_iters=0', '--export_hf=False']
+    single = ['--strategy=sequential', '--weights=[1.0]']
+    dirs = _train_run(tmp_path, {'sft': common + single + ['--objectives=["sft"]'],
+                                 'dpo': common + single + ['--objectives=["dpo"]']})
+    optimum = {n: json.load(open(dirs[n] / 'optimum.json')) for n in ('sft', 'dpo')}
+    for name, record in optimum.items():
+        evals = [r[f'val/{name}/loss'] for r in _train_records(dirs[name])[0]]
+        assert len(evals) == 3 and record['best'] == min(evals) and record['final'] == evals[-1], (name, evals)
+        assert record['objective'] == name and record['eval_examples'] == 8
+    joint = common + [f'--optima=["{dirs["sft"]}", "{dirs["dpo"]}"]', '--strategy=maxright']
+    dirs.update(_train_run(tmp_path, {'joint': joint}))
+    evals, _ = _train_records(dirs['joint'])
+    for r in evals:
+        expected = math.hypot(r['val/sft/loss'] - optimum['sft']['best'], r['val/dpo/loss'] - optimum['dpo']['best'])
+        assert r['val/ideal_distance'] == pytest.approx(expected, rel=1e-9)
+    assert not (dirs['joint'] / 'optimum.json').exists()  # a joint run's losses are not anyone's f*
+    # f* measured with another beta is not this run's f*: one line naming the key
+    done = subprocess.run([sys.executable, 'bipost.py', *TRAIN_TINY, *joint, '--beta=0.5', f'--out_dir={tmp_path / "x"}'],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
+    assert 'with beta=5.0, but this run has beta=0.5' in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('path', ['plain', 'autocast_bf16', 'zero0', 'zero1', 'zero2', 'zero3'])
+def test_trust_first_dpo_step_is_log2_on_every_path(tmp_path, path):
+    """The reference must compute exactly as the policy does: at update 1 (policy = reference) every pair's margin is
+    0, so the DPO loss is log 2 and every reward 0 — on plain torch, under autocast (bf16 matmuls, fp32 master
+    weights; a bf16 copy of the reference is off by a fixed margin per pair) and through each ZeRO stage."""
+    args = ['--objectives=["dpo"]', '--strategy=sequential', '--weights=[1.0]', '--max_iters=1', '--eval_iters=1',
+            '--batch_size=4', '--export_hf=False', '--beta=0.1', '--length_normalize=False']
+    args += {'plain': [], 'autocast_bf16': ['--dtype=bfloat16']}.get(path, ['--deepspeed=True', f'--zero_stage={path[-1]}'])
+    out = _train_run(tmp_path, {path: args})[path]
+    (first_eval, _), (step,) = _train_records(out)
+    assert first_eval['val/dpo/loss'] == pytest.approx(math.log(2), abs=1e-6)
+    assert step['train/dpo/loss'] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ('rewards/chosen', 'rewards/rejected', 'rewards/margins'):
+        assert step[f'train/dpo/{key}'] == 0.0 and first_eval[f'val/dpo/{key}'] == 0.0, key
+    assert step['train/dpo/logps/chosen'] < -10  # summed log-probs (TRL's meaning): far from 0, so 0 above is real
+
 
 # ---- reliability ----
 
@@ -1272,7 +1366,8 @@ def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatc
     assert [('iter' if 'objective' in r else 'eval', r['iter']) for r in records] == \
            [(l.split()[0], int(l.split()[1])) for l in lines] == [('eval', 0), ('iter', 1), ('eval', 1)]
     assert records[1]['train/' + records[1]['objective'] + '/loss'] == pytest.approx(float(lines[1].split('loss ')[1].split()[0]), abs=1e-4)
-    assert {'val/sft/loss', 'val/dpo/loss', 'val/dpo/rewards/accuracies', 'val/ideal_distance'} <= set(records[2])
+    assert {'val/sft/loss', 'val/dpo/loss', 'val/dpo/rewards/accuracies'} <= set(records[2])
+    assert 'val/ideal_distance' not in records[2] and ' ideal ' not in out  # f* unknown (optima = []): not made up
 
 
 def _rel_finite(state):
@@ -1349,6 +1444,14 @@ def _rel_dataset(root, fault):
     ('', ['--init_from=/no/such/model'], ["'/no/such/model' is not a local HF model directory", 'save_pretrained']),
     ('', ['--init_from=resume'], ["init_from='resume' but", 'ckpt.json does not exist']),
     ('', ['--keep_list={keep}'], ['keep.npy holds ids outside 0..', "of split 'sft_train'", 'run the data selector again']),
+    ('', ['--learning_rate=1e38'], ['learning_rate=1e+38', 'need 0 < learning_rate <= 1']),
+    ('', ['--learning_rate=-0.001'], ['learning_rate=-0.001', 'need 0 < learning_rate <= 1']),
+    ('', ['--dpo_loss=ipo', '--label_smoothing=0.1'], ["label_smoothing=0.1 has no meaning for dpo_loss='ipo'"]),
+    ('', ['--data_selection=True', '--selection_objective=dpo', '--lower_level=reference', '--trusted_split=pref_trusted'],
+     ["lower_level='reference' with preference pairs", "exactly lower_level='none'"]),
+    ('', ['--block_size=32'], ['examples of up to', "more than the model's 32 positions", '--max_length=32']),
+    ('', ['--strategy=maxright'], ['maxright needs f* of every objective', 'alright or mix']),
+    ('', ['--optima=["/no/such/run", 0.2]'], ['optima: /no/such/run/optimum.json not found', "train 'sft' alone"]),
 ])
 def test_reliability_bad_input_one_clear_line(tmp_path, rel_models, monkeypatch, capsys, fault, args, says):
     np.save(tmp_path / 'keep.npy', np.array([0, 5, 10 ** 6]))  # a keep-list made for a bigger split
