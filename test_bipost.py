@@ -1069,8 +1069,8 @@ def test_training_two_ranks_make_identical_choices(tmp_path):
     choices alone would let a missing average through whenever the gaps are far apart). Rank 0's log must say the
     same; alright's sequence must be the single-process one (it depends on the seed only); both objectives must
     occur, so the check is not vacuous."""
-    common = ['--batch_size=2', '--max_iters=8', '--eval_interval=8', '--eval_iters=1', '--deepspeed=True',
-              '--zero_stage=2', '--export_hf=False']
+    common = ['--batch_size=2', '--max_iters=8', '--eval_interval=8', '--eval_iters=0', '--deepspeed=True',
+              '--zero_stage=2', '--export_hf=False', '--val_splits={"sft": "sft_trusted", "dpo": "pref_trusted"}']
     maxright = ['--strategy=maxright', '--maxright_refresh=2', '--optima=[5.0, 0.0]', '--learning_rate=1e-2',
                 '--warmup_iters=0']  # steps that move the estimates; odd updates use the one the last step observed
     # ~20 s each: a rank that waits forever on the other (a desync) fails on the timeout, not the suite's
@@ -1086,6 +1086,10 @@ def test_training_two_ranks_make_identical_choices(tmp_path):
     # what a single process with the same seed (bipost's default 1337) chooses: the selector alone, no model needed
     single = ObjectiveSelector(['sft', 'dpo'], [0.5, 0.5], 'alright', 8, seed=1337)
     assert [r['objective'] for r in _train_records(dirs['alright'])[1]] == [single.choose(i)[0][0] for i in range(8)]
+    # the held-out loss over 2 ranks: each of the 150 examples once (75 a rank, the last batch of 1), weighted by
+    # example over both ranks — the initial model's plain per-example mean
+    losses = _trust_sft_losses(_trust_initial_model(), 'sft_trusted', range(150))
+    assert _train_records(dirs['alright'])[0][0]['val/sft/loss'] == pytest.approx(sum(losses) / 150, abs=1e-5)
 
 # ---- trust: evals, f*, the reference's precision ----
 
