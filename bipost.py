@@ -22,7 +22,7 @@ import torch.distributed as dist
 from configurator import configure, ConfigError
 from objectives import OBJECTIVES, DATA_KIND
 from selector import ObjectiveSelector, DataSelector
-from data.loader import Split, load_meta
+from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
 
 # -----------------------------------------------------------------------------
@@ -172,29 +172,31 @@ if dataset != 'demo' and (beta, length_normalize, learning_rate) == (5.0, True, 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
 
-data_dir = os.path.join('data', dataset)
-meta_path = os.path.join(data_dir, 'meta.json')
 try:
+    data_dir = resolve_dataset(dataset)  # 'demo' is data/demo; a directory path (data/demo/, /abs/dir) works too
+    meta_path = os.path.join(data_dir, 'meta.json')
     meta = load_meta(data_dir)
+    check_meta(meta, meta['vocab_size'], meta_path)  # ids < the data's vocab <= the model's (check_vocab below)
     keep = None
     if keep_list:
         if not os.path.exists(keep_list):
             raise DataError(f"keep_list {keep_list} not found: run the data selector first (README, data selection)")
         keep = np.load(keep_list)
 
-    def make_split(split_map, name, keep=None):
-        if name not in split_map:
-            raise DataError(f"no split for objective '{name}' in {split_map}: add it to train_splits/val_splits")
-        return Split(data_dir, split_map[name], DATA_KIND[name], meta, seed, rank, world_size, device, keep, keep_list)
+    def make_split(key, name, keep=None):
+        if name not in config[key]:
+            raise DataError(f"no split for objective '{name}' in {key}={config[key]}: add it to {key}")
+        return Split(data_dir, config[key][name], DATA_KIND[name], meta, seed, rank, world_size, device, keep, keep_list,
+                     key=f"{key}['{name}']")
 
-    train_data = {n: make_split(train_splits, n, keep if n == keep_objective else None) for n in objectives}
-    val_data = {n: make_split(val_splits, n) for n in objectives}
+    train_data = {n: make_split('train_splits', n, keep if n == keep_objective else None) for n in objectives}
+    val_data = {n: make_split('val_splits', n) for n in objectives}
     if data_selection:  # the trusted split rides along in train_data so that its cursor is checkpointed too
         if selection_objective not in objectives or (lower_level == 'copy' and deepspeed and zero_stage == 3):
             raise DataError(f"data_selection: selection_objective '{selection_objective}' must be one of {objectives}, "
                             f"and under ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
         train_data['trusted'] = Split(data_dir, trusted_split, DATA_KIND[selection_objective], meta, seed, rank,
-                                      world_size, device)
+                                      world_size, device, key='trusted_split')
     for split in train_data.values():
         split.check_batch(batch_size)
 except DataError as e:

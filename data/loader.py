@@ -16,26 +16,65 @@ from data.prepare import DataError
 COLUMNS = {'sft': 3, 'pref': 4}  # index columns: offset, prompt_len, then one length per response
 
 
+def resolve_dataset(dataset, root='data'):
+    """The directory of config key `dataset`: a name under data/ ('demo'), or a directory path holding meta.json
+    ('data/demo', 'data/demo/', '/abs/dir', even '.../meta.json'), so a path typed by shell completion works too."""
+    path = os.path.normpath(dataset)
+    if os.path.basename(path) == 'meta.json' and os.path.isfile(path):
+        path = os.path.dirname(path) or '.'
+    for candidate in (os.path.join(root, path), path):  # the name under data/ first: --dataset=demo as before
+        if os.path.isfile(os.path.join(candidate, 'meta.json')):
+            return candidate
+    known = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, 'meta.json'))) \
+        if os.path.isdir(root) else []
+    wanted = path if os.path.isabs(path) or os.sep in path else os.path.join(root, path)
+    raise DataError(f"{os.path.join(wanted, 'meta.json')} not found (dataset={dataset!r}): prepare the data first "
+                    f"(python data/prepare.py --out_dir={wanted} ..., or python data/demo/prepare.py for the demo), "
+                    f"or set dataset to a name under {root}/ ({', '.join(known) or 'none prepared'}) or a directory "
+                    f"holding meta.json")
+
+
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.exists(path):
         raise DataError(f"{path} not found: prepare the data first (python data/prepare.py --out_dir={data_dir} ..., "
                         f"or python data/demo/prepare.py for the demo)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): prepare the data again") from None
+    missing = [k for k in ('vocab_size', 'eos_id', 'pad_id', 'tokenizer', 'splits') if k not in meta] \
+        if isinstance(meta, dict) else ['all keys']
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}: it was not written by data/prepare.py; prepare the data again")
+    return meta
+
+
+def check_meta(meta, vocab_size, path):
+    """eos_id and pad_id must be token ids of a vocabulary of vocab_size: a pad id outside it would crash the
+    embedding lookup deep inside transformers at the first batch."""
+    for key in ('eos_id', 'pad_id'):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+            raise DataError(f"{path}: {key}={value!r} is outside the vocabulary 0..{vocab_size - 1}: set {key} to the "
+                            f"tokenizer's id (its {'eos' if key == 'eos_id' else 'pad (or eos)'} token), or prepare the "
+                            f"data again with the model's tokenizer")
 
 
 class Split:
     """One split: memmapped tokens + index, batched as padded tensors with a response mask."""
 
-    def __init__(self, data_dir, name, kind, meta, seed, rank=0, world_size=1, device='cpu', keep=None, keep_source=''):
+    def __init__(self, data_dir, name, kind, meta, seed, rank=0, world_size=1, device='cpu', keep=None, keep_source='',
+                 key='train_splits/val_splits'):
         self.name, self.kind, self.meta, self.seed = name, kind, meta, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         path = os.path.join(data_dir, name)
         for suffix in ('.bin', '_index.npy'):
             if not os.path.exists(path + suffix):
-                raise DataError(f"{path + suffix} not found: split '{name}' was not prepared "
-                                f"(splits in {data_dir}/meta.json: {sorted(meta.get('splits', {}))})")
+                raise DataError(f"{path + suffix} not found: split '{name}' was not prepared; prepare it, or set "
+                                f"{key} to one of the {kind} splits in {os.path.join(data_dir, 'meta.json')}: "
+                                f"{sorted(n for n, s in meta['splits'].items() if s.get('kind') == kind)}")
         self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
         self.index = np.load(path + '_index.npy')
         if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:

@@ -1,10 +1,11 @@
 """
-Generic JSONL -> token bins for bipost. Training never tokenizes; this does it once, offline.
+Generic JSONL (or JSON array) -> token bins for bipost. Training never tokenizes; this does it once, offline.
 
     python data/prepare.py --out_dir=data/mydata --tokenizer=/path/to/hf_model_dir --max_length=1024 \
         --truncation=truncate sft_train=train.jsonl pref_train=prefs.jsonl pref_val=prefs_val.jsonl
 
-Records (the shapes TRL uses), one JSON object per line:
+Records (the shapes TRL uses), one JSON object per line (JSON Lines) or all in one JSON array, as Hugging Face
+datasets' JSON loader reads them (a UTF-8 BOM and CRLF line ends are fine):
   SFT         {"prompt": str, "completion": str}   or   {"messages": [{"role": .., "content": ..}, ...]}
               (messages: the last message must be the assistant's; it is the response, the rest the prompt)
   preference  {"prompt": str, "chosen": str, "rejected": str}, or prompt/chosen/rejected each a message list
@@ -62,13 +63,20 @@ class Tokenizer:
             if hf.chat_template:
                 self.template = lambda messages, gen: hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             return
+        if os.path.isfile(spec):
+            raise DataError(f"tokenizer {spec} is a file; pass the directory that holds it (with tokenizer.json or the files "
+                            "save_pretrained writes)")
+        if os.sep in spec or "/" in spec or spec.startswith((".", "~")):  # a path, never a tiktoken name
+            raise DataError(f"tokenizer directory {spec} does not exist; pass a local Hugging Face tokenizer directory "
+                            "(e.g. the model's), or --tokenizer=demo")
         try:
             import tiktoken
             enc = demo_encoding() if spec == "demo" else tiktoken.get_encoding(spec)
-        except Exception as e:
+        except Exception as e:  # tiktoken's message spans several lines (plugin list, version): keep its first
             raise DataError(f"tokenizer {spec!r} is not 'demo', not a local directory, and not a tiktoken encoding that loads "
-                            f"offline ({type(e).__name__}: {str(e)[:200]}); pass --tokenizer=demo, a local Hugging Face "
-                            "tokenizer directory, or cache the tiktoken file first (TIKTOKEN_CACHE_DIR)") from None
+                            f"offline ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                            "pass --tokenizer=demo, a local Hugging Face tokenizer directory, or cache the tiktoken file "
+                            "first (TIKTOKEN_CACHE_DIR)") from None
         self.name, self.vocab_size, self.eos_id = enc.name, enc.n_vocab, enc.eot_token
         self.pad_id, self.encode = enc.eot_token, enc.encode_ordinary  # text that looks like a special token stays text
 
@@ -82,7 +90,7 @@ def check_messages(messages, where, key):
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
         raise DataError(f'{where}: "{key}" must be a non-empty list of {{"role": str, "content": str}} messages. {SHAPES}')
     if not "".join(m["content"] for m in messages).strip():
-        raise DataError(f'{where}: "{key}" is empty; fill it in or remove the line')
+        raise DataError(f'{where}: "{key}" is empty; fill it in or remove the record')
     return messages
 
 def fields(record, kind, where):
@@ -109,7 +117,7 @@ def fields(record, kind, where):
             raise DataError(f'{where}: "{k}" must be a string like "prompt" (or every field a message list), '
                             f"got {type(record[k]).__name__}")
         elif not record[k].strip():
-            raise DataError(f'{where}: "{k}" is empty; fill it in or remove the line')
+            raise DataError(f'{where}: "{k}" is empty; fill it in or remove the record')
     return record["prompt"], [record[k] for k in keys[1:]]
 
 def encode(prompt, responses, tok, where):
@@ -138,27 +146,46 @@ def fit(prompt, responses, max_length, truncation):
     prompt = prompt[-max(1, max_length - longest):]  # keep the prompt's end: the question sits next to the answer
     return prompt, [r[:max_length - len(prompt)] for r in responses], True
 
-def read_jsonl(path):
-    """[(where, record)]; where is 'file:line' for error messages."""
+def read_records(path):
+    """[(where, record)] from JSON Lines (where = 'file:line') or from one JSON array of records (where =
+    'file: record i of n'), the two layouts Hugging Face datasets' JSON loader reads. A UTF-8 BOM and CRLF
+    line ends (files saved on Windows) are accepted."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records, lineno = [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        data = f.read()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the BOM some Windows editors put first
+    try:
+        text = data.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
+    if text.lstrip().startswith("["):
         try:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    records.append((f"{path}:{lineno}", json.loads(line)))
+            array = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); each line must hold one JSON "
-                            "object, e.g. {\"prompt\": \"...\", \"completion\": \"...\"}") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{lineno + 1}: not valid UTF-8; re-save the file as UTF-8") from None
+            if e.msg != "Extra data":  # "Extra data": the first line is a whole value, so the file is JSON Lines
+                raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); a file starting with '[' "
+                                "must hold one JSON array of records, e.g. [{\"prompt\": \"...\", \"completion\": \"...\"}]") from None
+        else:
+            if not array:
+                raise DataError(f"{path}: the JSON array is empty; it needs at least one record")
+            return [(f"{path}: record {i} of {len(array)}", r) for i, r in enumerate(array, 1)]
+    records = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); each line must hold one JSON "
+                                "object, e.g. {\"prompt\": \"...\", \"completion\": \"...\"} (or the whole file one "
+                                "JSON array of such objects)") from None
     if not records:
         raise DataError(f"{path}: the file is empty; it needs one JSON object per line")
     return records
 
 def build_split(name, source, tok, max_length, truncation):
-    records = read_jsonl(source) if isinstance(source, str) else [(f"<{name}>:{i}", r) for i, r in enumerate(source, 1)]
+    records = read_records(source) if isinstance(source, str) else [(f"<{name}>:{i}", r) for i, r in enumerate(source, 1)]
     if not records:
         raise DataError(f"<{name}>: no records")
     first = records[0][1]
@@ -185,7 +212,7 @@ def build_split(name, source, tok, max_length, truncation):
     if identical:
         print(f"warning: {name}: dropped {len(identical)} pair(s) whose chosen and rejected are identical (first: {identical[0]})")
     if not index:
-        raise DataError(f"{records[0][0].rsplit(':', 1)[0]}: every example of split {name!r} was dropped; "
+        raise DataError(f"{source if isinstance(source, str) else f'<{name}>'}: every example of split {name!r} was dropped; "
                         "raise --max_length or use --truncation=truncate")
     return kind, np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats
 
