@@ -177,7 +177,7 @@ def test_data_truncation_and_drop(tmp_path):
     (['{"prompt": "a", "completion": "  "}'], 1, '"completion" is empty'),
     (['{"prompt": "", "completion": "b"}'], 1, '"prompt" is empty'),
     (['{"prompt": 3, "completion": "b"}'], 1, "must be a string"),
-    (['["prompt", "completion"]'], 1, "expected a JSON object"),
+    (['{"prompt": "a", "completion": "b"}', '["prompt", "completion"]'], 2, "expected a JSON object"),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], 1, "must end with an assistant message"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"}'], 2, "missing key(s) rejected"),
     (['{"prompt": "a", "chosen": "b", "rejected": ""}'], 1, '"rejected" is empty'),
@@ -205,8 +205,9 @@ def test_data_bad_input_other_cases(tmp_path):
             data_prep.prepare(str(tmp_path / "out"), "demo", splits, 32)
     after = {p: open(tmp_path / "out" / p, "rb").read() for p in os.listdir(tmp_path / "out")}
     assert after == before  # an existing directory is untouched by a failed run
-    with pytest.raises(data_prep.DataError, match="offline"):
+    with pytest.raises(data_prep.DataError, match="offline") as error:
         data_prep.prepare(str(tmp_path / "x"), "no_such_encoding", {"sft_train": []}, 32)
+    assert "\n" not in str(error.value)  # tiktoken's plugin list and version lines are not passed on
 
 def test_data_cli(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n')
@@ -218,6 +219,65 @@ def test_data_cli(tmp_path):
     ok = subprocess.run(cmd + [f"pref_train={tmp_path / 'prefs.jsonl'}"], capture_output=True, text=True)
     assert ok.returncode == 0 and "pref_train" in ok.stdout, ok.stderr
     assert json.load(open(tmp_path / "out" / "meta.json"))["splits"]["pref_train"]["examples"] == 1
+    for tokenizer, says in [("/no/such", "tokenizer directory /no/such does not exist"),
+                            (str(tmp_path / "prefs.jsonl"), "prefs.jsonl is a file; pass the directory that holds it")]:
+        bad = subprocess.run(cmd[:3] + [f"--tokenizer={tokenizer}", f"sft_train={tmp_path / 'train.jsonl'}"],
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and says in bad.stderr, bad.stderr
+
+DATA_RECORDS = [{"prompt": "What is 2+2?\n", "completion": "4"},
+                {"prompt": "Windows line\r\nend ", "completion": "é\u2028ü"},  # escaped CR LF and a raw U+2028 stay text
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                {"prompt": "ok", "completion": "fine"}]
+
+def test_data_real_files_bom_crlf_json_array(tmp_path):
+    plain = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DATA_RECORDS)
+    files = {"plain.jsonl": plain.encode(), "bom.jsonl": b"\xef\xbb\xbf" + plain.encode(),
+             "crlf.jsonl": plain.replace("\n", "\r\n").encode(),
+             "array.json": json.dumps(DATA_RECORDS, ensure_ascii=False).encode(),  # what json.dump writes: one line
+             "indented.json": b"\xef\xbb\xbf" + json.dumps(DATA_RECORDS, indent=2).replace("\n", "\r\n").encode()}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        data_prep.prepare(str(tmp_path / name.split(".")[0]), "demo", {"sft_train": str(tmp_path / name)}, 64)
+    assert _data_decode(_data_read(tmp_path / "plain", "sft_train"))[1] == ["Windows line\r\nend ", "é\u2028ü<|endoftext|>"]
+    for out in ("bom", "crlf", "array", "indented"):  # byte-identical to the plain JSON Lines
+        for f in ("sft_train.bin", "sft_train_index.npy"):
+            assert (tmp_path / out / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), (out, f)
+
+@pytest.mark.parametrize("content, says", [
+    (json.dumps(DATA_RECORDS[:2] + [{"prompt": "a"}] + DATA_RECORDS[2:], indent=1), "bad.json: record 3 of 5: missing key(s) completion"),
+    (json.dumps([DATA_RECORDS[0], ["prompt", "completion"]]), "bad.json: record 2 of 2: expected a JSON object, got list"),
+    ("[\n" + json.dumps(DATA_RECORDS[0]) + ",\n]", "bad.json:3: invalid JSON"),  # a trailing comma: the line of the fault
+    ("[]", "bad.json: the JSON array is empty"),
+    ('["a"]\n["b"]\n', "bad.json:1: expected a JSON object, got list"),  # JSON Lines whose lines are arrays
+    (b"\xef\xbb\xbf" + json.dumps(DATA_RECORDS[0]).encode() + b"\r\n" + b'{"prompt": "\xff"}', "bad.json:2: not valid UTF-8"),
+])
+def test_data_json_array_bad_record_names_the_record(tmp_path, content, says):
+    (tmp_path / "bad.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / "out"), "demo", {"sft_train": str(tmp_path / "bad.json")}, 64)
+    assert says in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert not (tmp_path / "out").exists()
+
+def test_data_dataset_paths_and_meta_ids(tmp_path, monkeypatch):
+    from data.loader import check_meta, load_meta, resolve_dataset
+    monkeypatch.chdir(ROOT)
+    demo = os.path.join(ROOT, "data", "demo")
+    for dataset in ("demo", "data/demo", "data/demo/", "./data/demo", demo, demo + "/", "data/demo/meta.json"):
+        assert os.path.samefile(resolve_dataset(dataset), demo), dataset
+    for dataset, says in [("data/nope", "data/nope/meta.json not found (dataset='data/nope')"),
+                          ("dmeo", "data/dmeo/meta.json not found"), ("/no/such", "/no/such/meta.json not found")]:
+        with pytest.raises(data_prep.DataError, match="prepare the data first") as error:
+            resolve_dataset(dataset)
+        assert says in str(error.value) and "a name under data/ (demo" in str(error.value)
+    meta = load_meta(demo)
+    check_meta(meta, 257, "m.json")
+    for key, value in [("pad_id", 257), ("eos_id", -1), ("pad_id", "256"), ("pad_id", None)]:
+        with pytest.raises(data_prep.DataError, match=f"m.json: {key}=.* is outside the vocabulary 0..256"):
+            check_meta({**meta, key: value}, 257, "m.json")
+    (tmp_path / "meta.json").write_text('{"vocab_size": 257}')
+    with pytest.raises(data_prep.DataError, match="lacks eos_id, pad_id, tokenizer, splits"):
+        load_meta(str(tmp_path))
 
 def test_data_demo_deterministic_and_conflicting(tmp_path):
     from data.demo import prepare as demo
@@ -1420,6 +1480,8 @@ def _rel_dataset(root, fault):
         os.remove(data / 'pref_val.bin')
     elif fault == 'other_tokenizer':  # meta.json of a 200-id tokenizer next to bins holding ids up to 256
         meta.update(vocab_size=200, eos_id=199, pad_id=199)
+    elif fault == 'bad_pad':  # a hand-edited meta.json: the pad id is no token of the vocabulary
+        meta.update(pad_id=300)
     elif fault == 'truncated_bin':  # an interrupted copy
         tokens = (data / 'sft_train.bin').read_bytes()
         (data / 'sft_train.bin').write_bytes(tokens[:len(tokens) // 2])
@@ -1437,7 +1499,12 @@ def _rel_dataset(root, fault):
     ('', ['--batch_size=0'], ['batch_size=0', 'must be >= 1']),
     ('', ['--batch_size=100000'], ['examples, fewer than one batch (100000 x 1 ranks)', 'lower batch_size']),
     ('', ['--dataset=/no/such/data'], ['/no/such/data/meta.json not found', 'prepare the data first']),
-    ('missing_split', [], ['pref_val.bin not found', 'was not prepared']),
+    ('', ['--dataset=data/nope/'], ["data/nope/meta.json not found (dataset='data/nope/')", 'a name under data/ (demo']),
+    ('missing_split', [], ['pref_val.bin not found', 'was not prepared', "val_splits['dpo'] to one of the pref splits", "['pref_train']"]),
+    ('', ["--train_splits={'sft': 'sft_trian', 'dpo': 'pref_train'}"], ["split 'sft_trian' was not prepared", "train_splits['sft']", "'sft_train'"]),
+    ('', ["--val_splits={'sft': 'sft_val'}"], ["no split for objective 'dpo' in val_splits=", 'add it to val_splits']),
+    ('bad_pad', [], ['meta.json: pad_id=300 is outside the vocabulary 0..256', 'set pad_id']),
+    ('bad_pad', ['--init_from={init}'], ['meta.json: pad_id=300 is outside the vocabulary 0..256']),
     ('other_tokenizer', [], ["sft_train.bin in", "holds token id 256 >= the model's vocab 200", 'prepare them again']),
     ('truncated_bin', [], ['sft_train.bin holds', 'truncated copy', 'prepare the split again']),
     ('', ["--train_splits={'sft': 'pref_train', 'dpo': 'pref_train'}"], ['pref_train_index.npy has shape', "is 'pref_train' a preference split"]),
@@ -1467,6 +1534,17 @@ def test_reliability_bad_input_one_clear_line(tmp_path, rel_models, monkeypatch,
     message = err.strip().splitlines()[-1]
     assert message.startswith('bipost: error: ') and all(s in message for s in says), message
     assert not (tmp_path / 'out' / 'ckpt.json').exists()
+
+
+def test_reliability_dataset_as_a_path_trains_like_the_name(tmp_path, monkeypatch, capsys):
+    """--dataset=data/demo/ (shell completion) and an absolute path read the same data as --dataset=demo."""
+    runs = {}
+    for name, dataset in (('name', 'demo'), ('relative', 'data/demo/'), ('absolute', os.path.join(ROOT, 'data', 'demo'))):
+        code, out, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={dataset}', '--max_iters=2', '--eval_interval=2',
+                                        f'--out_dir={tmp_path / name}')
+        assert code == 0, err
+        runs[name] = _rel_losses(_rel_metrics(tmp_path / name))
+    assert runs['relative'] == runs['name'] == runs['absolute'] and ('eval', 2) in runs['name']
 
 
 def test_reliability_config_typo_is_one_line_without_traceback():

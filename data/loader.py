@@ -72,9 +72,10 @@ class Split:
         path = os.path.join(data_dir, name)
         for suffix in ('.bin', '_index.npy'):
             if not os.path.exists(path + suffix):
+                ready = sorted(n for n, s in meta['splits'].items() if s.get('kind') == kind and
+                               all(os.path.exists(os.path.join(data_dir, n + x)) for x in ('.bin', '_index.npy')))
                 raise DataError(f"{path + suffix} not found: split '{name}' was not prepared; prepare it, or set "
-                                f"{key} to one of the {kind} splits in {os.path.join(data_dir, 'meta.json')}: "
-                                f"{sorted(n for n, s in meta['splits'].items() if s.get('kind') == kind)}")
+                                f"{key} to one of the {kind} splits in {data_dir}: {ready}")
         self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
         self.index = np.load(path + '_index.npy')
         if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:

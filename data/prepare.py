@@ -156,7 +156,7 @@ def read_records(path):
         data = f.read()
     data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # the BOM some Windows editors put first
     try:
-        text = data.decode("utf-8").replace("\r\n", "\n")
+        text = data.decode("utf-8")  # CRLF needs nothing: JSON reads the \r before each \n as whitespace
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
