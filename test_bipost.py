@@ -230,7 +230,7 @@ DATA_RECORDS = [{"prompt": "What is 2+2?\n", "completion": "4"},
                 {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
                 {"prompt": "ok", "completion": "fine"}]
 
-def test_data_real_files_bom_crlf_json_array(tmp_path):
+def test_data_real_files_bom_crlf_json_array(tmp_path, monkeypatch):
     plain = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DATA_RECORDS)
     files = {"plain.jsonl": plain.encode(), "bom.jsonl": b"\xef\xbb\xbf" + plain.encode(),
              "crlf.jsonl": plain.replace("\n", "\r\n").encode(),
@@ -240,7 +240,9 @@ def test_data_real_files_bom_crlf_json_array(tmp_path):
         (tmp_path / name).write_bytes(content)
         data_prep.prepare(str(tmp_path / name.split(".")[0]), "demo", {"sft_train": str(tmp_path / name)}, 64)
     assert _data_decode(_data_read(tmp_path / "plain", "sft_train"))[1] == ["Windows line\r\nend ", "é\u2028ü<|endoftext|>"]
-    for out in ("bom", "crlf", "array", "indented"):  # byte-identical to the plain JSON Lines
+    monkeypatch.setenv("HOME", str(tmp_path))  # --out_dir=~/x and x=~/file.jsonl: the shell leaves ~ after '=' to us
+    data_prep.prepare("~/tilde", "demo", {"sft_train": "~/plain.jsonl"}, 64)
+    for out in ("bom", "crlf", "array", "indented", "tilde"):  # byte-identical to the plain JSON Lines
         for f in ("sft_train.bin", "sft_train_index.npy"):
             assert (tmp_path / out / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), (out, f)
 
@@ -263,7 +265,8 @@ def test_data_dataset_paths_and_meta_ids(tmp_path, monkeypatch):
     from data.loader import check_meta, load_meta, resolve_dataset
     monkeypatch.chdir(ROOT)
     demo = os.path.join(ROOT, "data", "demo")
-    for dataset in ("demo", "data/demo", "data/demo/", "./data/demo", demo, demo + "/", "data/demo/meta.json"):
+    monkeypatch.setenv("HOME", os.path.join(ROOT, "data"))
+    for dataset in ("demo", "data/demo", "data/demo/", "./data/demo", demo, demo + "/", "data/demo/meta.json", "~/demo"):
         assert os.path.samefile(resolve_dataset(dataset), demo), dataset
     for dataset, says in [("data/nope", "data/nope/meta.json not found (dataset='data/nope')"),
                           ("dmeo", "data/dmeo/meta.json not found"), ("/no/such", "/no/such/meta.json not found")]:

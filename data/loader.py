@@ -19,7 +19,7 @@ COLUMNS = {'sft': 3, 'pref': 4}  # index columns: offset, prompt_len, then one l
 def resolve_dataset(dataset, root='data'):
     """The directory of config key `dataset`: a name under data/ ('demo'), or a directory path holding meta.json
     ('data/demo', 'data/demo/', '/abs/dir', even '.../meta.json'), so a path typed by shell completion works too."""
-    path = os.path.normpath(dataset)
+    path = os.path.normpath(os.path.expanduser(dataset))  # the shell leaves --dataset=~/x as it is
     if os.path.basename(path) == 'meta.json' and os.path.isfile(path):
         path = os.path.dirname(path) or '.'
     for candidate in (os.path.join(root, path), path):  # the name under data/ first: --dataset=demo as before

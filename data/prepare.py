@@ -46,6 +46,7 @@ class Tokenizer:
     """The few things prepare needs from a tokenizer: 'demo', a local HF directory or a tiktoken name."""
     def __init__(self, spec):
         self.bos, self.template = [], None
+        spec = os.path.expanduser(spec)  # --tokenizer=~/model: the shell leaves a ~ after '=' as it is
         if os.path.isdir(spec):
             try:
                 from transformers import AutoTokenizer
@@ -150,6 +151,7 @@ def read_records(path):
     """[(where, record)] from JSON Lines (where = 'file:line') or from one JSON array of records (where =
     'file: record i of n'), the two layouts Hugging Face datasets' JSON loader reads. A UTF-8 BOM and CRLF
     line ends (files saved on Windows) are accepted."""
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -217,7 +219,9 @@ def build_split(name, source, tok, max_length, truncation):
     return kind, np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats
 
 def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
-    """Tokenizes splits {name: JSONL path or list of records} into out_dir; returns meta. Nothing is written on error."""
+    """Tokenizes splits {name: JSON Lines / JSON array path, or list of records} into out_dir; returns meta.
+    Nothing is written on error."""
+    out_dir = os.path.expanduser(out_dir)  # not a directory literally named ~
     if truncation not in ("truncate", "drop"):
         raise DataError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
     if max_length < 2:
