@@ -153,7 +153,7 @@ def _kd_chunk(student_hidden, head, teacher_logits):
 def kd(model, batch, ctx, chunk=1024):
     body, head = body_and_head(model)
     hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
-    mask = batch['response_mask'][:, 1:].bool()
+    mask = batch['response_mask'][:, 1:]
     rows = mask.reshape(-1).nonzero().squeeze(-1)  # only response positions are distilled
     with torch.no_grad():
         teacher_body, teacher_head = body_and_head(ctx.teacher)
