@@ -13,7 +13,9 @@ value where the trained loss adds a regulariser (DPO + NLL): logs, evals, maxrig
 Log-probs: the token at position t+1 is scored by the logits at position t, and only response tokens
 count (prompt and padding are masked). SFT and KD are means over an example's response tokens, then
 the trainer averages examples: every example counts the same whatever its length (the f* in a config
-must be measured the same way).
+must be measured the same way). The logits are the model's own: head_of reproduces what each HF family
+does after its LM head (bias, logit scale, soft cap), and check_head refuses a model it does not match.
+response_mask: bool or 0/1 of any integer dtype.
 """
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -91,13 +93,13 @@ def check_head(model, tolerance=1e-3):
     name = f"{type(model).__name__} (model_type '{model.config.model_type}')"
     if logits.shape[-1] != vocab:
         raise ValueError(f"{name} returns {logits.shape[-1]} logits per token but its LM head has {vocab} rows: "
-                         f"bipost cannot reproduce its log-probs")
+                         f"bipost cannot reproduce its log-probs; use another model")
     theirs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=tolerance, equal_nan=True):
         raise ValueError(f"{name}: bipost's log-probs differ from the model's own by up to "
-                         f"{(ours - theirs).abs().max():.3g}: its forward post-processes the LM head output in a way "
-                         f"objectives.head_of does not reproduce (it knows a head bias, a logit scale and a final soft "
-                         f"cap); teach head_of this family")
+                         f"{(ours - theirs).abs().max():.3g}: its forward forms its logits in a way objectives.head_of "
+                         f"does not reproduce (it knows lm_head(base_model output) with a head bias, a logit scale and "
+                         f"a final soft cap); add this family to head_of, or use another model")
 
 
 def response_logprobs(model, batch, ctx):

@@ -513,19 +513,23 @@ def test_objective_zero3_path_applies_the_head_postprocessing():
                                    atol=1e-5, rtol=1e-5, msg=family)
 
 
-def test_objective_self_check_refuses_unknown_postprocessing(monkeypatch):
+@pytest.mark.parametrize('change, says', [
+    (lambda logits: logits + torch.tanh(logits), "differ from the model's own by up to"),  # unknown post-processing
+    (lambda logits: logits[..., :-1], 'returns 39 logits per token but its LM head has 40 rows'),  # a sliced vocabulary
+])
+def test_objective_self_check_refuses_unknown_postprocessing(monkeypatch, change, says):
     model = _obj_model(0)
     objectives.check_head(model)
     forward = model.forward
-    def tanh_added(*args, **kwargs):  # a family whose forward does something head_of does not know
+    def changed(*args, **kwargs):  # a family whose forward does something head_of does not know
         out = forward(*args, **kwargs)
-        out.logits = out.logits + torch.tanh(out.logits)
+        out.logits = change(out.logits)
         return out
-    monkeypatch.setattr(model, 'forward', tanh_added)
+    monkeypatch.setattr(model, 'forward', changed)
     with pytest.raises(ValueError) as error:
         objectives.check_head(model)
     message = str(error.value)
-    assert '\n' not in message and 'LlamaForCausalLM' in message and 'head_of' in message, message
+    assert '\n' not in message and message.startswith("LlamaForCausalLM (model_type 'llama')") and says in message, message
     assert model.training  # put back in the mode it came in
 
 
@@ -785,6 +789,28 @@ def test_kernel_logprob_gpu_bf16(N, H, V):
         assert rel(h.grad, hf.grad) < grad_tol and rel(w.grad, wf.grad) < grad_tol, (rel(h.grad, hf.grad), rel(w.grad, wf.grad))
         with torch.no_grad():
             assert torch.equal(token_logprobs(h, w, t, mask, fused=fused), out.detach())
+
+@gpu
+@pytest.mark.gpu
+def test_kernel_logprob_gpu_bf16_bias_scale_softcap():
+    """bf16 at a real vocab with a Gemma-2-like cap (30), a logit scale and a head bias: fp32 logits inside."""
+    torch.manual_seed(0)
+    N, H, V, scale, softcap = 2048, 1024, 50257, 0.5, 30.0
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") * 60 / H**0.5).bfloat16().requires_grad_()  # logits ~30: the cap bites
+    b = (torch.randn(V, device="cuda") * 2).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    mask = torch.rand(N, device="cuda") > 0.4
+    g = torch.randn(N, device="cuda")
+    hf, wf, bf = (x.detach().float().requires_grad_() for x in (h, w, b))
+    ref = _head_reference(hf, wf, bf, scale, softcap, t, mask)
+    (ref * g).sum().backward()
+    out = token_logprobs(h, w, t, mask, fused=True, bias=b, scale=scale, softcap=softcap)
+    (out * g).sum().backward()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert (out - ref).abs().max().item() < 2e-3
+    for got, expected in ((h.grad, hf.grad), (w.grad, wf.grad), (b.grad, bf.grad)):
+        assert rel(got, expected) < 1e-2, rel(got, expected)
 
 @gpu
 @pytest.mark.gpu
