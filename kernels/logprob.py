@@ -182,7 +182,7 @@ def _launch_config(dtype):
 
 def _triton_flags(b, softcap):
     """bias pointer (any tensor when there is none), the cap (ignored without one) and the constexpr switches."""
-    return dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None), float(softcap or 1.0)
+    return dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None), (1.0 if softcap is None else float(softcap))
 
 def _triton_forward(h, w, b, t, softcap):
     M, H = h.shape
