@@ -43,7 +43,7 @@ class Head(NamedTuple):
     def logprobs(self, hidden, targets, mask, fused):
         """Per-token log-probs of targets (0 where mask is 0), never holding the logits (kernels/logprob.py)."""
         weight, bias = self.module.weight, getattr(self.module, 'bias', None)
-        if torch.is_autocast_enabled(hidden.device.type):  # plain torch on GPU: fp32 master weights, bf16 matmuls
+        if torch.is_autocast_enabled(hidden.device.type):  # plain torch: fp32 master weights, matmuls in the autocast dtype
             dtype = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight, bias = hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
         return token_logprobs(hidden, weight, targets, mask, fused=fused, bias=bias, scale=self.scale,
