@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, ConfigError
-from objectives import OBJECTIVES, DATA_KIND
+from objectives import OBJECTIVES, DATA_KIND, check_head
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
@@ -270,7 +270,12 @@ def load_model(source):
     if not os.path.isdir(source) or not os.path.exists(os.path.join(source, 'config.json')):
         fail(f"model '{source}' is not a local HF model directory (with config.json); "
              f"use 'scratch', 'resume' or a path written by save_pretrained")
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    try:  # on CPU in fp32, before any cast or ZeRO-3 partitioning: bipost's log-probs must be the model's own
+        check_head(model)
+    except ValueError as e:
+        fail(f"model '{source}': {e}")
+    return model
 
 
 def check_vocab(model, source):

@@ -13,8 +13,13 @@ value where the trained loss adds a regulariser (DPO + NLL): logs, evals, maxrig
 Log-probs: the token at position t+1 is scored by the logits at position t, and only response tokens
 count (prompt and padding are masked). SFT and KD are means over an example's response tokens, then
 the trainer averages examples: every example counts the same whatever its length (the f* in a config
-must be measured the same way).
+must be measured the same way). The logits are the model's own: head_of reproduces what each HF family
+does after its LM head (bias, logit scale, soft cap), and check_head refuses a model it does not match.
+response_mask: bool or 0/1 of any integer dtype.
 """
+from types import SimpleNamespace
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -23,28 +28,91 @@ from kernels.logprob import token_logprobs
 from kernels.dpo import dpo_losses
 
 
+class Head(NamedTuple):
+    """An LM head as its model's own forward applies it: logits = softcap·tanh(scale·module(hidden) / softcap)
+    (module: the output embeddings, weight [V, H] and maybe a bias; no cap when softcap is None)."""
+    module: torch.nn.Module
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden):
+        """Full fp32 logits, through a call of the module: under ZeRO-3 only a call gathers its weight."""
+        logits = self.module(hidden).float() * self.scale
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+    def logprobs(self, hidden, targets, mask, fused):
+        """Per-token log-probs of targets (0 where mask is 0), never holding the logits (kernels/logprob.py)."""
+        weight, bias = self.module.weight, getattr(self.module, 'bias', None)
+        if torch.is_autocast_enabled(hidden.device.type):  # plain torch: fp32 master weights, matmuls in the autocast dtype
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight, bias = hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
+        return token_logprobs(hidden, weight, targets, mask, fused=fused, bias=bias, scale=self.scale,
+                              softcap=self.softcap)
+
+
+def head_of(model):
+    """The model's LM head with what its family's *ForCausalLM.forward does right after `self.lm_head(...)`
+    (transformers 5.x): a logit scale and a final soft cap, read from the config. A head bias is the module's own.
+    Anything else (a family missed here) is caught by check_head."""
+    config, family = model.config.get_text_config(), model.config.model_type
+    scale = 1.0
+    if family.startswith('cohere'):                             # logits * logit_scale
+        scale = config.logit_scale
+    elif family.startswith('granite') or family == 'minicpm3':  # logits / logits_scaling (MiniCPM3 divides the
+        scale = 1 / config.logits_scaling                       # hidden states instead: the same, no head bias)
+    elif family == 'hyperclovax':                               # logits * logits_scaling (the opposite of Granite)
+        scale = config.logits_scaling
+    elif family == 'falcon_h1':                                 # logits * lm_head_multiplier
+        scale = config.lm_head_multiplier
+    # cap·tanh(logits/cap): Gemma 2/3/3n/4, VaultGemma, NanoChat; RecurrentGemma; xLSTM (None: no cap)
+    softcap = next((getattr(config, key) for key in ('final_logit_softcapping', 'logits_soft_cap', 'output_logit_soft_cap')
+                    if getattr(config, key, None) is not None), None)
+    return Head(model.get_output_embeddings(), float(scale), softcap)
+
+
 def body_and_head(model):
-    """The transformer without its LM head, and the head: the fused kernels take hidden states + head weight."""
-    return model.base_model, model.get_output_embeddings()
+    """The transformer without its LM head (its output is the final-normed hidden states), and the Head:
+    the fused kernels take hidden states + head weight."""
+    return model.base_model, head_of(model)
+
+
+def check_head(model, tolerance=1e-3):
+    """Raise ValueError unless bipost's per-token log-probs equal the model's own, model(ids).logits.log_softmax(-1)
+    gathered, on a short random probe: a model whose forward forms its logits in a way head_of does not know is
+    refused rather than trained on wrong log-probs. For an fp32 model (bipost runs it on CPU, before any cast or
+    ZeRO-3 partitioning); NaN where both give NaN counts as equal."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(model.device)
+    batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'response_mask': torch.ones_like(ids)}
+    training = model.training
+    model.eval()  # no dropout: both forwards must run the same network
+    with torch.no_grad():
+        ours, _ = response_logprobs(model, batch, SimpleNamespace(zero3=False, fused_kernels=False))
+        logits = model(input_ids=ids, attention_mask=batch['attention_mask']).logits.float()
+    model.train(training)
+    name = f"{type(model).__name__} (model_type '{model.config.model_type}')"
+    if logits.shape[-1] != vocab:
+        raise ValueError(f"{name} returns {logits.shape[-1]} logits per token but its LM head has {vocab} rows: "
+                         f"bipost cannot reproduce its log-probs; use another model")
+    theirs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if not torch.allclose(ours, theirs, rtol=1e-4, atol=tolerance, equal_nan=True):
+        raise ValueError(f"{name}: bipost's log-probs differ from the model's own by up to "
+                         f"{(ours - theirs).abs().max():.3g}: its forward forms its logits in a way objectives.head_of "
+                         f"does not reproduce (it knows lm_head(base_model output) with a head bias, a logit scale and "
+                         f"a final soft cap); add this family to head_of, or use another model")
 
 
 def response_logprobs(model, batch, ctx):
-    """Per-token log-probs [B, L-1] (fp32) of the response tokens, 0 elsewhere, and the mask [B, L-1]."""
+    """Per-token log-probs [B, L-1] (fp32) of the response tokens, 0 elsewhere, and the mask [B, L-1] (bool)."""
     body, head = body_and_head(model)
     hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
-    targets, mask = batch['input_ids'][:, 1:], batch['response_mask'][:, 1:]
-    B, T, H = hidden.shape
+    targets, mask = batch['input_ids'][:, 1:], batch['response_mask'][:, 1:].bool()
     if getattr(ctx, 'zero3', False):
-        # under ZeRO-3 head.weight is a partitioned placeholder; calling the module gathers it (full logits)
-        logps = head(hidden).float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return logps * mask, mask
-    weight = head.weight
-    if torch.is_autocast_enabled(hidden.device.type):  # plain torch on GPU: fp32 master weights, bf16 matmuls
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(-1), mask.reshape(-1),
-                           fused=None if ctx.fused_kernels else False)
-    return logps.view(B, T), mask
+        # under ZeRO-3 head.weight is a partitioned placeholder; calling the module gathers it (full logits).
+        # Masked targets may be anything (-100): clamped to a valid id, and their log-prob dropped by the where.
+        logps = head.logits(hidden).log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(mask, logps, 0.0), mask
+    return head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False), mask
 
 
 def sft(model, batch, ctx):
@@ -80,8 +148,8 @@ def dpo(model, batch, ctx):
 def _kd_chunk(student_hidden, head, teacher_logits):
     # −Σ_v p_teacher(v) log p_student(v): forward KL to the teacher up to the teacher's entropy. The head module is
     # called, not head.weight used: under ZeRO-3 the weight is a partitioned placeholder that only a call gathers.
-    student_logps = head(student_hidden).float().log_softmax(-1)
-    return -(teacher_logits.float().softmax(-1) * student_logps).sum(-1)
+    student_logps = head.logits(student_hidden).log_softmax(-1)
+    return -(teacher_logits.softmax(-1) * student_logps).sum(-1)
 
 
 def kd(model, batch, ctx, chunk=1024):
@@ -97,7 +165,7 @@ def kd(model, batch, ctx, chunk=1024):
     token_losses = []
     for i in range(0, rows.numel(), chunk):  # never an fp32 [tokens, V] for the whole batch
         with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden[rows[i:i + chunk]])
+            teacher_logits = teacher_head.logits(teacher_hidden[rows[i:i + chunk]])
         token_losses.append(checkpoint(_kd_chunk, student_hidden[i:i + chunk], head, teacher_logits,
                                        use_reentrant=False))
     per_token = torch.zeros(mask.numel(), device=hidden.device, dtype=torch.float32)

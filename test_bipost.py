@@ -498,6 +498,132 @@ def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
         torch.testing.assert_close(zero3, twin, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(zero3_grads, twin_grads, atol=1e-5, rtol=1e-4)
 
+
+# Every HF family's own logits, whatever its forward does after the LM head: tiny random models built from their
+# configs, head weights x20 (and a random head bias) so that soft caps and logit scales bite.
+_FAMILY_LLAMA_LIKE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=2)
+_FAMILY_GPT_LIKE = dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
+HEAD_FAMILIES = {  # name: (config class, its arguments, expected head_of (scale, softcap), head bias?)
+    'llama': ('LlamaConfig', _FAMILY_LLAMA_LIKE, (1.0, None), False),
+    'llama_tied': ('LlamaConfig', {**_FAMILY_LLAMA_LIKE, 'tie_word_embeddings': True}, (1.0, None), False),
+    'qwen2': ('Qwen2Config', _FAMILY_LLAMA_LIKE, (1.0, None), False),
+    'mistral': ('MistralConfig', _FAMILY_LLAMA_LIKE, (1.0, None), False),
+    'gemma': ('GemmaConfig', {**_FAMILY_LLAMA_LIKE, 'head_dim': 16}, (1.0, None), False),
+    'gemma2': ('Gemma2Config', {**_FAMILY_LLAMA_LIKE, 'head_dim': 16, 'final_logit_softcapping': 3.0}, (1.0, 3.0), False),
+    'gemma3': ('Gemma3TextConfig', {**_FAMILY_LLAMA_LIKE, 'head_dim': 16, 'final_logit_softcapping': 2.0}, (1.0, 2.0), False),
+    'cohere': ('CohereConfig', {**_FAMILY_LLAMA_LIKE, 'logit_scale': 0.25}, (0.25, None), False),
+    'granite': ('GraniteConfig', {**_FAMILY_LLAMA_LIKE, 'logits_scaling': 4.0}, (0.25, None), False),
+    'phi': ('PhiConfig', _FAMILY_LLAMA_LIKE, (1.0, None), True),
+    'gptj': ('GPTJConfig', {**_FAMILY_GPT_LIKE, 'rotary_dim': 8}, (1.0, None), True),
+    'gpt2': ('GPT2Config', _FAMILY_GPT_LIKE, (1.0, None), False),
+    'gpt_neox': ('GPTNeoXConfig', _FAMILY_LLAMA_LIKE, (1.0, None), False),
+}
+
+
+def _family_model(name, seed=0):
+    import transformers
+    config_class, kwargs, _, _ = HEAD_FAMILIES[name]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**kwargs)).eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(20)
+        if getattr(head, 'bias', None) is not None:  # HF initializes it to 0
+            head.bias.normal_(0, 3)
+    return model
+
+
+@pytest.mark.parametrize('family', list(HEAD_FAMILIES))
+def test_objective_logprobs_exact_for_hf_families(family):
+    model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6), (5, 2)])
+    _, _, (scale, softcap), has_bias = HEAD_FAMILIES[family]
+    head = objectives.head_of(model)
+    assert (head.scale, head.softcap, head.module.bias is not None if hasattr(head.module, 'bias') else False) == \
+           (scale, softcap, has_bias)
+    hand, mask = _obj_hand_logprobs(model, batch)
+    logps, _ = objectives.response_logprobs(model, batch, _obj_ctx())
+    torch.testing.assert_close(logps, hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_obj_grads(model, logps.sum()), _obj_grads(model, hand.sum()), atol=1e-4, rtol=1e-4)
+    # the post-processing bites: the bare head (no bias, scale, cap) would be far off
+    hidden = model.base_model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
+    bare = token_logprobs(hidden, head.module.weight, batch['input_ids'][:, 1:], mask)
+    assert ((bare - hand).abs().max() > 0.1) == (scale != 1.0 or softcap is not None or has_bias)
+    # the Triton kernel (interpreter on CPU), at this tiny shape, for a soft cap, a scale and a bias
+    if family in ('gemma2', 'granite', 'phi') and _triton_runs:
+        fused = head.logprobs(hidden, batch['input_ids'][:, 1:], mask, fused=True)
+        torch.testing.assert_close(fused, hand, atol=1e-5, rtol=1e-5)
+    objectives.check_head(model.train())  # the startup self-check accepts it (in train mode too: GPT-2 has dropout)
+
+
+def test_objective_kd_with_softcapped_teacher_and_student():
+    student, teacher, batch = _family_model('gemma2', 0), _family_model('gemma3', 1), _obj_batch([(3, 4), (1, 6), (5, 2)])
+    teacher.requires_grad_(False)
+    losses, _ = objectives.kd(student, batch, _obj_ctx(teacher=teacher), chunk=5)
+    hand = _obj_hand_kd(student, teacher, batch)  # from model(...).logits: capped by each model's own forward
+    torch.testing.assert_close(losses, hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_obj_grads(student, losses.mean()), _obj_grads(student, hand.mean()), atol=1e-5, rtol=1e-4)
+    zero3, _ = objectives.kd(student, batch, _obj_ctx(teacher=teacher, zero3=True))
+    torch.testing.assert_close(zero3, hand, atol=1e-5, rtol=1e-5)
+
+
+def test_objective_zero3_path_applies_the_head_postprocessing():
+    """ZeRO-3 forms full logits through the head module: the same scale, cap and bias as the kernels."""
+    for family in ('gemma2', 'cohere', 'phi'):
+        model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6), (5, 2)])
+        hand, _ = _obj_hand_logprobs(model, batch)
+        torch.testing.assert_close(objectives.response_logprobs(model, batch, _obj_ctx(zero3=True))[0], hand,
+                                   atol=1e-5, rtol=1e-5, msg=family)
+
+
+@pytest.mark.parametrize('change, says', [
+    (lambda logits: logits + torch.tanh(logits), "differ from the model's own by up to"),  # unknown post-processing
+    (lambda logits: logits[..., :-1], 'returns 39 logits per token but its LM head has 40 rows'),  # a sliced vocabulary
+])
+def test_objective_self_check_refuses_unknown_postprocessing(monkeypatch, change, says):
+    model = _obj_model(0)
+    objectives.check_head(model)
+    forward = model.forward
+    def changed(*args, **kwargs):  # a family whose forward does something head_of does not know
+        out = forward(*args, **kwargs)
+        out.logits = change(out.logits)
+        return out
+    monkeypatch.setattr(model, 'forward', changed)
+    with pytest.raises(ValueError) as error:
+        objectives.check_head(model)
+    message = str(error.value)
+    assert '\n' not in message and message.startswith("LlamaForCausalLM (model_type 'llama')") and says in message, message
+    assert model.training  # put back in the mode it came in
+
+
+def test_objective_self_check_fails_bipost_with_one_line(tmp_path, rel_models, monkeypatch, capsys):
+    import transformers
+    forward = transformers.LlamaForCausalLM.forward
+    def scaled(self, *args, **kwargs):  # e.g. a logit scale bipost does not know
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 1.5
+        return out
+    monkeypatch.setattr(transformers.LlamaForCausalLM, 'forward', scaled)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={rel_models["init"]}', '--max_iters=1',
+                                    f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith(f"bipost: error: model '{rel_models['init']}': LlamaForCausalLM"), message
+    assert 'head_of' in message and not (tmp_path / 'out' / 'ckpt.json').exists()
+
+
+@pytest.mark.parametrize('dtype', [torch.long, torch.uint8])
+def test_objective_integer_response_masks(dtype):
+    """0/1 masks of any integer dtype give what the bool mask gives, in every objective and on the ZeRO-3 path."""
+    policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
+    for name, spans in (('sft', [(3, 4), (1, 6), (5, 2)]), ('dpo', OBJ_PAIRS), ('kd', [(3, 4), (1, 6), (5, 2)])):
+        batch = _obj_batch(spans)
+        as_int = {**batch, 'response_mask': batch['response_mask'].to(dtype)}
+        for overrides in ({}, {'zero3': True}):
+            ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
+            expected, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
+            losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
+            assert torch.equal(losses, expected), (name, overrides)
+
 # ---- kernels ----
 
 # On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
@@ -593,6 +719,47 @@ def test_kernel_logprob_twin_memory_is_chunked():
     torch.testing.assert_close(dh, h.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dw, w.grad, atol=1e-6, rtol=1e-5)
 
+def _head_reference(h, w, b, scale, softcap, t, mask):
+    """log softmax(softcap·tanh(scale·(h @ w.T + b) / softcap)) in fp64 through plain autograd, 0 where masked."""
+    logits = scale * (h.double() @ w.double().T + b.double())
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = logits.log_softmax(-1).gather(-1, t.clamp(min=0)[:, None]).squeeze(-1)
+    return torch.where(mask, logp, 0.0).float()
+
+# the logits an HF head forms: bias (Phi, GPT-J), logit scale (Cohere, Granite), soft cap (Gemma 2/3)
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("scale,softcap", [(1.0, 2.0), (0.5, 2.0), (0.25, None)])
+def test_kernel_logprob_bias_scale_softcap_matches_autograd(fused, scale, softcap, monkeypatch):
+    monkeypatch.setattr(kernels.logprob, "GRAD_CHUNK_ELEMS", 32 * 37)  # the fused backward crosses vocab chunks
+    h, w, t, mask = _logprob_case(37, 24, 101, True)
+    b = (torch.randn(101, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_()
+    g = torch.randn(37)
+    ref = _head_reference(h, w, b, scale, softcap, t, mask)
+    ref_grads = torch.autograd.grad((ref * g).sum(), (h, w, b))
+    out = token_logprobs(h, w, t, mask, fused=fused, chunk_rows=7, bias=b, scale=scale, softcap=softcap)
+    grads = torch.autograd.grad((out * g).sum(), (h, w, b))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, got, expected in zip(("dh", "dW", "dbias"), grads, ref_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # the forward-only path forms the same logits
+        torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=fused, bias=b, scale=scale, softcap=softcap), ref,
+                                   atol=1e-5, rtol=1e-5)
+    # and the head's extras matter here: without them the log-probs are far off
+    assert (_head_reference(h, w, b * 0, 1.0, None, t, mask) - ref).abs().max() > 0.5
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("dtype", [torch.long, torch.uint8])
+def test_kernel_logprob_integer_masks_and_ignore_index(fused, dtype):
+    """0/1 masks of any integer dtype act as the bool mask; -100 targets at masked rows never give NaN."""
+    h, w, t, mask = _logprob_case(37, 24, 101, True)  # t = -100 at the masked rows
+    b = torch.randn(101).requires_grad_()
+    expected = token_logprobs(h, w, t, mask, fused=fused, bias=b, softcap=3.0)
+    out = token_logprobs(h, w, t, mask.to(dtype), fused=fused, bias=b, softcap=3.0)
+    grads = torch.autograd.grad(out.sum(), (h, w, b))
+    assert torch.equal(out, expected) and all(torch.isfinite(x).all() for x in (out, *grads))
+    assert (out[~mask] == 0).all() and (grads[0][~mask] == 0).all() and (out[mask] < 0).all()
+
 def _dpo_case(B=3, T=11, seed=0):
     g = torch.Generator().manual_seed(seed)
     policy = -torch.rand(2 * B, T, generator=g) * 3
@@ -649,6 +816,16 @@ def test_kernel_dpo_policy_equals_reference_is_log2(fused):
     with pytest.raises(ValueError):
         dpo_losses(policy, policy, mask, 0.1, "hinge", fused=fused)
 
+@pytest.mark.parametrize("fused", FUSED)
+def test_kernel_dpo_integer_masks(fused):
+    policy, reference, mask = _dpo_case()
+    expected = dpo_losses(policy, reference, mask, 0.5, length_normalize=True, fused=fused)
+    expected_grad, = torch.autograd.grad(expected[0].sum(), policy)
+    for dtype in (torch.long, torch.uint8):
+        got = dpo_losses(policy, reference, mask.to(dtype), 0.5, length_normalize=True, fused=fused)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), dtype
+        assert torch.equal(torch.autograd.grad(got[0].sum(), policy)[0], expected_grad), dtype
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,H,V", [(4096, 4096, 128256), (3000, 2048, 50257)])
@@ -675,6 +852,28 @@ def test_kernel_logprob_gpu_bf16(N, H, V):
         assert rel(h.grad, hf.grad) < grad_tol and rel(w.grad, wf.grad) < grad_tol, (rel(h.grad, hf.grad), rel(w.grad, wf.grad))
         with torch.no_grad():
             assert torch.equal(token_logprobs(h, w, t, mask, fused=fused), out.detach())
+
+@gpu
+@pytest.mark.gpu
+def test_kernel_logprob_gpu_bf16_bias_scale_softcap():
+    """bf16 at a real vocab with a Gemma-2-like cap (30), a logit scale and a head bias: fp32 logits inside."""
+    torch.manual_seed(0)
+    N, H, V, scale, softcap = 2048, 1024, 50257, 0.5, 30.0
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") * 60 / H**0.5).bfloat16().requires_grad_()  # logits ~30: the cap bites
+    b = (torch.randn(V, device="cuda") * 2).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    mask = torch.rand(N, device="cuda") > 0.4
+    g = torch.randn(N, device="cuda")
+    hf, wf, bf = (x.detach().float().requires_grad_() for x in (h, w, b))
+    ref = _head_reference(hf, wf, bf, scale, softcap, t, mask)
+    (ref * g).sum().backward()
+    out = token_logprobs(h, w, t, mask, fused=True, bias=b, scale=scale, softcap=softcap)
+    (out * g).sum().backward()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert (out - ref).abs().max().item() < 2e-3
+    for got, expected in ((h.grad, hf.grad), (w.grad, wf.grad), (b.grad, bf.grad)):
+        assert rel(got, expected) < 1e-2, rel(got, expected)
 
 @gpu
 @pytest.mark.gpu

@@ -30,6 +30,7 @@ except ImportError:
 LOSS_TYPES = ("sigmoid", "ipo")
 
 def _sequence_logps(logps, mask, average):
+    mask = mask.bool()  # 0/1 masks of any integer dtype work as well
     seq = torch.where(mask, logps, 0.0).sum(-1)
     return seq / mask.sum(-1).clamp(min=1) if average else seq
 
@@ -134,6 +135,7 @@ class _FusedDPO(torch.autograd.Function):
 def dpo_losses(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", label_smoothing=0.0,
                length_normalize=False, fused=None):
     """-> (losses [B], policy_seq [2B], reference_seq [2B]); only losses carry gradient (to policy_logps).
+    mask: bool or 0/1 of any integer dtype.
     fused=None: Triton kernel on CUDA, else the twin; True/False force one."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")

@@ -19,6 +19,10 @@ Why it cannot reach 3 GEMMs: grad_logits needs the upstream per-token gradient, 
 forward, and storing the logits costs N*V bytes; so the floor is 4 GEMMs (fwd, recompute, dh, dW),
 i.e. ~1.33x the three bare GEMMs. The forward-only path (reference/teacher) is one GEMM.
 Masked rows are dropped before the matmuls (prompt tokens are 30-50 % of rows) and scattered back as 0.
+Heads that post-process their logits (HF families, see objectives.head_of) are reproduced exactly: a
+head bias is added to the fp32 logits, a logit scale is folded into the hidden states (and the bias),
+and a soft cap cap·tanh(logit/cap) is applied to the fp32 logits; the backward multiplies grad_logits
+by its slope 1 - (logit/cap)^2, and the bias gradient is grad_logits summed over rows.
 """
 import os
 import torch
@@ -40,53 +44,72 @@ GRAD_CHUNK_ELEMS = 2**26  # Triton backward: grad_logits per vocab chunk (128 Mi
 # ----------------------------------------------------------------------------------------------
 # PyTorch twin
 
-def _twin_forward(h, w, t, chunk_rows):
+def _twin_logits(h, w, b, softcap):
+    """fp32 logits of the rows h: softcap·tanh((h @ w.T + b) / softcap), in h's dtype up to the cap (as HF's head)."""
+    logits = (h @ w.T if b is None else torch.addmm(b, h, w.T)).float()
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
+
+def _twin_forward(h, w, b, t, softcap, chunk_rows):
     """log-probs and log-sum-exp of the rows of h, chunk_rows rows at a time (fp32 results)."""
     logp = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     for s in range(0, h.shape[0], chunk_rows):
-        logits = (h[s:s + chunk_rows] @ w.T).float()
+        logits = _twin_logits(h[s:s + chunk_rows], w, b, softcap)
         lse[s:s + chunk_rows] = logits.logsumexp(-1)
         logp[s:s + chunk_rows] = logits.gather(1, t[s:s + chunk_rows, None]).squeeze(1) - lse[s:s + chunk_rows]
     return logp, lse
 
 class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, t, chunk_rows):
-        logp, lse = _twin_forward(h, w, t, chunk_rows)
-        ctx.save_for_backward(h, w, t, lse)
-        ctx.chunk_rows = chunk_rows
+    def forward(ctx, h, w, b, t, softcap, chunk_rows):
+        logp, lse = _twin_forward(h, w, b, t, softcap, chunk_rows)
+        ctx.save_for_backward(h, w, b, t, lse)
+        ctx.softcap, ctx.chunk_rows = softcap, chunk_rows
         return logp
 
     @staticmethod
     def backward(ctx, g):
-        h, w, t, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+        h, w, b, t, lse = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dh = torch.empty_like(h) if need_dh else None
-        # accumulate dW over row chunks in fp32 (the twin is the CPU path, where fp32 is the norm)
+        # accumulate dW (and db) over row chunks in fp32 (the twin is the CPU path, where fp32 is the norm)
         dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_dw else None
+        db = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32) if need_db else None
         g = g.float()
         for s in range(0, h.shape[0], ctx.chunk_rows):
             hc, tc, gc = h[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows], g[s:s + ctx.chunk_rows]
-            logits = (hc @ w.T).float()
+            logits = _twin_logits(hc, w, b, ctx.softcap)
+            # through the cap: d(cap·tanh(z/cap))/dz = 1 - tanh² = 1 - (logit/cap)²
+            slope = None if ctx.softcap is None else 1 - (logits / ctx.softcap) ** 2
             grad = logits.sub_(lse[s:s + ctx.chunk_rows, None]).exp_().mul_(-gc[:, None])  # -g * softmax
             grad[torch.arange(len(tc), device=tc.device), tc] += gc                          # + g * onehot
+            if slope is not None:
+                grad.mul_(slope)
+            if need_db:
+                db += grad.sum(0)
             grad = grad.to(h.dtype)
             if need_dh:
                 dh[s:s + ctx.chunk_rows] = grad @ w
             if need_dw:
                 dw += (grad.T @ hc).float()
-        return dh, (dw.to(w.dtype) if need_dw else None), None, None
+        return (dh, (dw.to(w.dtype) if need_dw else None), (db.to(b.dtype) if need_db else None), None, None, None)
 
 # ----------------------------------------------------------------------------------------------
 # Triton
 
 if triton is not None:
     @triton.jit
-    def _tile_logits(h_ptr, w_ptr, pid, M, H, v_start, v_end,
+    def _softcap(x, cap):
+        """cap·tanh(x/cap) through exp (the interpreter has no tanh); ±cap at ±inf."""
+        e = tl.exp(-2.0 * tl.abs(x / cap))
+        t = (1.0 - e) / (1.0 + e)
+        return cap * tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def _tile_logits(h_ptr, w_ptr, b_ptr, softcap, pid, M, H, v_start, v_end,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
-        """fp32 logits of one (token block, vocab block) tile of columns [v_start, v_end)."""
+                     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        """fp32 logits of one (token block, vocab block) tile of columns [v_start, v_end), bias and soft cap applied."""
         # swizzle: GROUP_M token blocks sweep the same vocab blocks together, so W tiles hit in L2
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(v_end - v_start, BLOCK_N)
         group = pid // (GROUP_M * num_n)
@@ -106,15 +129,19 @@ if triton is not None:
             acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < v_end, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            acc = _softcap(acc, softcap)
         acc = tl.where(cols[None, :] < v_end, acc, float("-inf"))  # padding columns vanish in exp
         return acc, rows, cols, pid_n
 
     @triton.jit
-    def _forward_kernel(h_ptr, w_ptr, t_ptr, lse_part_ptr, target_logit_ptr, M, V, H,
+    def _forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_part_ptr, target_logit_ptr, softcap, M, V, H,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
-        logits, rows, cols, pid_n = _tile_logits(h_ptr, w_ptr, tl.program_id(0), M, H, 0, V,
-                                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PRECISION)
+                        GROUP_M: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        logits, rows, cols, pid_n = _tile_logits(h_ptr, w_ptr, b_ptr, softcap, tl.program_id(0), M, H, 0, V,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PRECISION, HAS_BIAS, HAS_SOFTCAP)
         row_ok = rows < M
         row_max = tl.max(logits, 1)
         tile_lse = row_max + tl.log(tl.sum(tl.exp(logits - row_max[:, None]), 1))
@@ -126,17 +153,21 @@ if triton is not None:
         tl.store(target_logit_ptr + rows, target_logit, mask=row_ok & in_tile)
 
     @triton.jit
-    def _grad_logits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, grad_ptr, M, H, v_start, v_end,
+    def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, grad_ptr, softcap, M, H, v_start, v_end,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
-        logits, rows, cols, pid_n = _tile_logits(h_ptr, w_ptr, tl.program_id(0), M, H, v_start, v_end,
-                                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PRECISION)
+                            GROUP_M: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_SOFTCAP: tl.constexpr):
+        logits, rows, cols, pid_n = _tile_logits(h_ptr, w_ptr, b_ptr, softcap, tl.program_id(0), M, H, v_start, v_end,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PRECISION, HAS_BIAS, HAS_SOFTCAP)
         row_ok = rows < M
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
         onehot = (cols[None, :] == t[:, None]).to(tl.float32)
         grad = g[:, None] * (onehot - tl.exp(logits - lse[:, None]))
+        if HAS_SOFTCAP:  # the gradient of the logits before the cap: d(cap·tanh(z/cap))/dz = 1 - (logit/cap)²
+            capped = logits / softcap  # -inf in padding columns, whose slope is never stored
+            grad *= tl.where(cols[None, :] < v_end, 1.0 - capped * capped, 0.0)
         width = v_end - v_start
         ptrs = grad_ptr + rows[:, None].to(tl.int64) * width + (cols - v_start)[None, :]
         tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < v_end))
@@ -149,14 +180,19 @@ def _launch_config(dtype):
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, PRECISION="ieee", num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, PRECISION="tf32", num_warps=8, num_stages=3)
 
-def _triton_forward(h, w, t):
+def _triton_flags(b, softcap):
+    """bias pointer (any tensor when there is none), the cap (ignored without one) and the constexpr switches."""
+    return dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None), (1.0 if softcap is None else float(softcap))
+
+def _triton_forward(h, w, b, t, softcap):
     M, H = h.shape
     V = w.shape[0]
     cfg = _launch_config(h.dtype)
     lse_part = torch.empty(M, triton.cdiv(V, cfg["BLOCK_N"]), device=h.device, dtype=torch.float32)
     target_logit = torch.full((M,), float("nan"), device=h.device)  # stays NaN for a target outside [0, V)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_N"]),)
-    _forward_kernel[grid](h, w, t, lse_part, target_logit, M, V, H, **cfg)
+    flags, cap = _triton_flags(b, softcap)
+    _forward_kernel[grid](h, w, w if b is None else b, t, lse_part, target_logit, cap, M, V, H, **cfg, **flags)
     lse = lse_part.logsumexp(-1)
     return target_logit - lse, lse
 
@@ -180,26 +216,31 @@ def _addmm_fp32(acc, a, b):
 
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, t):
-        logp, lse = _triton_forward(h, w, t)
-        ctx.save_for_backward(h, w, t, lse)
+    def forward(ctx, h, w, b, t, softcap):
+        logp, lse = _triton_forward(h, w, b, t, softcap)
+        ctx.save_for_backward(h, w, b, t, lse)
+        ctx.softcap = softcap
         return logp
 
     @staticmethod
     def backward(ctx, g):
-        h, w, t, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+        h, w, b, t, lse = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         (M, H), V = h.shape, w.shape[0]
         cfg = _launch_config(h.dtype)
+        flags, cap = _triton_flags(b, ctx.softcap)
         g = g.float().contiguous()
         dh = torch.zeros(M, H, device=h.device, dtype=torch.float32) if need_dh else None
         dw = torch.empty_like(w) if need_dw else None
+        db = torch.empty(V, device=w.device, dtype=torch.float32) if need_db else None
         chunk = max(cfg["BLOCK_N"], GRAD_CHUNK_ELEMS // max(M, 1) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             grad = torch.empty(M, v1 - v0, device=h.device, dtype=h.dtype)
             grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(v1 - v0, cfg["BLOCK_N"]),)
-            _grad_logits_kernel[grid](h, w, t, lse, g, grad, M, H, v0, v1, **cfg)
+            _grad_logits_kernel[grid](h, w, w if b is None else b, t, lse, g, grad, cap, M, H, v0, v1, **cfg, **flags)
+            if need_db:
+                torch.sum(grad, 0, dtype=torch.float32, out=db[v0:v1])
             if need_dw:
                 torch.mm(grad.T, h, out=dw[v0:v1])
             if need_dh:
@@ -207,15 +248,17 @@ class _FusedLogprob(torch.autograd.Function):
                     dh.addmm_(grad, w[v0:v1])
                 else:
                     _addmm_fp32(dh, grad, w[v0:v1])
-        return (dh.to(h.dtype) if need_dh else None), dw, None
+        return (dh.to(h.dtype) if need_dh else None), dw, (db.to(b.dtype) if need_db else None), None, None
 
 # ----------------------------------------------------------------------------------------------
 # public API
 
-def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=None):
-    """fp32 log softmax(hidden @ weight.T)[..., targets]; positions where mask is False give exactly 0
-    (and no gradient; their targets may be anything, e.g. -100). hidden [..., H], weight [V, H],
-    targets/mask [...]. fused=None: Triton on CUDA, else the PyTorch twin; True/False force one.
+def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=None, bias=None, scale=1.0, softcap=None):
+    """fp32 log softmax(logits)[..., targets] with the logits an HF head forms (objectives.head_of):
+    logits = softcap·tanh(scale·(hidden @ weight.T + bias) / softcap), without a bias / cap when None.
+    Positions where mask is 0/False give exactly 0 (and no gradient; their targets may be anything, e.g. -100).
+    hidden [..., H], weight [V, H], bias [V], targets/mask [...] (mask: bool or any integer dtype).
+    fused=None: Triton on CUDA, else the PyTorch twin; True/False force one.
     chunk_rows: twin rows per chunk (default: TWIN_CHUNK_ELEMS // V). Without grad: forward only."""
     if fused is None:
         fused = hidden.is_cuda and triton is not None
@@ -224,21 +267,29 @@ def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=No
     if mask is not None:  # compact: masked rows never reach the matmuls
         keep = mask.reshape(-1).nonzero().squeeze(1)
         h, t = h.index_select(0, keep), t.index_select(0, keep)
+    if scale != 1.0:  # scale·(hW + b) = (scale·h)W + scale·b: the kernels never see the scale
+        h, bias = h * scale, (None if bias is None else bias * scale)
     if fused:
         h, weight, t = h.contiguous(), weight.contiguous(), t.contiguous()
+        bias = None if bias is None else bias.contiguous()
     chunk_rows = chunk_rows or max(1, TWIN_CHUNK_ELEMS // weight.shape[0])
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    softcap = None if softcap is None else float(softcap)
+    params = [x for x in (hidden, weight, bias) if x is not None]
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in params)
     if h.shape[0] == 0:  # all masked: zeros that still reach the graph, so backward() works
-        logp = (h.sum() + weight.sum()).float().mul(0).expand(0)
+        logp = sum(x.sum() for x in params).float().mul(0).expand(0)
     elif need_grad:
-        logp = _FusedLogprob.apply(h, weight, t) if fused else _ChunkedLogprob.apply(h, weight, t, chunk_rows)
+        logp = (_FusedLogprob.apply(h, weight, bias, t, softcap) if fused else
+                _ChunkedLogprob.apply(h, weight, bias, t, softcap, chunk_rows))
     else:
         with torch.no_grad():
-            logp = (_triton_forward(h, weight, t) if fused else _twin_forward(h, weight, t, chunk_rows))[0]
+            logp = (_triton_forward(h, weight, bias, t, softcap) if fused else
+                    _twin_forward(h, weight, bias, t, softcap, chunk_rows))[0]
     if mask is not None:
         logp = logp.new_zeros(mask.numel()).index_copy(0, keep, logp)
     return logp.reshape(shape)
 
-def token_logprobs_torch(hidden, weight, targets, mask=None, chunk_rows=None):
+def token_logprobs_torch(hidden, weight, targets, mask=None, chunk_rows=None, bias=None, scale=1.0, softcap=None):
     """The PyTorch twin, whatever the device (token_logprobs with fused=False)."""
-    return token_logprobs(hidden, weight, targets, mask, fused=False, chunk_rows=chunk_rows)
+    return token_logprobs(hidden, weight, targets, mask, fused=False, chunk_rows=chunk_rows, bias=bias, scale=scale,
+                          softcap=softcap)
