@@ -213,7 +213,7 @@ def eval_examples(name):
 
 
 def optimum_record(name):
-    return {'objective': name, 'dataset': dataset, 'val_split': val_splits[name], 'eval_examples': eval_examples(name),
+    return {'objective': name, 'dataset': os.path.abspath(data_dir), 'val_split': val_splits[name], 'eval_examples': eval_examples(name),
             **{k: config[k] for k in OBJECTIVE_SETTINGS.get(name, ())}}
 
 

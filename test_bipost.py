@@ -1659,11 +1659,21 @@ def test_reliability_nonfinite_loss_stop_skip_and_diverged_weights(tmp_path, rel
     assert [r['skipped'] for r in records] == [sum(i <= r['iter'] for i in bad) for r in records]
     state = torch.load(tmp_path / 'skip' / 'ckpt.pt', weights_only=False)
     assert state['skipped'] == len(bad) and _rel_finite(state)
-    # fault: a learning rate that blows the weights up; the held-out eval sees it and nothing is saved over the
-    # good checkpoint (skip mode included, where the training losses alone would not stop the run)
+    # fault: an optimizer step that blows the weights up (as a far too high lr would; bipost refuses such an lr
+    # up front); the held-out eval sees it and nothing is saved over the good checkpoint (skip mode included, where
+    # the training losses alone would not stop the run)
     before = (tmp_path / 'skip' / 'ckpt.pt').read_bytes()
+    adamw_step = torch.optim.AdamW.step
+    def exploding_step(self, *args, **kwargs):
+        result = adamw_step(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group['params']:
+                    p.mul_(float('inf'))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, 'step', exploding_step)
     code, out, err = _rel_inprocess(monkeypatch, capsys, *dpo, '--init_from=resume', '--max_iters=9', '--eval_interval=1',
-                                    '--nonfinite=skip', '--learning_rate=1e30', f'--out_dir={tmp_path / "skip"}')
+                                    '--nonfinite=skip', f'--out_dir={tmp_path / "skip"}')
     assert code == 1 and 'non-finite held-out loss at update 7' in err and 'intact' in err, err
     assert (tmp_path / 'skip' / 'ckpt.pt').read_bytes() == before
     assert json.load(open(tmp_path / 'skip' / 'ckpt.json'))['iter_num'] == 6
