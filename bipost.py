@@ -69,7 +69,7 @@ weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objec
 optima = []                   # f* per objective, for maxright and the ideal distance: a number, or the out_dir of a
                               # run on that objective alone (its optimum.json); [] = unknown: no ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
-# selector (data): bilevel per-example weights learned against a small trusted set (DESIGN.md)
+# selector (data): bilevel per-example weights learned against a small trusted set (README, data selection)
 data_selection = False        # learn weights for selection_objective's train split -> out_dir/{weights,ranking,keep}.npy
 selection_objective = 'sft'   # whose train split gets weights: 'sft' (examples) or 'dpo' (pairs)
 trusted_split = 'sft_trusted' # small clean split of the same kind (~100-1000 examples)

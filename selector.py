@@ -1,6 +1,6 @@
 """
 The selector decides what each weight update optimizes:
-- which objective (ObjectiveSelector): sequential, mix, alright or maxright, as in DESIGN.md;
+- which objective (ObjectiveSelector): sequential, mix, alright or maxright (README, how it works);
 - how much each training example counts (DataSelector): bilevel data weights from a trusted set.
 
 Every rank must make the same choice every update: alright draws from a generator seeded identically
@@ -79,7 +79,7 @@ def _gather(t):
 
 
 class DataSelector:
-    """Bilevel data weights (DESIGN.md): one logit ω_i per example of the training split, by its stable index.
+    """Bilevel data weights (README, data selection): one logit ω_i per example of the training split, by its stable index.
 
     Penalty (value-function) form; per micro-step, with a trusted batch G and a training batch I:
       model θ:  c·mean(ℓ_G(θ)) + (1−c)·mean(w_I·ℓ_I(θ)), w detached, c = c0·decay^epoch (the trainer's loss)

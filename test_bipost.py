@@ -394,7 +394,7 @@ def test_objective_dpo_policy_equals_reference_is_log2(label_smoothing, length_n
 
 
 def _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normalize, nll_weight):
-    """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (DESIGN.md formulas)."""
+    """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (the formulas in kernels/dpo.py)."""
     policy_logps, mask = _obj_hand_logprobs(policy, batch)
     with torch.no_grad():
         reference_logps, _ = _obj_hand_logprobs(reference, batch)
@@ -1182,6 +1182,10 @@ def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     assert last['val/sft/loss'] < first['val/sft/loss'] - 0.1, (first, last)
     assert last['val/dpo/loss'] < first['val/dpo/loss'] - 0.1, (first, last)
     assert last['val/dpo/rewards/accuracies'] > 0.6
+    # and the exact path, update by update, against the golden file (rel 0.5%: 30 updates amplify little)
+    _golden_check('short_run', [{'iter': r['iter'], 'sft': r['train/sft/loss'], 'dpo': r['train/dpo/loss']} for r in steps] +
+                  [{'iter': r['iter'], 'val_sft': r['val/sft/loss'], 'val_dpo': r['val/dpo/loss']} for r in (first, last)],
+                  rel=0.005)
 
 
 @pytest.mark.parametrize('engine', ['plain', 'deepspeed'])
@@ -1441,6 +1445,54 @@ def test_trust_first_dpo_step_is_log2_on_every_path(tmp_path, path):
     for key in ('rewards/chosen', 'rewards/rejected', 'rewards/margins'):
         assert step[f'train/dpo/{key}'] == 0.0 and first_eval[f'val/dpo/{key}'] == 0.0, key
     assert step['train/dpo/logps/chosen'] < -10  # summed log-probs (TRL's meaning): far from 0, so 0 above is real
+
+
+# ---- golden: what the README prints is what a fresh clone computes ----
+
+# data/demo/golden.json holds the numbers the README prints as expected output (the demo's eval lines) and the short
+# run's per-update losses. CPU runs are deterministic on one machine (OMP_NUM_THREADS 1 and 2 agree to every digit);
+# another CPU may sum in another order, which 300 updates amplify: hence the stated relative tolerances, checked here.
+# After a change that moves these numbers on purpose: BIPOST_UPDATE_GOLDEN=1 python -m pytest -k golden, then
+# copy the eval lines into the README (the README test says which).
+GOLDEN_PATH = os.path.join(ROOT, 'data', 'demo', 'golden.json')
+GOLDEN_UPDATE = os.environ.get('BIPOST_UPDATE_GOLDEN') == '1'
+
+
+def _golden_check(key, observed, rel):
+    golden = json.load(open(GOLDEN_PATH)) if os.path.exists(GOLDEN_PATH) else {}
+    if GOLDEN_UPDATE:
+        golden[key] = {'tolerance_rel': rel, 'records': observed}
+        with open(GOLDEN_PATH, 'w') as f:
+            json.dump(golden, f, indent=1)
+        return
+    expected = golden[key]['records']
+    assert [r['iter'] for r in observed] == [r['iter'] for r in expected]
+    for got, want in zip(observed, expected):
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=golden[key]['tolerance_rel'], abs=1e-6), (key, want['iter'], k, got[k], v)
+
+
+def _golden_eval_line(r):
+    """The eval line bipost prints for the demo (no ideal distance: the bare demo has no optima)."""
+    return f"eval {r['iter']} | sft {r['sft']:.4f} | dpo {r['dpo']:.4f} | dpo acc {r['dpo_acc']:.2f}"
+
+
+@pytest.mark.slow
+def test_golden_demo_run_and_readme(tmp_path):
+    """`python bipost.py`, the README's main command, exactly as a new user runs it; its eval lines against the golden
+    file (rel 2%), and the README's expected-output block against the golden file, digit for digit."""
+    done = subprocess.run([sys.executable, 'bipost.py', f'--out_dir={tmp_path / "demo"}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={k: v for k, v in os.environ.items() if k != 'RANK'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = [{'iter': r['iter'], 'sft': r['val/sft/loss'], 'dpo': r['val/dpo/loss'], 'dpo_acc': r['val/dpo/rewards/accuracies']}
+             for r in _train_records(tmp_path / 'demo')[0]]
+    assert [l for l in done.stdout.splitlines() if l.startswith('eval ')] == [_golden_eval_line(r) for r in evals]
+    _golden_check('demo', evals, rel=0.02)
+    golden = json.load(open(GOLDEN_PATH))['demo']['records']
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    block = readme.split('Expected output', 1)[1].split('```', 2)[1]
+    printed = [l for l in block.splitlines() if l.startswith('eval ')]
+    assert printed == [_golden_eval_line(r) for r in golden], 'README expected output != data/demo/golden.json'
 
 
 # ---- reliability ----
