@@ -165,9 +165,6 @@ if dpo_loss == 'ipo' and label_smoothing > 0:
 if data_selection and lower_level == 'reference' and DATA_KIND.get(selection_objective) == 'pref':
     fail("data_selection: lower_level='reference' with preference pairs scores every pair against the reference "
          "itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
-if dataset != 'demo' and (beta, length_normalize, learning_rate) == (5.0, True, 1e-3) and master:
-    print(f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny model "
-          f"from scratch; for dataset '{dataset}' set them in your config (standard DPO: beta ~0.1, summed log-probs)")
 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
@@ -237,6 +234,10 @@ if optima and len(optima) != len(objectives):
     fail(f"optima={optima} must hold one f* per objective {objectives} (a number or a single-objective run's out_dir), "
          f"or be [] if unknown")
 optimum_values = [read_optimum(n, o) for n, o in zip(objectives, optima)] if optima else None
+demo_data = os.path.abspath(data_dir) == os.path.abspath(os.path.join(os.path.dirname(__file__), 'data', 'demo'))
+if not demo_data and (beta, length_normalize, learning_rate) == (5.0, True, 1e-3) and master:
+    print(f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny model "
+          f"from scratch; for {data_dir} set them in your config (standard DPO: beta ~0.1, summed log-probs; lr ~1e-6)")
 try:  # strategy, weights and optima are checked before any model is loaded
     selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optimum_values, maxright_refresh, seed)
 except ValueError as e:

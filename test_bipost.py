@@ -1447,6 +1447,20 @@ def test_trust_first_dpo_step_is_log2_on_every_path(tmp_path, path):
     assert step['train/dpo/logps/chosen'] < -10  # summed log-probs (TRL's meaning): far from 0, so 0 above is real
 
 
+def test_trust_demo_defaults_on_other_data_say_so_once(tmp_path, monkeypatch, capsys):
+    """β = 5 with length normalization and lr 1e-3 suit the tiny demo model; on anyone else's data the run says so,
+    once, and not when the user set them (or on the demo itself)."""
+    import shutil
+    shutil.copytree(os.path.join(ROOT, 'data', 'demo'), tmp_path / 'mine', ignore=shutil.ignore_patterns('*.jsonl', '*.py', '*.png'))
+    runs = {'other': [f'--dataset={tmp_path / "mine"}'], 'set': [f'--dataset={tmp_path / "mine"}', '--beta=0.1'],
+            'demo': ['--dataset=data/demo']}
+    for name, args in runs.items():
+        code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=1', '--eval_iters=1',
+                                        f'--out_dir={tmp_path / name}')
+        assert code == 0, err
+        assert out.count("are the demo's defaults") == (name == 'other'), (name, out)
+
+
 # ---- golden: what the README prints is what a fresh clone computes ----
 
 # data/demo/golden.json holds the numbers the README prints as expected output (the demo's eval lines) and the short
