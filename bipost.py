@@ -542,7 +542,8 @@ peak_flops = 989e12  # dense bf16 of one H100; mfu is printed on GPUs only
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}")
-    print(f"objectives: {objectives} | strategy {strategy} | weights {weights} | optima {optima}")
+    print(f"objectives: {objectives} | strategy {strategy} | weights {weights} | "
+          f"f* {[round(v, 4) for v in optimum_values] if optimum_values else 'unknown (optima = [])'}")
     print(f"world {world_size} | {'deepspeed ZeRO-' + str(zero_stage) if deepspeed else 'plain torch'} | device {device} | "
           f"{batch_size} x {gradient_accumulation_steps} accum x {world_size} ranks = "
           f"{batch_size * gradient_accumulation_steps * world_size} examples (pairs for dpo) per update")
