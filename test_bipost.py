@@ -1354,8 +1354,16 @@ def test_training_two_ranks_make_identical_choices(tmp_path):
     assert [r['objective'] for r in _train_records(dirs['alright'])[1]] == [single.choose(i)[0][0] for i in range(8)]
     # the held-out loss over 2 ranks: each of the 150 examples once (75 a rank, the last batch of 1), weighted by
     # example over both ranks — the initial model's plain per-example mean
-    losses = _trust_sft_losses(_trust_initial_model(), 'sft_trusted', range(150))
+    model = _trust_initial_model()
+    losses = _trust_sft_losses(model, 'sft_trusted', range(150))
     assert _train_records(dirs['alright'])[0][0]['val/sft/loss'] == pytest.approx(sum(losses) / 150, abs=1e-5)
+    # the logged train loss of update 1 (sft, the initial model) is the mean over both ranks' micro-batches: rank r
+    # takes examples [2r, 2r+2) of the epoch's seeded permutation; rank 0's alone would be off
+    order = np.random.default_rng([1337, 0]).permutation(len(np.load(os.path.join(ROOT, 'data', 'demo', 'sft_train_index.npy'))))
+    first = _train_records(dirs['alright'])[1][0]
+    losses = _trust_sft_losses(model, 'sft_train', order[:4])
+    assert first['objective'] == 'sft' and first['train/sft/loss'] == pytest.approx(np.mean(losses), abs=1e-5)
+    assert abs(np.mean(losses[:2]) - np.mean(losses)) > 1e-4
 
 # ---- trust: evals, f*, the reference's precision ----
 

@@ -66,7 +66,7 @@ def bipost(name, seed, objectives, strategy, weights, optima):
         'ms_per_update': statistics.fmean(timed), 'updates': len(updates),
         'sft_share': statistics.fmean(r['objective'].split('+').count('sft') / len(r['objective'].split('+')) for r in updates),
         'trajectory': [{'iter': r['iter'], 'sft': r.get('val/sft/loss'), 'dpo': r.get('val/dpo/loss'),
-                        'dpo_acc': r.get('val/dpo/rewards/accuracies'), 'ideal': r['val/ideal_distance']} for r in evals]}
+                        'dpo_acc': r.get('val/dpo/rewards/accuracies'), 'ideal': r.get('val/ideal_distance')} for r in evals]}
     with open(done, 'w') as f:
         json.dump(record, f, indent=1)
     return record
