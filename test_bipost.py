@@ -1243,6 +1243,38 @@ def test_training_gradient_accumulation_equivalence(tmp_path):
         assert max((big_weights[k] - initial[k]).abs().max().item() for k in big_weights) > 1e-2
 
 
+@pytest.mark.parametrize('strategy', ['alright', 'mix', 'maxright', 'sequential'])
+def test_training_lr_schedule_is_warmup_then_cosine_per_stage(tmp_path, monkeypatch, capsys, strategy):
+    """The lr of every update, as logged (metrics.jsonl 'lr') and as the optimizer applies it (read in a step
+    pre-hook), against the schedule written out here: update t of a run of n updates gets lr·(t+1)/(w+1) while
+    t < w, then min_lr + ½(1 + cos(π·(t−w)/(n−w)))·(lr − min_lr). sequential with λ = [0.4, 0.6] over 10 updates
+    is two runs, of 4 and 6 updates: the second restarts its warm-up and decays over its own 6 updates."""
+    lr, min_lr, w = 1e-3, 1e-4, 2
+    def schedule(t, n):
+        if t < w:
+            return lr * (t + 1) / (w + 1)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, (t - w) / (n - w)))) * (lr - min_lr)
+    stages = [4, 6] if strategy == 'sequential' else [10]
+    expected = [schedule(t, n) for n in stages for t in range(n)]
+    applied = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]['lr']))
+    try:
+        code, out, err = _rel_inprocess(monkeypatch, capsys, f'--strategy={strategy}', '--weights=[0.4, 0.6]',
+                                        '--max_iters=10', '--eval_interval=100', '--eval_iters=1', '--export_hf=False',
+                                        f'--learning_rate={lr}', f'--min_lr={min_lr}', f'--warmup_iters={w}',
+                                        '--decay_lr=True', f'--out_dir={tmp_path}')
+    finally:
+        hook.remove()
+    assert code == 0, err
+    steps = [r for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'objective' in r]
+    assert [r['iter'] for r in steps] == list(range(1, 11))
+    assert [r['lr'] for r in steps] == pytest.approx(expected, rel=1e-12)
+    assert applied == pytest.approx(expected, rel=1e-12)
+    if strategy == 'sequential':  # the stages are the selector's: each objective runs under its own schedule
+        assert [r['objective'] for r in steps] == ['sft'] * 4 + ['dpo'] * 6
+
+
 def _train_val_sft_loss(model, eval_iters, batch_size):
     """The held-out SFT loss as bipost's evaluate() defines it: eval_iters batches of the first examples of sft_val."""
     tokens = np.memmap(os.path.join(ROOT, 'data', 'demo', 'sft_val.bin'), dtype=np.uint32, mode='r')
@@ -1613,9 +1645,10 @@ def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, pat
         assert model.generate(torch.tensor([[87, 104]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
 
 
-def _rel_inprocess(monkeypatch, capsys, *args):
+def _rel_inprocess(monkeypatch, capsys, *args, namespace=None):
     """bipost.py run inside this process (no ~5 s of imports per run); returns (exit code, stdout, stderr).
-    Anything but a clean exit (a traceback from deep inside torch) propagates and fails the test."""
+    Anything but a clean exit (a traceback from deep inside torch) propagates and fails the test.
+    namespace: a dict that receives the script's globals after a run that finished (the trained model...)."""
     import runpy
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv('RANK', raising=False)
@@ -1623,7 +1656,9 @@ def _rel_inprocess(monkeypatch, capsys, *args):
     threads, code = torch.get_num_threads(), 0
     torch.set_num_threads(1)
     try:
-        runpy.run_path('bipost.py', run_name='__main__')
+        script_globals = runpy.run_path('bipost.py', run_name='__main__')
+        if namespace is not None:
+            namespace.update(script_globals)
     except SystemExit as e:
         code = e.code
     finally:
