@@ -393,6 +393,80 @@ def test_objective_dpo_policy_equals_reference_is_log2(label_smoothing, length_n
         assert (metrics[name].abs() < 1e-6).all(), name
 
 
+# Per-token log-probs of two pairs (chosen rows 0, 1, then rejected rows 2, 3) small enough to do DPO by hand with
+# math: None is a masked position (NaN in the tensors, which must not leak). Summed, z = [1.0, -1.5]; averaged,
+# z = [5/12, -1.25]: margins of both signs, away from the symmetric point z = 0 where a flipped sign, a β in the
+# wrong place or a wrong ε weight give log 2 all the same.
+DPO_POLICY = [[-0.5, -1.0, None], [-2.0, None, None], [-1.5, -0.5, -1.0], [-0.25, -0.75, None]]
+DPO_REFERENCE = [[-1.0, -1.0, None], [-1.0, None, None], [-1.0, -1.0, -0.5], [-0.5, -1.0, None]]
+DPO_HAND_CASES = [  # loss_type, ε, length_normalize, β, NLL weight (the NLL term lives in objectives.dpo only)
+    ('sigmoid', 0.0, False, 0.5, 0.0),  # DPO
+    ('sigmoid', 0.2, False, 0.5, 0.0),  # conservative / label-smoothed
+    ('ipo', 0.0, False, 0.5, 0.0),      # IPO (per-token log-ratios, whatever length_normalize)
+    ('sigmoid', 0.1, True, 2.0, 0.0),   # length-normalized, with smoothing
+    ('sigmoid', 0.0, False, 0.5, 0.3),  # + NLL on the chosen response (RPO)
+]
+
+
+def _dpo_tensors(masked=float('nan')):
+    policy = torch.tensor([[masked if x is None else x for x in row] for row in DPO_POLICY], requires_grad=True)
+    reference = torch.tensor([[masked if x is None else x for x in row] for row in DPO_REFERENCE])
+    return policy, reference, torch.tensor([[x is not None for x in row] for row in DPO_POLICY])
+
+
+def _dpo_by_hand(loss_type, eps, length_normalize, beta, nll_weight=0.0):
+    """Plain python on DPO_POLICY/DPO_REFERENCE -> (losses, policy seq, reference seq, d sum(losses) / d policy)."""
+    average = loss_type == 'ipo' or length_normalize
+    def seq(row):
+        kept = [x for x in row if x is not None]
+        return sum(kept) / (len(kept) if average else 1)
+    policy, reference = [seq(r) for r in DPO_POLICY], [seq(r) for r in DPO_REFERENCE]
+    log_sigmoid, sigmoid = (lambda x: -math.log(1 + math.exp(-x))), (lambda x: 1 / (1 + math.exp(-x)))
+    losses, grads = [], [[0.0] * 3 for _ in DPO_POLICY]
+    for b in range(2):
+        z = (policy[b] - policy[b + 2]) - (reference[b] - reference[b + 2])
+        if loss_type == 'ipo':
+            loss, dz = (z - 1 / (2 * beta)) ** 2, 2 * (z - 1 / (2 * beta))
+        else:
+            loss = -(1 - eps) * log_sigmoid(beta * z) - eps * log_sigmoid(-beta * z)
+            dz = -(1 - eps) * beta * sigmoid(-beta * z) + eps * beta * sigmoid(beta * z)
+        chosen = [x for x in DPO_POLICY[b] if x is not None]
+        losses.append(loss + nll_weight * -sum(chosen) / len(chosen))
+        for row, sign in ((b, 1), (b + 2, -1)):
+            n = sum(x is not None for x in DPO_POLICY[row])
+            for t, x in enumerate(DPO_POLICY[row]):
+                if x is not None:
+                    grads[row][t] = sign * dz / (n if average else 1) - (nll_weight / n if row == b else 0.0)
+    return losses, policy, reference, grads
+
+
+@pytest.mark.parametrize('loss_type, eps, length_normalize, beta, nll_weight', DPO_HAND_CASES)
+def test_objective_dpo_hand_numbers_at_nonzero_margins(monkeypatch, loss_type, eps, length_normalize, beta, nll_weight):
+    """objectives.dpo on log-probs known by hand (response_logprobs, tested above, is replaced by a table): the losses,
+    their gradient, and the logged rewards, whose signs say which way the policy moved from the reference."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)  # response_logprobs' contract: 0 when masked
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    ctx = _obj_ctx(reference=reference, beta=beta, dpo_loss=loss_type, label_smoothing=eps,
+                   length_normalize=length_normalize, dpo_nll_weight=nll_weight)
+    losses, metrics = objectives.dpo(policy, {}, ctx)
+    hand_losses, hand_policy, hand_reference, hand_grads = _dpo_by_hand(loss_type, eps, length_normalize, beta, nll_weight)
+    assert losses.tolist() == pytest.approx(hand_losses, rel=1e-6)
+    grad, = torch.autograd.grad(losses.sum(), policy_logps)
+    assert grad.tolist() == [pytest.approx(row, rel=1e-6, abs=1e-7) for row in hand_grads]
+    chosen = [beta * (hand_policy[b] - hand_reference[b]) for b in range(2)]
+    rejected = [beta * (hand_policy[b + 2] - hand_reference[b + 2]) for b in range(2)]
+    assert metrics['rewards/chosen'].tolist() == pytest.approx(chosen, rel=1e-6)
+    assert metrics['rewards/rejected'].tolist() == pytest.approx(rejected, rel=1e-6)
+    assert metrics['rewards/margins'].tolist() == pytest.approx([c - r for c, r in zip(chosen, rejected)], rel=1e-6)
+    assert metrics['logps/chosen'].tolist() == pytest.approx(hand_policy[:2], rel=1e-6)
+    assert metrics['logps/rejected'].tolist() == pytest.approx(hand_policy[2:], rel=1e-6)
+    # the signs by inspection: pair 0's chosen gained on the reference and its rejected lost; pair 1 the reverse
+    assert (metrics['rewards/chosen'] > 0).tolist() == [True, False] and (metrics['rewards/rejected'] > 0).tolist() == [False, True]
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0] and (metrics['rewards/margins'] > 0).tolist() == [True, False]
+
+
 def _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normalize, nll_weight):
     """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (the formulas in kernels/dpo.py)."""
     policy_logps, mask = _obj_hand_logprobs(policy, batch)
@@ -805,6 +879,19 @@ def test_kernel_dpo_matches_twin_and_hand(loss_type, eps, length_normalize):
     if average:
         per_row = per_row / m.sum(1).clamp(min=1)
     torch.testing.assert_close(results[1][3].double(), per_row[:, None] * m, atol=1e-6, rtol=1e-5)
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("loss_type, eps, length_normalize, beta", [c[:4] for c in DPO_HAND_CASES if not c[4]])
+def test_kernel_dpo_hand_numbers_at_nonzero_margins(fused, loss_type, eps, length_normalize, beta):
+    """The twin and the Triton kernel against DPO done with math on a table (DPO_POLICY, in the objectives section)."""
+    policy, reference, mask = _dpo_tensors()
+    losses, policy_seq, reference_seq = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=fused)
+    grad, = torch.autograd.grad(losses.sum(), policy)
+    hand_losses, hand_policy, hand_reference, hand_grads = _dpo_by_hand(loss_type, eps, length_normalize, beta)
+    assert losses.tolist() == pytest.approx(hand_losses, rel=1e-6)
+    assert policy_seq.tolist() == pytest.approx(hand_policy, rel=1e-6)
+    assert reference_seq.tolist() == pytest.approx(hand_reference, rel=1e-6)
+    assert grad.tolist() == [pytest.approx(row, rel=1e-6, abs=1e-7) for row in hand_grads]
 
 @pytest.mark.parametrize("fused", FUSED)
 def test_kernel_dpo_policy_equals_reference_is_log2(fused):
