@@ -552,25 +552,29 @@ def test_objective_kd_matches_hand_self_entropy_and_gradient():
 
 
 def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
-    """fused_kernels=True is the default config; without CUDA it must still run (the twins) and give the same values.
-    The ZeRO-3 branch (full logits through the head module) must agree as well."""
+    """fused_kernels=True is the default config; without CUDA it must still run (the PyTorch twins: any Triton call
+    raises here) and give the hand computations' losses and gradients, and so must the ZeRO-3 branch (full logits
+    through the head module). That the Triton kernels agree with the twins is test_kernel_objectives_through_the_kernels."""
     def no_triton(*args, **kwargs):
         raise AssertionError('a Triton kernel ran on CPU')
     for module, name in ((kernels.logprob, '_FusedLogprob'), (kernels.logprob, '_triton_forward'), (kernels.dpo, '_FusedDPO')):
         monkeypatch.setattr(module, name, types.SimpleNamespace(apply=no_triton) if name.startswith('_Fused') else no_triton)
     policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
     sft_batch, pair_batch = _obj_batch([(3, 4), (1, 6), (5, 2)]), _obj_batch(OBJ_PAIRS)
+    def sft_by_hand(batch):
+        logps, mask = _obj_hand_logprobs(policy, batch)
+        return -logps.sum(1) / mask.sum(1)
+    hand = {'sft': sft_by_hand, 'kd': lambda batch: _obj_hand_kd(policy, teacher, batch),
+            'dpo': lambda batch: _obj_hand_dpo(policy, reference, batch, 0.1, 'sigmoid', 0.0, False, 0.0)[0]}
     for name, batch in (('sft', sft_batch), ('dpo', pair_batch), ('kd', sft_batch)):
-        results = []
-        for overrides in ({'fused_kernels': False}, {'fused_kernels': True}, {'zero3': True}):
+        expected = hand[name](batch)
+        expected_grads = _obj_grads(policy, expected.mean())
+        for overrides in ({'fused_kernels': True}, {'zero3': True}):
             ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
-            losses, metrics = objectives.OBJECTIVES[name](policy, batch, ctx)
-            results.append((losses.detach(), metrics, _obj_grads(policy, losses.mean())))
-        (twin, twin_metrics, twin_grads), (fused, fused_metrics, fused_grads), (zero3, _, zero3_grads) = results
-        assert torch.equal(twin, fused) and all(torch.equal(twin_metrics[k], fused_metrics[k]) for k in twin_metrics), name
-        assert all(torch.equal(a, b) for a, b in zip(twin_grads, fused_grads)), name
-        torch.testing.assert_close(zero3, twin, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(zero3_grads, twin_grads, atol=1e-5, rtol=1e-4)
+            losses, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
+            torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5, msg=f'{name} {overrides}')
+            torch.testing.assert_close(_obj_grads(policy, losses.mean()), expected_grads, atol=1e-5, rtol=1e-4,
+                                       msg=f'{name} {overrides}')
 
 
 # Every HF family's own logits, whatever its forward does after the LM head: tiny random models built from their
@@ -759,14 +763,101 @@ def test_kernel_logprob_fully_masked_and_batched_shapes(fused):
     torch.testing.assert_close(out, _reference_logprobs(h, w, t, mask.view(-1)).view(3, 4), atol=1e-5, rtol=1e-5)
 
 @pytest.mark.parametrize("fused", FUSED)
-def test_kernel_logprob_forward_only_equals_grad_path(fused):
+def test_kernel_logprob_forward_only_equals_grad_path(fused, monkeypatch):
+    """Under no_grad, or with inputs that need no gradient (the frozen reference/teacher), token_logprobs takes its
+    forward-only branch, which never enters the autograd Functions (patched to raise below), and gives the grad
+    path's values; both match the fp64 reference."""
     h, w, t, mask = _logprob_case(29, 16, 70, True, seed=1)
     with_grad = token_logprobs(h, w, t, mask, fused=fused)
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), _reference_logprobs(h, w, t, mask), atol=1e-5, rtol=1e-5)
+    def no_autograd(*args):
+        raise AssertionError("the forward-only path went through an autograd Function")
+    for function in (kernels.logprob._FusedLogprob, kernels.logprob._ChunkedLogprob):
+        monkeypatch.setattr(function, "apply", no_autograd)
     with torch.no_grad():
         no_grad = token_logprobs(h, w, t, mask, fused=fused)
     frozen = token_logprobs(h.detach(), w.detach(), t, mask, fused=fused)
-    assert with_grad.requires_grad and not no_grad.requires_grad and not frozen.requires_grad
+    assert not no_grad.requires_grad and not frozen.requires_grad
     assert torch.equal(with_grad.detach(), no_grad) and torch.equal(no_grad, frozen)
+    with pytest.raises(AssertionError, match="autograd Function"):  # the patch does bite on the grad path
+        token_logprobs(h, w, t, mask, fused=fused)
+
+
+def _force_kernels(monkeypatch):
+    """Make objectives.py call the Triton kernels where it asks for fused=None (on CPU that means the twins), and
+    count the kernel launches: returns the list of kernel names called."""
+    calls = []
+    for name, function in (("token_logprobs", kernels.logprob.token_logprobs), ("dpo_losses", kernels.dpo.dpo_losses)):
+        def forced(*args, fused=None, function=function, **kwargs):
+            return function(*args, fused=True if fused is None else fused, **kwargs)
+        monkeypatch.setattr(objectives, name, forced)
+    for module, name in ((kernels.logprob, "_triton_forward"), (kernels.dpo, "_dpo_forward_kernel")):
+        monkeypatch.setattr(module, name, _Counted(getattr(module, name), name, calls))
+    return calls
+
+
+class _Counted:
+    """A function or a Triton kernel (kernel[grid](...)) that records its name on each call."""
+    def __init__(self, real, name, calls):
+        self.real, self.name, self.calls = real, name, calls
+    def __call__(self, *args, **kwargs):
+        self.calls.append(self.name)
+        return self.real(*args, **kwargs)
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.real[grid]
+
+
+@pytest.mark.skipif(not _triton_runs, reason="Triton cannot run here (see FUSED)")
+def test_kernel_objectives_through_the_kernels_match_the_twins(monkeypatch):
+    """objectives.sft and objectives.dpo with fused_kernels=True running the Triton kernels (forced: on CPU that
+    switch picks the twins; here under the interpreter at a tiny shape) against fused_kernels=False (the twins):
+    the same losses, DPO metrics and gradients, and the kernels ran only in the first case."""
+    calls = _force_kernels(monkeypatch)
+    policy, reference = _obj_model(4), _obj_model(14)
+    for name, batch in (("sft", _obj_batch([(3, 4), (1, 6), (5, 2)])), ("dpo", _obj_batch(OBJ_PAIRS))):
+        results = []
+        for fused_kernels in (True, False):
+            calls.clear()
+            ctx = _obj_ctx(reference=reference, fused_kernels=fused_kernels, beta=0.5, label_smoothing=0.1)
+            losses, metrics = objectives.OBJECTIVES[name](policy, batch, ctx)
+            results.append((losses, metrics, _obj_grads(policy, losses.mean())))
+            # sft: the policy's log-probs; dpo: the policy's and the reference's, then the DPO kernel
+            expected = {"sft": ["_triton_forward"], "dpo": ["_triton_forward", "_triton_forward", "_dpo_forward_kernel"]}
+            assert calls == (expected[name] if fused_kernels else []), (name, fused_kernels, calls)
+        (kernel, kernel_metrics, kernel_grads), (twin, twin_metrics, twin_grads) = results
+        torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5, msg=name)
+        for key in twin_metrics:
+            torch.testing.assert_close(kernel_metrics[key], twin_metrics[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(kernel_grads, twin_grads, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_kernel_dpo_reference_gets_no_gradient(fused, monkeypatch):
+    """The reference is frozen on every DPO path. dpo_losses (twin or kernel): reference log-probs that require grad
+    get none, and the returned sequence log-probs carry no graph. objectives.dpo: a reference model whose parameters
+    were (wrongly) left trainable is run without a graph, so backward leaves its .grad None while the policy's fill."""
+    policy, reference, mask = _dpo_case(seed=3)
+    reference.requires_grad_()
+    losses, policy_seq, reference_seq = dpo_losses(policy, reference, mask, 0.5, "sigmoid", 0.1, fused=fused)
+    grad_policy, grad_reference = torch.autograd.grad(losses.sum(), (policy, reference), allow_unused=True)
+    assert grad_reference is None and grad_policy[mask].abs().sum() > 0
+    assert not policy_seq.requires_grad and not reference_seq.requires_grad
+    if fused:
+        _force_kernels(monkeypatch)
+    seen = []
+    real_dpo_losses = objectives.dpo_losses
+    def spy(policy_logps, reference_logps, *args, **kwargs):
+        seen.append(reference_logps.requires_grad)
+        return real_dpo_losses(policy_logps, reference_logps, *args, **kwargs)
+    monkeypatch.setattr(objectives, "dpo_losses", spy)
+    policy_model, reference_model = _obj_model(4), _obj_model(14)  # both trainable: only objectives.dpo protects it
+    losses, _ = objectives.dpo(policy_model, _obj_batch(OBJ_PAIRS), _obj_ctx(reference=reference_model, fused_kernels=fused))
+    losses.sum().backward()
+    assert seen == [False]
+    assert all(p.grad is None for p in reference_model.parameters())
+    assert all(p.grad is not None for p in policy_model.parameters())
 
 def test_kernel_logprob_twin_memory_is_chunked():
     from torch.utils._python_dispatch import TorchDispatchMode
