@@ -601,6 +601,9 @@ while True:
         split = train_data[name]
         for micro_step in range(gradient_accumulation_steps):
             batch = split.batch(split.next_ids(batch_size))
+            if deepspeed and zero_stage == 3:  # ZeRO-3 adds this micro-step's gradient to the partitions (not copies it
+                # over them) only if told a new forward began, which engine.forward does and the objectives bypass
+                getattr(engine.optimizer, 'clear_backward_seen_flag', lambda: None)()  # absent before DeepSpeed 0.18.5
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
                 loss = losses.mean()

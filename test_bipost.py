@@ -1390,18 +1390,20 @@ def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path, engine):
     assert max((m - 0.5 * (a + b)).abs().max().item() for m, a, b in zip(mix, sft, dpo)) > 1e-3
 
 
+@pytest.mark.slow
 def test_training_gradient_accumulation_equivalence(tmp_path):
     """4 examples x 1 micro-batch and 1 example x 4 micro-batches see the same examples in the same order
     (data/loader.py Split.next_ids: one seeded permutation per epoch, cursor moved by n per call) and the objectives are
     per-example means, so 2 updates of each (sft-only and dpo-only runs) give the same gradients and the same model.
-    The gradients are the sharp check (rtol 1e-4: fp32 summation order only): AdamW and clipping are blind to a
-    gradient's scale, so the weights alone would hardly notice a missing 1/gradient_accumulation_steps. The
+    The gradients are the sharp check (rtol 1e-4: fp32 summation order only), unclipped (grad_clip=0: clipping
+    to norm 1 would rescale a wrongly scaled gradient back); AdamW is blind to a gradient's scale, so the weights
+    alone would hardly notice a missing 1/gradient_accumulation_steps. The
     weights agree to 2% of one step (atol 2e-4 at lr 1e-2, while they moved by more than lr): Adam turns the
     ~1e-10 summation noise of a gradient entry that is ~0 (below its eps 1e-8) into up to lr·noise/eps."""
     runs = {}
     for name in ('sft', 'dpo'):
         single = [f'--objectives=["{name}"]', '--strategy=sequential', '--weights=[1.0]', '--optima=[0.0]',
-                  '--max_iters=2', '--eval_iters=1', '--warmup_iters=0', '--learning_rate=1e-2']
+                  '--max_iters=2', '--eval_iters=1', '--warmup_iters=0', '--learning_rate=1e-2', '--grad_clip=0']
         runs[f'{name}_4x1'] = single + ['--batch_size=4', '--gradient_accumulation_steps=1']
         runs[f'{name}_1x4'] = single + ['--batch_size=1', '--gradient_accumulation_steps=4']
     dirs = _train_run(tmp_path, runs)
@@ -1419,6 +1421,39 @@ def test_training_gradient_accumulation_equivalence(tmp_path):
         torch.manual_seed(1337)
         initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs[f'{name}_4x1'] / 'hf')).state_dict()
         assert max((big_weights[k] - initial[k]).abs().max().item() for k in big_weights) > 1e-2
+
+
+@pytest.mark.slow
+def test_training_gradient_accumulation_equivalence_on_every_path(tmp_path):
+    """mix (SFT + DPO, λ = [0.3, 0.7]) with 4 examples x 1 micro-batch and with 1 example x 4 micro-batches, on plain
+    torch and DeepSpeed ZeRO-0/1/2/3 (one process, gloo), 2 updates, grad_clip=0. On each path the 1x4 run must
+    apply the 4x1 run's gradients, and every path plain torch's: a loss divided by the accumulation steps twice
+    (bipost's 1/micro_steps on top of the engine's), or not at all, changes them by a factor of 4 or more.
+    What is recorded is what each optimizer step receives (torch's global step pre-hook): plain torch and ZeRO-0 step
+    the parameters themselves; ZeRO-1/2/3 step their fp32 flat partitions, one per param group (decay, no decay),
+    which in a world of one hold every parameter's gradient in the groups' order. So on every path the update's
+    records, flattened and concatenated, are the same vector. The weights (HF export; ZeRO-3 gathers them) must
+    agree as well, though AdamW hides a gradient's scale there (see test_training_gradient_accumulation_equivalence
+    for the tolerance)."""
+    common = ['--strategy=mix', '--weights=[0.3, 0.7]', '--max_iters=2', '--eval_iters=1', '--grad_clip=0',
+              '--warmup_iters=0', '--learning_rate=1e-2']
+    paths = {'plain': [], **{f'zero{stage}': ['--deepspeed=True', f'--zero_stage={stage}'] for stage in range(4)}}
+    shapes = {'4x1': ['--batch_size=4', '--gradient_accumulation_steps=1'],
+              '1x4': ['--batch_size=1', '--gradient_accumulation_steps=4']}
+    dirs = _train_run(tmp_path, {f'{path}_{shape}': common + args + shape_args for path, args in paths.items()
+                                 for shape, shape_args in shapes.items()}, timeout=900)
+    from safetensors.torch import load_file
+    def applied(run):
+        recorded = _train_recorded(dirs[run])
+        assert recorded['choices'] == ['sft+dpo'] * 2 and all(g is not None for step in recorded['grads'] for g in step)
+        return torch.cat([g.flatten() for step in recorded['grads'] for g in step])
+    plain, plain_weights = applied('plain_4x1'), load_file(dirs['plain_4x1'] / 'hf' / 'model.safetensors')
+    assert plain.numel() == 2 * sum(v.numel() for v in plain_weights.values())  # 2 updates of every parameter
+    for run in dirs:
+        torch.testing.assert_close(applied(run), plain, rtol=1e-4, atol=1e-6, msg=run)
+        weights = load_file(dirs[run] / 'hf' / 'model.safetensors')
+        for key in plain_weights:
+            torch.testing.assert_close(weights[key], plain_weights[key], rtol=0, atol=2e-4, msg=f'{run} {key}')
 
 
 @pytest.mark.parametrize('strategy', ['alright', 'mix', 'maxright', 'sequential'])
