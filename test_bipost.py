@@ -1916,27 +1916,37 @@ def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatc
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from data.prepare import demo_encoding
     # transformers -> bipost: a save_pretrained model (with a tokenizer) as init_from; its export ships the tokenizer
+    run = {}
     code, out, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={rel_models["init"]}', '--max_iters=2',
-                                    '--eval_interval=2', f'--out_dir={tmp_path / "hf_init"}')
+                                    '--eval_interval=2', f'--out_dir={tmp_path / "hf_init"}', namespace=run)
     assert code == 0, err
     export = tmp_path / 'hf_init' / 'hf'
     model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
     trained = torch.load(tmp_path / 'hf_init' / 'ckpt.pt', weights_only=False)['model']
-    initial = AutoModelForCausalLM.from_pretrained(rel_models['init']).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(rel_models['init'])
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())  # the export is the checkpoint
-    assert not all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # and it trained
     prompt = 'What is 2+2?\n'
     ids = tokenizer(prompt, return_tensors='pt').input_ids
     assert ids[0].tolist() == demo_encoding().encode_ordinary(prompt)  # the tokenizer the data was prepared with
+    # what transformers loads computes what bipost trained (the weights and the config: norms, rope, heads), and it
+    # is not the initial model
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, run['raw_model'].eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (logits - initial(ids).logits).abs().max() > 1e-3
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert generated.shape[1] > ids.shape[1] and isinstance(tokenizer.decode(generated[0]), str)
     # bipost -> transformers: the demo's scratch model; its tokenizer is the tiktoken encoding in data/prepare.py
-    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "scratch"}')
+    run = {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "scratch"}', namespace=run)
     assert code == 0, err
     export = tmp_path / 'scratch' / 'hf'
     model = AutoModelForCausalLM.from_pretrained(export)
     assert json.load(open(export / 'bipost_data_meta.json'))['tokenizer'] == demo_encoding().name
     encoding = demo_encoding()
+    ids = torch.tensor([encoding.encode_ordinary(prompt)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, run['raw_model'].eval()(ids).logits, atol=1e-5, rtol=1e-5)
     generated = model.generate(torch.tensor([encoding.encode_ordinary(prompt)]), max_new_tokens=5, do_sample=False,
                                pad_token_id=encoding.eot_token)
     assert isinstance(encoding.decode(generated[0].tolist()), str)
@@ -1948,6 +1958,26 @@ def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatc
     assert records[1]['train/' + records[1]['objective'] + '/loss'] == pytest.approx(float(lines[1].split('loss ')[1].split()[0]), abs=1e-4)
     assert {'val/sft/loss', 'val/dpo/loss', 'val/dpo/rewards/accuracies'} <= set(records[2])
     assert 'val/ideal_distance' not in records[2] and ' ideal ' not in out  # f* unknown (optima = []): not made up
+
+
+def test_reliability_reference_stays_frozen_through_training(tmp_path, rel_models, monkeypatch, capsys):
+    """A real DPO run (3 updates at a high lr, reference = the initial policy loaded again): afterwards the
+    reference's parameters need no gradient, hold none, are in eval mode and are still the initial weights, while
+    the policy moved. (objectives.dpo and the kernels are checked on their own in test_kernel_dpo_reference_gets_no_gradient.)"""
+    run = {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={rel_models["init"]}', "--objectives=['dpo']",
+                                    '--weights=[1.0]', '--optima=[0.0]', '--max_iters=3', '--eval_interval=3',
+                                    '--learning_rate=1e-2', '--export_hf=False', f'--out_dir={tmp_path}', namespace=run)
+    assert code == 0, err
+    assert [r['objective'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'objective' in r] == ['dpo'] * 3
+    from transformers import AutoModelForCausalLM
+    initial = AutoModelForCausalLM.from_pretrained(rel_models['init']).state_dict()
+    reference, policy = run['reference'], run['raw_model']
+    assert reference is not policy and not reference.training
+    for name, p in reference.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+        assert torch.equal(p, initial[name]), name
+    assert max((p - initial[name]).abs().max().item() for name, p in policy.named_parameters()) > 1e-3
 
 
 def _rel_finite(state):
