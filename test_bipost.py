@@ -1960,18 +1960,21 @@ def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatc
     assert 'val/ideal_distance' not in records[2] and ' ideal ' not in out  # f* unknown (optima = []): not made up
 
 
-def test_reliability_reference_stays_frozen_through_training(tmp_path, rel_models, monkeypatch, capsys):
-    """A real DPO run (3 updates at a high lr, reference = the initial policy loaded again): afterwards the
-    reference's parameters need no gradient, hold none, are in eval mode and are still the initial weights, while
-    the policy moved. (objectives.dpo and the kernels are checked on their own in test_kernel_dpo_reference_gets_no_gradient.)"""
-    run = {}
-    code, out, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={rel_models["init"]}', "--objectives=['dpo']",
-                                    '--weights=[1.0]', '--optima=[0.0]', '--max_iters=3', '--eval_interval=3',
-                                    '--learning_rate=1e-2', '--export_hf=False', f'--out_dir={tmp_path}', namespace=run)
+def test_reliability_reference_stays_frozen_through_training(tmp_path, monkeypatch, capsys):
+    """A real DPO run (3 updates at a high lr; scratch model, so the reference, the initial policy built again, starts
+    in train mode): afterwards the reference's parameters need no gradient, hold none, are in eval mode and are still
+    the initial weights (those an eval_only run starts from), while the policy moved. objectives.dpo and the kernels
+    are checked on their own in test_kernel_dpo_reference_gets_no_gradient."""
+    args = ["--objectives=['dpo']", '--weights=[1.0]', '--optima=[0.0]', '--max_iters=3', '--eval_interval=3',
+            '--learning_rate=1e-2', '--export_hf=False']
+    start, run = {}, {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--eval_only=True', f'--out_dir={tmp_path / "start"}',
+                                    namespace=start)
     assert code == 0, err
-    assert [r['objective'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'objective' in r] == ['dpo'] * 3
-    from transformers import AutoModelForCausalLM
-    initial = AutoModelForCausalLM.from_pretrained(rel_models['init']).state_dict()
+    initial = {k: v.clone() for k, v in start['raw_model'].state_dict().items()}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={tmp_path / "run"}', namespace=run)
+    assert code == 0, err
+    assert [r['objective'] for r in map(json.loads, open(tmp_path / 'run' / 'metrics.jsonl')) if 'objective' in r] == ['dpo'] * 3
     reference, policy = run['reference'], run['raw_model']
     assert reference is not policy and not reference.training
     for name, p in reference.named_parameters():
