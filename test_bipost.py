@@ -1244,6 +1244,7 @@ def _select_runs(*runs):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_data_selector_bipost_resume_and_keep_list(tmp_path):
     whole, part, kept = tmp_path / 'whole', tmp_path / 'part', tmp_path / 'kept'
     n = len(np.load(os.path.join(ROOT, 'data', 'demo', 'sft_noisy_train_index.npy')))
@@ -1351,6 +1352,7 @@ def train_demo(tmp_path_factory):
     return _train_run(tmp_path_factory.mktemp('demo'), {'plain': TRAIN_DEMO})['plain']
 
 
+@pytest.mark.slow
 def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     evals, steps = _train_records(train_demo)
     assert [r['iter'] for r in evals] == [0, 30] and [r['iter'] for r in steps] == list(range(1, 31))
@@ -1360,12 +1362,16 @@ def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     assert last['val/sft/loss'] < first['val/sft/loss'] - 0.1, (first, last)
     assert last['val/dpo/loss'] < first['val/dpo/loss'] - 0.1, (first, last)
     assert last['val/dpo/rewards/accuracies'] > 0.6
+    # the logged rewards say which way the policy moved: chosen up relative to rejected (margin = chosen − rejected)
+    assert last['val/dpo/rewards/margins'] > 0 and last['val/dpo/rewards/chosen'] > last['val/dpo/rewards/rejected']
+    assert last['val/dpo/rewards/margins'] == pytest.approx(last['val/dpo/rewards/chosen'] - last['val/dpo/rewards/rejected'])
     # and the exact path, update by update, against the golden file (rel 0.5%: 30 updates amplify little)
     _golden_check('short_run', [{'iter': r['iter'], 'sft': r['train/sft/loss'], 'dpo': r['train/dpo/loss']} for r in steps] +
                   [{'iter': r['iter'], 'val_sft': r['val/sft/loss'], 'val_dpo': r['val/dpo/loss']} for r in (first, last)],
                   rel=0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('engine', ['plain', 'deepspeed'])
 def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path, engine):
     """mix scales each objective's micro-step loss by λ·len(chosen)/micro_steps. Checked on the gradient the
@@ -1507,6 +1513,7 @@ def _train_val_sft_loss(model, eval_iters, batch_size):
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_training_hf_export_matches_checkpoint(train_demo):
     from transformers import AutoConfig, AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(train_demo / 'hf').eval()
@@ -1528,6 +1535,7 @@ def test_training_hf_export_matches_checkpoint(train_demo):
     assert json.load(open(train_demo / 'hf' / 'bipost_data_meta.json'))['vocab_size'] == 257
 
 
+@pytest.mark.slow
 def test_training_kd_under_zero3_matches_plain_torch(tmp_path):
     """KD + SFT (the llama3_kd_sft.py recipe's objectives) through DeepSpeed ZeRO-3, one process: the student's LM
     head weight is a partitioned placeholder there (KD once multiplied by it directly and crashed), and the
@@ -1554,6 +1562,7 @@ def train_deepspeed(tmp_path_factory):
                       timeout=600)['ds']
 
 
+@pytest.mark.slow
 def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspeed):
     pointer = json.load(open(train_deepspeed / 'ckpt.json'))
     assert pointer['format'] == 'deepspeed' and pointer['iter_num'] == 30
@@ -1570,6 +1579,7 @@ def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspee
                     (ds_record['iter'], key)
 
 
+@pytest.mark.slow
 def test_training_two_ranks_make_identical_choices(tmp_path):
     """torchrun, 2 processes, DeepSpeed ZeRO-2. alright draws each update's objective from a generator seeded the
     same on every rank; maxright decides on loss estimates averaged over ranks (each rank sees other examples).
@@ -1827,6 +1837,7 @@ def rel_uninterrupted(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path, kill', [
     ('plain', ('print', 'iter 5 |', 1)),         # SIGKILL mid-training, after update 5
     ('plain', ('save', 'ckpt.pt.tmp', 2)),       # SIGKILL half-way through writing the update-6 checkpoint
