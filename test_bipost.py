@@ -451,17 +451,22 @@ def test_objective_dpo_hand_numbers_at_nonzero_margins(monkeypatch, loss_type, e
     ctx = _obj_ctx(reference=reference, beta=beta, dpo_loss=loss_type, label_smoothing=eps,
                    length_normalize=length_normalize, dpo_nll_weight=nll_weight)
     losses, metrics = objectives.dpo(policy, {}, ctx)
-    hand_losses, hand_policy, hand_reference, hand_grads = _dpo_by_hand(loss_type, eps, length_normalize, beta, nll_weight)
+    hand_losses, _, _, hand_grads = _dpo_by_hand(loss_type, eps, length_normalize, beta, nll_weight)
     assert losses.tolist() == pytest.approx(hand_losses, rel=1e-6)
     grad, = torch.autograd.grad(losses.sum(), policy_logps)
     assert grad.tolist() == [pytest.approx(row, rel=1e-6, abs=1e-7) for row in hand_grads]
-    chosen = [beta * (hand_policy[b] - hand_reference[b]) for b in range(2)]
-    rejected = [beta * (hand_policy[b + 2] - hand_reference[b + 2]) for b in range(2)]
+    if nll_weight:  # logged apart: the DPO loss alone (what evals report as f) and the NLL of the chosen responses
+        assert metrics['loss'].tolist() == pytest.approx(_dpo_by_hand(loss_type, eps, length_normalize, beta)[0], rel=1e-6)
+        assert metrics['nll'].tolist() == pytest.approx([1.5 / 2, 2.0 / 1], rel=1e-6)
+    # logged with TRL's meaning whatever the loss averages: summed log-probs, rewards β·(policy − reference) of the sums
+    policy_sum, reference_sum = (_dpo_by_hand('sigmoid', 0.0, False, beta)[i] for i in (1, 2))
+    chosen = [beta * (policy_sum[b] - reference_sum[b]) for b in range(2)]
+    rejected = [beta * (policy_sum[b + 2] - reference_sum[b + 2]) for b in range(2)]
     assert metrics['rewards/chosen'].tolist() == pytest.approx(chosen, rel=1e-6)
     assert metrics['rewards/rejected'].tolist() == pytest.approx(rejected, rel=1e-6)
     assert metrics['rewards/margins'].tolist() == pytest.approx([c - r for c, r in zip(chosen, rejected)], rel=1e-6)
-    assert metrics['logps/chosen'].tolist() == pytest.approx(hand_policy[:2], rel=1e-6)
-    assert metrics['logps/rejected'].tolist() == pytest.approx(hand_policy[2:], rel=1e-6)
+    assert metrics['logps/chosen'].tolist() == pytest.approx(policy_sum[:2], rel=1e-6)
+    assert metrics['logps/rejected'].tolist() == pytest.approx(policy_sum[2:], rel=1e-6)
     # the signs by inspection: pair 0's chosen gained on the reference and its rejected lost; pair 1 the reverse
     assert (metrics['rewards/chosen'] > 0).tolist() == [True, False] and (metrics['rewards/rejected'] > 0).tolist() == [False, True]
     assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0] and (metrics['rewards/margins'] > 0).tolist() == [True, False]
@@ -1479,7 +1484,7 @@ def test_training_lr_schedule_is_warmup_then_cosine_per_stage(tmp_path, monkeypa
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]['lr']))
     try:
-        code, out, err = _rel_inprocess(monkeypatch, capsys, f'--strategy={strategy}', '--weights=[0.4, 0.6]',
+        code, out, err = _rel_inprocess(monkeypatch, capsys, f'--strategy={strategy}', '--weights=[0.4, 0.6]', '--optima=[0.5, 0.5]',
                                         '--max_iters=10', '--eval_interval=100', '--eval_iters=1', '--export_hf=False',
                                         f'--learning_rate={lr}', f'--min_lr={min_lr}', f'--warmup_iters={w}',
                                         '--decay_lr=True', f'--out_dir={tmp_path}')
