@@ -1643,6 +1643,7 @@ def _trust_sft_losses(model, split, ids):
     return losses
 
 
+@pytest.mark.slow
 def test_trust_eval_counts_every_example_once(tmp_path):
     """150 held-out examples, batch 16: 9 full batches and one of 6. After 3 updates, the held-out loss must be the
     plain mean over the 150 examples (each once) of the exported model, and with eval_iters=2 over the first 32 —
@@ -1663,6 +1664,7 @@ def test_trust_eval_counts_every_example_once(tmp_path):
     assert abs((sum(losses) + sum(losses[:10])) / 160 - mean) > 1e-4
 
 
+@pytest.mark.slow
 def test_trust_optima_from_single_objective_runs(tmp_path, capsys):
     """A run on one objective alone writes optimum.json (its best held-out loss, with what makes it comparable); a later
     run names those run directories in optima and gets the ideal distance from them; other settings are refused."""
@@ -1690,6 +1692,7 @@ def test_trust_optima_from_single_objective_runs(tmp_path, capsys):
     assert 'with beta=5.0, but this run has beta=0.5' in done.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', ['plain', 'autocast_bf16', 'zero0', 'zero1', 'zero2', 'zero3'])
 def test_trust_first_dpo_step_is_log2_on_every_path(tmp_path, path):
     """The reference must compute exactly as the policy does: at update 1 (policy = reference) every pair's margin is
