@@ -603,7 +603,7 @@ while True:
             batch = split.batch(split.next_ids(batch_size))
             if deepspeed and zero_stage == 3:  # ZeRO-3 adds this micro-step's gradient to the partitions (not copies it
                 # over them) only if told a new forward began, which engine.forward does and the objectives bypass
-                getattr(engine.optimizer, 'clear_backward_seen_flag', lambda: None)()  # absent before DeepSpeed 0.18.5
+                getattr(engine.optimizer, 'clear_backward_seen_flag', lambda: None)()  # older DeepSpeed: absent, not needed
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
                 loss = losses.mean()
