@@ -521,7 +521,7 @@ def test_objective_dpo_variants_match_hand(loss_type, eps, length_normalize, nll
     margins = hand_metrics['rewards/margins']
     assert (margins.abs() > 1e-3).all() and 0 < hand_metrics['rewards/accuracies'].sum() < 3  # a non-trivial case
     torch.testing.assert_close(_obj_grads(policy, losses.sum()), _obj_grads(policy, hand_losses.sum()), atol=1e-5, rtol=1e-4)
-    assert all(p.grad is None for p in reference.parameters())
+    # (that the reference gets no gradient is test_kernel_dpo_reference_gets_no_gradient's: autograd.grad fills no .grad)
 
 
 def _obj_hand_kd(student, teacher, batch):
