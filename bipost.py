@@ -465,11 +465,19 @@ if checkpoint and master:
 # helpers for the loop
 
 def get_lr(it):
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # update t of a run of n updates: lr·(t+1)/(w+1) while t < w (w = warmup_iters), then, with decay_lr,
+    # min_lr + ½(1 + cos(π·min(1, (t−w)/max(1, n−w))))·(lr − min_lr). sequential restarts it per stage, as
+    # separate runs would: t and n count from the stage's first update (stages end at selector.boundaries).
+    start, end = 0, max_iters
+    if strategy == 'sequential':
+        start = max([0] + [b for b in selector.boundaries if b <= it])
+        end = min([max_iters] + [b for b in selector.boundaries if b > it])
+    t, n = it - start, end - start
+    if t < warmup_iters:
+        return learning_rate * (t + 1) / (warmup_iters + 1)
     if not decay_lr:
         return learning_rate
-    ratio = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    ratio = min(1.0, (t - warmup_iters) / max(1, n - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
@@ -593,6 +601,9 @@ while True:
         split = train_data[name]
         for micro_step in range(gradient_accumulation_steps):
             batch = split.batch(split.next_ids(batch_size))
+            if deepspeed and zero_stage == 3:  # ZeRO-3 adds this micro-step's gradient to the partitions (not copies it
+                # over them) only if told a new forward began, which engine.forward does and the objectives bypass
+                getattr(engine.optimizer, 'clear_backward_seen_flag', lambda: None)()  # older DeepSpeed: absent, not needed
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
                 loss = losses.mean()

@@ -393,6 +393,85 @@ def test_objective_dpo_policy_equals_reference_is_log2(label_smoothing, length_n
         assert (metrics[name].abs() < 1e-6).all(), name
 
 
+# Per-token log-probs of two pairs (chosen rows 0, 1, then rejected rows 2, 3) small enough to do DPO by hand with
+# math: None is a masked position (NaN in the tensors, which must not leak). Summed, z = [1.0, -1.5]; averaged,
+# z = [5/12, -1.25]: margins of both signs, away from the symmetric point z = 0 where a flipped sign, a β in the
+# wrong place or a wrong ε weight give log 2 all the same.
+DPO_POLICY = [[-0.5, -1.0, None], [-2.0, None, None], [-1.5, -0.5, -1.0], [-0.25, -0.75, None]]
+DPO_REFERENCE = [[-1.0, -1.0, None], [-1.0, None, None], [-1.0, -1.0, -0.5], [-0.5, -1.0, None]]
+DPO_HAND_CASES = [  # loss_type, ε, length_normalize, β, NLL weight (the NLL term lives in objectives.dpo only)
+    ('sigmoid', 0.0, False, 0.5, 0.0),  # DPO
+    ('sigmoid', 0.2, False, 0.5, 0.0),  # conservative / label-smoothed
+    ('ipo', 0.0, False, 0.5, 0.0),      # IPO (per-token log-ratios, whatever length_normalize)
+    ('sigmoid', 0.1, True, 2.0, 0.0),   # length-normalized, with smoothing
+    ('sigmoid', 0.0, False, 0.5, 0.3),  # + NLL on the chosen response (RPO)
+]
+
+
+def _dpo_tensors(masked=float('nan')):
+    policy = torch.tensor([[masked if x is None else x for x in row] for row in DPO_POLICY], requires_grad=True)
+    reference = torch.tensor([[masked if x is None else x for x in row] for row in DPO_REFERENCE])
+    return policy, reference, torch.tensor([[x is not None for x in row] for row in DPO_POLICY])
+
+
+def _dpo_by_hand(loss_type, eps, length_normalize, beta, nll_weight=0.0):
+    """Plain python on DPO_POLICY/DPO_REFERENCE -> (losses, policy seq, reference seq, d sum(losses) / d policy)."""
+    average = loss_type == 'ipo' or length_normalize
+    def seq(row):
+        kept = [x for x in row if x is not None]
+        return sum(kept) / (len(kept) if average else 1)
+    policy, reference = [seq(r) for r in DPO_POLICY], [seq(r) for r in DPO_REFERENCE]
+    log_sigmoid, sigmoid = (lambda x: -math.log(1 + math.exp(-x))), (lambda x: 1 / (1 + math.exp(-x)))
+    losses, grads = [], [[0.0] * 3 for _ in DPO_POLICY]
+    for b in range(2):
+        z = (policy[b] - policy[b + 2]) - (reference[b] - reference[b + 2])
+        if loss_type == 'ipo':
+            loss, dz = (z - 1 / (2 * beta)) ** 2, 2 * (z - 1 / (2 * beta))
+        else:
+            loss = -(1 - eps) * log_sigmoid(beta * z) - eps * log_sigmoid(-beta * z)
+            dz = -(1 - eps) * beta * sigmoid(-beta * z) + eps * beta * sigmoid(beta * z)
+        chosen = [x for x in DPO_POLICY[b] if x is not None]
+        losses.append(loss + nll_weight * -sum(chosen) / len(chosen))
+        for row, sign in ((b, 1), (b + 2, -1)):
+            n = sum(x is not None for x in DPO_POLICY[row])
+            for t, x in enumerate(DPO_POLICY[row]):
+                if x is not None:
+                    grads[row][t] = sign * dz / (n if average else 1) - (nll_weight / n if row == b else 0.0)
+    return losses, policy, reference, grads
+
+
+@pytest.mark.parametrize('loss_type, eps, length_normalize, beta, nll_weight', DPO_HAND_CASES)
+def test_objective_dpo_hand_numbers_at_nonzero_margins(monkeypatch, loss_type, eps, length_normalize, beta, nll_weight):
+    """objectives.dpo on log-probs known by hand (response_logprobs, tested above, is replaced by a table): the losses,
+    their gradient, and the logged rewards, whose signs say which way the policy moved from the reference."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)  # response_logprobs' contract: 0 when masked
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    ctx = _obj_ctx(reference=reference, beta=beta, dpo_loss=loss_type, label_smoothing=eps,
+                   length_normalize=length_normalize, dpo_nll_weight=nll_weight)
+    losses, metrics = objectives.dpo(policy, {}, ctx)
+    hand_losses, _, _, hand_grads = _dpo_by_hand(loss_type, eps, length_normalize, beta, nll_weight)
+    assert losses.tolist() == pytest.approx(hand_losses, rel=1e-6)
+    grad, = torch.autograd.grad(losses.sum(), policy_logps)
+    assert grad.tolist() == [pytest.approx(row, rel=1e-6, abs=1e-7) for row in hand_grads]
+    if nll_weight:  # logged apart: the DPO loss alone (what evals report as f) and the NLL of the chosen responses
+        assert metrics['loss'].tolist() == pytest.approx(_dpo_by_hand(loss_type, eps, length_normalize, beta)[0], rel=1e-6)
+        assert metrics['nll'].tolist() == pytest.approx([1.5 / 2, 2.0 / 1], rel=1e-6)
+    # logged with TRL's meaning whatever the loss averages: summed log-probs, rewards β·(policy − reference) of the sums
+    policy_sum, reference_sum = (_dpo_by_hand('sigmoid', 0.0, False, beta)[i] for i in (1, 2))
+    chosen = [beta * (policy_sum[b] - reference_sum[b]) for b in range(2)]
+    rejected = [beta * (policy_sum[b + 2] - reference_sum[b + 2]) for b in range(2)]
+    assert metrics['rewards/chosen'].tolist() == pytest.approx(chosen, rel=1e-6)
+    assert metrics['rewards/rejected'].tolist() == pytest.approx(rejected, rel=1e-6)
+    assert metrics['rewards/margins'].tolist() == pytest.approx([c - r for c, r in zip(chosen, rejected)], rel=1e-6)
+    assert metrics['logps/chosen'].tolist() == pytest.approx(policy_sum[:2], rel=1e-6)
+    assert metrics['logps/rejected'].tolist() == pytest.approx(policy_sum[2:], rel=1e-6)
+    # the signs by inspection: pair 0's chosen gained on the reference and its rejected lost; pair 1 the reverse
+    assert (metrics['rewards/chosen'] > 0).tolist() == [True, False] and (metrics['rewards/rejected'] > 0).tolist() == [False, True]
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0] and (metrics['rewards/margins'] > 0).tolist() == [True, False]
+
+
 def _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normalize, nll_weight):
     """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (the formulas in kernels/dpo.py)."""
     policy_logps, mask = _obj_hand_logprobs(policy, batch)
@@ -442,7 +521,7 @@ def test_objective_dpo_variants_match_hand(loss_type, eps, length_normalize, nll
     margins = hand_metrics['rewards/margins']
     assert (margins.abs() > 1e-3).all() and 0 < hand_metrics['rewards/accuracies'].sum() < 3  # a non-trivial case
     torch.testing.assert_close(_obj_grads(policy, losses.sum()), _obj_grads(policy, hand_losses.sum()), atol=1e-5, rtol=1e-4)
-    assert all(p.grad is None for p in reference.parameters())
+    # (that the reference gets no gradient is test_kernel_dpo_reference_gets_no_gradient's: autograd.grad fills no .grad)
 
 
 def _obj_hand_kd(student, teacher, batch):
@@ -478,25 +557,29 @@ def test_objective_kd_matches_hand_self_entropy_and_gradient():
 
 
 def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
-    """fused_kernels=True is the default config; without CUDA it must still run (the twins) and give the same values.
-    The ZeRO-3 branch (full logits through the head module) must agree as well."""
+    """fused_kernels=True is the default config; without CUDA it must still run (the PyTorch twins: any Triton call
+    raises here) and give the hand computations' losses and gradients, and so must the ZeRO-3 branch (full logits
+    through the head module). That the Triton kernels agree with the twins is test_kernel_objectives_through_the_kernels."""
     def no_triton(*args, **kwargs):
         raise AssertionError('a Triton kernel ran on CPU')
     for module, name in ((kernels.logprob, '_FusedLogprob'), (kernels.logprob, '_triton_forward'), (kernels.dpo, '_FusedDPO')):
         monkeypatch.setattr(module, name, types.SimpleNamespace(apply=no_triton) if name.startswith('_Fused') else no_triton)
     policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
     sft_batch, pair_batch = _obj_batch([(3, 4), (1, 6), (5, 2)]), _obj_batch(OBJ_PAIRS)
+    def sft_by_hand(batch):
+        logps, mask = _obj_hand_logprobs(policy, batch)
+        return -logps.sum(1) / mask.sum(1)
+    hand = {'sft': sft_by_hand, 'kd': lambda batch: _obj_hand_kd(policy, teacher, batch),
+            'dpo': lambda batch: _obj_hand_dpo(policy, reference, batch, 0.1, 'sigmoid', 0.0, False, 0.0)[0]}
     for name, batch in (('sft', sft_batch), ('dpo', pair_batch), ('kd', sft_batch)):
-        results = []
-        for overrides in ({'fused_kernels': False}, {'fused_kernels': True}, {'zero3': True}):
+        expected = hand[name](batch)
+        expected_grads = _obj_grads(policy, expected.mean())
+        for overrides in ({'fused_kernels': True}, {'zero3': True}):
             ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
-            losses, metrics = objectives.OBJECTIVES[name](policy, batch, ctx)
-            results.append((losses.detach(), metrics, _obj_grads(policy, losses.mean())))
-        (twin, twin_metrics, twin_grads), (fused, fused_metrics, fused_grads), (zero3, _, zero3_grads) = results
-        assert torch.equal(twin, fused) and all(torch.equal(twin_metrics[k], fused_metrics[k]) for k in twin_metrics), name
-        assert all(torch.equal(a, b) for a, b in zip(twin_grads, fused_grads)), name
-        torch.testing.assert_close(zero3, twin, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(zero3_grads, twin_grads, atol=1e-5, rtol=1e-4)
+            losses, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
+            torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5, msg=f'{name} {overrides}')
+            torch.testing.assert_close(_obj_grads(policy, losses.mean()), expected_grads, atol=1e-5, rtol=1e-4,
+                                       msg=f'{name} {overrides}')
 
 
 # Every HF family's own logits, whatever its forward does after the LM head: tiny random models built from their
@@ -685,14 +768,101 @@ def test_kernel_logprob_fully_masked_and_batched_shapes(fused):
     torch.testing.assert_close(out, _reference_logprobs(h, w, t, mask.view(-1)).view(3, 4), atol=1e-5, rtol=1e-5)
 
 @pytest.mark.parametrize("fused", FUSED)
-def test_kernel_logprob_forward_only_equals_grad_path(fused):
+def test_kernel_logprob_forward_only_equals_grad_path(fused, monkeypatch):
+    """Under no_grad, or with inputs that need no gradient (the frozen reference/teacher), token_logprobs takes its
+    forward-only branch, which never enters the autograd Functions (patched to raise below), and gives the grad
+    path's values; both match the fp64 reference."""
     h, w, t, mask = _logprob_case(29, 16, 70, True, seed=1)
     with_grad = token_logprobs(h, w, t, mask, fused=fused)
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), _reference_logprobs(h, w, t, mask), atol=1e-5, rtol=1e-5)
+    def no_autograd(*args):
+        raise AssertionError("the forward-only path went through an autograd Function")
+    for function in (kernels.logprob._FusedLogprob, kernels.logprob._ChunkedLogprob):
+        monkeypatch.setattr(function, "apply", no_autograd)
     with torch.no_grad():
         no_grad = token_logprobs(h, w, t, mask, fused=fused)
     frozen = token_logprobs(h.detach(), w.detach(), t, mask, fused=fused)
-    assert with_grad.requires_grad and not no_grad.requires_grad and not frozen.requires_grad
+    assert not no_grad.requires_grad and not frozen.requires_grad
     assert torch.equal(with_grad.detach(), no_grad) and torch.equal(no_grad, frozen)
+    with pytest.raises(AssertionError, match="autograd Function"):  # the patch does bite on the grad path
+        token_logprobs(h, w, t, mask, fused=fused)
+
+
+def _force_kernels(monkeypatch):
+    """Make objectives.py call the Triton kernels where it asks for fused=None (on CPU that means the twins), and
+    count the kernel launches: returns the list of kernel names called."""
+    calls = []
+    for name, function in (("token_logprobs", kernels.logprob.token_logprobs), ("dpo_losses", kernels.dpo.dpo_losses)):
+        def forced(*args, fused=None, function=function, **kwargs):
+            return function(*args, fused=True if fused is None else fused, **kwargs)
+        monkeypatch.setattr(objectives, name, forced)
+    for module, name in ((kernels.logprob, "_triton_forward"), (kernels.dpo, "_dpo_forward_kernel")):
+        monkeypatch.setattr(module, name, _Counted(getattr(module, name), name, calls))
+    return calls
+
+
+class _Counted:
+    """A function or a Triton kernel (kernel[grid](...)) that records its name on each call."""
+    def __init__(self, real, name, calls):
+        self.real, self.name, self.calls = real, name, calls
+    def __call__(self, *args, **kwargs):
+        self.calls.append(self.name)
+        return self.real(*args, **kwargs)
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.real[grid]
+
+
+@pytest.mark.skipif(not _triton_runs, reason="Triton cannot run here (see FUSED)")
+def test_kernel_objectives_through_the_kernels_match_the_twins(monkeypatch):
+    """objectives.sft and objectives.dpo with fused_kernels=True running the Triton kernels (forced: on CPU that
+    switch picks the twins; here under the interpreter at a tiny shape) against fused_kernels=False (the twins):
+    the same losses, DPO metrics and gradients, and the kernels ran only in the first case."""
+    calls = _force_kernels(monkeypatch)
+    policy, reference = _obj_model(4), _obj_model(14)
+    for name, batch in (("sft", _obj_batch([(3, 4), (1, 6), (5, 2)])), ("dpo", _obj_batch(OBJ_PAIRS))):
+        results = []
+        for fused_kernels in (True, False):
+            calls.clear()
+            ctx = _obj_ctx(reference=reference, fused_kernels=fused_kernels, beta=0.5, label_smoothing=0.1)
+            losses, metrics = objectives.OBJECTIVES[name](policy, batch, ctx)
+            results.append((losses, metrics, _obj_grads(policy, losses.mean())))
+            # sft: the policy's log-probs; dpo: the policy's and the reference's, then the DPO kernel
+            expected = {"sft": ["_triton_forward"], "dpo": ["_triton_forward", "_triton_forward", "_dpo_forward_kernel"]}
+            assert calls == (expected[name] if fused_kernels else []), (name, fused_kernels, calls)
+        (kernel, kernel_metrics, kernel_grads), (twin, twin_metrics, twin_grads) = results
+        torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5, msg=name)
+        for key in twin_metrics:
+            torch.testing.assert_close(kernel_metrics[key], twin_metrics[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(kernel_grads, twin_grads, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_kernel_dpo_reference_gets_no_gradient(fused, monkeypatch):
+    """The reference is frozen on every DPO path. dpo_losses (twin or kernel): reference log-probs that require grad
+    get none, and the returned sequence log-probs carry no graph. objectives.dpo: a reference model whose parameters
+    were (wrongly) left trainable is run without a graph, so backward leaves its .grad None while the policy's fill."""
+    policy, reference, mask = _dpo_case(seed=3)
+    reference.requires_grad_()
+    losses, policy_seq, reference_seq = dpo_losses(policy, reference, mask, 0.5, "sigmoid", 0.1, fused=fused)
+    grad_policy, grad_reference = torch.autograd.grad(losses.sum(), (policy, reference), allow_unused=True)
+    assert grad_reference is None and grad_policy[mask].abs().sum() > 0
+    assert not policy_seq.requires_grad and not reference_seq.requires_grad
+    if fused:
+        _force_kernels(monkeypatch)
+    seen = []
+    real_dpo_losses = objectives.dpo_losses
+    def spy(policy_logps, reference_logps, *args, **kwargs):
+        seen.append(reference_logps.requires_grad)
+        return real_dpo_losses(policy_logps, reference_logps, *args, **kwargs)
+    monkeypatch.setattr(objectives, "dpo_losses", spy)
+    policy_model, reference_model = _obj_model(4), _obj_model(14)  # both trainable: only objectives.dpo protects it
+    losses, _ = objectives.dpo(policy_model, _obj_batch(OBJ_PAIRS), _obj_ctx(reference=reference_model, fused_kernels=fused))
+    losses.sum().backward()
+    assert seen == [False]
+    assert all(p.grad is None for p in reference_model.parameters())
+    assert all(p.grad is not None for p in policy_model.parameters())
 
 def test_kernel_logprob_twin_memory_is_chunked():
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -805,6 +975,19 @@ def test_kernel_dpo_matches_twin_and_hand(loss_type, eps, length_normalize):
     if average:
         per_row = per_row / m.sum(1).clamp(min=1)
     torch.testing.assert_close(results[1][3].double(), per_row[:, None] * m, atol=1e-6, rtol=1e-5)
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("loss_type, eps, length_normalize, beta", [c[:4] for c in DPO_HAND_CASES if not c[4]])
+def test_kernel_dpo_hand_numbers_at_nonzero_margins(fused, loss_type, eps, length_normalize, beta):
+    """The twin and the Triton kernel against DPO done with math on a table (DPO_POLICY, in the objectives section)."""
+    policy, reference, mask = _dpo_tensors()
+    losses, policy_seq, reference_seq = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=fused)
+    grad, = torch.autograd.grad(losses.sum(), policy)
+    hand_losses, hand_policy, hand_reference, hand_grads = _dpo_by_hand(loss_type, eps, length_normalize, beta)
+    assert losses.tolist() == pytest.approx(hand_losses, rel=1e-6)
+    assert policy_seq.tolist() == pytest.approx(hand_policy, rel=1e-6)
+    assert reference_seq.tolist() == pytest.approx(hand_reference, rel=1e-6)
+    assert grad.tolist() == [pytest.approx(row, rel=1e-6, abs=1e-7) for row in hand_grads]
 
 @pytest.mark.parametrize("fused", FUSED)
 def test_kernel_dpo_policy_equals_reference_is_log2(fused):
@@ -1066,6 +1249,7 @@ def _select_runs(*runs):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_data_selector_bipost_resume_and_keep_list(tmp_path):
     whole, part, kept = tmp_path / 'whole', tmp_path / 'part', tmp_path / 'kept'
     n = len(np.load(os.path.join(ROOT, 'data', 'demo', 'sft_noisy_train_index.npy')))
@@ -1173,6 +1357,7 @@ def train_demo(tmp_path_factory):
     return _train_run(tmp_path_factory.mktemp('demo'), {'plain': TRAIN_DEMO})['plain']
 
 
+@pytest.mark.slow
 def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     evals, steps = _train_records(train_demo)
     assert [r['iter'] for r in evals] == [0, 30] and [r['iter'] for r in steps] == list(range(1, 31))
@@ -1182,12 +1367,16 @@ def test_training_short_run_lowers_both_heldout_objectives(train_demo):
     assert last['val/sft/loss'] < first['val/sft/loss'] - 0.1, (first, last)
     assert last['val/dpo/loss'] < first['val/dpo/loss'] - 0.1, (first, last)
     assert last['val/dpo/rewards/accuracies'] > 0.6
+    # the logged rewards say which way the policy moved: chosen up relative to rejected (margin = chosen − rejected)
+    assert last['val/dpo/rewards/margins'] > 0 and last['val/dpo/rewards/chosen'] > last['val/dpo/rewards/rejected']
+    assert last['val/dpo/rewards/margins'] == pytest.approx(last['val/dpo/rewards/chosen'] - last['val/dpo/rewards/rejected'])
     # and the exact path, update by update, against the golden file (rel 0.5%: 30 updates amplify little)
     _golden_check('short_run', [{'iter': r['iter'], 'sft': r['train/sft/loss'], 'dpo': r['train/dpo/loss']} for r in steps] +
                   [{'iter': r['iter'], 'val_sft': r['val/sft/loss'], 'val_dpo': r['val/dpo/loss']} for r in (first, last)],
                   rel=0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('engine', ['plain', 'deepspeed'])
 def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path, engine):
     """mix scales each objective's micro-step loss by λ·len(chosen)/micro_steps. Checked on the gradient the
@@ -1212,18 +1401,20 @@ def test_training_mix_gradient_is_lambda_weighted_sum(tmp_path, engine):
     assert max((m - 0.5 * (a + b)).abs().max().item() for m, a, b in zip(mix, sft, dpo)) > 1e-3
 
 
+@pytest.mark.slow
 def test_training_gradient_accumulation_equivalence(tmp_path):
     """4 examples x 1 micro-batch and 1 example x 4 micro-batches see the same examples in the same order
     (data/loader.py Split.next_ids: one seeded permutation per epoch, cursor moved by n per call) and the objectives are
     per-example means, so 2 updates of each (sft-only and dpo-only runs) give the same gradients and the same model.
-    The gradients are the sharp check (rtol 1e-4: fp32 summation order only): AdamW and clipping are blind to a
-    gradient's scale, so the weights alone would hardly notice a missing 1/gradient_accumulation_steps. The
+    The gradients are the sharp check (rtol 1e-4: fp32 summation order only), unclipped (grad_clip=0: clipping
+    to norm 1 would rescale a wrongly scaled gradient back); AdamW is blind to a gradient's scale, so the weights
+    alone would hardly notice a missing 1/gradient_accumulation_steps. The
     weights agree to 2% of one step (atol 2e-4 at lr 1e-2, while they moved by more than lr): Adam turns the
     ~1e-10 summation noise of a gradient entry that is ~0 (below its eps 1e-8) into up to lr·noise/eps."""
     runs = {}
     for name in ('sft', 'dpo'):
         single = [f'--objectives=["{name}"]', '--strategy=sequential', '--weights=[1.0]', '--optima=[0.0]',
-                  '--max_iters=2', '--eval_iters=1', '--warmup_iters=0', '--learning_rate=1e-2']
+                  '--max_iters=2', '--eval_iters=1', '--warmup_iters=0', '--learning_rate=1e-2', '--grad_clip=0']
         runs[f'{name}_4x1'] = single + ['--batch_size=4', '--gradient_accumulation_steps=1']
         runs[f'{name}_1x4'] = single + ['--batch_size=1', '--gradient_accumulation_steps=4']
     dirs = _train_run(tmp_path, runs)
@@ -1241,6 +1432,71 @@ def test_training_gradient_accumulation_equivalence(tmp_path):
         torch.manual_seed(1337)
         initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs[f'{name}_4x1'] / 'hf')).state_dict()
         assert max((big_weights[k] - initial[k]).abs().max().item() for k in big_weights) > 1e-2
+
+
+@pytest.mark.slow
+def test_training_gradient_accumulation_equivalence_on_every_path(tmp_path):
+    """mix (SFT + DPO, λ = [0.3, 0.7]) with 4 examples x 1 micro-batch and with 1 example x 4 micro-batches, on plain
+    torch and DeepSpeed ZeRO-0/1/2/3 (one process, gloo), 2 updates, grad_clip=0. On each path the 1x4 run must
+    apply the 4x1 run's gradients, and every path plain torch's: a loss divided by the accumulation steps twice
+    (bipost's 1/micro_steps on top of the engine's), or not at all, changes them by a factor of 4 or more.
+    What is recorded is what each optimizer step receives (torch's global step pre-hook): plain torch and ZeRO-0 step
+    the parameters themselves; ZeRO-1/2/3 step their fp32 flat partitions, one per param group (decay, no decay),
+    which in a world of one hold every parameter's gradient in the groups' order. So on every path the update's
+    records, flattened and concatenated, are the same vector. The weights (HF export; ZeRO-3 gathers them) must
+    agree as well, though AdamW hides a gradient's scale there (see test_training_gradient_accumulation_equivalence
+    for the tolerance)."""
+    common = ['--strategy=mix', '--weights=[0.3, 0.7]', '--max_iters=2', '--eval_iters=1', '--grad_clip=0',
+              '--warmup_iters=0', '--learning_rate=1e-2']
+    paths = {'plain': [], **{f'zero{stage}': ['--deepspeed=True', f'--zero_stage={stage}'] for stage in range(4)}}
+    shapes = {'4x1': ['--batch_size=4', '--gradient_accumulation_steps=1'],
+              '1x4': ['--batch_size=1', '--gradient_accumulation_steps=4']}
+    dirs = _train_run(tmp_path, {f'{path}_{shape}': common + args + shape_args for path, args in paths.items()
+                                 for shape, shape_args in shapes.items()}, timeout=900)
+    from safetensors.torch import load_file
+    def applied(run):
+        recorded = _train_recorded(dirs[run])
+        assert recorded['choices'] == ['sft+dpo'] * 2 and all(g is not None for step in recorded['grads'] for g in step)
+        return torch.cat([g.flatten() for step in recorded['grads'] for g in step])
+    plain, plain_weights = applied('plain_4x1'), load_file(dirs['plain_4x1'] / 'hf' / 'model.safetensors')
+    assert plain.numel() == 2 * sum(v.numel() for v in plain_weights.values())  # 2 updates of every parameter
+    for run in dirs:
+        torch.testing.assert_close(applied(run), plain, rtol=1e-4, atol=1e-6, msg=run)
+        weights = load_file(dirs[run] / 'hf' / 'model.safetensors')
+        for key in plain_weights:
+            torch.testing.assert_close(weights[key], plain_weights[key], rtol=0, atol=2e-4, msg=f'{run} {key}')
+
+
+@pytest.mark.parametrize('strategy', ['alright', 'mix', 'maxright', 'sequential'])
+def test_training_lr_schedule_is_warmup_then_cosine_per_stage(tmp_path, monkeypatch, capsys, strategy):
+    """The lr of every update, as logged (metrics.jsonl 'lr') and as the optimizer applies it (read in a step
+    pre-hook), against the schedule written out here: update t of a run of n updates gets lr·(t+1)/(w+1) while
+    t < w, then min_lr + ½(1 + cos(π·(t−w)/(n−w)))·(lr − min_lr). sequential with λ = [0.4, 0.6] over 10 updates
+    is two runs, of 4 and 6 updates: the second restarts its warm-up and decays over its own 6 updates."""
+    lr, min_lr, w = 1e-3, 1e-4, 2
+    def schedule(t, n):
+        if t < w:
+            return lr * (t + 1) / (w + 1)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, (t - w) / (n - w)))) * (lr - min_lr)
+    stages = [4, 6] if strategy == 'sequential' else [10]
+    expected = [schedule(t, n) for n in stages for t in range(n)]
+    applied = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]['lr']))
+    try:
+        code, out, err = _rel_inprocess(monkeypatch, capsys, f'--strategy={strategy}', '--weights=[0.4, 0.6]', '--optima=[0.5, 0.5]',
+                                        '--max_iters=10', '--eval_interval=100', '--eval_iters=1', '--export_hf=False',
+                                        f'--learning_rate={lr}', f'--min_lr={min_lr}', f'--warmup_iters={w}',
+                                        '--decay_lr=True', f'--out_dir={tmp_path}')
+    finally:
+        hook.remove()
+    assert code == 0, err
+    steps = [r for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'objective' in r]
+    assert [r['iter'] for r in steps] == list(range(1, 11))
+    assert [r['lr'] for r in steps] == pytest.approx(expected, rel=1e-12)
+    assert applied == pytest.approx(expected, rel=1e-12)
+    if strategy == 'sequential':  # the stages are the selector's: each objective runs under its own schedule
+        assert [r['objective'] for r in steps] == ['sft'] * 4 + ['dpo'] * 6
 
 
 def _train_val_sft_loss(model, eval_iters, batch_size):
@@ -1262,6 +1518,7 @@ def _train_val_sft_loss(model, eval_iters, batch_size):
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_training_hf_export_matches_checkpoint(train_demo):
     from transformers import AutoConfig, AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(train_demo / 'hf').eval()
@@ -1283,6 +1540,7 @@ def test_training_hf_export_matches_checkpoint(train_demo):
     assert json.load(open(train_demo / 'hf' / 'bipost_data_meta.json'))['vocab_size'] == 257
 
 
+@pytest.mark.slow
 def test_training_kd_under_zero3_matches_plain_torch(tmp_path):
     """KD + SFT (the llama3_kd_sft.py recipe's objectives) through DeepSpeed ZeRO-3, one process: the student's LM
     head weight is a partitioned placeholder there (KD once multiplied by it directly and crashed), and the
@@ -1309,6 +1567,7 @@ def train_deepspeed(tmp_path_factory):
                       timeout=600)['ds']
 
 
+@pytest.mark.slow
 def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspeed):
     pointer = json.load(open(train_deepspeed / 'ckpt.json'))
     assert pointer['format'] == 'deepspeed' and pointer['iter_num'] == 30
@@ -1325,6 +1584,7 @@ def test_training_deepspeed_zero2_matches_plain_torch(train_demo, train_deepspee
                     (ds_record['iter'], key)
 
 
+@pytest.mark.slow
 def test_training_two_ranks_make_identical_choices(tmp_path):
     """torchrun, 2 processes, DeepSpeed ZeRO-2. alright draws each update's objective from a generator seeded the
     same on every rank; maxright decides on loss estimates averaged over ranks (each rank sees other examples).
@@ -1391,6 +1651,7 @@ def _trust_sft_losses(model, split, ids):
     return losses
 
 
+@pytest.mark.slow
 def test_trust_eval_counts_every_example_once(tmp_path):
     """150 held-out examples, batch 16: 9 full batches and one of 6. After 3 updates, the held-out loss must be the
     plain mean over the 150 examples (each once) of the exported model, and with eval_iters=2 over the first 32 —
@@ -1411,6 +1672,7 @@ def test_trust_eval_counts_every_example_once(tmp_path):
     assert abs((sum(losses) + sum(losses[:10])) / 160 - mean) > 1e-4
 
 
+@pytest.mark.slow
 def test_trust_optima_from_single_objective_runs(tmp_path, capsys):
     """A run on one objective alone writes optimum.json (its best held-out loss, with what makes it comparable); a later
     run names those run directories in optima and gets the ideal distance from them; other settings are refused."""
@@ -1438,6 +1700,7 @@ def test_trust_optima_from_single_objective_runs(tmp_path, capsys):
     assert 'with beta=5.0, but this run has beta=0.5' in done.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', ['plain', 'autocast_bf16', 'zero0', 'zero1', 'zero2', 'zero3'])
 def test_trust_first_dpo_step_is_log2_on_every_path(tmp_path, path):
     """The reference must compute exactly as the policy does: at update 1 (policy = reference) every pair's margin is
@@ -1590,6 +1853,7 @@ def rel_uninterrupted(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path, kill', [
     ('plain', ('print', 'iter 5 |', 1)),         # SIGKILL mid-training, after update 5
     ('plain', ('save', 'ckpt.pt.tmp', 2)),       # SIGKILL half-way through writing the update-6 checkpoint
@@ -1621,9 +1885,10 @@ def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, pat
         assert model.generate(torch.tensor([[87, 104]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
 
 
-def _rel_inprocess(monkeypatch, capsys, *args):
+def _rel_inprocess(monkeypatch, capsys, *args, namespace=None):
     """bipost.py run inside this process (no ~5 s of imports per run); returns (exit code, stdout, stderr).
-    Anything but a clean exit (a traceback from deep inside torch) propagates and fails the test."""
+    Anything but a clean exit (a traceback from deep inside torch) propagates and fails the test.
+    namespace: a dict that receives the script's globals after a run that finished (the trained model...)."""
     import runpy
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv('RANK', raising=False)
@@ -1631,7 +1896,9 @@ def _rel_inprocess(monkeypatch, capsys, *args):
     threads, code = torch.get_num_threads(), 0
     torch.set_num_threads(1)
     try:
-        runpy.run_path('bipost.py', run_name='__main__')
+        script_globals = runpy.run_path('bipost.py', run_name='__main__')
+        if namespace is not None:
+            namespace.update(script_globals)
     except SystemExit as e:
         code = e.code
     finally:
@@ -1676,27 +1943,37 @@ def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatc
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from data.prepare import demo_encoding
     # transformers -> bipost: a save_pretrained model (with a tokenizer) as init_from; its export ships the tokenizer
+    run = {}
     code, out, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={rel_models["init"]}', '--max_iters=2',
-                                    '--eval_interval=2', f'--out_dir={tmp_path / "hf_init"}')
+                                    '--eval_interval=2', f'--out_dir={tmp_path / "hf_init"}', namespace=run)
     assert code == 0, err
     export = tmp_path / 'hf_init' / 'hf'
     model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
     trained = torch.load(tmp_path / 'hf_init' / 'ckpt.pt', weights_only=False)['model']
-    initial = AutoModelForCausalLM.from_pretrained(rel_models['init']).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(rel_models['init'])
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())  # the export is the checkpoint
-    assert not all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # and it trained
     prompt = 'What is 2+2?\n'
     ids = tokenizer(prompt, return_tensors='pt').input_ids
     assert ids[0].tolist() == demo_encoding().encode_ordinary(prompt)  # the tokenizer the data was prepared with
+    # what transformers loads computes what bipost trained (the weights and the config: norms, rope, heads), and it
+    # is not the initial model
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, run['raw_model'].eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (logits - initial(ids).logits).abs().max() > 1e-3
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert generated.shape[1] > ids.shape[1] and isinstance(tokenizer.decode(generated[0]), str)
     # bipost -> transformers: the demo's scratch model; its tokenizer is the tiktoken encoding in data/prepare.py
-    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "scratch"}')
+    run = {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "scratch"}', namespace=run)
     assert code == 0, err
     export = tmp_path / 'scratch' / 'hf'
     model = AutoModelForCausalLM.from_pretrained(export)
     assert json.load(open(export / 'bipost_data_meta.json'))['tokenizer'] == demo_encoding().name
     encoding = demo_encoding()
+    ids = torch.tensor([encoding.encode_ordinary(prompt)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, run['raw_model'].eval()(ids).logits, atol=1e-5, rtol=1e-5)
     generated = model.generate(torch.tensor([encoding.encode_ordinary(prompt)]), max_new_tokens=5, do_sample=False,
                                pad_token_id=encoding.eot_token)
     assert isinstance(encoding.decode(generated[0].tolist()), str)
@@ -1708,6 +1985,29 @@ def test_reliability_hf_interop_both_directions(tmp_path, rel_models, monkeypatc
     assert records[1]['train/' + records[1]['objective'] + '/loss'] == pytest.approx(float(lines[1].split('loss ')[1].split()[0]), abs=1e-4)
     assert {'val/sft/loss', 'val/dpo/loss', 'val/dpo/rewards/accuracies'} <= set(records[2])
     assert 'val/ideal_distance' not in records[2] and ' ideal ' not in out  # f* unknown (optima = []): not made up
+
+
+def test_reliability_reference_stays_frozen_through_training(tmp_path, monkeypatch, capsys):
+    """A real DPO run (3 updates at a high lr; scratch model, so the reference, the initial policy built again, starts
+    in train mode): afterwards the reference's parameters need no gradient, hold none, are in eval mode and are still
+    the initial weights (those an eval_only run starts from), while the policy moved. objectives.dpo and the kernels
+    are checked on their own in test_kernel_dpo_reference_gets_no_gradient."""
+    args = ["--objectives=['dpo']", '--weights=[1.0]', '--optima=[0.0]', '--max_iters=3', '--eval_interval=3',
+            '--learning_rate=1e-2', '--export_hf=False']
+    start, run = {}, {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--eval_only=True', f'--out_dir={tmp_path / "start"}',
+                                    namespace=start)
+    assert code == 0, err
+    initial = {k: v.clone() for k, v in start['raw_model'].state_dict().items()}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={tmp_path / "run"}', namespace=run)
+    assert code == 0, err
+    assert [r['objective'] for r in map(json.loads, open(tmp_path / 'run' / 'metrics.jsonl')) if 'objective' in r] == ['dpo'] * 3
+    reference, policy = run['reference'], run['raw_model']
+    assert reference is not policy and not reference.training
+    for name, p in reference.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+        assert torch.equal(p, initial[name]), name
+    assert max((p - initial[name]).abs().max().item() for name, p in policy.named_parameters()) > 1e-3
 
 
 def _rel_finite(state):
