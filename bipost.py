@@ -34,6 +34,7 @@ log_interval = 1              # updates between log lines
 eval_only = False             # evaluate once and exit
 always_save_checkpoint = True # save every eval (else only at the end)
 init_from = 'scratch'         # 'scratch' (LlamaConfig from the globals below) | 'resume' | a local HF model dir
+overwrite = False             # True: a fresh run may replace the checkpoint in out_dir
 export_hf = True              # write out_dir/hf, loadable by transformers.AutoModelForCausalLM
 wandb_log = False             # optional; imported lazily
 wandb_project = 'bipost'
@@ -53,6 +54,7 @@ n_head = 4
 n_embd = 128
 block_size = 128              # max positions of a scratch model; prepared data never exceeds it
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+disable_dropout = True        # sets every dropout probability of the policy (and θ̂ copy) to 0: TRL's default; False keeps the model's own
 # objectives
 objectives = ['sft', 'dpo']   # names from objectives.OBJECTIVES; 2 or more
 beta = 5.0                    # DPO temperature: ~0.05-0.5 on summed log-probs, ~2-10 length-normalized
@@ -99,10 +101,45 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 seed = 1337
 nonfinite = 'stop'            # non-finite loss: 'stop' (nothing written) | 'skip' (drop that micro-batch, counted)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, dict))]
+config_keys = [k for k, v in globals().items()  # not the imported constants (OBJECTIVES, DATA_KIND)
+               if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str, list, dict))]
 config = {k: globals()[k] for k in config_keys}
+
+# Resuming continues the run in out_dir as if it had never stopped: the checkpoint's saved config is the starting
+# point and the command line (files, --key=value) is applied over it. Only these keys may then differ from the saved
+# values: they steer how far the run goes, what it evaluates, logs and saves, and where it runs. Every other key
+# (dataset, splits, objectives, strategy, weights, beta, losses, data selection, model, batch sizes, seed, dtype,
+# deepspeed, the lr schedule, ... and any key added later until it is listed here) would make the resumed run differ
+# from an uninterrupted one and is refused. max_iters may change: what depends on the run's length (the cosine lr
+# decay, sequential's shares) then follows the new max_iters from the resume point on; updates already taken stay.
+RESUME_MAY_CHANGE = ['max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only', 'always_save_checkpoint',
+                     'export_hf', 'wandb_log', 'wandb_project', 'wandb_run_name', 'nonfinite', 'out_dir', 'init_from',
+                     'overwrite', 'device']
+
+
+def resume_config(out_dir, defaults, argv):
+    """The config of a resumed run: the checkpoint's, with argv applied over it; a change of a fixed key is refused."""
+    pointer = os.path.join(out_dir, 'ckpt.json')
+    if not os.path.exists(pointer):
+        raise ConfigError(f"init_from='resume' but {pointer} does not exist: no complete checkpoint in out_dir={out_dir}")
+    with open(pointer) as f:
+        saved = json.load(f).get('config')
+    if saved is None:
+        raise ConfigError(f"{pointer} holds no saved config (an older bipost wrote it): resume it with that version")
+    resumed = {**defaults, **{k: v for k, v in saved.items() if k in defaults and k not in ('out_dir', 'device')}}
+    configure(resumed, argv, verbose=False)  # out_dir and device are this launch's: the run may have moved
+    for key, value in resumed.items():
+        if key not in RESUME_MAY_CHANGE and value != saved.get(key, defaults[key]):
+            raise ConfigError(f"{key}={value!r} but the checkpoint in {out_dir} was trained with {key}="
+                              f"{saved.get(key, defaults[key])!r}: a resumed run keeps its config; drop {key} from the "
+                              f"command line and config file, or start a new run in another out_dir")
+    return resumed
+
 try:
+    _defaults = dict(config)
     configure(config, sys.argv[1:])
+    if config['init_from'] == 'resume':  # before anything else reads the config
+        config = resume_config(config['out_dir'], _defaults, sys.argv[1:])
 except ConfigError as e:  # a typo gets one line, not a traceback
     sys.exit(f"bipost: error: {e}")
 globals().update(config)
@@ -112,6 +149,10 @@ def fail(message):
     """Bad input ends the run with one actionable line, before anything is written."""
     print(f"bipost: error: {message}", file=sys.stderr)
     sys.exit(1)
+
+if init_from != 'resume' and not overwrite and not eval_only and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
+    fail(f"out_dir={out_dir} holds a checkpoint that this fresh run (init_from={init_from!r}) would replace: "
+         f"--init_from=resume to continue it, --overwrite=True to start over, or another out_dir")
 
 # distributed: torchrun sets RANK; plain python is a world of one
 ddp = 'RANK' in os.environ
@@ -250,13 +291,46 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
 
+# A checkpoint of update N is saved in three steps (save_checkpoint), so that a kill at any moment leaves either
+# checkpoint N-1 or N, never a mix:
+#   1. stage: its files, complete, into out_dir/stage-N/ (ckpt.pt or, under DeepSpeed, the shards in out_dir/ds/<tag>,
+#      hf/, the data selector's weights/ranking/keep.npy). A kill here leaves N-1 as it was; the stage is dropped later.
+#   2. commit: ckpt.json, written as ckpt.json.tmp and renamed over the old one, points at N and names the stage.
+#      This rename is the one moment the checkpoint changes.
+#   3. publish: each staged file is renamed to its place in out_dir, then the stage is removed. A kill here leaves
+#      a committed stage partly published; the next start finishes it (publish is idempotent) before reading anything.
+
+def publish(pointer):
+    """Step 3 (also on startup, to finish one a kill interrupted); drops stages that were never committed."""
+    stage = pointer.get('stage')
+    if stage and os.path.isdir(os.path.join(out_dir, stage)):
+        for name in sorted(os.listdir(os.path.join(out_dir, stage))):
+            source, target = os.path.join(out_dir, stage, name), os.path.join(out_dir, name)
+            if os.path.isdir(source):  # hf/: a directory cannot be renamed over another; move the old one aside
+                shutil.rmtree(target + '.old', ignore_errors=True)
+                if os.path.exists(target):
+                    os.replace(target, target + '.old')
+                os.replace(source, target)
+                shutil.rmtree(target + '.old', ignore_errors=True)
+            else:
+                os.replace(source, target)
+    for name in os.listdir(out_dir):
+        if name.startswith('stage-'):
+            shutil.rmtree(os.path.join(out_dir, name))
+
 checkpoint = None
-if init_from == 'resume':
-    pointer = os.path.join(out_dir, 'ckpt.json')
-    if not os.path.exists(pointer):
-        fail(f"init_from='resume' but {pointer} does not exist: no complete checkpoint in out_dir={out_dir}")
-    with open(pointer) as f:
+if master and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
+    with open(os.path.join(out_dir, 'ckpt.json')) as f:
+        publish(json.load(f))
+if distributed:
+    dist.barrier()  # every rank reads the published files
+if init_from == 'resume':  # the pointer exists: resume_config read its config
+    with open(os.path.join(out_dir, 'ckpt.json')) as f:
         checkpoint = json.load(f)
+    payload = os.path.join(out_dir, 'ckpt.pt' if checkpoint['format'] == 'torch' else os.path.join('ds', checkpoint['tag']))
+    if not os.path.exists(payload):
+        fail(f"{os.path.join(out_dir, 'ckpt.json')} points at {payload}, which does not exist: out_dir was changed outside "
+             f"bipost; restore it, or start over with --overwrite=True")
 policy_source = checkpoint['policy_init'] if checkpoint else init_from
 
 
@@ -288,12 +362,22 @@ def check_vocab(model, source):
 
 if checkpoint and checkpoint['format'] == 'torch':
     state = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    if state['iter_num'] != checkpoint['iter_num']:
+        fail(f"{os.path.join(out_dir, 'ckpt.pt')} holds update {state['iter_num']} but ckpt.json points at update "
+             f"{checkpoint['iter_num']}: out_dir was changed outside bipost; restore it, or start over with --overwrite=True")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**state['model_config']))
     model.load_state_dict(state['model'])
 elif checkpoint:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
 else:
     model = load_model(policy_source)
+if disable_dropout:  # eager attention reads the probability its module copied from the config at construction
+    for part in [model.config, *model.modules()]:
+        for name, value in vars(part).items():
+            if ('dropout' in name or 'pdrop' in name) and type(value) in (int, float):
+                setattr(part, name, 0.0)
+        if isinstance(part, torch.nn.Dropout):
+            part.p = 0.0
 vocab_size = check_vocab(model, policy_source)
 positions = getattr(model.config, 'max_position_embeddings', None)
 for split in list(train_data.values()) + list(val_data.values()):
@@ -406,26 +490,33 @@ def write_json_atomic(path, obj):
 
 
 def save_checkpoint():
-    pointer = {'iter_num': iter_num, 'policy_init': policy_source, 'model_config': raw_model.config.to_dict()}
-    if deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer flips only once all are done
-        tag = f'iter_{iter_num:07d}'
-        engine.save_checkpoint(os.path.join(out_dir, 'ds'), tag=tag, client_state=train_state(), save_latest=False)
-        dist.barrier()
-        if master:
-            write_json_atomic(os.path.join(out_dir, 'ckpt.json'), {**pointer, 'format': 'deepspeed', 'tag': tag})
-            for old in os.listdir(os.path.join(out_dir, 'ds')):
-                if old != tag:
-                    shutil.rmtree(os.path.join(out_dir, 'ds', old), ignore_errors=True)
+    """Stage, commit, publish (see publish() above): a kill at any moment leaves a complete checkpoint."""
+    stage = os.path.join(out_dir, f'stage-{iter_num:07d}')
+    if master:
+        shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage of an earlier, killed run
+        os.makedirs(stage)
+    pointer = {'iter_num': iter_num, 'policy_init': policy_source, 'model_config': raw_model.config.to_dict(),
+               'config': config, 'stage': os.path.basename(stage)}
+    if deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer names it only once all are done
+        pointer.update(format='deepspeed', tag=f'iter_{iter_num:07d}')
+        engine.save_checkpoint(os.path.join(out_dir, 'ds'), tag=pointer['tag'], client_state=train_state(), save_latest=False)
     elif master:
-        state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'model_config': raw_model.config.to_dict(), **train_state()}
-        torch.save(state, os.path.join(out_dir, 'ckpt.pt.tmp'))
-        os.replace(os.path.join(out_dir, 'ckpt.pt.tmp'), os.path.join(out_dir, 'ckpt.pt'))
-        write_json_atomic(os.path.join(out_dir, 'ckpt.json'), {**pointer, 'format': 'torch'})
+        pointer.update(format='torch')
+        torch.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                    'model_config': raw_model.config.to_dict(), **train_state()}, os.path.join(stage, 'ckpt.pt'))
     if export_hf:
-        export(os.path.join(out_dir, 'hf'))
+        export(os.path.join(stage, 'hf'))
     if data_selector and master:
-        data_selector.save(out_dir, keep_fraction)
+        data_selector.save(stage, keep_fraction)
+    if deepspeed:
+        dist.barrier()
+    if master:
+        write_json_atomic(os.path.join(out_dir, 'ckpt.json'), pointer)  # the commit
+        publish(pointer)
+        if deepspeed:
+            for old in os.listdir(os.path.join(out_dir, 'ds')):
+                if old != pointer['tag']:
+                    shutil.rmtree(os.path.join(out_dir, 'ds', old), ignore_errors=True)
 
 
 def export(path):
@@ -436,20 +527,14 @@ def export(path):
     else:
         state = raw_model.state_dict() if master else None
     if master:
-        shutil.rmtree(path + '.tmp', ignore_errors=True)
-        raw_model.save_pretrained(path + '.tmp', state_dict=state)
+        raw_model.save_pretrained(path, state_dict=state)
         if os.path.isdir(policy_source):  # ship the tokenizer with the weights
             from transformers import AutoTokenizer
             try:
-                AutoTokenizer.from_pretrained(policy_source).save_pretrained(path + '.tmp')
+                AutoTokenizer.from_pretrained(policy_source).save_pretrained(path)
             except (OSError, ValueError):
                 pass  # a weights-only directory: the export has no tokenizer either
-        shutil.copy(meta_path, os.path.join(path + '.tmp', 'bipost_data_meta.json'))
-        shutil.rmtree(path + '.old', ignore_errors=True)
-        if os.path.exists(path):
-            os.replace(path, path + '.old')
-        os.replace(path + '.tmp', path)
-        shutil.rmtree(path + '.old', ignore_errors=True)
+        shutil.copy(meta_path, os.path.join(path, 'bipost_data_meta.json'))
 
 if checkpoint and checkpoint['format'] == 'torch':
     optimizer.load_state_dict(state['optimizer'])
@@ -459,7 +544,7 @@ elif checkpoint:
     _, client_state = engine.load_checkpoint(os.path.join(out_dir, 'ds'), tag=checkpoint['tag'])
     load_train_state(client_state)
 if checkpoint and master:
-    print(f"resumed from {out_dir} at update {iter_num}")
+    print(f"resumed from {out_dir} at update {iter_num}, with the config saved there")
 
 # -----------------------------------------------------------------------------
 # helpers for the loop
