@@ -314,8 +314,8 @@ def publish(pointer):
                 shutil.rmtree(target + '.old', ignore_errors=True)
             else:
                 os.replace(source, target)
-    for name in os.listdir(out_dir):
-        if name.startswith('stage-'):
+    for name in os.listdir(out_dir):  # stages never committed; an old hf/ a kill left aside
+        if name.startswith('stage-') or name.endswith('.old'):
             shutil.rmtree(os.path.join(out_dir, name))
 
 checkpoint = None

@@ -1856,7 +1856,7 @@ def rel_uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize('path, kill', [
     ('plain', ('print', 'iter 5 |', 1)),         # SIGKILL mid-training, after update 5
-    ('plain', ('save', 'ckpt.pt.tmp', 2)),       # SIGKILL half-way through writing the update-6 checkpoint
+    ('plain', ('save', 'ckpt.pt', 2)),           # SIGKILL half-way through writing the update-6 checkpoint
     ('deepspeed', ('save', 'iter_0000006', 1)),  # ZeRO-2: SIGKILL half-way through the first shard of update 6
     ('deepspeed3', ('save', 'iter_0000006', 1)),  # ZeRO-3, the same
 ])
@@ -1867,8 +1867,8 @@ def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, pat
     assert killed.returncode == -9, killed.stderr[-2000:]
     pointer = json.load(open(tmp_path / 'ckpt.json'))
     assert pointer['iter_num'] == 3  # the previous complete checkpoint, untouched by the kill
-    if kill[0] == 'save' and path == 'plain':  # the half-written file is the temp one; ckpt.pt loads
-        assert (tmp_path / 'ckpt.pt.tmp').exists()
+    if kill[0] == 'save' and path == 'plain':  # the half-written file is the staged one; ckpt.pt loads
+        assert (tmp_path / 'stage-0000006' / 'ckpt.pt').exists()
         assert torch.load(tmp_path / 'ckpt.pt', weights_only=False)['iter_num'] == 3
     if path != 'plain':
         assert pointer['tag'] == 'iter_0000003' and (tmp_path / 'ds' / 'iter_0000006').exists()
@@ -2146,3 +2146,245 @@ def test_reliability_identical_pair_warns_and_counts(tmp_path, capsys):
     meta = data_prep.prepare(str(tmp_path / 'out'), 'demo', {'pref_train': str(tmp_path / 'prefs.jsonl')}, 16)
     assert (meta['splits']['pref_train']['examples'], meta['splits']['pref_train']['dropped']) == (1, 1)
     assert f"dropped 1 pair(s) whose chosen and rejected are identical (first: {tmp_path / 'prefs.jsonl'}:1)" in capsys.readouterr().out
+
+
+# ---- reliability: resume restores the run, never a mixed state ----
+
+def test_reliability_resume_takes_the_saved_config_and_refuses_changes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    recipe = ['--strategy=mix', '--beta=1.0', '--weights=[0.3, 0.7]', '--eval_interval=2', f'--out_dir={out}']
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *recipe, '--max_iters=2')
+    assert code == 0, err
+    # only --init_from=resume (and a longer run): the saved strategy, beta and weights, not the defaults
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={out}', '--init_from=resume', '--max_iters=3',
+                                       '--eval_iters=1')
+    assert code == 0 and 'with the config saved there' in stdout, err
+    records = _rel_metrics(out)
+    assert records[('iter', 3)]['objective'] == 'sft+dpo'  # mix; alright (the default) takes one objective per update
+    saved = json.load(open(out / 'ckpt.json'))['config']
+    assert (saved['beta'], saved['weights'], saved['max_iters'], saved['eval_iters']) == (1.0, [0.3, 0.7], 3, 1)
+    before = (out / 'ckpt.json').read_text()
+    # a key given again with another value is refused in one line naming both values; unknown keys are fixed too
+    (tmp_path / 'same.py').write_text("beta = 1.0\nstrategy = 'mix'\n")
+    (tmp_path / 'other.py').write_text("beta = 2.0\n")
+    for args, says in [(['--beta=2.0'], ['beta=2.0', 'trained with beta=1.0']),
+                       ([str(tmp_path / 'other.py')], ['beta=2.0', 'trained with beta=1.0']),
+                       (['--data_selection=True'], ['data_selection=True', 'trained with data_selection=False']),
+                       (['--dataset=/elsewhere'], ["dataset='/elsewhere'", "trained with dataset='demo'"]),
+                       (['--fused_kernels=False'], ['fused_kernels=False', 'trained with fused_kernels=True'])]:
+        code, _, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={out}', '--init_from=resume', '--max_iters=4', *args)
+        message = err.strip().splitlines()[-1]
+        assert code == 1 and message.startswith('bipost: error: ') and all(s in message for s in says), (args, err)
+        assert (out / 'ckpt.json').read_text() == before
+    # the same values again (a recipe file, the command line) and safe keys are fine
+    code, _, err = _rel_inprocess(monkeypatch, capsys, str(tmp_path / 'same.py'), *recipe, '--init_from=resume',
+                                  '--max_iters=4', '--eval_iters=1', '--log_interval=2', '--export_hf=False')
+    assert code == 0, err
+    assert json.load(open(out / 'ckpt.json'))['iter_num'] == 4
+
+
+def test_reliability_resume_lists_name_config_keys():
+    """RESUME_MAY_CHANGE is an explicit list in bipost.py: each entry must be a config key (a typo would silently
+    refuse a safe key), and no key that changes the computation may be in it."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, 'bipost.py')).read())
+    assigned = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)}
+    may_change = ast.literal_eval(assigned['RESUME_MAY_CHANGE'])
+    assert set(may_change) <= set(assigned) and len(set(may_change)) == len(may_change)
+    assert not set(may_change) & {'dataset', 'train_splits', 'val_splits', 'objectives', 'strategy', 'weights', 'beta',
+                                  'dpo_loss', 'data_selection', 'n_embd', 'batch_size', 'seed', 'deepspeed',
+                                  'zero_stage', 'learning_rate', 'warmup_iters', 'min_lr', 'decay_lr', 'disable_dropout'}
+
+
+def test_reliability_fresh_run_refuses_to_replace_a_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    code, _, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={out}')
+    assert code == 0, err
+    before = (out / 'ckpt.pt').read_bytes()
+    code, _, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', '--seed=7', f'--out_dir={out}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and all(
+        s in message for s in (str(out), '--init_from=resume', '--overwrite=True', 'another out_dir')), err
+    assert (out / 'ckpt.pt').read_bytes() == before
+    code, _, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', '--seed=7', '--overwrite=True', f'--out_dir={out}')
+    assert code == 0, err
+    assert (out / 'ckpt.pt').read_bytes() != before and json.load(open(out / 'ckpt.json'))['config']['seed'] == 7
+
+
+def test_reliability_disable_dropout(tmp_path, monkeypatch, capsys):
+    """disable_dropout=True (the default) zeroes the policy's dropout probabilities: nn.Dropout modules, the HF config
+    and the probability eager/sdpa attention copied from it at construction (so the train-mode forward is
+    deterministic); False keeps the model's own. Observed on the models bipost loads (from_pretrained is wrapped)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.3)
+                     ).save_pretrained(tmp_path / 'dropout')
+    loaded, load = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, 'from_pretrained', lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    for disable in (True, False):
+        loaded.clear()
+        code, _, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={tmp_path / "dropout"}', '--max_iters=1',
+                                      f'--disable_dropout={disable}', f'--out_dir={tmp_path / str(disable)}')
+        assert code == 0, err
+        policy, reference = loaded  # loaded in this order; the reference is frozen and in eval() anyway
+        assert not reference.training and reference.config.attention_dropout == 0.3
+        policy.train()
+        with torch.no_grad():
+            same = torch.equal(policy(ids).logits, policy(ids).logits)
+        attention = policy.model.layers[0].self_attn
+        exported = json.load(open(tmp_path / str(disable) / 'hf' / 'config.json'))['attention_dropout']
+        assert (same, attention.attention_dropout, policy.config.attention_dropout, exported) == \
+               ((True, 0.0, 0.0, 0.0) if disable else (False, 0.3, 0.3, 0.3)), disable
+
+
+# FORKER runs bipost.py many times cheaply: it imports torch and transformers once, then forks one child per run
+# (a fork copies the imports; a SIGKILL ends only that child). Faults are injected in the child from outside
+# bipost.py, as in KILLER: 'kill_step': n SIGKILLs the child just before the n-th write step that bipost.py or
+# selector.py makes itself (torch.save, save_pretrained, np.save, json.dump, shutil.copy, os.makedirs, os.replace,
+# shutil.rmtree), 'kill_print': [prefix, n] right after the n-th log line with that prefix, 'steps_file' records
+# the write steps of a run that completes, and 'no_rng_restore' makes torch.set_rng_state a no-op.
+FORKER = r'''
+import builtins, json, os, runpy, shutil, signal, sys, traceback
+sys.path.insert(0, os.getcwd())
+import numpy as np, torch, transformers
+from transformers import AutoModelForCausalLM, PreTrainedModel
+import objectives, selector, data.loader
+
+def child(run):
+    out = os.open(run['log'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1), os.dup2(out, 2)
+    torch.set_num_threads(1)
+    steps, die = [], lambda: os.kill(os.getpid(), signal.SIGKILL)
+    def step(owner, name):
+        real = getattr(owner, name)
+        def write(*args, **kwargs):
+            if os.path.basename(sys._getframe(1).f_code.co_filename) in ('bipost.py', 'selector.py'):
+                where = [getattr(a, 'name', a) for a in args if isinstance(a, str) or hasattr(a, 'write')]
+                steps.append(f"{name} {' '.join(os.path.relpath(str(w), run['out_dir']) for w in where)}")
+                if len(steps) == run.get('kill_step'):
+                    die()
+            return real(*args, **kwargs)
+        setattr(owner, name, write)
+    for owner, name in ((torch, 'save'), (PreTrainedModel, 'save_pretrained'), (np, 'save'), (json, 'dump'),
+                        (shutil, 'copy'), (os, 'makedirs'), (os, 'replace'), (shutil, 'rmtree')):
+        step(owner, name)
+    if 'kill_print' in run:
+        prefix, nth, real_print, seen = *run['kill_print'], builtins.print, []
+        def print(*args, **kwargs):
+            real_print(*args, **kwargs)
+            if args and str(args[0]).startswith(prefix) and len(seen.append(1) or seen) == nth:
+                sys.stdout.flush()
+                die()
+        builtins.print = print
+    if run.get('no_rng_restore'):
+        torch.set_rng_state = lambda state: None
+    sys.argv, code = ['bipost.py'] + run['argv'], 0
+    try:
+        runpy.run_path('bipost.py', run_name='__main__')
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (builtins.print(e.code, file=sys.stderr) or 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 3
+    if 'steps_file' in run:
+        with open(run['steps_file'], 'w') as f:
+            f.write(json.dumps(steps))
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+codes = []
+for run in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        child(run)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+'''
+
+
+def _fork_runs(runs, timeout=900):
+    """runs: [{'argv': [...], 'out_dir': ..., 'log': ..., optional faults}]; returns each child's exit code (-9: killed)."""
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
+    env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    runs = [{k: str(v) if isinstance(v, os.PathLike) else v for k, v in r.items()} for r in runs]
+    done = subprocess.run([sys.executable, '-c', FORKER, json.dumps(runs)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _fork_argv(out_dir, *args):
+    return [*REL_TINY, f'--out_dir={out_dir}', *args]
+
+
+@pytest.mark.slow
+def test_reliability_kill_at_every_write_step_resumes_exactly_or_refuses(tmp_path):
+    """A checkpoint is staged, committed (the ckpt.json rename) and published (see bipost.py, publish). Killed just
+    before each write step in turn, through the first two checkpoints (updates 1 and 2: with the HF export and the
+    data selector's files), then resumed: either the resumed run logs exactly the uninterrupted run's numbers and
+    leaves the same checkpoint, export and selector files, or, killed before the first commit, it refuses in one line."""
+    args = ['--max_iters=2', '--eval_interval=1', '--eval_iters=1', '--data_selection=True', "--lower_level='reference'"]
+    full = tmp_path / 'full'
+    assert _fork_runs([{'argv': _fork_argv(full, *args), 'out_dir': full, 'log': tmp_path / 'full.log',
+                        'steps_file': tmp_path / 'steps.json'}]) == [0], (tmp_path / 'full.log').read_text()
+    steps = json.load(open(tmp_path / 'steps.json'))
+    commits = [i + 1 for i, s in enumerate(steps) if s == 'replace ckpt.json.tmp ckpt.json']
+    assert len(commits) == 2 and 'save_pretrained stage-0000001/hf' in steps, steps
+    assert any(s.startswith('save ') and s.endswith('keep.npy.tmp') for s in steps), steps  # np.save, selector.py
+    runs = []
+    for n in range(1, len(steps) + 1):
+        out = tmp_path / f'kill{n}'
+        runs += [{'argv': _fork_argv(out, *args), 'out_dir': out, 'log': tmp_path / f'kill{n}.log', 'kill_step': n},
+                 {'argv': _fork_argv(out, *args, '--init_from=resume'), 'out_dir': out, 'log': tmp_path / f'resume{n}.log'}]
+    codes = _fork_runs(runs)
+    expected = _rel_losses(_rel_metrics(full))
+    final = torch.load(full / 'ckpt.pt', weights_only=False)
+    from safetensors.torch import load_file
+    for n in range(1, len(steps) + 1):
+        out, where = tmp_path / f'kill{n}', f'killed before step {n} ({steps[n - 1]})'
+        resumed = (tmp_path / f'resume{n}.log').read_text()
+        assert codes[2 * n - 2] == -9, where
+        if n <= commits[0]:  # nothing committed yet: one clear line, no traceback
+            assert codes[2 * n - 1] == 1 and 'Traceback' not in resumed, (where, resumed)
+            assert resumed.strip().splitlines()[-1].startswith("bipost: error: init_from='resume' but"), (where, resumed)
+            continue
+        assert codes[2 * n - 1] == 0 and 'resumed from' in resumed, (where, resumed)
+        assert _rel_losses(_rel_metrics(out)) == expected, where
+        state = torch.load(out / 'ckpt.pt', weights_only=False)
+        assert state['iter_num'] == 2 and json.load(open(out / 'ckpt.json'))['iter_num'] == 2, where
+        assert all(torch.equal(v, final['model'][k]) for k, v in state['model'].items()), where
+        exported = load_file(out / 'hf' / 'model.safetensors')
+        assert all(torch.equal(v, state['model'][k]) for k, v in exported.items()), where
+        for name in ('weights', 'ranking', 'keep'):
+            np.testing.assert_array_equal(np.load(out / f'{name}.npy'), np.load(full / f'{name}.npy'), err_msg=where)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in full.iterdir()), where  # no stage left
+
+
+@pytest.mark.slow
+def test_reliability_resume_restores_the_random_state(tmp_path):
+    """With dropout on (attention_dropout 0.3, --disable_dropout=False) every training loss depends on the torch RNG.
+    Killed after update 5 and resumed from the update-3 checkpoint, the losses of updates 4-6 are the uninterrupted
+    run's; resumed the same way with torch.set_rng_state disabled they are not (so the first check is not vacuous)."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.3)
+                     ).save_pretrained(tmp_path / 'dropout')
+    args = [f'--init_from={tmp_path / "dropout"}', '--disable_dropout=False', '--max_iters=6', '--eval_interval=3',
+            '--export_hf=False']
+    runs = [{'argv': _fork_argv(tmp_path / 'full', *args), 'out_dir': tmp_path / 'full', 'log': tmp_path / 'full.log'}]
+    for name in ('restored', 'not_restored'):
+        out = tmp_path / name
+        runs += [{'argv': _fork_argv(out, *args), 'out_dir': out, 'log': tmp_path / f'{name}_killed.log',
+                  'kill_print': ['iter 5 |', 1]},
+                 {'argv': _fork_argv(out, *args, '--init_from=resume'), 'out_dir': out, 'log': tmp_path / f'{name}.log',
+                  'no_rng_restore': name == 'not_restored'}]
+    assert _fork_runs(runs) == [0, -9, 0, -9, 0]
+    train = lambda name: {k[1]: v for k, v in _rel_losses(_rel_metrics(tmp_path / name)).items() if k[0] == 'iter'}
+    full, restored, not_restored = train('full'), train('restored'), train('not_restored')
+    assert sorted(full) == sorted(restored) == sorted(not_restored) == [1, 2, 3, 4, 5, 6]
+    assert all(restored[i] == full[i] for i in range(1, 7))
+    assert all(not_restored[i] == full[i] for i in (1, 2, 3))  # before the kill: the same run
+    assert all(not_restored[i] != full[i] for i in (4, 5, 6)), (not_restored, full)
