@@ -664,7 +664,8 @@ while True:
             (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
         if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
             fail(f"non-finite held-out loss at update {iter_num}: the weights diverged and were not saved (the last "
-                 f"checkpoint in {out_dir} is intact); lower learning_rate and resume, or check the data")
+                 f"checkpoint in {out_dir} is intact); check the data, or lower learning_rate in a new run from its weights "
+                 f"(--init_from={os.path.join(out_dir, 'hf')}): a resumed run keeps its config")
         if master and len(objectives) == 1:  # a run on one objective alone measures f* for later runs' optima
             record_optimum(results[f'val/{objectives[0]}/loss'])
         if eval_only:
