@@ -297,8 +297,9 @@ hf_logging.disable_progress_bar()
 #      hf/, the data selector's weights/ranking/keep.npy). A kill here leaves N-1 as it was; the stage is dropped later.
 #   2. commit: ckpt.json, written as ckpt.json.tmp and renamed over the old one, points at N and names the stage.
 #      This rename is the one moment the checkpoint changes.
-#   3. publish: each staged file is renamed to its place in out_dir, then the stage is removed. A kill here leaves
-#      a committed stage partly published; the next start finishes it (publish is idempotent) before reading anything.
+#   3. publish: each staged file is renamed to its place in out_dir, then the stage (and, under DeepSpeed, the shards
+#      of other tags) is removed. A kill here leaves a committed stage partly published; the next start finishes it
+#      (publish is idempotent) before anything reads the checkpoint.
 
 def publish(pointer):
     """Step 3 (also on startup, to finish one a kill interrupted); drops stages that were never committed."""
@@ -317,6 +318,9 @@ def publish(pointer):
     for name in os.listdir(out_dir):  # stages never committed; an old hf/ a kill left aside
         if name.startswith('stage-') or name.endswith('.old'):
             shutil.rmtree(os.path.join(out_dir, name))
+    for tag in os.listdir(os.path.join(out_dir, 'ds')) if 'tag' in pointer else []:  # DeepSpeed: older checkpoints
+        if tag.startswith('iter_') and tag != pointer['tag']:  # (ds/ also holds DeepSpeed's zero_to_fp32.py)
+            shutil.rmtree(os.path.join(out_dir, 'ds', tag))
 
 checkpoint = None
 if master and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
@@ -513,10 +517,6 @@ def save_checkpoint():
     if master:
         write_json_atomic(os.path.join(out_dir, 'ckpt.json'), pointer)  # the commit
         publish(pointer)
-        if deepspeed:
-            for old in os.listdir(os.path.join(out_dir, 'ds')):
-                if old != pointer['tag']:
-                    shutil.rmtree(os.path.join(out_dir, 'ds', old), ignore_errors=True)
 
 
 def export(path):
