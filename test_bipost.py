@@ -2183,7 +2183,7 @@ def test_reliability_resume_takes_the_saved_config_and_refuses_changes(tmp_path,
     assert json.load(open(out / 'ckpt.json'))['iter_num'] == 4
 
 
-def test_reliability_resume_lists_name_config_keys():
+def test_reliability_resume_may_change_list_holds_only_safe_config_keys():
     """RESUME_MAY_CHANGE is an explicit list in bipost.py: each entry must be a config key (a typo would silently
     refuse a safe key), and no key that changes the computation may be in it."""
     import ast
