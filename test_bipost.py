@@ -2245,7 +2245,7 @@ def test_reliability_disable_dropout(tmp_path, monkeypatch, capsys):
 # bipost.py, as in KILLER: 'kill_step': n SIGKILLs the child just before the n-th write step that bipost.py or
 # selector.py makes itself (torch.save, save_pretrained, np.save, json.dump, shutil.copy, os.makedirs, os.replace,
 # shutil.rmtree; DeepSpeedEngine.save_checkpoint), 'kill_print': [prefix, n] right after the n-th log line with that prefix, 'steps_file' records
-# the write steps of a run that completes, and 'no_rng_restore' makes torch.set_rng_state a no-op.
+# the write steps of a run that completes, and 'no_rng_restore' makes torch(.cuda).set_rng_state a no-op.
 FORKER = r'''
 import builtins, json, os, runpy, shutil, signal, sys, traceback
 sys.path.insert(0, os.getcwd())
@@ -2285,7 +2285,7 @@ def child(run):
                 die()
         builtins.print = print
     if run.get('no_rng_restore'):
-        torch.set_rng_state = lambda state: None
+        torch.set_rng_state = torch.cuda.set_rng_state = lambda *args: None
     sys.argv, code = ['bipost.py'] + run['argv'], 0
     try:
         runpy.run_path('bipost.py', run_name='__main__')
