@@ -2215,7 +2215,8 @@ def test_reliability_fresh_run_refuses_to_replace_a_checkpoint(tmp_path, monkeyp
 def test_reliability_disable_dropout(tmp_path, monkeypatch, capsys):
     """disable_dropout=True (the default) zeroes the policy's dropout probabilities: nn.Dropout modules, the HF config
     and the probability eager/sdpa attention copied from it at construction (so the train-mode forward is
-    deterministic); False keeps the model's own. Observed on the models bipost loads (from_pretrained is wrapped)."""
+    deterministic), and so of the data selector's copy θ̂; False keeps the model's own. Observed on the models bipost
+    loads (from_pretrained and DataSelector.__init__ are wrapped)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -2223,11 +2224,14 @@ def test_reliability_disable_dropout(tmp_path, monkeypatch, capsys):
                      ).save_pretrained(tmp_path / 'dropout')
     loaded, load = [], AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, 'from_pretrained', lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    selectors, init = [], DataSelector.__init__
+    monkeypatch.setattr(DataSelector, '__init__', lambda self, *a, **k: selectors.append(self) or init(self, *a, **k))
     ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
     for disable in (True, False):
-        loaded.clear()
+        loaded.clear(), selectors.clear()
         code, _, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={tmp_path / "dropout"}', '--max_iters=1',
-                                      f'--disable_dropout={disable}', f'--out_dir={tmp_path / str(disable)}')
+                                      f'--disable_dropout={disable}', f'--out_dir={tmp_path / str(disable)}',
+                                      '--data_selection=True', "--lower_level='copy'")
         assert code == 0, err
         policy, reference = loaded  # loaded in this order; the reference is frozen and in eval() anyway
         assert not reference.training and reference.config.attention_dropout == 0.3
@@ -2236,8 +2240,9 @@ def test_reliability_disable_dropout(tmp_path, monkeypatch, capsys):
             same = torch.equal(policy(ids).logits, policy(ids).logits)
         attention = policy.model.layers[0].self_attn
         exported = json.load(open(tmp_path / str(disable) / 'hf' / 'config.json'))['attention_dropout']
-        assert (same, attention.attention_dropout, policy.config.attention_dropout, exported) == \
-               ((True, 0.0, 0.0, 0.0) if disable else (False, 0.3, 0.3, 0.3)), disable
+        copy_attention = selectors[0].lower.model.layers[0].self_attn  # the data selector's θ̂, a copy of the policy
+        assert (same, attention.attention_dropout, policy.config.attention_dropout, exported,
+                copy_attention.attention_dropout) == ((True, 0.0, 0.0, 0.0, 0.0) if disable else (False, 0.3, 0.3, 0.3, 0.3)), disable
 
 
 # FORKER runs bipost.py many times cheaply: it imports torch and transformers once, then forks one child per run
