@@ -121,7 +121,8 @@ def resume_config(out_dir, defaults, argv):
     """The config of a resumed run: the checkpoint's, with argv applied over it; a change of a fixed key is refused."""
     pointer = os.path.join(out_dir, 'ckpt.json')
     if not os.path.exists(pointer):
-        raise ConfigError(f"init_from='resume' but {pointer} does not exist: no complete checkpoint in out_dir={out_dir}")
+        raise ConfigError(f"init_from='resume' but {pointer} does not exist: no complete checkpoint in out_dir={out_dir}; "
+                          f"start the run without --init_from=resume")
     with open(pointer) as f:
         saved = json.load(f).get('config')
     if saved is None:
