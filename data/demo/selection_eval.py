@@ -23,7 +23,8 @@ DEMO = os.path.join(ROOT, 'data', 'demo')
 
 def bipost(*args):
     env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')}
-    run = subprocess.run([sys.executable, 'bipost.py', *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, 'bipost.py', *args, '--overwrite=True'], cwd=ROOT, env=env,  # a rerun starts over
+                         capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"bipost.py {' '.join(args)} failed:\n{run.stderr[-3000:]}")
 
