@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, ConfigError
+from checkpoint import resume_config, publish, write_json_atomic
 from objectives import OBJECTIVES, DATA_KIND, check_head
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
@@ -104,37 +105,6 @@ nonfinite = 'stop'            # non-finite loss: 'stop' (nothing written) | 'ski
 config_keys = [k for k, v in globals().items()  # not the imported constants (OBJECTIVES, DATA_KIND)
                if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str, list, dict))]
 config = {k: globals()[k] for k in config_keys}
-
-# Resuming continues the run in out_dir as if it had never stopped: the checkpoint's saved config is the starting
-# point and the command line (files, --key=value) is applied over it. Only these keys may then differ from the saved
-# values: they steer how far the run goes, what it evaluates, logs and saves, and where it runs. Every other key
-# (dataset, splits, objectives, strategy, weights, beta, losses, data selection, model, batch sizes, seed, dtype,
-# deepspeed, the lr schedule, ... and any key added later until it is listed here) would make the resumed run differ
-# from an uninterrupted one and is refused. max_iters may change: what depends on the run's length (the cosine lr
-# decay, sequential's shares) then follows the new max_iters from the resume point on; updates already taken stay.
-RESUME_MAY_CHANGE = ['max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only', 'always_save_checkpoint',
-                     'export_hf', 'wandb_log', 'wandb_project', 'wandb_run_name', 'nonfinite', 'out_dir', 'init_from',
-                     'overwrite', 'device']
-
-
-def resume_config(out_dir, defaults, argv):
-    """The config of a resumed run: the checkpoint's, with argv applied over it; a change of a fixed key is refused."""
-    pointer = os.path.join(out_dir, 'ckpt.json')
-    if not os.path.exists(pointer):
-        raise ConfigError(f"init_from='resume' but {pointer} does not exist: no complete checkpoint in out_dir={out_dir}; "
-                          f"start the run without --init_from=resume")
-    with open(pointer) as f:
-        saved = json.load(f).get('config')
-    if saved is None:
-        raise ConfigError(f"{pointer} holds no saved config (an older bipost wrote it): resume it with that version")
-    resumed = {**defaults, **{k: v for k, v in saved.items() if k in defaults and k not in ('out_dir', 'device')}}
-    configure(resumed, argv, verbose=False)  # out_dir and device are this launch's: the run may have moved
-    for key, value in resumed.items():
-        if key not in RESUME_MAY_CHANGE and value != saved.get(key, defaults[key]):
-            raise ConfigError(f"{key}={value!r} but the checkpoint in {out_dir} was trained with {key}="
-                              f"{saved.get(key, defaults[key])!r}: a resumed run keeps its config; drop {key} from the "
-                              f"command line and config file, or start a new run in another out_dir")
-    return resumed
 
 try:
     _defaults = dict(config)
@@ -292,41 +262,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
 
-# A checkpoint of update N is saved in three steps (save_checkpoint), so that a kill at any moment leaves either
-# checkpoint N-1 or N, never a mix:
-#   1. stage: its files, complete, into out_dir/stage-N/ (ckpt.pt or, under DeepSpeed, the shards in out_dir/ds/<tag>,
-#      hf/, the data selector's weights/ranking/keep.npy). A kill here leaves N-1 as it was; the stage is dropped later.
-#   2. commit: ckpt.json, written as ckpt.json.tmp and renamed over the old one, points at N and names the stage.
-#      This rename is the one moment the checkpoint changes.
-#   3. publish: each staged file is renamed to its place in out_dir, then the stage (and, under DeepSpeed, the shards
-#      of other tags) is removed. A kill here leaves a committed stage partly published; the next start finishes it
-#      (publish is idempotent) before anything reads the checkpoint.
-
-def publish(pointer):
-    """Step 3 (also on startup, to finish one a kill interrupted); drops stages that were never committed."""
-    stage = pointer.get('stage')
-    if stage and os.path.isdir(os.path.join(out_dir, stage)):
-        for name in sorted(os.listdir(os.path.join(out_dir, stage))):
-            source, target = os.path.join(out_dir, stage, name), os.path.join(out_dir, name)
-            if os.path.isdir(source):  # hf/: a directory cannot be renamed over another; move the old one aside
-                shutil.rmtree(target + '.old', ignore_errors=True)
-                if os.path.exists(target):
-                    os.replace(target, target + '.old')
-                os.replace(source, target)
-                shutil.rmtree(target + '.old', ignore_errors=True)
-            else:
-                os.replace(source, target)
-    for name in os.listdir(out_dir):  # stages never committed; an old hf/ a kill left aside
-        if name.startswith('stage-') or name.endswith('.old'):
-            shutil.rmtree(os.path.join(out_dir, name))
-    for tag in os.listdir(os.path.join(out_dir, 'ds')) if 'tag' in pointer else []:  # DeepSpeed: older checkpoints
-        if tag.startswith('iter_') and tag != pointer['tag']:  # (ds/ also holds DeepSpeed's zero_to_fp32.py)
-            shutil.rmtree(os.path.join(out_dir, 'ds', tag))
-
 checkpoint = None
 if master and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
     with open(os.path.join(out_dir, 'ckpt.json')) as f:
-        publish(json.load(f))
+        publish(out_dir, json.load(f))
 if distributed:
     dist.barrier()  # every rank reads the published files
 if init_from == 'resume':  # the pointer exists: resume_config read its config
@@ -488,14 +427,8 @@ def load_train_state(state):
         torch.cuda.set_rng_state(state['cuda_rng'])
 
 
-def write_json_atomic(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
-
-
 def save_checkpoint():
-    """Stage, commit, publish (see publish() above): a kill at any moment leaves a complete checkpoint."""
+    """Stage, commit, publish (checkpoint.py): a kill at any moment leaves a complete checkpoint."""
     stage = os.path.join(out_dir, f'stage-{iter_num:07d}')
     if master:
         shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage of an earlier, killed run
@@ -517,7 +450,7 @@ def save_checkpoint():
         dist.barrier()
     if master:
         write_json_atomic(os.path.join(out_dir, 'ckpt.json'), pointer)  # the commit
-        publish(pointer)
+        publish(out_dir, pointer)
 
 
 def export(path):

@@ -2184,13 +2184,13 @@ def test_reliability_resume_takes_the_saved_config_and_refuses_changes(tmp_path,
 
 
 def test_reliability_resume_may_change_list_holds_only_safe_config_keys():
-    """RESUME_MAY_CHANGE is an explicit list in bipost.py: each entry must be a config key (a typo would silently
-    refuse a safe key), and no key that changes the computation may be in it."""
+    """RESUME_MAY_CHANGE is an explicit list in checkpoint.py: each entry must be a config key of bipost.py (a typo
+    would silently refuse a safe key), and no key that changes the computation may be in it."""
     import ast
+    from checkpoint import RESUME_MAY_CHANGE as may_change
     tree = ast.parse(open(os.path.join(ROOT, 'bipost.py')).read())
     assigned = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
                 if isinstance(t, ast.Name)}
-    may_change = ast.literal_eval(assigned['RESUME_MAY_CHANGE'])
     assert set(may_change) <= set(assigned) and len(set(may_change)) == len(may_change)
     assert not set(may_change) & {'dataset', 'train_splits', 'val_splits', 'objectives', 'strategy', 'weights', 'beta',
                                   'dpo_loss', 'data_selection', 'n_embd', 'batch_size', 'seed', 'deepspeed',
@@ -2272,7 +2272,7 @@ def child(run):
     def step(owner, name):
         real = getattr(owner, name)
         def write(*args, **kwargs):
-            if os.path.basename(sys._getframe(1).f_code.co_filename) in ('bipost.py', 'selector.py'):
+            if os.path.basename(sys._getframe(1).f_code.co_filename) in ('bipost.py', 'checkpoint.py', 'selector.py'):
                 where = [getattr(a, 'name', a) for a in args if isinstance(a, str) or hasattr(a, 'write')]
                 steps.append(f"{name} {' '.join(os.path.relpath(str(w), run['out_dir']) for w in where)}")
                 if len(steps) == run.get('kill_step'):
@@ -2333,7 +2333,7 @@ def _fork_argv(out_dir, *args):
 @pytest.mark.slow
 @pytest.mark.parametrize('engine', ['plain', 'deepspeed'])
 def test_reliability_kill_at_every_write_step_resumes_exactly_or_refuses(tmp_path, engine):
-    """A checkpoint is staged, committed (the ckpt.json rename) and published (see bipost.py, publish). Killed just
+    """A checkpoint is staged, committed (the ckpt.json rename) and published (see checkpoint.py, publish). Killed just
     before each write step in turn, through the first two checkpoints (updates 1 and 2: with the HF export and the
     data selector's files), then resumed: either the resumed run logs exactly the uninterrupted run's numbers and
     leaves the same checkpoint, export and selector files, or, killed before the first commit, it refuses in one line.
