@@ -1594,6 +1594,69 @@ def test_training_zero3_fused_head_matches_zero2_and_plain_on_two_ranks(tmp_path
     assert (weights['zero3']['lm_head.weight'] - initial['lm_head.weight']).abs().max() > 3e-3
 
 
+# One micro-batch (forward + backward of SFT, then the reference's forward-only pass) through a ZeRO-3 engine in a
+# world of one, at vocab 32768 with 32 rows of logits per twin chunk; prints the most rows of any logits-shaped
+# tensor [..., V] that an op allocated (views allocate nothing) and whether the head weight was partitioned.
+ZERO3_MEMORY = r"""
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import torch, deepspeed
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+import kernels.logprob, objectives
+V, H, B, L, CHUNK = 32768, 64, 4, 128, 32
+kernels.logprob.TWIN_CHUNK_ELEMS = CHUNK * V
+deepspeed.init_distributed(dist_backend='gloo')
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    'train_micro_batch_size_per_gpu': B, 'zero_optimization': {'stage': 3},
+    'optimizer': {'type': 'AdamW', 'params': {'lr': 1e-3, 'torch_adam': True}}})
+ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
+batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'response_mask': torch.ones_like(ids, dtype=torch.bool)}
+ctx = objectives.SimpleNamespace(fused_kernels=False)
+class LogitRows(TorchDispatchMode):
+    most = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor) and not func.is_view and o.dim() >= 2 and o.shape[-1] == V:
+                LogitRows.most = max(LogitRows.most, o.numel() // V)
+        return out
+partitioned = engine.module.lm_head.weight.numel() == 0
+with LogitRows():
+    losses, _ = objectives.sft(engine.module, batch, ctx)
+    engine.backward(losses.mean())
+    with torch.no_grad():
+        objectives.response_logprobs(engine.module, batch, ctx)
+engine.step()
+print(json.dumps({'rows': LogitRows.most, 'tokens': B * (L - 1), 'chunk': CHUNK, 'partitioned': partitioned,
+                  'loss': losses.mean().item()}))
+"""
+
+
+@pytest.mark.slow
+def test_objective_zero3_head_holds_no_full_vocab_logits(tmp_path):
+    """Under ZeRO-3 the head's log-probs go through the chunked op (the CPU twin of the fused kernel), policy with its
+    backward and reference forward-only: at V = 32768 no tensor of more than one chunk of logit rows (32) exists,
+    where full logits would be 508 rows (4 x 127 tokens; 66 MB in fp32 here, ~8 GB at 16k tokens x 128k vocab).
+    The head weight (32768 x 64, above DeepSpeed's 1e5 persistence threshold) is partitioned, so this is the
+    gathering path; the loss is the mean NLL of random tokens, ~log V."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(port), 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    done = subprocess.run([sys.executable, '-c', ZERO3_MEMORY], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result['partitioned'] and abs(result['loss'] - math.log(32768)) < 1.0, result
+    assert result['rows'] == result['chunk'] < result['tokens'], result
+
+
 @pytest.fixture(scope='module')
 def train_deepspeed(tmp_path_factory):
     """out_dir of the demo run through DeepSpeed ZeRO-2, one process (gloo; a first run JIT-builds a small op)."""
