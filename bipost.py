@@ -421,8 +421,7 @@ if 'kd' in objectives:
         fail("objective 'kd' needs teacher_from = a local HF model directory")
     teacher = frozen(teacher_from, 'teacher')
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
-                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      zero3=deepspeed and zero_stage == 3)
+                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels)
 data_selector = DataSelector(  # before deepspeed.initialize: θ̂ is a copy of the plain module
     len(train_data[selection_objective].index), OBJECTIVES[selection_objective], model, selector_weights, selector_lr,
     lower_level, lower_lr, trusted_weight, trusted_decay, device) if data_selection else None

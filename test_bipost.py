@@ -341,7 +341,7 @@ OBJ_PAIRS = [(3, 4), (1, 6), (5, 2), (3, 2), (1, 3), (5, 5)]
 
 def _obj_ctx(**overrides):
     return types.SimpleNamespace(**{**dict(reference=None, teacher=None, beta=0.1, dpo_loss='sigmoid', label_smoothing=0.0,
-                                           length_normalize=False, dpo_nll_weight=0.0, fused_kernels=False, zero3=False),
+                                           length_normalize=False, dpo_nll_weight=0.0, fused_kernels=False),
                                     **overrides})
 
 
@@ -558,8 +558,8 @@ def test_objective_kd_matches_hand_self_entropy_and_gradient():
 
 def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
     """fused_kernels=True is the default config; without CUDA it must still run (the PyTorch twins: any Triton call
-    raises here) and give the hand computations' losses and gradients, and so must the ZeRO-3 branch (full logits
-    through the head module). That the Triton kernels agree with the twins is test_kernel_objectives_through_the_kernels."""
+    raises here) and give the hand computations' losses and gradients. That the Triton kernels agree with the twins
+    is test_kernel_objectives_through_the_kernels."""
     def no_triton(*args, **kwargs):
         raise AssertionError('a Triton kernel ran on CPU')
     for module, name in ((kernels.logprob, '_FusedLogprob'), (kernels.logprob, '_triton_forward'), (kernels.dpo, '_FusedDPO')):
@@ -574,12 +574,10 @@ def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
     for name, batch in (('sft', sft_batch), ('dpo', pair_batch), ('kd', sft_batch)):
         expected = hand[name](batch)
         expected_grads = _obj_grads(policy, expected.mean())
-        for overrides in ({'fused_kernels': True}, {'zero3': True}):
-            ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
-            losses, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
-            torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5, msg=f'{name} {overrides}')
-            torch.testing.assert_close(_obj_grads(policy, losses.mean()), expected_grads, atol=1e-5, rtol=1e-4,
-                                       msg=f'{name} {overrides}')
+        losses, _ = objectives.OBJECTIVES[name](policy, batch, _obj_ctx(reference=reference, teacher=teacher,
+                                                                         fused_kernels=True))
+        torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(_obj_grads(policy, losses.mean()), expected_grads, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # Every HF family's own logits, whatever its forward does after the LM head: tiny random models built from their
@@ -646,17 +644,31 @@ def test_objective_kd_with_softcapped_teacher_and_student():
     hand = _obj_hand_kd(student, teacher, batch)  # from model(...).logits: capped by each model's own forward
     torch.testing.assert_close(losses, hand, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_obj_grads(student, losses.mean()), _obj_grads(student, hand.mean()), atol=1e-5, rtol=1e-4)
-    zero3, _ = objectives.kd(student, batch, _obj_ctx(teacher=teacher, zero3=True))
-    torch.testing.assert_close(zero3, hand, atol=1e-5, rtol=1e-5)
 
 
-def test_objective_zero3_path_applies_the_head_postprocessing():
-    """ZeRO-3 forms full logits through the head module: the same scale, cap and bias as the kernels."""
-    for family in ('gemma2', 'cohere', 'phi'):
-        model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6), (5, 2)])
-        hand, _ = _obj_hand_logprobs(model, batch)
-        torch.testing.assert_close(objectives.response_logprobs(model, batch, _obj_ctx(zero3=True))[0], hand,
-                                   atol=1e-5, rtol=1e-5, msg=family)
+def test_objective_head_logprobs_run_inside_the_head_module_call():
+    """ZeRO-3 gathers a module's partitioned weight in its pre-forward hook, and wraps its inputs and outputs there to
+    gather it again for the backward: the log-prob op must run inside a call of the head module, on the inputs the
+    hooks hand it, and leave the module's own forward in place afterwards. Hooks stand in for DeepSpeed's here: one
+    replaces the hidden states by a copy that records its gradient (as ZeRO-3's input wrapper does), one sees the
+    output; the log-probs and the head's gradient are the model's own."""
+    model, batch = _family_model('phi'), _obj_batch([(3, 4), (1, 6), (5, 2)])  # a head bias
+    head, seen = model.get_output_embeddings(), {}
+    def wrap_inputs(module, args):
+        seen['hidden'] = args[0].clone()
+        seen['hidden'].register_hook(lambda g: seen.update(backward=True))
+        return (seen['hidden'],)
+    head.register_forward_pre_hook(wrap_inputs)
+    head.register_forward_hook(lambda module, args, output: seen.update(output=output))
+    hand, _ = _obj_hand_logprobs(model, batch)
+    seen.clear()
+    logps, mask = objectives.response_logprobs(model, batch, _obj_ctx())
+    assert seen['output'] is logps and seen['hidden'].shape[:2] == mask.shape  # ran as the module's forward
+    torch.testing.assert_close(logps, hand, atol=1e-5, rtol=1e-5)
+    grads = _obj_grads(model, logps.sum())
+    assert seen['backward']  # the gradient went through the wrapped input, as ZeRO-3's post-backward hook needs
+    torch.testing.assert_close(grads, _obj_grads(model, hand.sum()), atol=1e-4, rtol=1e-4)
+    assert 'forward' not in vars(head) and head(seen['hidden']).shape[-1] == 64  # its own forward again: logits
 
 
 @pytest.mark.parametrize('change, says', [
@@ -696,16 +708,15 @@ def test_objective_self_check_fails_bipost_with_one_line(tmp_path, rel_models, m
 
 @pytest.mark.parametrize('dtype', [torch.long, torch.uint8])
 def test_objective_integer_response_masks(dtype):
-    """0/1 masks of any integer dtype give what the bool mask gives, in every objective and on the ZeRO-3 path."""
+    """0/1 masks of any integer dtype give what the bool mask gives, in every objective."""
     policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
     for name, spans in (('sft', [(3, 4), (1, 6), (5, 2)]), ('dpo', OBJ_PAIRS), ('kd', [(3, 4), (1, 6), (5, 2)])):
         batch = _obj_batch(spans)
         as_int = {**batch, 'response_mask': batch['response_mask'].to(dtype)}
-        for overrides in ({}, {'zero3': True}):
-            ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
-            expected, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
-            losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
-            assert torch.equal(losses, expected), (name, overrides)
+        ctx = _obj_ctx(reference=reference, teacher=teacher)
+        expected, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
+        losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
+        assert torch.equal(losses, expected), name
 
 # ---- kernels ----
 
