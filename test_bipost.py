@@ -1291,8 +1291,9 @@ def test_data_selector_bipost_resume_and_keep_list(tmp_path):
 # bipost.py is a script (globals + a `while True:`), so these tests run it as users do, in a subprocess, on the
 # shipped data/demo. TRAIN_RUNNER runs it under runpy, possibly several times in one process (imports are paid
 # once), and records from outside through public hooks only: the gradients every optimizer step is about to
-# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps), and
-# on each rank the objectives ObjectiveSelector.choose returns and the loss estimates it decides on (maxright).
+# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps), on each
+# rank the objectives ObjectiveSelector.choose returns and the loss estimates it decides on (maxright), and the
+# use_reentrant of every torch.utils.checkpoint call (activation checkpointing).
 # Nothing test-only lives in bipost.py.
 TRAIN_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=2']
 TRAIN_RUNNER = r'''
@@ -1300,7 +1301,13 @@ import json, os, runpy, sys
 sys.path.insert(0, os.getcwd())
 import torch, selector
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-recorded = {'grads': [], 'choices': [], 'estimates': []}
+import torch.utils.checkpoint  # patched before transformers binds it: activation checkpoints are counted
+recorded = {'grads': [], 'choices': [], 'estimates': [], 'checkpoints': []}
+checkpoint = torch.utils.checkpoint.checkpoint
+def counted_checkpoint(*args, **kwargs):
+    recorded['checkpoints'].append(kwargs.get('use_reentrant'))
+    return checkpoint(*args, **kwargs)
+torch.utils.checkpoint.checkpoint = counted_checkpoint
 def keep_grads(optimizer, args, kwargs):
     recorded['grads'].append([None if p.grad is None else p.grad.detach().clone()
                               for group in optimizer.param_groups for p in group['params']])
@@ -1313,7 +1320,7 @@ def recording_choose(self, iter_num):
     return chosen
 selector.ObjectiveSelector.choose = recording_choose
 for argv in json.loads(sys.argv[1]):
-    recorded.update(grads=[], choices=[], estimates=[])
+    recorded.update(grads=[], choices=[], estimates=[], checkpoints=[])
     sys.argv = ['bipost.py'] + argv
     runpy.run_path('bipost.py', run_name='__main__')
     out_dir = [a.split('=', 1)[1] for a in argv if a.startswith('--out_dir=')][-1]
@@ -1666,6 +1673,28 @@ def test_objective_zero3_head_holds_no_full_vocab_logits(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result['partitioned'] and abs(result['loss'] - math.log(32768)) < 1.0, result
     assert result['rows'] == result['chunk'] < result['tokens'], result
+
+
+@pytest.mark.slow
+def test_training_gradient_checkpointing_same_gradients_on_every_engine(tmp_path):
+    """gradient_checkpointing=True recomputes each decoder layer in backward (non-reentrant, through HF's own switch):
+    the gradients each optimizer step receives must be the ones without it, on plain torch and through ZeRO 0-3
+    (SFT + DPO every update; 2 layers, 2 updates, grad_clip=0 so the recorded gradient is the raw one). Checkpointing
+    must really run: 2 layers x 2 policy forwards (sft, dpo) x 2 updates = 8 non-reentrant checkpoints, none
+    without it (evals run in eval mode, and the frozen reference is not checkpointed)."""
+    common = ['--n_layer=2', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=2',
+              '--eval_interval=2', '--eval_iters=1', '--grad_clip=0', '--export_hf=False']
+    engines = {'plain': [], **{f'zero{stage}': ['--deepspeed=True', f'--zero_stage={stage}'] for stage in range(4)}}
+    runs = {f'{engine}_{on}': common + args + [f'--gradient_checkpointing={on}'] for engine, args in engines.items()
+            for on in (False, True)}
+    dirs = _train_run(tmp_path, runs, timeout=600)
+    for engine in engines:
+        off, on = _train_recorded(dirs[f'{engine}_False']), _train_recorded(dirs[f'{engine}_True'])
+        assert off['checkpoints'] == [] and on['checkpoints'] == [False] * 8, (engine, on['checkpoints'])
+        assert len(off['grads']) == len(on['grads']) >= 2 and all(g is not None for step in on['grads'] for g in step)
+        for step_off, step_on in zip(off['grads'], on['grads']):
+            for a, b in zip(step_off, step_on):
+                assert torch.equal(a, b), (engine, (a - b).abs().max())
 
 
 @pytest.fixture(scope='module')
