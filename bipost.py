@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from configurator import configure, ConfigError
 from objectives import OBJECTIVES, DATA_KIND, check_head
+import memory_plan
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
@@ -639,7 +640,7 @@ def zero_loss():
 # -----------------------------------------------------------------------------
 # startup facts
 
-n_params = sum(p.numel() for p in raw_model.parameters())
+n_params = sum(memory_plan.numel(p) for p in raw_model.parameters())  # ZeRO-3 leaves empty placeholders
 peak_flops = 989e12  # dense bf16 of one H100; mfu is printed on GPUs only
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -652,6 +653,10 @@ if master:
     for name in objectives:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
+    longest = max(batch_size * (2 if DATA_KIND[n] == 'pref' else 1) * int((s.index[:, 1] + s.index[:, 2:].max(1)).max())
+                  for n, s in train_data.items() if n in objectives and len(s.index))  # tokens of the largest micro-batch
+    print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
+                           offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing))
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)

@@ -718,6 +718,49 @@ def test_objective_integer_response_masks(dtype):
         losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
         assert torch.equal(losses, expected), name
 
+# ---- memory plan ----
+
+def test_memory_plan_model_states_and_frozen_models_per_gpu():
+    """The plan's model states are DeepSpeed's estimates (16-bit weights + 18 bytes/param of fp32 master weights,
+    gradients and AdamW moments): on 2 GPUs ZeRO-0 keeps all 20 bytes/param on each, ZeRO-2 partitions the 18,
+    ZeRO-3 the 16-bit weights too (plus 4 bytes per element of the largest layer, gathered); plain torch keeps 16
+    bytes/param (fp32). A frozen reference is 2 bytes/param under DeepSpeed, halved over 2 ranks by ZeRO-3 only."""
+    import memory_plan
+    policy, reference = _obj_model(0), _obj_model(1)
+    P = sum(p.numel() for p in policy.parameters())
+    largest = 64 * 32  # an MLP matrix, the largest module's own parameters (the embedding and the head: 40 x 32)
+    states = {stage: memory_plan.model_states(P, largest, True, stage, 2, False) for stage in (0, 1, 2, 3)}
+    assert states[0] == 20 * P and states[1] == states[2] == 2 * P + 9 * P and states[3] == 4 * largest + 9 * P
+    assert states[3] < states[2] < states[0] and memory_plan.model_states(P, largest, False, 3, 2, False) == 16 * P
+    assert memory_plan.model_states(P, largest, True, 3, 2, True) < states[3]  # the optimizer offloaded to CPU
+    line = memory_plan.plan(policy, [reference], True, 3, 2, False, 2, 100, False)
+    assert f"model states {states[3] / 1e9:.3g} GB" in line and f"frozen models {P / 1e9:.3g} GB" in line, line
+    assert f"frozen models {2 * P / 1e9:.3g} GB" in memory_plan.plan(policy, [reference], True, 2, 2, False, 2, 100, False)
+
+
+def test_memory_plan_activations_match_what_autograd_saves():
+    """The activation estimate (9·h + 4·i values per token and layer) is within 30% of the bytes autograd actually
+    saves for the body's backward (counted by a saved-tensors hook, weights excluded) in tiny Llamas, fp32; with
+    checkpointing it keeps each layer's input plus one layer's set, far less."""
+    import memory_plan
+    for h, i, layers in ((64, 172, 2), (128, 344, 2), (256, 688, 1)):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=100, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(config)
+        weights, saved = {p.data_ptr() for p in model.parameters()}, {}
+        def pack(t):
+            if t.data_ptr() not in weights:
+                saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.untyped_storage().nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=torch.randint(0, 100, (4, 64)))
+        estimate = memory_plan.activations(config, 4 * 64, False, 4)
+        assert 0.7 < estimate / sum(saved.values()) < 1.3, (h, estimate, sum(saved.values()))
+        checkpointed = memory_plan.activations(config, 4 * 64, True, 4)
+        assert checkpointed == 4 * 64 * 4 * (layers * h + 9 * h + 4 * i) < estimate or layers == 1
+
+
 # ---- kernels ----
 
 # On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
