@@ -22,6 +22,7 @@ import torch.distributed as dist
 from configurator import configure, ConfigError
 from checkpoint import resume_config, publish, write_json_atomic
 from objectives import OBJECTIVES, DATA_KIND, check_head
+import memory_plan
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
@@ -66,6 +67,7 @@ dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RP
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
 teacher_from = ''             # local HF dir of the frozen KD teacher
 fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
+gradient_checkpointing = False # True: each layer's activations recomputed in backward (non-reentrant): ~1/3 more compute, far less activation memory
 # selector (objectives)
 strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
 weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
@@ -334,6 +336,14 @@ for split in list(train_data.values()) + list(val_data.values()):
         fail(f"{split.name}.bin in {data_dir} holds token id {int(split.tokens.max())} >= the model's vocab "
              f"{vocab_size}: the bins were prepared with another tokenizer; prepare them again")
 model.config.use_cache = False
+if gradient_checkpointing:  # the HF model's own switch (renamed in transformers 5), before DeepSpeed wraps the model
+    try:
+        if hasattr(model, 'activation_checkpointing_enable'):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    except ValueError as e:  # a family without checkpointing support
+        fail(f"gradient_checkpointing=True: {e} (model '{policy_source}'); set gradient_checkpointing=False")
 if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 
@@ -360,8 +370,7 @@ if 'kd' in objectives:
         fail("objective 'kd' needs teacher_from = a local HF model directory")
     teacher = frozen(teacher_from, 'teacher')
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
-                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      zero3=deepspeed and zero_stage == 3)
+                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels)
 data_selector = DataSelector(  # before deepspeed.initialize: θ̂ is a copy of the plain module
     len(train_data[selection_objective].index), OBJECTIVES[selection_objective], model, selector_weights, selector_lr,
     lower_level, lower_lr, trusted_weight, trusted_decay, device) if data_selection else None
@@ -564,7 +573,7 @@ def zero_loss():
 # -----------------------------------------------------------------------------
 # startup facts
 
-n_params = sum(p.numel() for p in raw_model.parameters())
+n_params = sum(memory_plan.numel(p) for p in raw_model.parameters())  # ZeRO-3 leaves empty placeholders
 peak_flops = 989e12  # dense bf16 of one H100; mfu is printed on GPUs only
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -577,6 +586,10 @@ if master:
     for name in objectives:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
+    longest = max(batch_size * (2 if DATA_KIND[n] == 'pref' else 1) * int((s.index[:, 1] + s.index[:, 2:].max(1)).max())
+                  for n, s in train_data.items() if n in objectives and len(s.index))  # tokens of the largest micro-batch
+    print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
+                           offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing))
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)

@@ -41,13 +41,30 @@ class Head(NamedTuple):
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
     def logprobs(self, hidden, targets, mask, fused):
-        """Per-token log-probs of targets (0 where mask is 0), never holding the logits (kernels/logprob.py)."""
-        weight, bias = self.module.weight, getattr(self.module, 'bias', None)
-        if torch.is_autocast_enabled(hidden.device.type):  # plain torch: fp32 master weights, matmuls in the autocast dtype
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight, bias = hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
-        return token_logprobs(hidden, weight, targets, mask, fused=fused, bias=bias, scale=self.scale,
-                              softcap=self.softcap)
+        """Per-token log-probs of targets (0 where mask is 0), never holding the logits (kernels/logprob.py).
+        The fused op runs as the head module's forward, for this call only: under ZeRO-3 the module's own hooks then
+        gather its partitioned weight for the forward, gather it again before the op's backward (the op saves the
+        parameter itself, whose data the gather restores) and reduce-scatter its gradient, as DeepSpeed's ZeRO-3
+        Linear does; elsewhere the hooks are absent and it is a plain call."""
+        module = self.module
+
+        def forward(hidden):  # hidden: the call's argument, which ZeRO-3's hooks may have wrapped
+            weight, bias = module.weight, getattr(module, 'bias', None)
+            if torch.is_autocast_enabled(hidden.device.type):  # plain torch: fp32 master weights, matmuls in the autocast dtype
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight, bias = hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
+            return token_logprobs(hidden, weight, targets, mask, fused=fused, bias=bias, scale=self.scale,
+                                  softcap=self.softcap)
+
+        own = module.__dict__.get('forward')  # an instance-level forward (e.g. accelerate's) is put back as it was
+        module.forward = forward
+        try:
+            return module(hidden)
+        finally:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def head_of(model):
@@ -87,7 +104,7 @@ def check_head(model, tolerance=1e-3):
     training = model.training
     model.eval()  # no dropout: both forwards must run the same network
     with torch.no_grad():
-        ours, _ = response_logprobs(model, batch, SimpleNamespace(zero3=False, fused_kernels=False))
+        ours, _ = response_logprobs(model, batch, SimpleNamespace(fused_kernels=False))
         logits = model(input_ids=ids, attention_mask=batch['attention_mask']).logits.float()
     model.train(training)
     name = f"{type(model).__name__} (model_type '{model.config.model_type}')"
@@ -107,11 +124,6 @@ def response_logprobs(model, batch, ctx):
     body, head = body_and_head(model)
     hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
     targets, mask = batch['input_ids'][:, 1:], batch['response_mask'][:, 1:].bool()
-    if getattr(ctx, 'zero3', False):
-        # under ZeRO-3 head.weight is a partitioned placeholder; calling the module gathers it (full logits).
-        # Masked targets may be anything (-100): clamped to a valid id, and their log-prob dropped by the where.
-        logps = head.logits(hidden).log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return torch.where(mask, logps, 0.0), mask
     return head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False), mask
 
 

@@ -341,7 +341,7 @@ OBJ_PAIRS = [(3, 4), (1, 6), (5, 2), (3, 2), (1, 3), (5, 5)]
 
 def _obj_ctx(**overrides):
     return types.SimpleNamespace(**{**dict(reference=None, teacher=None, beta=0.1, dpo_loss='sigmoid', label_smoothing=0.0,
-                                           length_normalize=False, dpo_nll_weight=0.0, fused_kernels=False, zero3=False),
+                                           length_normalize=False, dpo_nll_weight=0.0, fused_kernels=False),
                                     **overrides})
 
 
@@ -558,8 +558,8 @@ def test_objective_kd_matches_hand_self_entropy_and_gradient():
 
 def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
     """fused_kernels=True is the default config; without CUDA it must still run (the PyTorch twins: any Triton call
-    raises here) and give the hand computations' losses and gradients, and so must the ZeRO-3 branch (full logits
-    through the head module). That the Triton kernels agree with the twins is test_kernel_objectives_through_the_kernels."""
+    raises here) and give the hand computations' losses and gradients. That the Triton kernels agree with the twins
+    is test_kernel_objectives_through_the_kernels."""
     def no_triton(*args, **kwargs):
         raise AssertionError('a Triton kernel ran on CPU')
     for module, name in ((kernels.logprob, '_FusedLogprob'), (kernels.logprob, '_triton_forward'), (kernels.dpo, '_FusedDPO')):
@@ -574,12 +574,10 @@ def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
     for name, batch in (('sft', sft_batch), ('dpo', pair_batch), ('kd', sft_batch)):
         expected = hand[name](batch)
         expected_grads = _obj_grads(policy, expected.mean())
-        for overrides in ({'fused_kernels': True}, {'zero3': True}):
-            ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
-            losses, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
-            torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5, msg=f'{name} {overrides}')
-            torch.testing.assert_close(_obj_grads(policy, losses.mean()), expected_grads, atol=1e-5, rtol=1e-4,
-                                       msg=f'{name} {overrides}')
+        losses, _ = objectives.OBJECTIVES[name](policy, batch, _obj_ctx(reference=reference, teacher=teacher,
+                                                                         fused_kernels=True))
+        torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(_obj_grads(policy, losses.mean()), expected_grads, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # Every HF family's own logits, whatever its forward does after the LM head: tiny random models built from their
@@ -646,17 +644,31 @@ def test_objective_kd_with_softcapped_teacher_and_student():
     hand = _obj_hand_kd(student, teacher, batch)  # from model(...).logits: capped by each model's own forward
     torch.testing.assert_close(losses, hand, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_obj_grads(student, losses.mean()), _obj_grads(student, hand.mean()), atol=1e-5, rtol=1e-4)
-    zero3, _ = objectives.kd(student, batch, _obj_ctx(teacher=teacher, zero3=True))
-    torch.testing.assert_close(zero3, hand, atol=1e-5, rtol=1e-5)
 
 
-def test_objective_zero3_path_applies_the_head_postprocessing():
-    """ZeRO-3 forms full logits through the head module: the same scale, cap and bias as the kernels."""
-    for family in ('gemma2', 'cohere', 'phi'):
-        model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6), (5, 2)])
-        hand, _ = _obj_hand_logprobs(model, batch)
-        torch.testing.assert_close(objectives.response_logprobs(model, batch, _obj_ctx(zero3=True))[0], hand,
-                                   atol=1e-5, rtol=1e-5, msg=family)
+def test_objective_head_logprobs_run_inside_the_head_module_call():
+    """ZeRO-3 gathers a module's partitioned weight in its pre-forward hook, and wraps its inputs and outputs there to
+    gather it again for the backward: the log-prob op must run inside a call of the head module, on the inputs the
+    hooks hand it, and leave the module's own forward in place afterwards. Hooks stand in for DeepSpeed's here: one
+    replaces the hidden states by a copy that records its gradient (as ZeRO-3's input wrapper does), one sees the
+    output; the log-probs and the head's gradient are the model's own."""
+    model, batch = _family_model('phi'), _obj_batch([(3, 4), (1, 6), (5, 2)])  # a head bias
+    head, seen = model.get_output_embeddings(), {}
+    def wrap_inputs(module, args):
+        seen['hidden'] = args[0].clone()
+        seen['hidden'].register_hook(lambda g: seen.update(backward=True))
+        return (seen['hidden'],)
+    head.register_forward_pre_hook(wrap_inputs)
+    head.register_forward_hook(lambda module, args, output: seen.update(output=output))
+    hand, _ = _obj_hand_logprobs(model, batch)
+    seen.clear()
+    logps, mask = objectives.response_logprobs(model, batch, _obj_ctx())
+    assert seen['output'] is logps and seen['hidden'].shape[:2] == mask.shape  # ran as the module's forward
+    torch.testing.assert_close(logps, hand, atol=1e-5, rtol=1e-5)
+    grads = _obj_grads(model, logps.sum())
+    assert seen['backward']  # the gradient went through the wrapped input, as ZeRO-3's post-backward hook needs
+    torch.testing.assert_close(grads, _obj_grads(model, hand.sum()), atol=1e-4, rtol=1e-4)
+    assert 'forward' not in vars(head) and head(seen['hidden']).shape[-1] == 64  # its own forward again: logits
 
 
 @pytest.mark.parametrize('change, says', [
@@ -696,16 +708,58 @@ def test_objective_self_check_fails_bipost_with_one_line(tmp_path, rel_models, m
 
 @pytest.mark.parametrize('dtype', [torch.long, torch.uint8])
 def test_objective_integer_response_masks(dtype):
-    """0/1 masks of any integer dtype give what the bool mask gives, in every objective and on the ZeRO-3 path."""
+    """0/1 masks of any integer dtype give what the bool mask gives, in every objective."""
     policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
     for name, spans in (('sft', [(3, 4), (1, 6), (5, 2)]), ('dpo', OBJ_PAIRS), ('kd', [(3, 4), (1, 6), (5, 2)])):
         batch = _obj_batch(spans)
         as_int = {**batch, 'response_mask': batch['response_mask'].to(dtype)}
-        for overrides in ({}, {'zero3': True}):
-            ctx = _obj_ctx(reference=reference, teacher=teacher, **overrides)
-            expected, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
-            losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
-            assert torch.equal(losses, expected), (name, overrides)
+        ctx = _obj_ctx(reference=reference, teacher=teacher)
+        expected, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
+        losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
+        assert torch.equal(losses, expected), name
+
+# ---- memory plan ----
+
+def test_memory_plan_model_states_and_frozen_models_per_gpu():
+    """The plan's model states are DeepSpeed's estimates (16-bit weights + 18 bytes/param of fp32 master weights,
+    gradients and AdamW moments): on 2 GPUs ZeRO-0 keeps all 20 bytes/param on each, ZeRO-2 partitions the 18,
+    ZeRO-3 the 16-bit weights too (plus 4 bytes per element of the largest layer, gathered); plain torch keeps 16
+    bytes/param (fp32). A frozen reference is 2 bytes/param under DeepSpeed, halved over 2 ranks by ZeRO-3 only."""
+    import memory_plan
+    policy, reference = _obj_model(0), _obj_model(1)
+    P = sum(p.numel() for p in policy.parameters())
+    largest = 64 * 32  # an MLP matrix, the largest module's own parameters (the embedding and the head: 40 x 32)
+    states = {stage: memory_plan.model_states(P, largest, True, stage, 2, False) for stage in (0, 1, 2, 3)}
+    assert states[0] == 20 * P and states[1] == states[2] == 2 * P + 9 * P and states[3] == 4 * largest + 9 * P
+    assert states[3] < states[2] < states[0] and memory_plan.model_states(P, largest, False, 3, 2, False) == 16 * P
+    assert memory_plan.model_states(P, largest, True, 3, 2, True) < states[3]  # the optimizer offloaded to CPU
+    line = memory_plan.plan(policy, [reference], True, 3, 2, False, 2, 100, False)
+    assert f"model states {states[3] / 1e9:.3g} GB" in line and f"frozen models {P / 1e9:.3g} GB" in line, line
+    assert f"frozen models {2 * P / 1e9:.3g} GB" in memory_plan.plan(policy, [reference], True, 2, 2, False, 2, 100, False)
+
+
+def test_memory_plan_activations_match_what_autograd_saves():
+    """The activation estimate (9·h + 4·i values per token and layer) is within 30% of the bytes autograd actually
+    saves for the body's backward (counted by a saved-tensors hook, weights excluded) in tiny Llamas, fp32; with
+    checkpointing it keeps each layer's input plus one layer's set, far less."""
+    import memory_plan
+    for h, i, layers in ((64, 172, 2), (128, 344, 2), (256, 688, 1)):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=100, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(config)
+        weights, saved = {p.data_ptr() for p in model.parameters()}, {}
+        def pack(t):
+            if t.data_ptr() not in weights:
+                saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.untyped_storage().nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=torch.randint(0, 100, (4, 64)))
+        estimate = memory_plan.activations(config, 4 * 64, False, 4)
+        assert 0.7 < estimate / sum(saved.values()) < 1.3, (h, estimate, sum(saved.values()))
+        checkpointed = memory_plan.activations(config, 4 * 64, True, 4)
+        assert checkpointed == 4 * 64 * 4 * (layers * h + 9 * h + 4 * i) < estimate or layers == 1
+
 
 # ---- kernels ----
 
@@ -1280,8 +1334,9 @@ def test_data_selector_bipost_resume_and_keep_list(tmp_path):
 # bipost.py is a script (globals + a `while True:`), so these tests run it as users do, in a subprocess, on the
 # shipped data/demo. TRAIN_RUNNER runs it under runpy, possibly several times in one process (imports are paid
 # once), and records from outside through public hooks only: the gradients every optimizer step is about to
-# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps), and
-# on each rank the objectives ObjectiveSelector.choose returns and the loss estimates it decides on (maxright).
+# apply (torch's global step pre-hook; under DeepSpeed that is the fp32 flat partition the engine steps), on each
+# rank the objectives ObjectiveSelector.choose returns and the loss estimates it decides on (maxright), and the
+# use_reentrant of every torch.utils.checkpoint call (activation checkpointing).
 # Nothing test-only lives in bipost.py.
 TRAIN_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=2']
 TRAIN_RUNNER = r'''
@@ -1289,7 +1344,13 @@ import json, os, runpy, sys
 sys.path.insert(0, os.getcwd())
 import torch, selector
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-recorded = {'grads': [], 'choices': [], 'estimates': []}
+import torch.utils.checkpoint  # patched before transformers binds it: activation checkpoints are counted
+recorded = {'grads': [], 'choices': [], 'estimates': [], 'checkpoints': []}
+checkpoint = torch.utils.checkpoint.checkpoint
+def counted_checkpoint(*args, **kwargs):
+    recorded['checkpoints'].append(kwargs.get('use_reentrant'))
+    return checkpoint(*args, **kwargs)
+torch.utils.checkpoint.checkpoint = counted_checkpoint
 def keep_grads(optimizer, args, kwargs):
     recorded['grads'].append([None if p.grad is None else p.grad.detach().clone()
                               for group in optimizer.param_groups for p in group['params']])
@@ -1302,7 +1363,7 @@ def recording_choose(self, iter_num):
     return chosen
 selector.ObjectiveSelector.choose = recording_choose
 for argv in json.loads(sys.argv[1]):
-    recorded.update(grads=[], choices=[], estimates=[])
+    recorded.update(grads=[], choices=[], estimates=[], checkpoints=[])
     sys.argv = ['bipost.py'] + argv
     runpy.run_path('bipost.py', run_name='__main__')
     out_dir = [a.split('=', 1)[1] for a in argv if a.startswith('--out_dir=')][-1]
@@ -1558,6 +1619,125 @@ def test_training_kd_under_zero3_matches_plain_torch(tmp_path):
         for key, value in plain_record.items():
             if key.startswith(('train/', 'val/')):
                 assert zero3_record[key] == pytest.approx(value, rel=1e-4), (plain_record['iter'], key)
+
+
+@pytest.mark.slow
+def test_training_zero3_fused_head_matches_zero2_and_plain_on_two_ranks(tmp_path):
+    """torchrun, 2 ranks, gloo: SFT + DPO (mix: both every update) through ZeRO-3, ZeRO-2 and plain torch. Under
+    ZeRO-3 the fused log-prob op runs as the head module's forward (objectives.Head.logprobs): the module's hooks gather
+    the partitioned head weight for it, gather it again for its backward and reduce-scatter its gradient; the frozen
+    reference is partitioned too. n_embd=400 makes the head 257 x 400 = 102,800 elements, above DeepSpeed's
+    persistence threshold (1e5), so it really is partitioned and released after each use (a smaller one stays whole).
+    mix runs two micro-batches per update, so ZeRO-3's gradient accumulation is checked too. Per-update losses agree
+    to rel 1e-4 (fp32 summation order; measured 2e-6); the exported weights after 4 updates at lr 1e-3 agree to atol
+    3e-5, 3% of one step (measured 1.2e-5: Adam turns ~1e-10 noise in a near-zero gradient entry into up to
+    lr·noise/eps), while the updates moved them by 4e-3."""
+    common = ['--n_embd=400', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=4',
+              '--eval_interval=4', '--eval_iters=1', '--learning_rate=1e-3', '--warmup_iters=0', '--decay_lr=False',
+              '--beta=1.0', '--length_normalize=False']
+    runs = {'plain': common, 'zero2': common + ['--deepspeed=True', '--zero_stage=2'],
+            'zero3': common + ['--deepspeed=True', '--zero_stage=3']}
+    dirs = _train_run(tmp_path, runs, nproc=2, timeout=300)
+    records = {n: _train_records(d)[1] for n, d in dirs.items()}
+    assert [r['iter'] for r in records['zero3']] == [1, 2, 3, 4]
+    for name in ('zero2', 'plain'):
+        for mine, theirs in zip(records['zero3'], records[name]):
+            for key in ('train/sft/loss', 'train/dpo/loss', 'train/dpo/rewards/margins'):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (name, mine['iter'], key)
+    from safetensors.torch import load_file
+    weights = {n: load_file(d / 'hf' / 'model.safetensors') for n, d in dirs.items()}
+    for name in ('zero2', 'plain'):
+        assert weights['zero3'].keys() == weights[name].keys()
+        for key in weights[name]:
+            torch.testing.assert_close(weights['zero3'][key], weights[name][key], rtol=0, atol=3e-5, msg=f'{name} {key}')
+    torch.manual_seed(1337)  # the initial weights: the updates moved the head (and the rest) by far more than atol
+    initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs['plain'] / 'hf')).state_dict()
+    assert (weights['zero3']['lm_head.weight'] - initial['lm_head.weight']).abs().max() > 3e-3
+
+
+# One micro-batch (forward + backward of SFT, then the reference's forward-only pass) through a ZeRO-3 engine in a
+# world of one, at vocab 32768 with 32 rows of logits per twin chunk; prints the most rows of any logits-shaped
+# tensor [..., V] that an op allocated (views allocate nothing) and whether the head weight was partitioned.
+ZERO3_MEMORY = r"""
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import torch, deepspeed
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+import kernels.logprob, objectives
+V, H, B, L, CHUNK = 32768, 64, 4, 128, 32
+kernels.logprob.TWIN_CHUNK_ELEMS = CHUNK * V
+deepspeed.init_distributed(dist_backend='gloo')
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    'train_micro_batch_size_per_gpu': B, 'zero_optimization': {'stage': 3},
+    'optimizer': {'type': 'AdamW', 'params': {'lr': 1e-3, 'torch_adam': True}}})
+ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
+batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'response_mask': torch.ones_like(ids, dtype=torch.bool)}
+ctx = objectives.SimpleNamespace(fused_kernels=False)
+class LogitRows(TorchDispatchMode):
+    most = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor) and not func.is_view and o.dim() >= 2 and o.shape[-1] == V:
+                LogitRows.most = max(LogitRows.most, o.numel() // V)
+        return out
+partitioned = engine.module.lm_head.weight.numel() == 0
+with LogitRows():
+    losses, _ = objectives.sft(engine.module, batch, ctx)
+    engine.backward(losses.mean())
+    with torch.no_grad():
+        objectives.response_logprobs(engine.module, batch, ctx)
+engine.step()
+print(json.dumps({'rows': LogitRows.most, 'tokens': B * (L - 1), 'chunk': CHUNK, 'partitioned': partitioned,
+                  'loss': losses.mean().item()}))
+"""
+
+
+@pytest.mark.slow
+def test_objective_zero3_head_holds_no_full_vocab_logits(tmp_path):
+    """Under ZeRO-3 the head's log-probs go through the chunked op (the CPU twin of the fused kernel), policy with its
+    backward and reference forward-only: at V = 32768 no tensor of more than one chunk of logit rows (32) exists,
+    where full logits would be 508 rows (4 x 127 tokens; 66 MB in fp32 here, ~8 GB at 16k tokens x 128k vocab).
+    The head weight (32768 x 64, above DeepSpeed's 1e5 persistence threshold) is partitioned, so this is the
+    gathering path; the loss is the mean NLL of random tokens, ~log V."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(port), 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    done = subprocess.run([sys.executable, '-c', ZERO3_MEMORY], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result['partitioned'] and abs(result['loss'] - math.log(32768)) < 1.0, result
+    assert result['rows'] == result['chunk'] < result['tokens'], result
+
+
+@pytest.mark.slow
+def test_training_gradient_checkpointing_same_gradients_on_every_engine(tmp_path):
+    """gradient_checkpointing=True recomputes each decoder layer in backward (non-reentrant, through HF's own switch):
+    the gradients each optimizer step receives must be the ones without it, on plain torch and through ZeRO 0-3
+    (SFT + DPO every update; 2 layers, 2 updates, grad_clip=0 so the recorded gradient is the raw one). Checkpointing
+    must really run: 2 layers x 2 policy forwards (sft, dpo) x 2 updates = 8 non-reentrant checkpoints, none
+    without it (evals run in eval mode, and the frozen reference is not checkpointed)."""
+    common = ['--n_layer=2', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=2',
+              '--eval_interval=2', '--eval_iters=1', '--grad_clip=0', '--export_hf=False']
+    engines = {'plain': [], **{f'zero{stage}': ['--deepspeed=True', f'--zero_stage={stage}'] for stage in range(4)}}
+    runs = {f'{engine}_{on}': common + args + [f'--gradient_checkpointing={on}'] for engine, args in engines.items()
+            for on in (False, True)}
+    dirs = _train_run(tmp_path, runs, timeout=600)
+    for engine in engines:
+        off, on = _train_recorded(dirs[f'{engine}_False']), _train_recorded(dirs[f'{engine}_True'])
+        assert off['checkpoints'] == [] and on['checkpoints'] == [False] * 8, (engine, on['checkpoints'])
+        assert len(off['grads']) == len(on['grads']) >= 2 and all(g is not None for step in on['grads'] for g in step)
+        for step_off, step_on in zip(off['grads'], on['grads']):
+            for a, b in zip(step_off, step_on):
+                assert torch.equal(a, b), (engine, (a - b).abs().max())
 
 
 @pytest.fixture(scope='module')

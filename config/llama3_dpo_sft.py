@@ -26,3 +26,4 @@ eval_iters = 20
 deepspeed = True
 zero_stage = 3
 dtype = 'bfloat16'
+gradient_checkpointing = True            # activations of 2 pairs x 1024 tokens through 32 layers: ~25 GB per GPU without, ~2 GB with

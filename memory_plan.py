@@ -1,0 +1,57 @@
+"""
+The memory plan bipost prints before the first step: what one GPU holds for the policy's model states, the frozen
+reference/teacher and the activations of one micro-batch. Model states come from DeepSpeed's own estimators, which
+assume mixed precision (16-bit weights; fp32 master weights, gradients and AdamW's two moments: 18 bytes a parameter
+besides the 16-bit copy); the rest is a rough count. Estimates, not measurements: allocator slack, communication
+buffers and the CUDA context come on top.
+"""
+
+
+def numel(p):
+    """Elements of a parameter, also once ZeRO-3 has partitioned it (its data is then an empty placeholder)."""
+    return getattr(p, 'ds_numel', p.numel())
+
+
+def model_states(n_params, largest_layer, deepspeed, zero_stage, gpus, offload):
+    """Bytes per GPU of the trained model's weights, gradients and optimizer state. ZeRO-2's estimator serves ZeRO-0
+    (one GPU: nothing partitioned) and ZeRO-1 (it counts the 16-bit gradients partitioned: low by 2 bytes/param at
+    most). Plain torch: fp32 weights, gradients and two AdamW moments on every GPU, 16 bytes/param."""
+    if not deepspeed:
+        return 16 * n_params
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        return estimate_zero3_model_states_mem_needs(n_params, largest_layer, num_gpus_per_node=gpus, cpu_offload=offload,
+                                                     cpu_offload_params=False)[1]
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    return estimate_zero2_model_states_mem_needs(n_params, num_gpus_per_node=gpus if zero_stage > 0 else 1,
+                                                 cpu_offload=offload)[1]
+
+
+def activations(config, tokens, checkpointing, value_bytes):
+    """Rough bytes one micro-batch of `tokens` tokens keeps for the backward of a Llama-like decoder: per token and
+    layer ~9·h + 4·i values (h hidden, i MLP width: the two norms' inputs and outputs, q/k/v and the rotated q/k,
+    the attention output; the MLP's gate, up, activation and product). Checkpointing keeps each layer's input (h)
+    and one layer's full set at a time. The LM head adds no [tokens, vocab] logits: the fused log-prob op."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 9 * h + 4 * (getattr(config, 'intermediate_size', None) or 4 * h)
+    values = layers * h + per_layer if checkpointing else layers * per_layer
+    return tokens * values * value_bytes
+
+
+def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes, tokens, checkpointing):
+    """The plan as one line, GB per GPU. model: the policy (partitioned or not); frozen: the reference/teacher models
+    (16-bit under DeepSpeed, fp32 under plain torch, partitioned by ZeRO-3); tokens: the largest micro-batch."""
+    params = list(model.parameters())
+    n_params = sum(numel(p) for p in params)
+    largest_layer = max(sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
+    states = model_states(n_params, largest_layer, deepspeed, zero_stage, world_size, offload)
+    shards = world_size if deepspeed and zero_stage == 3 else 1
+    frozen_bytes = sum(numel(p) for m in frozen for p in m.parameters()) * (value_bytes if deepspeed else 4) / shards
+    acts = activations(model.config.get_text_config(), tokens, checkpointing, value_bytes)
+    engine = ('plain torch, 16 B/param' if not deepspeed else "DeepSpeed's ZeRO-3 estimator" if zero_stage == 3 else
+              f"DeepSpeed's ZeRO-2 estimator{', nothing partitioned' if zero_stage == 0 else ''}")
+    gb = lambda x: f"{x / 1e9:.3g} GB"
+    return (f"memory plan per GPU: model states {gb(states)} ({engine}, {world_size} GPU{'s' * (world_size > 1)}"
+            f"{', optimizer offloaded' if deepspeed and offload else ''}) + frozen models {gb(frozen_bytes)} + "
+            f"activations ~{gb(acts)} ({tokens} tokens a micro-batch, checkpointing {'on' if checkpointing else 'off'})"
+            f" = ~{gb(states + frozen_bytes + acts)}")
