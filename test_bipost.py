@@ -707,6 +707,96 @@ def test_objective_integer_response_masks(dtype):
             losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
             assert torch.equal(losses, expected), (name, overrides)
 
+def test_objective_head_of_reads_each_family_config():
+    """head_of's scale and cap for the families HEAD_FAMILIES does not build, from stand-in configs (no model)."""
+    def head(model_type, **fields):
+        config = types.SimpleNamespace(model_type=model_type, **fields)
+        config.get_text_config = lambda: config
+        h = objectives.head_of(types.SimpleNamespace(config=config, get_output_embeddings=lambda: 'lm_head'))
+        return h.module, h.scale, h.softcap
+    assert head('minicpm3', logits_scaling=4.0) == ('lm_head', 0.25, None)      # divides
+    assert head('hyperclovax', logits_scaling=4.0) == ('lm_head', 4.0, None)    # multiplies
+    assert head('falcon_h1', lm_head_multiplier=0.5) == ('lm_head', 0.5, None)
+    assert head('recurrent_gemma', logits_soft_cap=30.0) == ('lm_head', 1.0, 30.0)
+    assert head('xlstm', output_logit_soft_cap=15.0) == ('lm_head', 1.0, 15.0)
+    assert head('xlstm', output_logit_soft_cap=None) == ('lm_head', 1.0, None)
+
+
+def test_objective_zero3_path_calls_the_head_module():
+    """Under ZeRO-3 only a call of the head module gathers its weight: that path must call it (the kernels, which
+    read head.weight, must not be used); without ZeRO-3 (also when ctx has no zero3 at all) the kernels are used."""
+    model, batch = _obj_model(0), _obj_batch([(3, 4), (1, 6)])
+    calls = []
+    model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    for ctx, expected in ((_obj_ctx(zero3=True), 1), (_obj_ctx(), 0), (types.SimpleNamespace(fused_kernels=False), 0)):
+        calls.clear()
+        objectives.response_logprobs(model, batch, ctx)
+        assert len(calls) == expected, ctx
+
+
+def test_objective_fused_kernels_flag_reaches_the_kernels(monkeypatch):
+    """fused_kernels=False forces the twins (fused=False) everywhere; True lets the kernels pick (fused=None)."""
+    seen = []
+    def spy(function):
+        def wrapped(*args, **kwargs):
+            seen.append((function.__name__, kwargs['fused']))
+            return function(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(objectives, 'token_logprobs', spy(objectives.token_logprobs))
+    monkeypatch.setattr(objectives, 'dpo_losses', spy(objectives.dpo_losses))
+    policy, reference = _obj_model(0), _obj_model(1)
+    for flag, fused in ((False, False), (True, None)):
+        seen.clear()
+        objectives.dpo(policy, _obj_batch(OBJ_PAIRS), _obj_ctx(reference=reference, fused_kernels=flag))
+        assert seen == [('token_logprobs', fused), ('token_logprobs', fused), ('dpo_losses', fused)], flag
+
+
+def test_objective_one_token_and_empty_responses():
+    """A response of one token is divided by 1 (sft, kd, the DPO+NLL term); no response at all gives 0, not NaN."""
+    policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
+    batch = _obj_batch([(3, 1), (2, 1), (1, 3)])
+    hand, mask = _obj_hand_logprobs(policy, batch)
+    assert mask.sum(1).tolist() == [1, 1, 3]
+    losses, _ = objectives.sft(policy, batch, _obj_ctx())
+    torch.testing.assert_close(losses, -hand.sum(1) / torch.tensor([1.0, 1.0, 3.0]))
+    torch.testing.assert_close(objectives.kd(policy, batch, _obj_ctx(teacher=teacher))[0],
+                               _obj_hand_kd(policy, teacher, batch), atol=1e-5, rtol=1e-5)
+    pairs = _obj_batch([(3, 1), (2, 1), (1, 2), (3, 3)])  # chosen rows: one token each
+    _, metrics = objectives.dpo(policy, pairs, _obj_ctx(reference=reference, dpo_nll_weight=1.0))
+    hand, _ = _obj_hand_logprobs(policy, pairs)
+    torch.testing.assert_close(metrics['nll'], -hand[:2].sum(1), atol=1e-6, rtol=1e-6)
+    empty = _obj_batch([(3, 0), (2, 0)])
+    for name in ('sft', 'kd'):
+        losses, metrics = objectives.OBJECTIVES[name](policy, empty, _obj_ctx(teacher=teacher))
+        assert losses.tolist() == [0.0, 0.0] and metrics['tokens'].tolist() == [1.0, 1.0], name
+
+
+def test_objective_self_check_accepts_nan_where_both_are_nan():
+    """A head row of NaN makes every log-prob NaN in both bipost's and the model's own: that is agreement."""
+    model = _obj_model(0)
+    with torch.no_grad():
+        model.lm_head.weight[3] = float('nan')
+    objectives.check_head(model)
+
+
+def test_objective_head_logprobs_under_autocast_run_in_the_autocast_dtype():
+    """Under torch.autocast the head runs its matmuls in the autocast dtype (fp32 master weights cast, bias too):
+    forward and backward equal the same call on explicitly cast tensors."""
+    model = _family_model('phi')
+    head = objectives.head_of(model)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 32, generator=g, requires_grad=True)
+    targets, mask = torch.randint(0, 64, (6,), generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = head.logprobs(hidden, targets, mask, fused=False)
+    grads = torch.autograd.grad(out.sum(), (hidden, head.module.weight, head.module.bias))
+    cast = [x.to(torch.bfloat16) for x in (hidden, head.module.weight, head.module.bias)]
+    expected = token_logprobs(cast[0], cast[1], targets, mask, fused=False, bias=cast[2])
+    expected_grads = torch.autograd.grad(expected.sum(), (hidden, head.module.weight, head.module.bias))
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
 # ---- kernels ----
 
 # On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
