@@ -1099,6 +1099,108 @@ def test_kernel_dpo_integer_masks(fused):
         assert all(torch.equal(a, b) for a, b in zip(got, expected)), dtype
         assert torch.equal(torch.autograd.grad(got[0].sum(), policy)[0], expected_grad), dtype
 
+def test_kernel_logprob_dispatch_and_forward_only(monkeypatch):
+    """fused=True runs the Triton path and fused=False the twin; without grad (or with nothing requiring it) only the
+    forward runs, never the autograd Function (it would save tensors for a backward that never comes)."""
+    h, w, t, mask = _logprob_case(9, 8, 33, True)
+    expected = _reference_logprobs(h, w, t, mask)
+    def banned(*args, **kwargs):
+        raise AssertionError('this path must not run')
+    monkeypatch.setattr(kernels.logprob, '_ChunkedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=False), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(token_logprobs(h.detach(), w.detach(), t, mask, fused=False), expected, atol=1e-5, rtol=1e-5)
+    if _triton_runs:
+        monkeypatch.setattr(kernels.logprob, '_twin_forward', banned)
+        with torch.no_grad():
+            torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=True), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_logprob_twin_chunks(monkeypatch):
+    """The twin forms its logits chunk_rows rows at a time (default TWIN_CHUNK_ELEMS // V, at least 1), forward and
+    backward, and the chunks tile the rows exactly."""
+    calls = []
+    twin_logits = kernels.logprob._twin_logits
+    def counting(h, *args):
+        calls.append(h.shape[0])
+        return twin_logits(h, *args)
+    monkeypatch.setattr(kernels.logprob, '_twin_logits', counting)
+    h, w, t, _ = _logprob_case(10, 8, 33, False)
+    expected = _reference_logprobs(h, w, t, None)
+    expected_grads = torch.autograd.grad(expected.sum(), (h, w))
+    for elems, rows in ((3 * 33, [3, 3, 3, 1]), (1, [1] * 10)):  # 99 // V = 3 rows (not 99 // H = 12); at least 1
+        monkeypatch.setattr(kernels.logprob, 'TWIN_CHUNK_ELEMS', elems)
+        calls.clear()
+        out = token_logprobs(h, w, t, fused=False)
+        dh, dw = torch.autograd.grad(out.sum(), (h, w))
+        assert calls == rows + rows, elems
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close((dh, dw), expected_grads, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_kernel_logprob_scale_two_frozen_head_and_bf16(fused):
+    """scale=2 (any scale other than 1 is applied); a frozen head (gradient to the hidden states only); bf16 inputs
+    (the twin's backward computes in the input dtype)."""
+    h, w, t, mask = _logprob_case(11, 8, 40, True)
+    logits = 2.0 * (h.double() @ w.double().T)
+    expected = torch.where(mask, logits.log_softmax(-1).gather(-1, t.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    out = token_logprobs(h, w.detach(), t, mask, fused=fused, scale=2.0)
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
+    dh, = torch.autograd.grad(out.sum(), h)
+    torch.testing.assert_close(dh, torch.autograd.grad(expected.sum(), h)[0].float(), atol=1e-5, rtol=1e-4)
+    if not fused:
+        hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+        out = token_logprobs(hb, wb, t, mask, fused=False)
+        grads = torch.autograd.grad(out.sum(), (hb, wb))
+        assert all(g.dtype == torch.bfloat16 for g in grads)
+        ref = torch.where(mask, (hb.float() @ wb.float().T).log_softmax(-1).gather(-1, t.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+        for g, r in zip(grads, torch.autograd.grad(ref.sum(), (hb, wb))):
+            torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_kernel_dpo_defaults_and_shape_errors():
+    """The defaults are DPO's (sigmoid, no label smoothing, summed log-probs), in both entry points; and a batch
+    that is not [2B, T] chosen-then-rejected rows with matching reference and mask is refused with its shapes."""
+    policy, reference, mask = _dpo_case()
+    explicit = dpo_losses(policy, reference, mask, 0.5, "sigmoid", 0.0, False, fused=False)
+    for defaults in (dpo_losses(policy, reference, mask, 0.5, fused=False),
+                     kernels.dpo.dpo_losses_torch(policy, reference, mask, 0.5)):
+        assert all(torch.equal(a, b) for a, b in zip(defaults, explicit))
+    T = mask.shape[1]
+    for p, r, m in ((policy[:3], reference[:3], mask[:3]),                  # odd rows (3: not a multiple of 2)
+                    (policy, reference[:, :-1], mask),                       # reference shape differs
+                    (policy, reference, mask[:, :-1])):                      # mask shape differs
+        with pytest.raises(ValueError) as error:
+            dpo_losses(p, r, m, 0.5, fused=False)
+        assert f"got {tuple(p.shape)}, {tuple(r.shape)}, {tuple(m.shape)}" in str(error.value)
+    with pytest.raises(ValueError, match="dpo loss_type must be one of .*'hinge'"):
+        dpo_losses(policy, reference, mask, 0.5, "hinge", fused=False)
+
+
+def test_kernel_dpo_one_token_response_is_its_own_mean():
+    """Averaged (IPO / length_normalize) sequence log-probs of a one-token response are that token's log-prob."""
+    policy = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    reference = torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    _, policy_seq, reference_seq = dpo_losses(policy, reference, mask, 0.5, "ipo", fused=False)
+    assert policy_seq.tolist() == [-1.0, -1.75] and reference_seq.tolist() == [-1.5, -1.0]
+
+
+def test_kernel_dpo_dispatch(monkeypatch):
+    """fused=False and (on CPU) fused=None run the twin; fused=True runs the kernel."""
+    policy, reference, mask = _dpo_case()
+    calls = []
+    twin = kernels.dpo.dpo_losses_torch
+    monkeypatch.setattr(kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(1) or twin(*args))
+    for fused, ran_twin in ((False, 1), (None, 0 if torch.cuda.is_available() else 1)) + (((True, 0),) if _triton_runs else ()):
+        calls.clear()
+        dpo_losses(policy, reference, mask, 0.5, fused=fused)
+        assert len(calls) == ran_twin, fused
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,H,V", [(4096, 4096, 128256), (3000, 2048, 50257)])
