@@ -1426,6 +1426,100 @@ def test_data_selector_state_dict_resumes_exactly():
         assert torch.equal(a.lower.weight, b.lower.weight)
 
 
+def test_selector_defaults_fallbacks_and_errors(monkeypatch):
+    """Defaults (seed 0, refresh every 10 updates); past the budget sequential stays on the last objective; alright
+    takes the last one when the draw lands past a λ-sum just under 1 and the next one on a boundary; errors name
+    what is wrong; the maxright estimates survive a resume."""
+    draws = lambda sel: [sel.choose(i)[0][0] for i in range(30)]
+    assert draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30)) == \
+        draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30, seed=0))
+    assert draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30, seed=0)) != \
+        draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30, seed=1))
+    maxright = ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'maxright', 30, optima=[0.0, 0.0])
+    assert [i for i in range(25) if maxright.needs_refresh(i)] == [0, 10, 20]
+    sequential = ObjectiveSelector(['a', 'b', 'c'], [0.5, 0.25, 0.25], 'sequential', 8)
+    assert [sequential.choose(i)[0][0] for i in (7, 8, 100)] == ['c', 'c', 'c']
+    alright = ObjectiveSelector(['a', 'b', 'c'], [0.25, 0.25, 0.5 - 5e-7], 'alright', 8)  # λ's sum to 1 - 5e-7
+    for u, name in ((0.9999999, 'c'), (0.25, 'b'), (0.2499, 'a')):  # u < Σλ_≤i picks i
+        monkeypatch.setattr(torch, 'rand', lambda *args, u=u, **kwargs: torch.tensor(u, dtype=torch.float64))
+        assert alright.choose(0) == [(name, 1.0)], u
+    monkeypatch.undo()
+    assert ObjectiveSelector(['a', 'b'], [1.0, 0.0], 'mix', 10).choose(0) == [('a', 1.0), ('b', 0.0)]  # λ = 0 is allowed
+    for args, says in ((([('a'), ('b')], [1.0], 'mix', 10), 'one λ ≥ 0 per objective'),
+                       ((['a', 'b'], [0.5, 0.5], 'maxright', 10), r'maxright needs f\* of every objective'),
+                       ((['a', 'b'], [0.5, 0.5], 'mix', 10, [1.0]), r'optima must hold one f\* per objective')):
+        with pytest.raises(ValueError, match=says):
+            ObjectiveSelector(*args)
+    maxright.observe('a', 2.0)
+    maxright.observe('b', 3.0)
+    resumed = ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'maxright', 30, optima=[0.0, 0.0])
+    resumed.load_state_dict(maxright.state_dict())
+    assert resumed.estimates == [2.0, 3.0] and resumed.choose(1) == [('b', 1.0)]
+
+
+def test_data_selector_defaults_errors_and_no_lower_model(tmp_path):
+    """The documented defaults; a bad weights/lower_level is refused; with lower_level='none' there is no θ̂ to save;
+    the ranking breaks ties by example index (stable), and at least one example is kept."""
+    selector = DataSelector(20, _regression, lower_level='none')
+    assert (selector.optimizer.param_groups[0]['lr'], selector.trusted_share(0), selector.trusted_share(2)) == (16.0, 0.8, 0.2)
+    assert selector.state_dict()['lower'] is None and selector.state_dict()['lower_optimizer'] is None
+    copy = DataSelector(4, _regression, torch.nn.Linear(3, 1), lower_level='copy')
+    assert copy.lower_optimizer.param_groups[0]['lr'] == 1e-3
+    for kwargs in ({'weights': 'uniform'}, {'lower_level': 'oracle'}):
+        with pytest.raises(ValueError, match="weights must be 'softmax'.*got"):
+            DataSelector(4, _regression, **kwargs)
+    omega = [float(i % 3) for i in range(20)]  # ties: three weight levels
+    with torch.no_grad():
+        selector.omega.copy_(torch.tensor(omega))
+    selector.save(str(tmp_path), keep_fraction=0.01)  # 0.2 examples: still keep one
+    ranking, keep = (np.load(tmp_path / f'{n}.npy').tolist() for n in ('ranking', 'keep'))
+    assert ranking == sorted(range(20), key=lambda i: (-omega[i], i)) and keep == [2]
+
+
+def test_data_selector_objective_gets_ctx_and_bad_lower_step_is_skipped():
+    """The objective sees the trainer's ctx for θ, θ̂ and the reference; a non-finite θ̂ loss leaves θ̂ as it was."""
+    from types import SimpleNamespace
+    seen = []
+    def objective(model, batch, ctx):
+        seen.append(ctx.tag)
+        return _regression(model, batch, ctx)
+    torch.manual_seed(0)
+    batch = {'x': torch.randn(3, 3), 'y': torch.randn(3), 'index': torch.tensor([0, 1, 2])}
+    model, reference = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    ctx = SimpleNamespace(tag='ctx', reference=reference)
+    for lower_level in ('copy', 'reference'):
+        seen.clear()
+        selector = DataSelector(3, objective, model, lower_level=lower_level)
+        selector.step(_regression(model, batch, None)[0], batch, batch, model, ctx, 0)
+        assert seen == ['ctx', 'ctx'], lower_level
+    selector = DataSelector(3, _regression, model, lower_level='copy')
+    before = [p.detach().clone() for p in selector.lower.parameters()]
+    bad = {**batch, 'y': torch.tensor([0.0, float('nan'), 0.0])}
+    selector.lower_losses(bad, ctx, torch.ones(3))
+    assert all(torch.equal(a, b) for a, b in zip(before, selector.lower.parameters()))
+
+
+def test_data_selector_ranks_combine_in_rank_order(monkeypatch):
+    """With more than one rank, ω sees every rank's rows in rank order, and θ̂ the ranks' mean gradient (here a
+    stand-in torch.distributed of 2 ranks whose other rank holds rows + 10 and gradients + 1)."""
+    import selector as selector_module
+    fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                                 all_gather=lambda parts, t: [p.copy_(t + 10 * r) for r, p in enumerate(parts)],
+                                 all_reduce=lambda g: g.add_(g + 1))
+    t = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert selector_module._gather(t) is t  # a world of one: as it is
+    monkeypatch.setattr(selector_module, 'dist', fake)
+    assert selector_module._gather(t).tolist() == [[1.0, 2.0], [3.0, 4.0], [11.0, 12.0], [13.0, 14.0]]
+    torch.manual_seed(0)
+    batch = {'x': torch.randn(3, 3), 'y': torch.randn(3), 'index': torch.tensor([0, 1, 2])}
+    model = torch.nn.Linear(3, 1)
+    selector = DataSelector(3, _regression, model, lower_level='copy')
+    own = torch.autograd.grad(_regression(model, batch, None)[0].mean(), list(model.parameters()))
+    selector.lower_losses(batch, None, torch.ones(3))
+    for g, p in zip(own, selector.lower.parameters()):  # (g + (g + 1)) / 2
+        torch.testing.assert_close(p.grad, g + 0.5)
+
+
 SELECT_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=1', '--batch_size=8', '--objectives=["sft"]',
                '--weights=[1.0]', '--optima=[0.0]', '--strategy="sequential"', '--train_splits={"sft": "sft_noisy_train"}',
                '--data_selection=True', '--export_hf=False', '--warmup_iters=0', '--decay_lr=False', '--log_interval=1']
