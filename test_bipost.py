@@ -779,6 +779,22 @@ def test_objective_self_check_accepts_nan_where_both_are_nan():
     objectives.check_head(model)
 
 
+def test_objective_self_check_tolerance_and_reported_difference(monkeypatch):
+    """check_head accepts |ours − theirs| ≤ 1e-3 + 1e-4·|theirs| and reports the largest difference: bipost's
+    log-probs shifted by a known δ (|theirs| ≈ log 40 ≈ 3.7 here, so the bound is ≈ 1.37e-3)."""
+    model, response_logprobs = _obj_model(0), objectives.response_logprobs
+    for delta, accepted in ((1.05e-3, True), (2e-3, False)):
+        def shifted(*args, delta=delta):
+            logps, mask = response_logprobs(*args)
+            return logps + delta, mask
+        monkeypatch.setattr(objectives, 'response_logprobs', shifted)
+        if accepted:
+            objectives.check_head(model)
+        else:
+            with pytest.raises(ValueError, match="differ from the model's own by up to 0.002: "):
+                objectives.check_head(model)
+
+
 def test_objective_head_logprobs_under_autocast_run_in_the_autocast_dtype():
     """Under torch.autocast the head runs its matmuls in the autocast dtype (fp32 master weights cast, bias too):
     forward and backward equal the same call on explicitly cast tensors."""
