@@ -1177,6 +1177,24 @@ def test_kernel_logprob_scale_two_frozen_head_and_bf16(fused):
             torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
 
 
+def test_kernel_logprob_torch_entry_point_passes_everything_through(monkeypatch):
+    """token_logprobs_torch is the twin (never Triton) with mask, chunk_rows, bias, scale and soft cap passed on."""
+    def banned(*args, **kwargs):
+        raise AssertionError('Triton ran')
+    monkeypatch.setattr(kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(kernels.logprob, '_triton_forward', banned)
+    calls = []
+    twin_logits = kernels.logprob._twin_logits
+    monkeypatch.setattr(kernels.logprob, '_twin_logits', lambda h, *args: calls.append(h.shape[0]) or twin_logits(h, *args))
+    h, w, t, mask = _logprob_case(13, 8, 40, True)
+    b = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 2
+    ref = _head_reference(h, w, b, 0.5, 2.0, t, mask)
+    out = kernels.logprob.token_logprobs_torch(h, w, t, mask, chunk_rows=3, bias=b, scale=0.5, softcap=2.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    rows = int(mask.sum())
+    assert calls == [min(3, rows - s) for s in range(0, rows, 3)]
+
+
 def test_kernel_dpo_defaults_and_shape_errors():
     """The defaults are DPO's (sigmoid, no label smoothing, summed log-probs), in both entry points; and a batch
     that is not [2B, T] chosen-then-rejected rows with matching reference and mask is refused with its shapes."""
