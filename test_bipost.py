@@ -797,20 +797,21 @@ def test_objective_self_check_tolerance_and_reported_difference(monkeypatch):
 
 def test_objective_head_logprobs_under_autocast_run_in_the_autocast_dtype():
     """Under torch.autocast the head runs its matmuls in the autocast dtype (fp32 master weights cast, bias too):
-    forward and backward equal the same call on explicitly cast tensors."""
-    model = _family_model('phi')
-    head = objectives.head_of(model)
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(6, 32, generator=g, requires_grad=True)
-    targets, mask = torch.randint(0, 64, (6,), generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = head.logprobs(hidden, targets, mask, fused=False)
-    grads = torch.autograd.grad(out.sum(), (hidden, head.module.weight, head.module.bias))
-    cast = [x.to(torch.bfloat16) for x in (hidden, head.module.weight, head.module.bias)]
-    expected = token_logprobs(cast[0], cast[1], targets, mask, fused=False, bias=cast[2])
-    expected_grads = torch.autograd.grad(expected.sum(), (hidden, head.module.weight, head.module.bias))
-    assert torch.equal(out, expected)
-    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    forward and backward equal the same call on explicitly cast tensors. With a head bias (Phi) and without (Llama)."""
+    for family in ('phi', 'llama'):
+        head = objectives.head_of(_family_model(family))
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(6, 32, generator=g, requires_grad=True)
+        targets, mask = torch.randint(0, 64, (6,), generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = head.logprobs(hidden, targets, mask, fused=False)
+        params = [x for x in (hidden, head.module.weight, head.module.bias) if x is not None]
+        grads = torch.autograd.grad(out.sum(), params)
+        cast = [x.to(torch.bfloat16) for x in params] + [None]
+        expected = token_logprobs(cast[0], cast[1], targets, mask, fused=False, bias=cast[2])
+        expected_grads = torch.autograd.grad(expected.sum(), params)
+        assert torch.equal(out, expected), family
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads)), family
 
 
 # ---- kernels ----
