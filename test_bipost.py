@@ -1194,6 +1194,8 @@ def test_kernel_logprob_torch_entry_point_passes_everything_through(monkeypatch)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     rows = int(mask.sum())
     assert calls == [min(3, rows - s) for s in range(0, rows, 3)]
+    torch.testing.assert_close(kernels.logprob.token_logprobs_torch(h, w, t, mask), _reference_logprobs(h, w, t, mask),
+                               atol=1e-5, rtol=1e-5)  # defaults: no bias, scale 1, no cap
 
 
 def test_kernel_dpo_defaults_and_shape_errors():
