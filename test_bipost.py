@@ -761,6 +761,113 @@ def test_memory_plan_activations_match_what_autograd_saves():
         assert checkpointed == 4 * 64 * 4 * (layers * h + 9 * h + 4 * i) < estimate or layers == 1
 
 
+def test_objective_head_of_reads_each_family_config():
+    """head_of's scale and cap for the families HEAD_FAMILIES does not build, from stand-in configs (no model)."""
+    def head(model_type, **fields):
+        config = types.SimpleNamespace(model_type=model_type, **fields)
+        config.get_text_config = lambda: config
+        h = objectives.head_of(types.SimpleNamespace(config=config, get_output_embeddings=lambda: 'lm_head'))
+        return h.module, h.scale, h.softcap
+    assert head('minicpm3', logits_scaling=4.0) == ('lm_head', 0.25, None)      # divides
+    assert head('hyperclovax', logits_scaling=4.0) == ('lm_head', 4.0, None)    # multiplies
+    assert head('falcon_h1', lm_head_multiplier=0.5) == ('lm_head', 0.5, None)
+    assert head('recurrent_gemma', logits_soft_cap=30.0) == ('lm_head', 1.0, 30.0)
+    assert head('xlstm', output_logit_soft_cap=15.0) == ('lm_head', 1.0, 15.0)
+    assert head('xlstm', output_logit_soft_cap=None) == ('lm_head', 1.0, None)
+
+
+def test_objective_zero3_path_calls_the_head_module():
+    """Under ZeRO-3 only a call of the head module gathers its weight: that path must call it (the kernels, which
+    read head.weight, must not be used); without ZeRO-3 (also when ctx has no zero3 at all) the kernels are used."""
+    model, batch = _obj_model(0), _obj_batch([(3, 4), (1, 6)])
+    calls = []
+    model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    for ctx, expected in ((_obj_ctx(zero3=True), 1), (_obj_ctx(), 0), (types.SimpleNamespace(fused_kernels=False), 0)):
+        calls.clear()
+        objectives.response_logprobs(model, batch, ctx)
+        assert len(calls) == expected, ctx
+
+
+def test_objective_fused_kernels_flag_reaches_the_kernels(monkeypatch):
+    """fused_kernels=False forces the twins (fused=False) everywhere; True lets the kernels pick (fused=None)."""
+    seen = []
+    def spy(function):
+        def wrapped(*args, **kwargs):
+            seen.append((function.__name__, kwargs['fused']))
+            return function(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(objectives, 'token_logprobs', spy(objectives.token_logprobs))
+    monkeypatch.setattr(objectives, 'dpo_losses', spy(objectives.dpo_losses))
+    policy, reference = _obj_model(0), _obj_model(1)
+    for flag, fused in ((False, False), (True, None)):
+        seen.clear()
+        objectives.dpo(policy, _obj_batch(OBJ_PAIRS), _obj_ctx(reference=reference, fused_kernels=flag))
+        assert seen == [('token_logprobs', fused), ('token_logprobs', fused), ('dpo_losses', fused)], flag
+
+
+def test_objective_one_token_and_empty_responses():
+    """A response of one token is divided by 1 (sft, kd, the DPO+NLL term); no response at all gives 0, not NaN."""
+    policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
+    batch = _obj_batch([(3, 1), (2, 1), (1, 3)])
+    hand, mask = _obj_hand_logprobs(policy, batch)
+    assert mask.sum(1).tolist() == [1, 1, 3]
+    losses, _ = objectives.sft(policy, batch, _obj_ctx())
+    torch.testing.assert_close(losses, -hand.sum(1) / torch.tensor([1.0, 1.0, 3.0]))
+    torch.testing.assert_close(objectives.kd(policy, batch, _obj_ctx(teacher=teacher))[0],
+                               _obj_hand_kd(policy, teacher, batch), atol=1e-5, rtol=1e-5)
+    pairs = _obj_batch([(3, 1), (2, 1), (1, 2), (3, 3)])  # chosen rows: one token each
+    _, metrics = objectives.dpo(policy, pairs, _obj_ctx(reference=reference, dpo_nll_weight=1.0))
+    hand, _ = _obj_hand_logprobs(policy, pairs)
+    torch.testing.assert_close(metrics['nll'], -hand[:2].sum(1), atol=1e-6, rtol=1e-6)
+    empty = _obj_batch([(3, 0), (2, 0)])
+    for name in ('sft', 'kd'):
+        losses, metrics = objectives.OBJECTIVES[name](policy, empty, _obj_ctx(teacher=teacher))
+        assert losses.tolist() == [0.0, 0.0] and metrics['tokens'].tolist() == [1.0, 1.0], name
+
+
+def test_objective_self_check_accepts_nan_where_both_are_nan():
+    """A head row of NaN makes every log-prob NaN in both bipost's and the model's own: that is agreement."""
+    model = _obj_model(0)
+    with torch.no_grad():
+        model.lm_head.weight[3] = float('nan')
+    objectives.check_head(model)
+
+
+def test_objective_self_check_tolerance_and_reported_difference(monkeypatch):
+    """check_head accepts |ours − theirs| ≤ 1e-3 + 1e-4·|theirs| and reports the largest difference: bipost's
+    log-probs shifted by a known δ (|theirs| ≈ log 40 ≈ 3.7 here, so the bound is ≈ 1.37e-3)."""
+    model, response_logprobs = _obj_model(0), objectives.response_logprobs
+    for delta, accepted in ((1.05e-3, True), (2e-3, False)):
+        def shifted(*args, delta=delta):
+            logps, mask = response_logprobs(*args)
+            return logps + delta, mask
+        monkeypatch.setattr(objectives, 'response_logprobs', shifted)
+        if accepted:
+            objectives.check_head(model)
+        else:
+            with pytest.raises(ValueError, match="differ from the model's own by up to 0.002: "):
+                objectives.check_head(model)
+
+
+def test_objective_head_logprobs_under_autocast_run_in_the_autocast_dtype():
+    """Under torch.autocast the head runs its matmuls in the autocast dtype (fp32 master weights cast, bias too):
+    forward and backward equal the same call on explicitly cast tensors. With a head bias (Phi) and without (Llama)."""
+    for family in ('phi', 'llama'):
+        head = objectives.head_of(_family_model(family))
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(6, 32, generator=g, requires_grad=True)
+        targets, mask = torch.randint(0, 64, (6,), generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = head.logprobs(hidden, targets, mask, fused=False)
+        params = [x for x in (hidden, head.module.weight, head.module.bias) if x is not None]
+        grads = torch.autograd.grad(out.sum(), params)
+        cast = [x.to(torch.bfloat16) for x in params] + [None]
+        expected = token_logprobs(cast[0], cast[1], targets, mask, fused=False, bias=cast[2])
+        expected_grads = torch.autograd.grad(expected.sum(), params)
+        assert torch.equal(out, expected), family
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads)), family
+
+
 # ---- kernels ----
 
 # On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
@@ -1063,6 +1170,128 @@ def test_kernel_dpo_integer_masks(fused):
         assert all(torch.equal(a, b) for a, b in zip(got, expected)), dtype
         assert torch.equal(torch.autograd.grad(got[0].sum(), policy)[0], expected_grad), dtype
 
+def test_kernel_logprob_dispatch_and_forward_only(monkeypatch):
+    """fused=True runs the Triton path and fused=False the twin; without grad (or with nothing requiring it) only the
+    forward runs, never the autograd Function (it would save tensors for a backward that never comes)."""
+    h, w, t, mask = _logprob_case(9, 8, 33, True)
+    expected = _reference_logprobs(h, w, t, mask)
+    def banned(*args, **kwargs):
+        raise AssertionError('this path must not run')
+    monkeypatch.setattr(kernels.logprob, '_ChunkedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=False), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(token_logprobs(h.detach(), w.detach(), t, mask, fused=False), expected, atol=1e-5, rtol=1e-5)
+    if _triton_runs:
+        monkeypatch.setattr(kernels.logprob, '_twin_forward', banned)
+        with torch.no_grad():
+            torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=True), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_logprob_twin_chunks(monkeypatch):
+    """The twin forms its logits chunk_rows rows at a time (default TWIN_CHUNK_ELEMS // V, at least 1), forward and
+    backward, and the chunks tile the rows exactly."""
+    calls = []
+    twin_logits = kernels.logprob._twin_logits
+    def counting(h, *args):
+        calls.append(h.shape[0])
+        return twin_logits(h, *args)
+    monkeypatch.setattr(kernels.logprob, '_twin_logits', counting)
+    h, w, t, _ = _logprob_case(10, 8, 33, False)
+    expected = _reference_logprobs(h, w, t, None)
+    expected_grads = torch.autograd.grad(expected.sum(), (h, w))
+    for elems, rows in ((3 * 33, [3, 3, 3, 1]), (1, [1] * 10)):  # 99 // V = 3 rows (not 99 // H = 12); at least 1
+        monkeypatch.setattr(kernels.logprob, 'TWIN_CHUNK_ELEMS', elems)
+        calls.clear()
+        out = token_logprobs(h, w, t, fused=False)
+        dh, dw = torch.autograd.grad(out.sum(), (h, w))
+        assert calls == rows + rows, elems
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close((dh, dw), expected_grads, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_kernel_logprob_scale_two_frozen_head_and_bf16(fused):
+    """scale=2 (any scale other than 1 is applied); a frozen head (gradient to the hidden states only); bf16 inputs
+    (the twin's backward computes in the input dtype)."""
+    h, w, t, mask = _logprob_case(11, 8, 40, True)
+    logits = 2.0 * (h.double() @ w.double().T)
+    expected = torch.where(mask, logits.log_softmax(-1).gather(-1, t.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    out = token_logprobs(h, w.detach(), t, mask, fused=fused, scale=2.0)
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
+    dh, = torch.autograd.grad(out.sum(), h)
+    torch.testing.assert_close(dh, torch.autograd.grad(expected.sum(), h)[0].float(), atol=1e-5, rtol=1e-4)
+    if not fused:
+        hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+        out = token_logprobs(hb, wb, t, mask, fused=False)
+        grads = torch.autograd.grad(out.sum(), (hb, wb))
+        assert all(g.dtype == torch.bfloat16 for g in grads)
+        ref = torch.where(mask, (hb.float() @ wb.float().T).log_softmax(-1).gather(-1, t.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+        for g, r in zip(grads, torch.autograd.grad(ref.sum(), (hb, wb))):
+            torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_kernel_logprob_torch_entry_point_passes_everything_through(monkeypatch):
+    """token_logprobs_torch is the twin (never Triton) with mask, chunk_rows, bias, scale and soft cap passed on."""
+    def banned(*args, **kwargs):
+        raise AssertionError('Triton ran')
+    monkeypatch.setattr(kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(kernels.logprob, '_triton_forward', banned)
+    calls = []
+    twin_logits = kernels.logprob._twin_logits
+    monkeypatch.setattr(kernels.logprob, '_twin_logits', lambda h, *args: calls.append(h.shape[0]) or twin_logits(h, *args))
+    h, w, t, mask = _logprob_case(13, 8, 40, True)
+    b = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 2
+    ref = _head_reference(h, w, b, 0.5, 2.0, t, mask)
+    out = kernels.logprob.token_logprobs_torch(h, w, t, mask, chunk_rows=3, bias=b, scale=0.5, softcap=2.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    rows = int(mask.sum())
+    assert calls == [min(3, rows - s) for s in range(0, rows, 3)]
+    torch.testing.assert_close(kernels.logprob.token_logprobs_torch(h, w, t, mask), _reference_logprobs(h, w, t, mask),
+                               atol=1e-5, rtol=1e-5)  # defaults: no bias, scale 1, no cap
+
+
+def test_kernel_dpo_defaults_and_shape_errors():
+    """The defaults are DPO's (sigmoid, no label smoothing, summed log-probs), in both entry points; and a batch
+    that is not [2B, T] chosen-then-rejected rows with matching reference and mask is refused with its shapes."""
+    policy, reference, mask = _dpo_case()
+    explicit = dpo_losses(policy, reference, mask, 0.5, "sigmoid", 0.0, False, fused=False)
+    for defaults in (dpo_losses(policy, reference, mask, 0.5, fused=False),
+                     kernels.dpo.dpo_losses_torch(policy, reference, mask, 0.5)):
+        assert all(torch.equal(a, b) for a, b in zip(defaults, explicit))
+    T = mask.shape[1]
+    for p, r, m in ((policy[:3], reference[:3], mask[:3]),                  # odd rows (3: not a multiple of 2)
+                    (policy, reference[:, :-1], mask),                       # reference shape differs
+                    (policy, reference, mask[:, :-1])):                      # mask shape differs
+        with pytest.raises(ValueError) as error:
+            dpo_losses(p, r, m, 0.5, fused=False)
+        assert f"got {tuple(p.shape)}, {tuple(r.shape)}, {tuple(m.shape)}" in str(error.value)
+    with pytest.raises(ValueError, match="dpo loss_type must be one of .*'hinge'"):
+        dpo_losses(policy, reference, mask, 0.5, "hinge", fused=False)
+
+
+def test_kernel_dpo_one_token_response_is_its_own_mean():
+    """Averaged (IPO / length_normalize) sequence log-probs of a one-token response are that token's log-prob."""
+    policy = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    reference = torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    _, policy_seq, reference_seq = dpo_losses(policy, reference, mask, 0.5, "ipo", fused=False)
+    assert policy_seq.tolist() == [-1.0, -1.75] and reference_seq.tolist() == [-1.5, -1.0]
+
+
+def test_kernel_dpo_dispatch(monkeypatch):
+    """fused=False and (on CPU) fused=None run the twin; fused=True runs the kernel."""
+    policy, reference, mask = _dpo_case()
+    calls = []
+    twin = kernels.dpo.dpo_losses_torch
+    monkeypatch.setattr(kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(1) or twin(*args))
+    for fused, ran_twin in ((False, 1), (None, 0 if torch.cuda.is_available() else 1)) + (((True, 0),) if _triton_runs else ()):
+        calls.clear()
+        dpo_losses(policy, reference, mask, 0.5, fused=fused)
+        assert len(calls) == ran_twin, fused
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,H,V", [(4096, 4096, 128256), (3000, 2048, 50257)])
@@ -1286,6 +1515,100 @@ def test_data_selector_state_dict_resumes_exactly():
         lb = b.step(_regression(model, batch, None)[0], batch, trusted, model, None, 1)
         assert torch.equal(la, lb) and torch.equal(a.omega, b.omega)
         assert torch.equal(a.lower.weight, b.lower.weight)
+
+
+def test_selector_defaults_fallbacks_and_errors(monkeypatch):
+    """Defaults (seed 0, refresh every 10 updates); past the budget sequential stays on the last objective; alright
+    takes the last one when the draw lands past a λ-sum just under 1 and the next one on a boundary; errors name
+    what is wrong; the maxright estimates survive a resume."""
+    draws = lambda sel: [sel.choose(i)[0][0] for i in range(30)]
+    assert draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30)) == \
+        draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30, seed=0))
+    assert draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30, seed=0)) != \
+        draws(ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'alright', 30, seed=1))
+    maxright = ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'maxright', 30, optima=[0.0, 0.0])
+    assert [i for i in range(25) if maxright.needs_refresh(i)] == [0, 10, 20]
+    sequential = ObjectiveSelector(['a', 'b', 'c'], [0.5, 0.25, 0.25], 'sequential', 8)
+    assert [sequential.choose(i)[0][0] for i in (7, 8, 100)] == ['c', 'c', 'c']
+    alright = ObjectiveSelector(['a', 'b', 'c'], [0.25, 0.25, 0.5 - 5e-7], 'alright', 8)  # λ's sum to 1 - 5e-7
+    for u, name in ((0.9999999, 'c'), (0.25, 'b'), (0.2499, 'a')):  # u < Σλ_≤i picks i
+        monkeypatch.setattr(torch, 'rand', lambda *args, u=u, **kwargs: torch.tensor(u, dtype=torch.float64))
+        assert alright.choose(0) == [(name, 1.0)], u
+    monkeypatch.undo()
+    assert ObjectiveSelector(['a', 'b'], [1.0, 0.0], 'mix', 10).choose(0) == [('a', 1.0), ('b', 0.0)]  # λ = 0 is allowed
+    for args, says in ((([('a'), ('b')], [1.0], 'mix', 10), 'one λ ≥ 0 per objective'),
+                       ((['a', 'b'], [0.5, 0.5], 'maxright', 10), r'maxright needs f\* of every objective'),
+                       ((['a', 'b'], [0.5, 0.5], 'mix', 10, [1.0]), r'optima must hold one f\* per objective')):
+        with pytest.raises(ValueError, match=says):
+            ObjectiveSelector(*args)
+    maxright.observe('a', 2.0)
+    maxright.observe('b', 3.0)
+    resumed = ObjectiveSelector(['a', 'b'], [0.5, 0.5], 'maxright', 30, optima=[0.0, 0.0])
+    resumed.load_state_dict(maxright.state_dict())
+    assert resumed.estimates == [2.0, 3.0] and resumed.choose(1) == [('b', 1.0)]
+
+
+def test_data_selector_defaults_errors_and_no_lower_model(tmp_path):
+    """The documented defaults; a bad weights/lower_level is refused; with lower_level='none' there is no θ̂ to save;
+    the ranking breaks ties by example index (stable), and at least one example is kept."""
+    selector = DataSelector(20, _regression, lower_level='none')
+    assert (selector.optimizer.param_groups[0]['lr'], selector.trusted_share(0), selector.trusted_share(2)) == (16.0, 0.8, 0.2)
+    assert selector.state_dict()['lower'] is None and selector.state_dict()['lower_optimizer'] is None
+    copy = DataSelector(4, _regression, torch.nn.Linear(3, 1), lower_level='copy')
+    assert copy.lower_optimizer.param_groups[0]['lr'] == 1e-3
+    for kwargs in ({'weights': 'uniform'}, {'lower_level': 'oracle'}):
+        with pytest.raises(ValueError, match="weights must be 'softmax'.*got"):
+            DataSelector(4, _regression, **kwargs)
+    omega = [float(i % 3) for i in range(20)]  # ties: three weight levels
+    with torch.no_grad():
+        selector.omega.copy_(torch.tensor(omega))
+    selector.save(str(tmp_path), keep_fraction=0.01)  # 0.2 examples: still keep one
+    ranking, keep = (np.load(tmp_path / f'{n}.npy').tolist() for n in ('ranking', 'keep'))
+    assert ranking == sorted(range(20), key=lambda i: (-omega[i], i)) and keep == [2]
+
+
+def test_data_selector_objective_gets_ctx_and_bad_lower_step_is_skipped():
+    """The objective sees the trainer's ctx for θ, θ̂ and the reference; a non-finite θ̂ loss leaves θ̂ as it was."""
+    from types import SimpleNamespace
+    seen = []
+    def objective(model, batch, ctx):
+        seen.append(ctx.tag)
+        return _regression(model, batch, ctx)
+    torch.manual_seed(0)
+    batch = {'x': torch.randn(3, 3), 'y': torch.randn(3), 'index': torch.tensor([0, 1, 2])}
+    model, reference = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    ctx = SimpleNamespace(tag='ctx', reference=reference)
+    for lower_level in ('copy', 'reference'):
+        seen.clear()
+        selector = DataSelector(3, objective, model, lower_level=lower_level)
+        selector.step(_regression(model, batch, None)[0], batch, batch, model, ctx, 0)
+        assert seen == ['ctx', 'ctx'], lower_level
+    selector = DataSelector(3, _regression, model, lower_level='copy')
+    before = [p.detach().clone() for p in selector.lower.parameters()]
+    bad = {**batch, 'y': torch.tensor([0.0, float('nan'), 0.0])}
+    selector.lower_losses(bad, ctx, torch.ones(3))
+    assert all(torch.equal(a, b) for a, b in zip(before, selector.lower.parameters()))
+
+
+def test_data_selector_ranks_combine_in_rank_order(monkeypatch):
+    """With more than one rank, ω sees every rank's rows in rank order, and θ̂ the ranks' mean gradient (here a
+    stand-in torch.distributed of 2 ranks whose other rank holds rows + 10 and gradients + 1)."""
+    import selector as selector_module
+    fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                                 all_gather=lambda parts, t: [p.copy_(t + 10 * r) for r, p in enumerate(parts)],
+                                 all_reduce=lambda g: g.add_(g + 1))
+    t = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert selector_module._gather(t) is t  # a world of one: as it is
+    monkeypatch.setattr(selector_module, 'dist', fake)
+    assert selector_module._gather(t).tolist() == [[1.0, 2.0], [3.0, 4.0], [11.0, 12.0], [13.0, 14.0]]
+    torch.manual_seed(0)
+    batch = {'x': torch.randn(3, 3), 'y': torch.randn(3), 'index': torch.tensor([0, 1, 2])}
+    model = torch.nn.Linear(3, 1)
+    selector = DataSelector(3, _regression, model, lower_level='copy')
+    own = torch.autograd.grad(_regression(model, batch, None)[0].mean(), list(model.parameters()))
+    selector.lower_losses(batch, None, torch.ones(3))
+    for g, p in zip(own, selector.lower.parameters()):  # (g + (g + 1)) / 2
+        torch.testing.assert_close(p.grad, g + 0.5)
 
 
 SELECT_TINY = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--eval_iters=1', '--batch_size=8', '--objectives=["sft"]',

@@ -107,6 +107,8 @@ if triton is not None:
         keep = tl.load(m_ptr + row * T + cols, mask=cols < T, other=0) != 0
         tl.store(out_ptr + row * T + cols, tl.where(keep, scale, 0.0), mask=cols < T)
 
+# pragma: no mutate start
+# (the Triton path: its tests run in the interpreter, too slow for mutation testing)
 class _FusedDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_logps, reference_logps, mask, beta, loss_type, label_smoothing, average):
@@ -132,6 +134,7 @@ class _FusedDPO(torch.autograd.Function):
                                                             twoB // 2, T, BLOCK_T=1024)
         return grad, None, None, None, None, None, None
 
+# pragma: no mutate end
 def dpo_losses(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", label_smoothing=0.0,
                length_normalize=False, fused=None):
     """-> (losses [B], policy_seq [2B], reference_seq [2B]); only losses carry gradient (to policy_logps).

@@ -172,6 +172,8 @@ if triton is not None:
         ptrs = grad_ptr + rows[:, None].to(tl.int64) * width + (cols - v_start)[None, :]
         tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < v_end))
 
+# pragma: no mutate start
+# (the Triton path: its tests run in the interpreter, too slow for mutation testing)
 def _launch_config(dtype):
     """Tile sizes: the classic Hopper bf16 GEMM tile; small tiles in the CPU interpreter (speed)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -250,6 +252,7 @@ class _FusedLogprob(torch.autograd.Function):
                     _addmm_fp32(dh, grad, w[v0:v1])
         return (dh.to(h.dtype) if need_dh else None), dw, (db.to(b.dtype) if need_db else None), None, None
 
+# pragma: no mutate end
 # ----------------------------------------------------------------------------------------------
 # public API
 
