@@ -776,18 +776,6 @@ def test_objective_head_of_reads_each_family_config():
     assert head('xlstm', output_logit_soft_cap=None) == ('lm_head', 1.0, None)
 
 
-def test_objective_zero3_path_calls_the_head_module():
-    """Under ZeRO-3 only a call of the head module gathers its weight: that path must call it (the kernels, which
-    read head.weight, must not be used); without ZeRO-3 (also when ctx has no zero3 at all) the kernels are used."""
-    model, batch = _obj_model(0), _obj_batch([(3, 4), (1, 6)])
-    calls = []
-    model.lm_head.register_forward_hook(lambda *args: calls.append(1))
-    for ctx, expected in ((_obj_ctx(zero3=True), 1), (_obj_ctx(), 0), (types.SimpleNamespace(fused_kernels=False), 0)):
-        calls.clear()
-        objectives.response_logprobs(model, batch, ctx)
-        assert len(calls) == expected, ctx
-
-
 def test_objective_fused_kernels_flag_reaches_the_kernels(monkeypatch):
     """fused_kernels=False forces the twins (fused=False) everywhere; True lets the kernels pick (fused=None)."""
     seen = []
