@@ -3037,3 +3037,44 @@ def test_training_reference_precompute_equals_live_is_reused_and_invalidated(tmp
         assert len(notes) == 1 and notes[0].endswith(f"reference_logps.npz holds reference log-probs of another "
                                                      f"{changed}: computing them again"), (tag, notes)
         assert records[tag]['calls'].startswith('F'), tag
+
+
+def _cache_small_data(path, pairs={'pref_train': 41, 'pref_val': 31}):
+    """data/demo with its preference splits cut to their first pairs (odd counts: ranks get unequal shares)."""
+    path.mkdir()
+    demo = os.path.join(ROOT, 'data', 'demo')
+    for name in ['meta.json'] + [s + x for s in ('sft_train', 'sft_val') for x in ('.bin', '_index.npy')]:
+        (path / name).write_bytes(open(os.path.join(demo, name), 'rb').read())
+    for split, n in pairs.items():
+        index = np.load(os.path.join(demo, f'{split}_index.npy'))[:n]
+        np.save(path / f'{split}_index.npy', index)
+        end = int(index[-1, 0] + index[-1, 1:].sum())
+        np.fromfile(os.path.join(demo, f'{split}.bin'), dtype=np.uint32)[:end].tofile(path / f'{split}.bin')
+    return path
+
+
+@pytest.mark.slow
+def test_training_reference_precompute_zero3_two_ranks(tmp_path):
+    """torchrun, 2 ranks, ZeRO-3 (partitioned reference, collective forwards): the cache is sharded over the ranks
+    (pair i on rank i % 2, 21 and 20 pairs of 41: rank 1 runs one dummy batch) and gathered: every pair's token
+    counts are its response lengths (none missed, none counted twice) and its sums those of one process with plain
+    torch; the per-update and held-out DPO numbers equal the live ZeRO-3 run's."""
+    data = _cache_small_data(tmp_path / 'data')
+    common = ['--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3', '--eval_interval=3',
+              '--eval_iters=0', '--learning_rate=1e-3', '--warmup_iters=0', '--decay_lr=False', '--beta=1.0',
+              '--length_normalize=False', '--export_hf=False', f'--dataset={data}']
+    zero3 = ['--deepspeed=True', '--zero_stage=3']
+    dirs = _train_run(tmp_path, {'live': common + zero3, 'pre': common + zero3 + ['--reference_logps=precompute']},
+                      nproc=2, timeout=400)
+    dirs.update(_train_run(tmp_path, {'one': common + ['--reference_logps=precompute', '--eval_only=True']}))
+    live, cached = _cache_dpo_records(dirs['live']), _cache_dpo_records(dirs['pre'])
+    assert [i for i, _ in cached] == [i for i, _ in live] == [0, 1, 2, 3, 3]
+    for (i, a), (_, b) in zip(live, cached):
+        assert a.keys() == b.keys() and len(a) > 0, i
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (i, k, a[k], b[k])
+    with np.load(dirs['pre'] / 'reference_logps.npz') as two, np.load(dirs['one'] / 'reference_logps.npz') as one:
+        for split in ('pref_train', 'pref_val'):
+            np.testing.assert_array_equal(two[f'{split}.counts'], np.load(data / f'{split}_index.npy')[:, 2:])
+            np.testing.assert_allclose(two[f'{split}.sums'], one[f'{split}.sums'], rtol=1e-5, atol=1e-5)
+            assert (two[f'{split}.sums'] < 0).all()
