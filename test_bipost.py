@@ -3078,3 +3078,14 @@ def test_training_reference_precompute_zero3_two_ranks(tmp_path):
             np.testing.assert_array_equal(two[f'{split}.counts'], np.load(data / f'{split}_index.npy')[:, 2:])
             np.testing.assert_allclose(two[f'{split}.sums'], one[f'{split}.sums'], rtol=1e-5, atol=1e-5)
             assert (two[f'{split}.sums'] < 0).all()
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--reference_logps=cached'], "reference_logps='cached' is not one of ('live', 'precompute')"),
+    (['--reference_logps=precompute', '--data_selection=True', '--lower_level=reference'],
+     "reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' runs it")])
+def test_reference_precompute_bad_settings_fail_with_one_line(tmp_path, monkeypatch, capsys, args, says):
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and says in message, message
+    assert not (tmp_path / 'out').exists()
