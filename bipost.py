@@ -441,13 +441,18 @@ def reference_cache(splits):
         with np.load(path) as f:
             saved = json.loads(str(f['fingerprint']))
             if saved == fingerprint:
+                if master:
+                    print(f"reference log-probs: reusing {path}")
                 return ReferenceCache({s.name: (torch.from_numpy(f[s.name + '.sums']), torch.from_numpy(f[s.name + '.counts']))
                                        for s in splits})
         if master:
             changed = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
             print(f"note: {path} holds reference log-probs of another {', '.join(changed)}: computing them again")
+    start = time.time()
     cache = {s.name: reference_pass(s) for s in splits}
     if master:
+        print(f"reference log-probs: {sum(len(s.index) for s in splits)} pairs of {[s.name for s in splits]} in "
+              f"{time.time() - start:.1f}s -> {path}")
         os.makedirs(out_dir, exist_ok=True)
         with open(path + '.tmp', 'wb') as f:  # written whole, then renamed: a kill leaves the old file or the new one
             np.savez(f, fingerprint=json.dumps(fingerprint), **{f'{n}.{k}': v.numpy() for n, (sums, counts) in cache.items()
