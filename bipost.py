@@ -357,12 +357,14 @@ if not deepspeed:
 
 
 def weights_digest(m):
-    """sha256 over every tensor's name, shape, dtype, and float64 sum and sum of squares: one pass over the weights
-    (a full byte hash of an 8B model takes a minute per rank); any training step changes it."""
+    """sha256 over every tensor's name, shape, dtype, and float64 sum and sum of squares to 12 digits (the order of a
+    threaded sum never shows): one pass over the weights (a byte hash of an 8B model takes a minute per rank); any
+    training step changes it."""
     h = hashlib.sha256()
     for name, t in m.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         t = t.detach().double()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}{t.sum().item():.17g}{t.square().sum().item():.17g}".encode())
+        h.update(f"{t.sum().item():.12g} {t.square().sum().item():.12g}".encode())
     return h.hexdigest()
 
 
