@@ -7,6 +7,8 @@ bipost: one-stage bi-objective (and bilevel) LLM post-training, e.g. SFT + DPO i
 
 One launch path: plain python or torchrun; the only branch is whether RANK is in the environment.
 """
+import gc
+import hashlib
 import json
 import math
 import os
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from configurator import configure, ConfigError
 from checkpoint import resume_config, publish, write_json_atomic
-from objectives import OBJECTIVES, DATA_KIND, check_head
+from objectives import OBJECTIVES, DATA_KIND, ReferenceCache, check_head, response_logprobs
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
@@ -65,6 +67,8 @@ label_smoothing = 0.0         # ε of conservative DPO, 0-0.5
 length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
+reference_logps = 'live'      # 'live': the reference runs beside the policy | 'precompute': once over the preference
+                              # splits before training, cached in out_dir/reference_logps.npz, then freed (Tulu 3)
 teacher_from = ''             # local HF dir of the frozen KD teacher
 fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
 gradient_checkpointing = False # True: each layer's activations recomputed in backward (non-reentrant): ~1/3 more compute, far less activation memory
@@ -157,7 +161,8 @@ def all_mean(values):
     return [v / world_size for v in all_sum(values)]
 
 torch.manual_seed(seed)
-for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo'))):
+for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo')),
+                     ('reference_logps', ('live', 'precompute'))):
     if config[key] not in allowed:
         fail(f"{key}={config[key]!r} is not one of {allowed}")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -179,6 +184,9 @@ if dpo_loss == 'ipo' and label_smoothing > 0:
 if data_selection and lower_level == 'reference' and DATA_KIND.get(selection_objective) == 'pref':
     fail("data_selection: lower_level='reference' with preference pairs scores every pair against the reference "
          "itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
+if data_selection and lower_level == 'reference' and reference_logps == 'precompute':
+    fail("reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' runs it as θ̂ "
+         "during training: set lower_level='copy' or 'none', or reference_logps='live'")
 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
@@ -348,12 +356,26 @@ if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 
 
+def weights_digest(m):
+    """sha256 over every tensor's name, shape, dtype, and float64 sum and sum of squares to 12 digits (the order of a
+    threaded sum never shows): one pass over the weights (a byte hash of an 8B model takes a minute per rank); any
+    training step changes it."""
+    h = hashlib.sha256()
+    for name, t in m.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        t = t.detach().double()
+        h.update(f"{t.sum().item():.12g} {t.square().sum().item():.12g}".encode())
+    return h.hexdigest()
+
+
 def frozen(source, role):
     m = load_model(source)
     if m.get_output_embeddings().weight.shape[0] != vocab_size:
         fail(f"{role} '{source}' has vocab {m.get_output_embeddings().weight.shape[0]} but the policy has "
              f"{vocab_size}: the {role} must share the policy's tokenizer")
     m.requires_grad_(False).eval()
+    if role == 'reference' and reference_logps == 'precompute':  # before ZeRO-3 partitions it
+        m.bipost_weights = weights_digest(m)
     if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
         return ds.initialize(model=m, config={'train_micro_batch_size_per_gpu': batch_size,
                              'bf16': {'enabled': dtype == 'bfloat16'}, 'fp16': {'enabled': dtype == 'float16'},
@@ -370,7 +392,83 @@ if 'kd' in objectives:
         fail("objective 'kd' needs teacher_from = a local HF model directory")
     teacher = frozen(teacher_from, 'teacher')
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
-                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels)
+                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
+                      reference_cache=None)
+# plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
+autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_pass(split):
+    """(sums, counts) [pairs, 2] of the reference over a whole preference split: rank r takes pairs i % world_size == r,
+    in as many batches as every rank (ZeRO-3's forwards are collective), and a sum over ranks of the zero-filled
+    arrays gathers them. The same forward (autocast, kernels) as the live reference's."""
+    n = len(split.index)
+    sums = torch.zeros(n, 2, device=device)
+    counts = torch.zeros(n, 2, dtype=torch.int64, device=device)
+    mine = np.arange(rank, n, world_size)
+    for b in range(math.ceil(math.ceil(n / world_size) / batch_size)):
+        ids = mine[b * batch_size:(b + 1) * batch_size]
+        with autocast:  # a rank out of pairs runs pair 0 and drops it
+            logps, mask = response_logprobs(reference, split.batch(ids if len(ids) else np.zeros(1, np.int64)), ctx)
+        rows = torch.as_tensor(ids, device=device)
+        sums[rows] = logps.sum(1).view(2, -1)[:, :len(ids)].T.float()
+        counts[rows] = mask.sum(1).view(2, -1)[:, :len(ids)].T
+    if distributed:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return sums.cpu(), counts.cpu()
+
+
+def reference_cache(splits):
+    """The ReferenceCache of these splits: read from out_dir/reference_logps.npz if it was made from the same data,
+    reference and settings (its fingerprint), else computed and saved. A stale file is recomputed with a note, not
+    refused: the cache holds nothing but what the live reference would compute now, so recomputing is always right."""
+    fingerprint = {f'data {s.name}': [file_digest(os.path.join(data_dir, s.name + x)) for x in ('.bin', '_index.npy')]
+                   for s in splits}
+    fingerprint['reference'] = [os.path.abspath(reference_from or policy_source) if (reference_from or policy_source) !=
+                                'scratch' else f'scratch seed {seed}', reference.config.to_json_string(), reference.bipost_weights]
+    fingerprint['settings'] = {k: config[k] for k in ('dtype', 'deepspeed', 'zero_stage', 'fused_kernels')}
+    fingerprint['settings']['device'] = device.split(':')[0]
+    path = os.path.join(out_dir, 'reference_logps.npz')
+    if os.path.exists(path):
+        with np.load(path) as f:
+            saved = json.loads(str(f['fingerprint']))
+            if saved == fingerprint:
+                if master:
+                    print(f"reference log-probs: reusing {path}")
+                return ReferenceCache({s.name: (torch.from_numpy(f[s.name + '.sums']), torch.from_numpy(f[s.name + '.counts']))
+                                       for s in splits})
+        if master:
+            changed = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+            print(f"note: {path} holds reference log-probs of another {', '.join(changed)}: computing them again")
+    start = time.time()
+    cache = {s.name: reference_pass(s) for s in splits}
+    if master:
+        print(f"reference log-probs: {sum(len(s.index) for s in splits)} pairs of {[s.name for s in splits]} in "
+              f"{time.time() - start:.1f}s -> {path}")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path + '.tmp', 'wb') as f:  # written whole, then renamed: a kill leaves the old file or the new one
+            np.savez(f, fingerprint=json.dumps(fingerprint), **{f'{n}.{k}': v.numpy() for n, (sums, counts) in cache.items()
+                                                               for k, v in (('sums', sums), ('counts', counts))})
+        os.replace(path + '.tmp', path)
+    return ReferenceCache(cache)
+
+if reference_logps == 'precompute' and reference is not None:
+    pref = {s.name: s for s in [*train_data.values(), *val_data.values()] if s.kind == 'pref'}  # dpo's and the trusted split
+    ctx.reference_cache = reference_cache(list(pref.values()))
+    reference = ctx.reference = None  # never loaded again (the last reference to it: memory_plan sees it gone)
+    gc.collect()
+    if device.startswith('cuda'):
+        torch.cuda.empty_cache()
 data_selector = DataSelector(  # before deepspeed.initialize: θ̂ is a copy of the plain module
     len(train_data[selection_objective].index), OBJECTIVES[selection_objective], model, selector_weights, selector_lr,
     lower_level, lower_lr, trusted_weight, trusted_decay, device) if data_selection else None
@@ -408,8 +506,6 @@ else:
     if distributed:  # one broadcast so every rank starts from rank 0's weights
         for p in model.parameters():
             dist.broadcast(p.data, 0)
-# plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
-autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
 
 iter_num, skipped = 0, 0
 

@@ -134,17 +134,35 @@ def sft(model, batch, ctx):
     return losses, {'tokens': tokens.float()}
 
 
+class ReferenceCache:
+    """The reference's log-probs computed once before training (bipost: reference_logps='precompute'):
+    {split name: (sums, counts)}, each [pairs, 2] (column 0 the chosen response, 1 the rejected), the summed response
+    log-probs and the response token counts of every pair of the split, by example id."""
+
+    def __init__(self, splits):
+        self.splits = splits
+
+    def sums(self, batch):
+        """[2B] summed reference log-probs of the batch's rows: its pairs' chosen responses first, as Split.batch."""
+        sums, _ = self.splits[batch['split']]
+        return sums[batch['index'].cpu()].T.reshape(-1).to(batch['input_ids'].device)
+
+
 def dpo(model, batch, ctx):
     logps, mask = response_logprobs(model, batch, ctx)
-    with torch.no_grad():
-        reference_logps, _ = response_logprobs(ctx.reference, batch, ctx)
+    if getattr(ctx, 'reference_cache', None) is not None:  # precomputed: per-sequence sums, no reference forward
+        reference_logps = reference_sum = ctx.reference_cache.sums(batch)
+    else:
+        with torch.no_grad():
+            reference_logps, _ = response_logprobs(ctx.reference, batch, ctx)
+        reference_sum = reference_logps.sum(1)
     losses, policy_seq, reference_seq = dpo_losses(
         logps, reference_logps, mask, ctx.beta, loss_type=ctx.dpo_loss, label_smoothing=ctx.label_smoothing,
         length_normalize=ctx.length_normalize, fused=None if ctx.fused_kernels else False)
     B = losses.shape[0]
     # logged with TRL's meaning whatever the loss uses (means for IPO and length_normalize): summed response
     # log-probs, and rewards β·(log πθ(y|x) − log πref(y|x)) of those sums
-    policy_sum, reference_sum = logps.detach().sum(1), reference_logps.sum(1)
+    policy_sum = logps.detach().sum(1)
     rewards = ctx.beta * (policy_sum - reference_sum)
     chosen, rejected = rewards[:B], rewards[B:]
     metrics = {'rewards/chosen': chosen, 'rewards/rejected': rejected, 'rewards/margins': chosen - rejected,

@@ -2897,3 +2897,195 @@ def test_reliability_resume_restores_the_random_state(tmp_path):
     assert all(restored[i] == full[i] for i in range(1, 7))
     assert all(not_restored[i] == full[i] for i in (1, 2, 3))  # before the kill: the same run
     assert all(not_restored[i] != full[i] for i in (4, 5, 6)), (not_restored, full)
+
+
+# -----------------------------------------------------------------------------
+# reference_logps='precompute': the reference's per-sequence sums, computed once and cached in out_dir
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("loss_type,eps,length_normalize", [("sigmoid", 0.1, False), ("ipo", 0.0, False), ("sigmoid", 0.0, True)])
+def test_kernel_dpo_reference_as_sequence_sums_equals_per_token(fused, loss_type, eps, length_normalize):
+    """dpo_losses given the reference as summed response log-probs [2B] (a cache) gives the losses, sequence values
+    and policy gradients of the per-token reference they were summed from: sums and means (a row without response
+    tokens included), on the twin and the kernel."""
+    policy, reference, mask = _dpo_case(seed=5)
+    reference[~mask] = 0.0
+    sums = reference.sum(-1)
+    out = {}
+    for name, ref in (('tokens', reference), ('sums', sums)):
+        losses, policy_seq, reference_seq = dpo_losses(policy, ref, mask, 0.5, loss_type, eps, length_normalize, fused=fused)
+        out[name] = (losses, reference_seq, torch.autograd.grad(losses.sum(), policy)[0][mask])
+    for a, b in zip(out['tokens'], out['sums']):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_objective_dpo_reference_cache_equals_live():
+    """objectives.dpo with ctx.reference_cache (sums by split name and example id, chosen rows first) gives the losses,
+    metrics and gradients of the live reference, and never runs a reference (ctx.reference is None)."""
+    policy, reference, batch = _obj_model(4), _obj_model(14), _obj_batch(OBJ_PAIRS)
+    batch.update(index=torch.tensor([3, 0, 2]), split='pref_x')  # the example ids of the 3 pairs in split pref_x
+    with torch.no_grad():
+        live_logps, _ = objectives.response_logprobs(reference, batch, _obj_ctx())
+    sums = torch.full((5, 2), 99.0)  # pairs 1 and 4 are not in the batch
+    sums[batch['index']] = live_logps.sum(1).view(2, 3).T
+    cache = objectives.ReferenceCache({'pref_x': (sums, torch.zeros(5, 2, dtype=torch.int64)),
+                                       'other': (torch.zeros(5, 2), torch.zeros(5, 2, dtype=torch.int64))})
+    for length_normalize in (False, True):
+        live, live_metrics = objectives.dpo(policy, batch, _obj_ctx(reference=reference, length_normalize=length_normalize))
+        cached, cached_metrics = objectives.dpo(policy, batch, _obj_ctx(reference_cache=cache, length_normalize=length_normalize))
+        torch.testing.assert_close(cached, live, atol=1e-6, rtol=1e-6)
+        for k in live_metrics:
+            torch.testing.assert_close(cached_metrics[k], live_metrics[k], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(_obj_grads(policy, cached.sum()), _obj_grads(policy, live.sum()), atol=1e-6, rtol=1e-5)
+    assert abs(live_metrics['rewards/margins']).min() > 1e-3  # the two models differ: a wrong lookup would show
+
+
+CACHE_RUNNER = r'''
+import contextlib, gc, io, json, os, runpy, sys, weakref
+sys.path.insert(0, os.getcwd())
+import objectives
+response_logprobs = objectives.response_logprobs
+def recording(model, batch, ctx):
+    """Calls of every model: 'F' a frozen one (the reference), 'P' the policy; at the policy's first call, how many
+    frozen models are still alive (after a gc)."""
+    if hasattr(ctx, 'beta'):  # not check_head's probe of a loaded model
+        frozen = not any(p.requires_grad for p in model.parameters())
+        if frozen:
+            record['refs'].append(weakref.ref(model))
+        elif 'P' not in record['calls']:
+            gc.collect()
+            record['alive'] = sum(r() is not None for r in record['refs'])
+        record['calls'] += 'F' if frozen else 'P'
+    return response_logprobs(model, batch, ctx)
+objectives.response_logprobs = recording
+for tag, argv in json.loads(sys.argv[1]):
+    record = {'calls': '', 'refs': [], 'alive': None}
+    sys.argv = ['bipost.py'] + argv
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path('bipost.py', run_name='__main__')
+    del record['refs']
+    with open(os.path.join(sys.argv[-1].split('=', 1)[1], '..', tag + '.json'), 'w') as f:
+        json.dump({**record, 'stdout': out.getvalue()}, f)
+'''
+
+
+def _cache_runs(tmp_path, runs):
+    """runs: [(tag, [--key=value, ...])] in one process, each with out_dir tmp_path/<its out>; -> {tag: record}."""
+    runner = tmp_path / 'cache_runner.py'
+    runner.write_text(CACHE_RUNNER)
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    done = subprocess.run([sys.executable, str(runner), json.dumps([(t, TRAIN_TINY + a) for t, a in runs])], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {t: json.loads((tmp_path / f'{t}.json').read_text()) for t, _ in runs}
+
+
+def _cache_dpo_records(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [(r['iter'], {k: v for k, v in r.items() if k.startswith(('train/dpo', 'val/dpo'))}) for r in map(json.loads, f)]
+
+
+@pytest.mark.slow
+def test_training_reference_precompute_equals_live_is_reused_and_invalidated(tmp_path):
+    """reference_logps='precompute' against 'live', plain torch, 4 updates then resumed to 6: every train and val DPO
+    number (loss, rewards, logps) is the live run's; the reference runs only before the policy's first forward and is
+    gone from memory by then; the resumed run reuses the cache (no reference forward); a changed token of pref_val.bin,
+    or changed weights at reference_from, make the next run compute it again with a one-line note naming the change."""
+    common = ['--batch_size=8', '--strategy=mix', '--beta=1.0', '--length_normalize=False', '--learning_rate=1e-2',
+              '--warmup_iters=2', '--decay_lr=False', '--eval_interval=2', '--export_hf=False']
+    data = tmp_path / 'data'
+    data.mkdir()
+    for name in ['meta.json'] + [s + x for s in ('sft_train', 'sft_val', 'pref_train', 'pref_val') for x in ('.bin', '_index.npy')]:
+        (data / name).write_bytes(open(os.path.join(ROOT, 'data', 'demo', name), 'rb').read())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / 'ref')
+    pre = ['--reference_logps=precompute']
+    records = _cache_runs(tmp_path, [
+        ('live', common + ['--max_iters=4', f'--out_dir={tmp_path / "live"}']),
+        ('live_resumed', common + ['--max_iters=6', '--init_from=resume', f'--out_dir={tmp_path / "live"}']),
+        ('pre', common + pre + ['--max_iters=4', f'--dataset={data}', f'--out_dir={tmp_path / "pre"}']),
+        ('pre_resumed', common + pre + ['--max_iters=6', '--init_from=resume', f'--out_dir={tmp_path / "pre"}']),
+        ('ref', common + pre + ['--eval_only=True', f'--reference_from={tmp_path / "ref"}', f'--out_dir={tmp_path / "ref_out"}'])])
+    live, cached = _cache_dpo_records(tmp_path / 'live'), _cache_dpo_records(tmp_path / 'pre')
+    assert [i for i, _ in cached] == [i for i, _ in live] and len(live) == 6 + 5  # 6 updates, evals 0, 2, 4, 4, 6
+    for (i, a), (_, b) in zip(live, cached):
+        assert a.keys() == b.keys() and len(a) > 0, i
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (i, k, a[k], b[k])
+    assert 'F' in records['live']['calls'].split('P', 1)[1]  # the recorder sees live reference forwards
+    calls = records['pre']['calls']
+    assert calls.startswith('F') and 'F' not in calls.split('P', 1)[1] and records['pre']['alive'] == 0, calls[:80]
+    assert records['pre_resumed']['calls'] and 'F' not in records['pre_resumed']['calls']  # reused: no recompute
+    assert 'note:' not in records['pre_resumed']['stdout'] and (tmp_path / 'pre' / 'reference_logps.npz').exists()
+
+    tokens = np.memmap(data / 'pref_val.bin', dtype=np.uint32, mode='r+')  # one token of one held-out pair
+    tokens[5] = (tokens[5] + 1) % 257
+    tokens.flush()
+    del tokens
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / 'ref')
+    records = _cache_runs(tmp_path, [
+        ('pre_data', common + pre + ['--eval_only=True', f'--dataset={data}', f'--out_dir={tmp_path / "pre"}']),
+        ('ref_changed', common + pre + ['--eval_only=True', f'--reference_from={tmp_path / "ref"}',
+                                        f'--out_dir={tmp_path / "ref_out"}'])])
+    for tag, changed in (('pre_data', 'data pref_val'), ('ref_changed', 'reference')):
+        notes = [line for line in records[tag]['stdout'].splitlines() if line.startswith('note:')]
+        assert len(notes) == 1 and notes[0].endswith(f"reference_logps.npz holds reference log-probs of another "
+                                                     f"{changed}: computing them again"), (tag, notes)
+        assert records[tag]['calls'].startswith('F'), tag
+
+
+def _cache_small_data(path, pairs={'pref_train': 41, 'pref_val': 31}):
+    """data/demo with its preference splits cut to their first pairs (odd counts: ranks get unequal shares)."""
+    path.mkdir()
+    demo = os.path.join(ROOT, 'data', 'demo')
+    for name in ['meta.json'] + [s + x for s in ('sft_train', 'sft_val') for x in ('.bin', '_index.npy')]:
+        (path / name).write_bytes(open(os.path.join(demo, name), 'rb').read())
+    for split, n in pairs.items():
+        index = np.load(os.path.join(demo, f'{split}_index.npy'))[:n]
+        np.save(path / f'{split}_index.npy', index)
+        end = int(index[-1, 0] + index[-1, 1:].sum())
+        np.fromfile(os.path.join(demo, f'{split}.bin'), dtype=np.uint32)[:end].tofile(path / f'{split}.bin')
+    return path
+
+
+@pytest.mark.slow
+def test_training_reference_precompute_zero3_two_ranks(tmp_path):
+    """torchrun, 2 ranks, ZeRO-3 (partitioned reference, collective forwards): the cache is sharded over the ranks
+    (pair i on rank i % 2, 21 and 20 pairs of 41: rank 1 runs one dummy batch) and gathered: every pair's token
+    counts are its response lengths (none missed, none counted twice) and its sums those of one process with plain
+    torch; the per-update and held-out DPO numbers equal the live ZeRO-3 run's."""
+    data = _cache_small_data(tmp_path / 'data')
+    common = ['--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3', '--eval_interval=3',
+              '--eval_iters=0', '--learning_rate=1e-3', '--warmup_iters=0', '--decay_lr=False', '--beta=1.0',
+              '--length_normalize=False', '--export_hf=False', f'--dataset={data}']
+    zero3 = ['--deepspeed=True', '--zero_stage=3']
+    dirs = _train_run(tmp_path, {'live': common + zero3, 'pre': common + zero3 + ['--reference_logps=precompute']},
+                      nproc=2, timeout=400)
+    dirs.update(_train_run(tmp_path, {'one': common + ['--reference_logps=precompute', '--eval_only=True']}))
+    live, cached = _cache_dpo_records(dirs['live']), _cache_dpo_records(dirs['pre'])
+    assert [i for i, _ in cached] == [i for i, _ in live] == [0, 1, 2, 3, 3]
+    for (i, a), (_, b) in zip(live, cached):
+        assert a.keys() == b.keys() and len(a) > 0, i
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (i, k, a[k], b[k])
+    with np.load(dirs['pre'] / 'reference_logps.npz') as two, np.load(dirs['one'] / 'reference_logps.npz') as one:
+        for split in ('pref_train', 'pref_val'):
+            np.testing.assert_array_equal(two[f'{split}.counts'], np.load(data / f'{split}_index.npy')[:, 2:])
+            np.testing.assert_allclose(two[f'{split}.sums'], one[f'{split}.sums'], rtol=1e-5, atol=1e-5)
+            assert (two[f'{split}.sums'] < 0).all()
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--reference_logps=cached'], "reference_logps='cached' is not one of ('live', 'precompute')"),
+    (['--reference_logps=precompute', '--data_selection=True', '--lower_level=reference'],
+     "reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' runs it")])
+def test_reference_precompute_bad_settings_fail_with_one_line(tmp_path, monkeypatch, capsys, args, says):
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and says in message, message
+    assert not (tmp_path / 'out').exists()

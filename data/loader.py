@@ -107,7 +107,7 @@ class Split:
         return self._order[cursor + self.rank * n:cursor + (self.rank + 1) * n]
 
     def batch(self, ids):
-        """input_ids, attention_mask, response_mask [rows, L] (right-padded) and the example ids.
+        """input_ids, attention_mask, response_mask [rows, L] (right-padded), the example ids and the split's name.
         Preference splits give 2·len(ids) rows: all chosen first, then all rejected (one forward per model)."""
         rows, masks = [], []
         for i in ids:
@@ -127,7 +127,7 @@ class Split:
         attention_mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         to = lambda a: torch.from_numpy(a).to(self.device)
         return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
-                'index': torch.as_tensor(np.asarray(ids), device=self.device)}
+                'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
 
     def state_dict(self):
         return {'epoch': self.epoch, 'cursor': self.cursor}

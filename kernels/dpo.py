@@ -9,6 +9,9 @@ the loss, in one pass. Rows 0..B-1 are the chosen responses, rows B..2B-1 the re
   sigmoid: -(1-eps) logsigmoid(beta z) - eps logsigmoid(-beta z)   (eps = label smoothing, 0 = DPO)
   ipo:     (z - 1/(2 beta))^2
 Rows without response tokens get seq = 0 (never NaN). Masked positions are ignored even if not finite.
+The reference may also come as per-sequence sums [2B] (precomputed, bipost's reference_logps='precompute'):
+each sum is placed at its row's first response position and zeros elsewhere, so the masked row sum is that sum
+exactly (x + 0 = x in any summation order) and the mean divides it by the same token count.
 The Triton kernel computes everything per pair in the forward and saves one scalar per row, so the
 backward is d policy_logps = grad_loss * coef_row * mask. The twin is plain PyTorch.
 """
@@ -33,6 +36,15 @@ def _sequence_logps(logps, mask, average):
     mask = mask.bool()  # 0/1 masks of any integer dtype work as well
     seq = torch.where(mask, logps, 0.0).sum(-1)
     return seq / mask.sum(-1).clamp(min=1) if average else seq
+
+def sequence_as_tokens(sequence_sums, mask):
+    """[2B] per-sequence sums -> [2B, T] whose masked row sums are exactly those sums (see the module docstring)."""
+    mask = mask.bool()
+    tokens = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32)
+    first = mask.int().argmax(-1)  # the first response position (0 for a row without any: it then stays 0)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    tokens[rows, first] = torch.where(mask.any(-1), sequence_sums.float().to(mask.device), 0.0)
+    return tokens
 
 def dpo_losses_torch(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", label_smoothing=0.0,
                      length_normalize=False):
@@ -138,10 +150,12 @@ class _FusedDPO(torch.autograd.Function):
 def dpo_losses(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", label_smoothing=0.0,
                length_normalize=False, fused=None):
     """-> (losses [B], policy_seq [2B], reference_seq [2B]); only losses carry gradient (to policy_logps).
-    mask: bool or 0/1 of any integer dtype.
+    mask: bool or 0/1 of any integer dtype. reference_logps: per-token [2B, T], or the summed response log-probs [2B].
     fused=None: Triton kernel on CUDA, else the twin; True/False force one."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if reference_logps.dim() == 1 and reference_logps.shape[0] == mask.shape[0]:
+        reference_logps = sequence_as_tokens(reference_logps, mask)
     if policy_logps.shape[0] % 2 or policy_logps.shape != reference_logps.shape or mask.shape != policy_logps.shape:
         raise ValueError(f"expected [2B, T] chosen-then-rejected rows for policy, reference and mask, got "
                          f"{tuple(policy_logps.shape)}, {tuple(reference_logps.shape)}, {tuple(mask.shape)}")
