@@ -8,7 +8,6 @@ bipost: one-stage bi-objective (and bilevel) LLM post-training, e.g. SFT + DPO i
 One launch path: plain python or torchrun; the only branch is whether RANK is in the environment.
 """
 import gc
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,8 @@ import torch.distributed as dist
 
 from configurator import configure, ConfigError
 from checkpoint import resume_config, publish, write_json_atomic
-from objectives import OBJECTIVES, DATA_KIND, ReferenceCache, check_head, response_logprobs
+from objectives import OBJECTIVES, DATA_KIND, check_head
+from reference_cache import file_digest, load_or_compute, reference_pass, weights_digest
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
@@ -356,18 +356,6 @@ if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 
 
-def weights_digest(m):
-    """sha256 over every tensor's name, shape, dtype, and float64 sum and sum of squares to 12 digits (the order of a
-    threaded sum never shows): one pass over the weights (a byte hash of an 8B model takes a minute per rank); any
-    training step changes it."""
-    h = hashlib.sha256()
-    for name, t in m.state_dict().items():
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        t = t.detach().double()
-        h.update(f"{t.sum().item():.12g} {t.square().sum().item():.12g}".encode())
-    return h.hexdigest()
-
-
 def frozen(source, role):
     m = load_model(source)
     if m.get_output_embeddings().weight.shape[0] != vocab_size:
@@ -398,73 +386,17 @@ ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=
 autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
 
 
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def reference_pass(split):
-    """(sums, counts) [pairs, 2] of the reference over a whole preference split: rank r takes pairs i % world_size == r,
-    in as many batches as every rank (ZeRO-3's forwards are collective), and a sum over ranks of the zero-filled
-    arrays gathers them. The same forward (autocast, kernels) as the live reference's."""
-    n = len(split.index)
-    sums = torch.zeros(n, 2, device=device)
-    counts = torch.zeros(n, 2, dtype=torch.int64, device=device)
-    mine = np.arange(rank, n, world_size)
-    for b in range(math.ceil(math.ceil(n / world_size) / batch_size)):
-        ids = mine[b * batch_size:(b + 1) * batch_size]
-        with autocast:  # a rank out of pairs runs pair 0 and drops it
-            logps, mask = response_logprobs(reference, split.batch(ids if len(ids) else np.zeros(1, np.int64)), ctx)
-        rows = torch.as_tensor(ids, device=device)
-        sums[rows] = logps.sum(1).view(2, -1)[:, :len(ids)].T.float()
-        counts[rows] = mask.sum(1).view(2, -1)[:, :len(ids)].T
-    if distributed:
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-    return sums.cpu(), counts.cpu()
-
-
-def reference_cache(splits):
-    """The ReferenceCache of these splits: read from out_dir/reference_logps.npz if it was made from the same data,
-    reference and settings (its fingerprint), else computed and saved. A stale file is recomputed with a note, not
-    refused: the cache holds nothing but what the live reference would compute now, so recomputing is always right."""
-    fingerprint = {f'data {s.name}': [file_digest(os.path.join(data_dir, s.name + x)) for x in ('.bin', '_index.npy')]
-                   for s in splits}
-    fingerprint['reference'] = [os.path.abspath(reference_from or policy_source) if (reference_from or policy_source) !=
-                                'scratch' else f'scratch seed {seed}', reference.config.to_json_string(), reference.bipost_weights]
-    fingerprint['settings'] = {k: config[k] for k in ('dtype', 'deepspeed', 'zero_stage', 'fused_kernels')}
-    fingerprint['settings']['device'] = device.split(':')[0]
-    path = os.path.join(out_dir, 'reference_logps.npz')
-    if os.path.exists(path):
-        with np.load(path) as f:
-            saved = json.loads(str(f['fingerprint']))
-            if saved == fingerprint:
-                if master:
-                    print(f"reference log-probs: reusing {path}")
-                return ReferenceCache({s.name: (torch.from_numpy(f[s.name + '.sums']), torch.from_numpy(f[s.name + '.counts']))
-                                       for s in splits})
-        if master:
-            changed = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
-            print(f"note: {path} holds reference log-probs of another {', '.join(changed)}: computing them again")
-    start = time.time()
-    cache = {s.name: reference_pass(s) for s in splits}
-    if master:
-        print(f"reference log-probs: {sum(len(s.index) for s in splits)} pairs of {[s.name for s in splits]} in "
-              f"{time.time() - start:.1f}s -> {path}")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path + '.tmp', 'wb') as f:  # written whole, then renamed: a kill leaves the old file or the new one
-            np.savez(f, fingerprint=json.dumps(fingerprint), **{f'{n}.{k}': v.numpy() for n, (sums, counts) in cache.items()
-                                                               for k, v in (('sums', sums), ('counts', counts))})
-        os.replace(path + '.tmp', path)
-    return ReferenceCache(cache)
-
 if reference_logps == 'precompute' and reference is not None:
     pref = {s.name: s for s in [*train_data.values(), *val_data.values()] if s.kind == 'pref'}  # dpo's and the trusted split
-    ctx.reference_cache = reference_cache(list(pref.values()))
+    fingerprint = {f'data {s.name}': [file_digest(os.path.join(data_dir, s.name + x)) for x in ('.bin', '_index.npy')]
+                   for s in pref.values()}
+    source = reference_from or policy_source
+    fingerprint['reference'] = [os.path.abspath(source) if source != 'scratch' else f'scratch seed {seed}',
+                                reference.config.to_json_string(), reference.bipost_weights]
+    fingerprint['settings'] = {**{k: config[k] for k in ('dtype', 'deepspeed', 'zero_stage', 'fused_kernels')},
+                               'device': device.split(':')[0]}
+    ctx.reference_cache = load_or_compute(os.path.join(out_dir, 'reference_logps.npz'), list(pref.values()), fingerprint,
+                                          lambda split: reference_pass(reference, split, ctx, batch_size, autocast), master)
     reference = ctx.reference = None  # never loaded again (the last reference to it: memory_plan sees it gone)
     gc.collect()
     if device.startswith('cuda'):

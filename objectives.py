@@ -134,20 +134,6 @@ def sft(model, batch, ctx):
     return losses, {'tokens': tokens.float()}
 
 
-class ReferenceCache:
-    """The reference's log-probs computed once before training (bipost: reference_logps='precompute'):
-    {split name: (sums, counts)}, each [pairs, 2] (column 0 the chosen response, 1 the rejected), the summed response
-    log-probs and the response token counts of every pair of the split, by example id."""
-
-    def __init__(self, splits):
-        self.splits = splits
-
-    def sums(self, batch):
-        """[2B] summed reference log-probs of the batch's rows: its pairs' chosen responses first, as Split.batch."""
-        sums, _ = self.splits[batch['split']]
-        return sums[batch['index'].cpu()].T.reshape(-1).to(batch['input_ids'].device)
-
-
 def dpo(model, batch, ctx):
     logps, mask = response_logprobs(model, batch, ctx)
     if getattr(ctx, 'reference_cache', None) is not None:  # precomputed: per-sequence sums, no reference forward

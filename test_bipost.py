@@ -2928,7 +2928,8 @@ def test_objective_dpo_reference_cache_equals_live():
         live_logps, _ = objectives.response_logprobs(reference, batch, _obj_ctx())
     sums = torch.full((5, 2), 99.0)  # pairs 1 and 4 are not in the batch
     sums[batch['index']] = live_logps.sum(1).view(2, 3).T
-    cache = objectives.ReferenceCache({'pref_x': (sums, torch.zeros(5, 2, dtype=torch.int64)),
+    import reference_cache
+    cache = reference_cache.ReferenceCache({'pref_x': (sums, torch.zeros(5, 2, dtype=torch.int64)),
                                        'other': (torch.zeros(5, 2), torch.zeros(5, 2, dtype=torch.int64))})
     for length_normalize in (False, True):
         live, live_metrics = objectives.dpo(policy, batch, _obj_ctx(reference=reference, length_normalize=length_normalize))

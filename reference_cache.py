@@ -1,0 +1,103 @@
+"""
+The DPO reference's log-probs computed once before training (reference_logps = 'precompute', as Tulu 3 does), so
+that the reference model is freed: no reference weights and no reference forward during training.
+
+Per preference split, [pairs, 2] arrays (column 0 the chosen response, 1 the rejected): the summed response log-probs
+and the response token counts, by example id, in out_dir/reference_logps.npz with a fingerprint of the data files,
+the reference (source, config, weights digest) and the settings that change its numbers. A file with another
+fingerprint is recomputed with a note, not refused: it holds nothing but what the live reference computes now.
+"""
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from objectives import response_logprobs
+
+
+class ReferenceCache:
+    """{split name: (sums, counts)}; objectives.dpo asks it for a batch's reference sums instead of running the model."""
+
+    def __init__(self, splits):
+        self.splits = splits
+
+    def sums(self, batch):
+        """[2B] summed reference log-probs of the batch's rows: its pairs' chosen responses first, as Split.batch."""
+        sums, _ = self.splits[batch['split']]
+        return sums[batch['index'].cpu()].T.reshape(-1).to(batch['input_ids'].device)
+
+
+def weights_digest(model):
+    """sha256 over every tensor's name, shape, dtype, and float64 sum and sum of squares to 12 digits (the order of a
+    threaded sum never shows): one pass over the weights (a byte hash of an 8B model takes a minute per rank); any
+    training step changes it. Taken before ZeRO-3 partitions the model."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        t = t.detach().double()
+        h.update(f"{t.sum().item():.12g} {t.square().sum().item():.12g}".encode())
+    return h.hexdigest()
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_pass(reference, split, ctx, batch_size, autocast):
+    """(sums, counts) [pairs, 2] of the reference over a whole preference split: rank r takes pairs i % world_size == r,
+    in as many batches as every rank (ZeRO-3's forwards are collective), and a sum over ranks of the zero-filled
+    arrays gathers them. The same forward (autocast, kernels) as the live reference's."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(split.index)
+    sums = torch.zeros(n, 2, device=split.device)
+    counts = torch.zeros(n, 2, dtype=torch.int64, device=split.device)
+    mine = np.arange(rank, n, world_size)
+    for b in range(math.ceil(math.ceil(n / world_size) / batch_size)):
+        ids = mine[b * batch_size:(b + 1) * batch_size]
+        with autocast:  # a rank out of pairs runs pair 0 and drops it
+            logps, mask = response_logprobs(reference, split.batch(ids if len(ids) else np.zeros(1, np.int64)), ctx)
+        rows = torch.as_tensor(ids, device=split.device)
+        sums[rows] = logps.sum(1).view(2, -1)[:, :len(ids)].T.float()
+        counts[rows] = mask.sum(1).view(2, -1)[:, :len(ids)].T
+    if distributed:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return sums.cpu(), counts.cpu()
+
+
+def load_or_compute(path, splits, fingerprint, compute, master):
+    """The ReferenceCache of these splits: read from path if its fingerprint is this one, else compute(split) for
+    each, saved whole then renamed (a kill leaves the old file or the new one)."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            saved = json.loads(str(f['fingerprint']))
+            if saved == fingerprint:
+                if master:
+                    print(f"reference log-probs: reusing {path}")
+                return ReferenceCache({s.name: (torch.from_numpy(f[s.name + '.sums']), torch.from_numpy(f[s.name + '.counts']))
+                                       for s in splits})
+        if master:
+            changed = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+            print(f"note: {path} holds reference log-probs of another {', '.join(changed)}: computing them again")
+    start = time.time()
+    cache = {s.name: compute(s) for s in splits}
+    if master:
+        print(f"reference log-probs: {sum(len(s.index) for s in splits)} pairs of {[s.name for s in splits]} in "
+              f"{time.time() - start:.1f}s -> {path}")
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        with open(path + '.tmp', 'wb') as f:
+            np.savez(f, fingerprint=json.dumps(fingerprint), **{f'{n}.{k}': v.numpy() for n, (sums, counts) in cache.items()
+                                                               for k, v in (('sums', sums), ('counts', counts))})
+        os.replace(path + '.tmp', path)
+    return ReferenceCache(cache)
