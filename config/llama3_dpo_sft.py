@@ -8,6 +8,7 @@
 out_dir = 'out-llama3-dpo-sft'
 init_from = '/models/Meta-Llama-3-8B'   # a local HF directory (config.json + safetensors + tokenizer)
 reference_from = ''                      # the reference is init_from, loaded separately and frozen
+reference_logps = 'precompute'          # the reference runs once over the pairs, then is freed (Tulu 3): no 2nd model, no ref forward per step
 dataset = 'llama3_mix'
 objectives = ['sft', 'dpo']
 strategy = 'alright'
