@@ -1578,6 +1578,21 @@ def test_data_selector_objective_gets_ctx_and_bad_lower_step_is_skipped():
     assert all(torch.equal(a, b) for a, b in zip(before, selector.lower.parameters()))
 
 
+def test_data_selector_example_ids_past_2_24_stay_exact():
+    """Example ids travel with the loss differences through the rank gather: as float32 they would round past 2^24
+    (16,777,217 -> 16,777,216) and the ω step would land on a neighbour's logit."""
+    n = 2 ** 24 + 3
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    selector = DataSelector(n, _regression, model, weights='sigmoid', lower_level='none', lr=1.0)
+    ids = torch.tensor([2 ** 24 + 1, 2 ** 24 + 2, 5])
+    batch = {'x': torch.randn(3, 3), 'y': torch.tensor([0.0, 3.0, -3.0]), 'index': ids}
+    losses = _regression(model, batch, None)[0]
+    selector.step(losses, batch, batch, model, None, epoch=0)
+    moved = (selector.omega.detach() != 0).nonzero().squeeze(1)
+    assert moved.tolist() == sorted(ids.tolist())
+
+
 def test_data_selector_ranks_combine_in_rank_order(monkeypatch):
     """With more than one rank, ω sees every rank's rows in rank order, and θ̂ the ranks' mean gradient (here a
     stand-in torch.distributed of 2 ranks whose other rank holds rows + 10 and gradients + 1)."""
