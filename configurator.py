@@ -58,7 +58,8 @@ def configure(config, argv, verbose=True):
         else:
             key, eq, text = arg[2:].partition('=')  # only the first '=' splits: --x="a=b" keeps "a=b"
             if not eq:
-                raise ConfigError(f"{arg}: expected --key=value")
+                hint = f" (--{key}=True)" if isinstance(config.get(key), bool) else ''
+                raise ConfigError(f"{arg}: expected --key=value{hint}")
             if key not in config:
                 raise _unknown(key, config, arg)
             try:

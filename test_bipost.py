@@ -2384,6 +2384,10 @@ def test_reliability_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, pat
     # same objective choices, data order, optimizer and RNG state: the per-update losses match exactly
     assert _rel_losses(_rel_metrics(tmp_path)) == full
     assert [k for k in full if k[0] == 'iter'] == [('iter', i) for i in range(1, 7)]
+    # and the log holds each update and eval once, in order, as if never stopped (the killed run's records past its
+    # checkpoint were dropped on resume)
+    logged = [('iter' if 'objective' in r else 'eval', r['iter']) for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))]
+    assert logged == [('eval', 0), *[('iter', i) for i in (1, 2, 3)], ('eval', 3), *[('iter', i) for i in (4, 5, 6)], ('eval', 6)]
     if path == 'deepspeed3':  # the export gathered the partitioned weights: full shapes, and it generates
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf')

@@ -1,5 +1,5 @@
 # The built-in CPU demo, spelled out (bipost.py's defaults, plus the f* measured on it): joint SFT + DPO with alright.
-#   python bipost.py config/demo.py        # ~3 min on 2 CPU cores
+#   python bipost.py config/demo.py        # ~30 s on 2 quiet CPU cores (README, quick start)
 # A tiny Llama (2 layers, 128 wide, vocab 257 bytes) from scratch on data/demo; the reference is the
 # initial policy. 16 examples (pairs for dpo) × 1 accum × 1 rank = 16 per update, 300 updates.
 # DPO is length-normalized (Tulu 3: mean log-probs, beta ~ 5): the reference is the random initial model,
