@@ -2268,6 +2268,16 @@ def _golden_eval_line(r):
     return f"eval {r['iter']} | sft {r['sft']:.4f} | dpo {r['dpo']:.4f} | dpo acc {r['dpo_acc']:.2f}"
 
 
+def test_golden_readme_file_sizes_are_true():
+    """The README's file table states each file's length (nanoGPT's checkable claim): it must be the file's length."""
+    import re
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    rows = re.findall(r'^\| `([^`]+)` \| (\d+) \|', readme, flags=re.M)
+    assert len(rows) >= 15 and ('bipost.py', str(sum(1 for _ in open(os.path.join(ROOT, 'bipost.py'))))) in rows
+    for path, lines in rows:
+        assert sum(1 for _ in open(os.path.join(ROOT, path))) == int(lines), f'README file table: {path}'
+
+
 @pytest.mark.slow
 def test_golden_demo_run_and_readme(tmp_path):
     """`python bipost.py`, the README's main command, exactly as a new user runs it; its eval lines against the golden
