@@ -615,6 +615,30 @@ def _family_model(name, seed=0):
     return model
 
 
+@pytest.mark.parametrize('family', ['cohere', 'granite', 'gemma2', 'phi'])
+def test_objective_head_full_logits_are_the_models_own(family):
+    """Head.logits (KD's chunks, both student and teacher) is the model's own logits: scale, cap and bias included."""
+    model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6)])
+    body, head = objectives.body_and_head(model)
+    with torch.no_grad():
+        hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
+        torch.testing.assert_close(head.logits(hidden), model(**{k: batch[k] for k in ('input_ids', 'attention_mask')}).logits.float(),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_objective_head_logprobs_put_an_instance_forward_back():
+    """The fused op runs as the head module's forward for one call; an instance-level forward that something else
+    installed (accelerate's hooks do) must be the module's forward again afterwards, and the class's when there was none."""
+    model, batch = _obj_model(0), _obj_batch([(3, 4)])
+    head = model.get_output_embeddings()
+    objectives.response_logprobs(model, batch, _obj_ctx())
+    assert 'forward' not in head.__dict__
+    own = lambda hidden: torch.nn.functional.linear(hidden, head.weight)
+    head.forward = own
+    objectives.response_logprobs(model, batch, _obj_ctx())
+    assert head.__dict__['forward'] is own
+
+
 @pytest.mark.parametrize('family', list(HEAD_FAMILIES))
 def test_objective_logprobs_exact_for_hf_families(family):
     model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6), (5, 2)])
