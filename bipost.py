@@ -519,10 +519,6 @@ if checkpoint and checkpoint['format'] == 'torch':
 elif checkpoint:
     _, client_state = engine.load_checkpoint(os.path.join(out_dir, 'ds'), tag=checkpoint['tag'])
     load_train_state(client_state)
-if checkpoint and iter_num >= max_iters:
-    if master:
-        print(f"{out_dir} is at update {iter_num}, max_iters={max_iters}: nothing to do (raise max_iters to go on)")
-    sys.exit(0)
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 if master and not eval_only and os.path.exists(metrics_path):  # one record per update and eval, as if never stopped:
     with open(metrics_path) as f:  # a fresh run starts the log over; a resume drops what the killed run logged after
