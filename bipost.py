@@ -23,7 +23,7 @@ import torch.distributed as dist
 from configurator import configure, ConfigError
 from checkpoint import resume_config, publish, write_json_atomic
 from objectives import OBJECTIVES, DATA_KIND, check_head
-from reference_cache import file_digest, load_or_compute, reference_pass, weights_digest
+from reference_cache import load_or_compute, reference_pass, weights_digest
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
@@ -237,7 +237,7 @@ def eval_examples(name):
 
 def optimum_record(name):
     return {'objective': name, 'val_split': val_splits[name], 'eval_examples': eval_examples(name),
-            'val_data': [file_digest(os.path.join(data_dir, val_splits[name] + x)) for x in ('.bin', '_index.npy')],
+            'val_data': val_data[name].digest(),
             **{k: config[k] for k in OBJECTIVE_SETTINGS.get(name, ())}}
 
 
@@ -340,9 +340,8 @@ if disable_dropout:  # eager attention reads the probability its module copied f
 vocab_size = check_vocab(model, policy_source)
 positions = getattr(model.config, 'max_position_embeddings', None)
 for split in list(train_data.values()) + list(val_data.values()):
-    longest = int((split.index[:, 1] + split.index[:, 2:].max(1)).max()) if len(split.index) else 0
-    if positions and longest > positions:
-        fail(f"{split.name} in {data_dir} has examples of up to {longest} tokens, more than the model's {positions} "
+    if positions and split.longest > positions:
+        fail(f"{split.name} in {data_dir} has examples of up to {split.longest} tokens, more than the model's {positions} "
              f"positions (block_size for a scratch model): prepare the data with --max_length={positions} or raise block_size")
 for split in list(train_data.values()) + list(val_data.values()):
     if len(split.tokens) and int(split.tokens.max()) >= vocab_size:
@@ -393,8 +392,7 @@ autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deeps
 
 if reference_logps == 'precompute' and reference is not None:
     pref = {s.name: s for s in [*train_data.values(), *val_data.values()] if s.kind == 'pref'}  # dpo's and the trusted split
-    fingerprint = {f'data {s.name}': [file_digest(os.path.join(data_dir, s.name + x)) for x in ('.bin', '_index.npy')]
-                   for s in pref.values()}
+    fingerprint = {f'data {s.name}': s.digest() for s in pref.values()}
     source = reference_from or policy_source
     fingerprint['reference'] = [os.path.abspath(source) if source != 'scratch' else f'scratch seed {seed}',
                                 reference.config.to_json_string(), reference.bipost_weights]
@@ -575,12 +573,7 @@ def evaluate():
     examples of each val split (all of it if eval_iters = 0), dealt round-robin over ranks."""
     results = {}
     for name, split in val_data.items():
-        n = len(split.index) if eval_iters == 0 else min(len(split.index), eval_iters * batch_size * world_size)
-        mine = np.arange(rank, n, world_size)
-        n_batches = math.ceil(math.ceil(n / world_size) / batch_size)
-        batches = [(mine[b * batch_size:(b + 1) * batch_size], np.ones(len(mine[b * batch_size:(b + 1) * batch_size])))
-                   if b * batch_size < len(mine) else (np.zeros(1, np.int64), np.zeros(1)) for b in range(n_batches)]
-        for k, v in estimate(name, split, batches).items():
+        for k, v in estimate(name, split, split.round_robin(eval_examples(name), batch_size)).items():
             results[f'val/{name}/{k}'] = v
     if optimum_values:  # f* known for every objective (optima): the headline number
         gaps = [results[f'val/{n}/loss'] - f for n, f in zip(objectives, optimum_values)]
@@ -628,8 +621,8 @@ if master:
     for name in objectives:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
-    longest = max(batch_size * (2 if DATA_KIND[n] == 'pref' else 1) * int((s.index[:, 1] + s.index[:, 2:].max(1)).max())
-                  for n, s in train_data.items() if n in objectives and len(s.index))  # tokens of the largest micro-batch
+    longest = max(batch_size * (2 if DATA_KIND[n] == 'pref' else 1) * s.longest
+                  for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
     print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
                            offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing))
     if wandb_log:

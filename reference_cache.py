@@ -9,7 +9,6 @@ fingerprint is recomputed with a note, not refused: it holds nothing but what th
 """
 import hashlib
 import json
-import math
 import os
 import time
 
@@ -44,33 +43,22 @@ def weights_digest(model):
     return h.hexdigest()
 
 
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def reference_pass(reference, split, ctx, batch_size, autocast):
-    """(sums, counts) [pairs, 2] of the reference over a whole preference split: rank r takes pairs i % world_size == r,
-    in as many batches as every rank (ZeRO-3's forwards are collective), and a sum over ranks of the zero-filled
-    arrays gathers them. The same forward (autocast, kernels) as the live reference's."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    """(sums, counts) [pairs, 2] of the reference over a whole preference split: each rank its round-robin share of
+    the pairs (Split.round_robin, padded batches weigh 0), gathered by a sum over ranks of the zero-filled arrays.
+    The same forward (autocast, kernels) as the live reference's."""
     n = len(split.index)
     sums = torch.zeros(n, 2, device=split.device)
     counts = torch.zeros(n, 2, dtype=torch.int64, device=split.device)
-    mine = np.arange(rank, n, world_size)
-    for b in range(math.ceil(math.ceil(n / world_size) / batch_size)):
-        ids = mine[b * batch_size:(b + 1) * batch_size]
-        with autocast:  # a rank out of pairs runs pair 0 and drops it
-            logps, mask = response_logprobs(reference, split.batch(ids if len(ids) else np.zeros(1, np.int64)), ctx)
-        rows = torch.as_tensor(ids, device=split.device)
-        sums[rows] = logps.sum(1).view(2, -1)[:, :len(ids)].T.float()
-        counts[rows] = mask.sum(1).view(2, -1)[:, :len(ids)].T
-    if distributed:
+    for ids, weights in split.round_robin(n, batch_size):
+        with autocast:
+            logps, mask = response_logprobs(reference, split.batch(ids), ctx)
+        real = int(weights.sum())  # a padded batch (weight 0) is dropped
+        rows = torch.as_tensor(ids[:real], device=split.device)
+        sums[rows] = logps.sum(1).view(2, -1)[:, :real].T.float()
+        counts[rows] = mask.sum(1).view(2, -1)[:, :real].T
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     return sums.cpu(), counts.cpu()

@@ -5,7 +5,9 @@ Every rank walks the same seeded per-epoch permutation and takes its own slice o
 so the data order depends only on (seed, epoch, cursor): a resumed run sees exactly the examples the
 killed run would have seen. Bad files raise DataError with the path and the fix.
 """
+import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -62,6 +64,14 @@ def check_meta(meta, vocab_size, path):
                             f"data again with the model's tokenizer")
 
 
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Split:
     """One split: memmapped tokens + index, batched as padded tensors with a response mask."""
 
@@ -90,6 +100,25 @@ class Split:
             raise DataError(f"keep_list {keep_source} holds ids outside 0..{len(self.index) - 1} of split '{name}': "
                             f"it was made for another split; set keep_objective or run the data selector again")
         self.epoch, self.cursor, self._epoch = 0, 0, None
+        self.path = path
+        # tokens of the longest row (prompt + its longer response): checked against the model's positions
+        self.longest = int((self.index[:, 1] + self.index[:, 2:].max(1)).max()) if len(self.index) else 0
+        self._digest = None
+
+    def digest(self):
+        """sha256 of the split's two files: what f* and the cached reference log-probs were measured on (by content,
+        so a moved or copied dataset still matches). Computed once."""
+        if self._digest is None:
+            self._digest = [file_digest(self.path + suffix) for suffix in ('.bin', '_index.npy')]
+        return self._digest
+
+    def round_robin(self, n, batch_size):
+        """This rank's share of the split's first n examples, each on exactly one rank (i % world_size == rank), as
+        [(ids, weights)] batches, as many on every rank (ZeRO-3's forwards are collective): a rank out of examples
+        gets example 0 with weight 0."""
+        mine = np.arange(self.rank, n, self.world_size)
+        chunks = [mine[b * batch_size:(b + 1) * batch_size] for b in range(math.ceil(math.ceil(n / self.world_size) / batch_size))]
+        return [(ids, np.ones(len(ids))) if len(ids) else (np.zeros(1, np.int64), np.zeros(1)) for ids in chunks]
 
     def check_batch(self, n):
         if n * self.world_size > len(self.ids):
