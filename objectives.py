@@ -142,7 +142,7 @@ def dpo(model, batch, ctx):
         with torch.no_grad():
             reference_logps, _ = response_logprobs(ctx.reference, batch, ctx)
         reference_sum = reference_logps.sum(1)
-    losses, policy_seq, reference_seq = dpo_losses(
+    losses, _, _ = dpo_losses(  # (the per-sequence values it also returns are the loss's: means where it uses means)
         logps, reference_logps, mask, ctx.beta, loss_type=ctx.dpo_loss, label_smoothing=ctx.label_smoothing,
         length_normalize=ctx.length_normalize, fused=None if ctx.fused_kernels else False)
     B = losses.shape[0]

@@ -75,7 +75,7 @@ class Tokenizer:
             enc = demo_encoding() if spec == "demo" else tiktoken.get_encoding(spec)
         except Exception as e:  # tiktoken's message spans several lines (plugin list, version): keep its first
             raise DataError(f"tokenizer {spec!r} is not 'demo', not a local directory, and not a tiktoken encoding that loads "
-                            f"offline ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                            f"offline ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
                             "pass --tokenizer=demo, a local Hugging Face tokenizer directory, or cache the tiktoken file "
                             "first (TIKTOKEN_CACHE_DIR)") from None
         self.name, self.vocab_size, self.eos_id = enc.name, enc.n_vocab, enc.eot_token
