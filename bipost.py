@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from configurator import configure, ConfigError
 from checkpoint import resume_config, publish, write_json_atomic
-from objectives import OBJECTIVES, DATA_KIND, check_head
-from reference_cache import load_or_compute, reference_pass, weights_digest
+from objectives import OBJECTIVES, DATA_KIND
+from reference_cache import load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
 from data.loader import Split, check_meta, load_meta, resolve_dataset
@@ -273,9 +273,8 @@ except ValueError as e:
 # -----------------------------------------------------------------------------
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-from transformers.utils import logging as hf_logging
-hf_logging.disable_progress_bar()
+from transformers import AutoConfig, AutoModelForCausalLM
+from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen
 
 checkpoint = None
 if master and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
@@ -293,31 +292,16 @@ if init_from == 'resume':  # the pointer exists: resume_config read its config
 policy_source = checkpoint['policy_init'] if checkpoint else init_from
 
 
-def load_model(source):
-    if source == 'scratch':
-        torch.manual_seed(seed)  # the same seed rebuilds the same initial weights: the reference = initial policy
-        hf_config = LlamaConfig(vocab_size=meta['vocab_size'], hidden_size=n_embd, intermediate_size=4 * n_embd,
-                                num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
-                                max_position_embeddings=block_size, tie_word_embeddings=False,
-                                bos_token_id=meta['eos_id'], eos_token_id=meta['eos_id'], pad_token_id=meta['pad_id'])
-        return AutoModelForCausalLM.from_config(hf_config)
-    if not os.path.isdir(source) or not os.path.exists(os.path.join(source, 'config.json')):
-        fail(f"model '{source}' is not a local HF model directory (with config.json); "
-             f"use 'scratch', 'resume' or a path written by save_pretrained")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    try:  # on CPU in fp32, before any cast or ZeRO-3 partitioning: bipost's log-probs must be the model's own
-        check_head(model)
+def built(step, *args, **kwargs):
+    """One step of model.py; its ValueError (bad input) is the run's one-line error."""
+    try:
+        return step(*args, **kwargs)
     except ValueError as e:
-        fail(f"model '{source}': {e}")
-    return model
+        fail(str(e))
 
 
-def check_vocab(model, source):
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if meta['vocab_size'] > vocab:
-        fail(f"{meta_path}: the data was tokenized with vocab_size {meta['vocab_size']} ({meta['tokenizer']}) but "
-             f"model '{source}' has {vocab} ids: prepare the data with this model's tokenizer")
-    return vocab
+def load(source):
+    return built(load_model, source, meta, seed, n_layer, n_head, n_embd, block_size)
 
 if checkpoint and checkpoint['format'] == 'torch':
     state = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
@@ -329,15 +313,10 @@ if checkpoint and checkpoint['format'] == 'torch':
 elif checkpoint:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
 else:
-    model = load_model(policy_source)
-if disable_dropout:  # eager attention reads the probability its module copied from the config at construction
-    for part in [model.config, *model.modules()]:
-        for name, value in vars(part).items():
-            if ('dropout' in name or 'pdrop' in name) and type(value) in (int, float):
-                setattr(part, name, 0.0)
-        if isinstance(part, torch.nn.Dropout):
-            part.p = 0.0
-vocab_size = check_vocab(model, policy_source)
+    model = load(policy_source)
+if disable_dropout:
+    drop_dropout(model)
+vocab_size = built(check_vocab, model, policy_source, meta, meta_path)
 positions = getattr(model.config, 'max_position_embeddings', None)
 for split in list(train_data.values()) + list(val_data.values()):
     if positions and split.longest > positions:
@@ -348,41 +327,25 @@ for split in list(train_data.values()) + list(val_data.values()):
         fail(f"{split.name}.bin in {data_dir} holds token id {int(split.tokens.max())} >= the model's vocab "
              f"{vocab_size}: the bins were prepared with another tokenizer; prepare them again")
 model.config.use_cache = False
-if gradient_checkpointing:  # the HF model's own switch (renamed in transformers 5), before DeepSpeed wraps the model
-    try:
-        if hasattr(model, 'activation_checkpointing_enable'):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    except ValueError as e:  # a family without checkpointing support
-        fail(f"gradient_checkpointing=True: {e} (model '{policy_source}'); set gradient_checkpointing=False")
+if gradient_checkpointing:
+    built(enable_checkpointing, model, policy_source)
 if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
-
-
-def frozen(source, role):
-    m = load_model(source)
-    if m.get_output_embeddings().weight.shape[0] != vocab_size:
-        fail(f"{role} '{source}' has vocab {m.get_output_embeddings().weight.shape[0]} but the policy has "
-             f"{vocab_size}: the {role} must share the policy's tokenizer")
-    m.requires_grad_(False).eval()
-    if role == 'reference' and reference_logps == 'precompute':  # before ZeRO-3 partitions it
-        m.bipost_weights = weights_digest(m)
-    if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
-        return ds.initialize(model=m, config={'train_micro_batch_size_per_gpu': batch_size,
-                             'bf16': {'enabled': dtype == 'bfloat16'}, 'fp16': {'enabled': dtype == 'float16'},
-                             'zero_optimization': {'stage': 3}})[0].module
-    # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
-    # DeepSpeed the engine holds the policy in the training dtype; plain torch keeps fp32 weights under autocast
-    return m.to(device, ptdtype if deepspeed else torch.float32)
-
-reference = frozen(reference_from or policy_source, 'reference') \
-    if 'dpo' in objectives or (data_selection and lower_level == 'reference') else None
+# the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
+# DeepSpeed the engine holds the policy in the training dtype; plain torch keeps fp32 weights under autocast
+frozen_setup = dict(vocab_size=vocab_size, device=device, dtype=ptdtype if deepspeed else torch.float32, zero3_config=None)
+if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
+    frozen_setup['zero3_config'] = {'train_micro_batch_size_per_gpu': batch_size, 'bf16': {'enabled': dtype == 'bfloat16'},
+                                    'fp16': {'enabled': dtype == 'float16'}, 'zero_optimization': {'stage': 3}}
+reference = None
+if 'dpo' in objectives or (data_selection and lower_level == 'reference'):
+    source = reference_from or policy_source
+    reference = built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
 teacher = None
 if 'kd' in objectives:
     if not teacher_from:
         fail("objective 'kd' needs teacher_from = a local HF model directory")
-    teacher = frozen(teacher_from, 'teacher')
+    teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       reference_cache=None)
