@@ -7,6 +7,7 @@ bipost: one-stage bi-objective (and bilevel) LLM post-training, e.g. SFT + DPO i
 
 One launch path: plain python or torchrun; the only branch is whether RANK is in the environment.
 """
+import contextlib
 import gc
 import json
 import math
@@ -72,6 +73,10 @@ reference_logps = 'live'      # 'live': the reference runs beside the policy | '
 teacher_from = ''             # local HF dir of the frozen KD teacher
 fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
 gradient_checkpointing = False # True: each layer's activations recomputed in backward (non-reentrant): ~1/3 more compute, far less activation memory
+lora_rank = 0                 # > 0: train LoRA adapters of this rank (~8-64; needs peft), the reference is the model with them off; 0 = full fine-tuning
+lora_alpha = 16               # LoRA scale: the adapters add (lora_alpha / lora_rank)·B·A; ~lora_rank to 2·lora_rank
+lora_dropout = 0.0            # dropout on the adapters' input, 0-0.1 (kept even with disable_dropout)
+lora_targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj']  # names of the modules that get adapters (peft target_modules); not the LM head
 # selector (objectives)
 strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
 weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
@@ -274,7 +279,7 @@ except ValueError as e:
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
 
 from transformers import AutoConfig, AutoModelForCausalLM
-from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen
+from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora, adapter_state, export_state
 
 checkpoint = None
 if master and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
@@ -308,11 +313,11 @@ if checkpoint and checkpoint['format'] == 'torch':
     if state['iter_num'] != checkpoint['iter_num']:
         fail(f"{os.path.join(out_dir, 'ckpt.pt')} holds update {state['iter_num']} but ckpt.json points at update "
              f"{checkpoint['iter_num']}: out_dir was changed outside bipost; restore it, or start over with --overwrite=True")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**state['model_config']))
-    model.load_state_dict(state['model'])
-elif checkpoint:
+if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
-else:
+    if checkpoint['format'] == 'torch':
+        model.load_state_dict(state['model'])
+else:  # LoRA resumes its frozen base from its source, as the reference is loaded, and the adapters from the checkpoint
     model = load(policy_source)
 if disable_dropout:
     drop_dropout(model)
@@ -329,6 +334,11 @@ for split in list(train_data.values()) + list(val_data.values()):
 model.config.use_cache = False
 if gradient_checkpointing:
     built(enable_checkpointing, model, policy_source)
+if lora_rank:  # the checkpoints hold the adapters alone
+    model, base = built(add_lora, model, lora_rank, lora_alpha, lora_dropout, lora_targets,
+                        digest=reference_logps == 'precompute')
+    if checkpoint and checkpoint['format'] == 'torch':
+        model.load_state_dict(state['model'], strict=False)
 if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
@@ -340,7 +350,8 @@ if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
 reference = None
 if 'dpo' in objectives or (data_selection and lower_level == 'reference'):
     source = reference_from or policy_source
-    reference = built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
+    reference = base if lora_rank and not reference_from else \
+        built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
 teacher = None
 if 'kd' in objectives:
     if not teacher_from:
@@ -375,8 +386,9 @@ data_selector = DataSelector(  # before deepspeed.initialize: θ̂ is a copy of 
 # optimizer: explicit DeepSpeed, or plain torch
 
 micro_steps = gradient_accumulation_steps * (len(objectives) if strategy == 'mix' else 1)
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
+trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters
+decay = [p for p in trained if p.dim() >= 2]
+no_decay = [p for p in trained if p.dim() < 2]
 groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 if deepspeed:
     ds_config = {
@@ -440,10 +452,11 @@ def save_checkpoint():
                'config': config, 'stage': os.path.basename(stage)}
     if deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer names it only once all are done
         pointer.update(format='deepspeed', tag=f'iter_{iter_num:07d}')
-        engine.save_checkpoint(os.path.join(out_dir, 'ds'), tag=pointer['tag'], client_state=train_state(), save_latest=False)
+        engine.save_checkpoint(os.path.join(out_dir, 'ds'), tag=pointer['tag'], client_state=train_state(), save_latest=False,
+                               exclude_frozen_parameters=lora_rank > 0)
     elif master:
         pointer.update(format='torch')
-        torch.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+        torch.save({'model': adapter_state(raw_model) if lora_rank else raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                     'model_config': raw_model.config.to_dict(), **train_state()}, os.path.join(stage, 'ckpt.pt'))
     if export_hf:
         export(os.path.join(stage, 'hf'))
@@ -457,14 +470,15 @@ def save_checkpoint():
 
 
 def export(path):
-    """HF-format weights that AutoModelForCausalLM.from_pretrained loads; ZeRO-3 gathers them first."""
-    if deepspeed and zero_stage == 3:
-        with ds.zero.GatheredParameters(list(raw_model.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()} if master else None
-    else:
-        state = raw_model.state_dict() if master else None
+    """HF-format weights that AutoModelForCausalLM.from_pretrained loads (LoRA: merged, and the adapters alone in
+    hf/adapter, loadable with peft); ZeRO-3 gathers them first."""
+    zero3 = deepspeed and zero_stage == 3  # copied to the CPU while gathered
+    with ds.zero.GatheredParameters(list(raw_model.parameters()), modifier_rank=None) if zero3 else contextlib.nullcontext():
+        state, adapter = export_state(raw_model, copy=zero3) if master else (None, None)
     if master:
-        raw_model.save_pretrained(path, state_dict=state)
+        (raw_model.get_base_model() if lora_rank else raw_model).save_pretrained(path, state_dict=state)
+        if adapter:
+            raw_model.save_pretrained(os.path.join(path, 'adapter'), state_dict=adapter)
         if os.path.isdir(policy_source):  # ship the tokenizer with the weights
             from transformers import AutoTokenizer
             try:
@@ -478,7 +492,7 @@ if checkpoint and checkpoint['format'] == 'torch':
     load_train_state(state)
     del state
 elif checkpoint:
-    _, client_state = engine.load_checkpoint(os.path.join(out_dir, 'ds'), tag=checkpoint['tag'])
+    _, client_state = engine.load_checkpoint(os.path.join(out_dir, 'ds'), tag=checkpoint['tag'], load_module_strict=not lora_rank)
     load_train_state(client_state)
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 if master and not eval_only and os.path.exists(metrics_path):  # one record per update and eval, as if never stopped:
@@ -575,7 +589,8 @@ n_params = sum(memory_plan.numel(p) for p in raw_model.parameters())  # ZeRO-3 l
 peak_flops = 989e12  # dense bf16 of one H100; mfu is printed on GPUs only
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}")
+    print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}" + (
+          f" | LoRA rank {lora_rank}: {sum(memory_plan.numel(p) for p in trained) / 1e6:.3g}M trained" if lora_rank else ''))
     print(f"objectives: {objectives} | strategy {strategy} | weights {weights} | "
           f"f* {[round(v, 4) for v in optimum_values] if optimum_values else 'unknown (optima = [])'}")
     print(f"world {world_size} | {'deepspeed ZeRO-' + str(zero_stage) if deepspeed else 'plain torch'} | device {device} | "

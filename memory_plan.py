@@ -40,18 +40,20 @@ def activations(config, tokens, checkpointing, value_bytes):
 
 def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes, tokens, checkpointing):
     """The plan as one line, GB per GPU. model: the policy (partitioned or not); frozen: the reference/teacher models
-    (16-bit under DeepSpeed, fp32 under plain torch, partitioned by ZeRO-3); tokens: the largest micro-batch."""
+    (16-bit under DeepSpeed, fp32 under plain torch, partitioned by ZeRO-3); tokens: the largest micro-batch. Model
+    states count the trained parameters; the policy's frozen ones (LoRA's base) count as frozen weights."""
     params = list(model.parameters())
-    n_params = sum(numel(p) for p in params)
+    trained = sum(numel(p) for p in params if p.requires_grad)
     largest_layer = max(sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
-    states = model_states(n_params, largest_layer, deepspeed, zero_stage, world_size, offload)
+    states = model_states(trained, largest_layer, deepspeed, zero_stage, world_size, offload)
     shards = world_size if deepspeed and zero_stage == 3 else 1
-    frozen_bytes = sum(numel(p) for m in frozen for p in m.parameters()) * (value_bytes if deepspeed else 4) / shards
+    n_frozen = sum(numel(p) for p in params if not p.requires_grad) + sum(numel(p) for m in frozen for p in m.parameters())
+    frozen_bytes = n_frozen * (value_bytes if deepspeed else 4) / shards
     acts = activations(model.config.get_text_config(), tokens, checkpointing, value_bytes)
     engine = ('plain torch, 16 B/param' if not deepspeed else "DeepSpeed's ZeRO-3 estimator" if zero_stage == 3 else
               f"DeepSpeed's ZeRO-2 estimator{', nothing partitioned' if zero_stage == 0 else ''}")
     gb = lambda x: f"{x / 1e9:.3g} GB"
     return (f"memory plan per GPU: model states {gb(states)} ({engine}, {world_size} GPU{'s' * (world_size > 1)}"
-            f"{', optimizer offloaded' if deepspeed and offload else ''}) + frozen models {gb(frozen_bytes)} + "
+            f"{', optimizer offloaded' if deepspeed and offload else ''}) + frozen weights {gb(frozen_bytes)} + "
             f"activations ~{gb(acts)} ({tokens} tokens a micro-batch, checkpointing {'on' if checkpointing else 'off'})"
             f" = ~{gb(states + frozen_bytes + acts)}")

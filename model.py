@@ -1,10 +1,11 @@
 """
-The models of a run, built before training: the policy (a scratch Llama from the config globals, or a local HF
-directory), its switches (dropout off, gradient checkpointing) and the frozen reference (DPO) / teacher (KD).
-bipost.py calls these in order with its config as arguments; bad input raises ValueError with a one-line message,
-which bipost.py prints as its error.
+The models of a run: the policy (a scratch Llama from the config globals, or a local HF directory), its switches
+(dropout off, gradient checkpointing, LoRA adapters through peft), the frozen reference (DPO) / teacher (KD), and the
+weights of the HF export (LoRA merged). bipost.py calls these in order with its config as arguments; bad input
+raises ValueError with a one-line message, which bipost.py prints as its error.
 """
 import os
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -84,3 +85,73 @@ def frozen(m, source, role, vocab_size, device, dtype, digest=False, zero3_confi
         import deepspeed
         return deepspeed.initialize(model=m, config=zero3_config)[0].module
     return m.to(device, dtype)
+
+
+def add_lora(model, rank, alpha, dropout, targets, digest=False):
+    """(the policy with LoRA adapters on its `targets` modules, its reference): peft's LoRA, only the adapters train
+    (their B starts at 0: the wrapped model computes what the model did). The reference is AdaptersOff, the same model
+    with its adapters disabled; digest: its bipost_weights, the base's weights_digest (taken here, before any adapter
+    exists or ZeRO-3 partitions). peft is optional: imported only here."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError(f"lora_rank={rank} needs peft: pip install peft") from None
+    base_weights = weights_digest(model) if digest else None
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type='CAUSAL_LM')
+    try:
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; nothing for the user to do
+            warnings.filterwarnings('ignore', '`is_gradient_checkpointing` is deprecated', FutureWarning)
+            lora = get_peft_model(model, config)
+    except ValueError as e:  # no module matches
+        raise ValueError(f"lora_targets={targets}: {' '.join(str(e).split())} (module names, e.g. q_proj)") from None
+    if hasattr(lora.get_output_embeddings(), 'lora_A'):  # the fused head op multiplies by the head's own weight
+        raise ValueError(f"lora_targets={targets} adapts the LM head, which bipost's log-prob kernels read as a plain "
+                         f"weight: leave it out of lora_targets")
+    return lora, AdaptersOff(lora, base_weights)
+
+
+class AdaptersOff:
+    """The reference of a LoRA run: the policy itself with its adapters disabled (peft's disable_adapter), so that one
+    model is in memory, not two. The objectives take it for a model: its config and LM head are the policy's (the
+    head is never adapted), and a call of its base_model runs the policy's transformer with the adapters off. It
+    holds no weights of its own (parameters() is empty: the memory plan counts none)."""
+
+    def __init__(self, policy, bipost_weights=None):
+        self.policy, self.config, self.bipost_weights = policy, policy.config, bipost_weights
+
+    def get_output_embeddings(self):
+        return self.policy.get_output_embeddings()
+
+    def base_model(self, **inputs):
+        with self.policy.disable_adapter():
+            return self.policy.get_base_model().base_model(**inputs)
+
+    def parameters(self):
+        return iter(())
+
+
+def adapter_state(model):
+    """The LoRA adapters' weights (what a LoRA checkpoint holds: the base stays as loaded from its source)."""
+    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items() if 'lora_' in k}
+
+
+def export_state(model, copy=False):
+    """(the weights of the HF export as a plain transformers state dict, the adapters alone or None without LoRA).
+    With LoRA each adapted layer's weight is merged into a new tensor, W + (α/r)·B·A (peft's get_delta_weight), and
+    the adapters and peft's `.base_layer` names are dropped: the export loads in transformers without peft, and the
+    policy's own weights stay bit for bit as they are. copy: every tensor copied to the CPU (valid after a ZeRO-3
+    gather ends); LoRA's always are."""
+    if not hasattr(model, 'get_base_model'):
+        state = model.state_dict()
+        return ({k: v.detach().to('cpu', copy=True) for k, v in state.items()} if copy else state), None
+    base, state = model.get_base_model(), {}
+    for key, value in base.state_dict().items():
+        if 'lora_' in key:
+            continue
+        if '.base_layer.' in key:
+            owner, name = key.split('.base_layer.')
+            if name == 'weight':
+                value = value + base.get_submodule(owner).get_delta_weight(model.active_adapter).to(value.dtype)
+            key = f'{owner}.{name}'
+        state[key] = value.detach().to('cpu', copy=True)
+    return state, adapter_state(model)

@@ -89,7 +89,10 @@ def head_of(model):
 
 def body_and_head(model):
     """The transformer without its LM head (its output is the final-normed hidden states), and the Head:
-    the fused kernels take hidden states + head weight."""
+    the fused kernels take hidden states + head weight. A peft (LoRA) model's base_model is peft's wrapper: the
+    transformer is that of the causal LM it wraps (adapters inside)."""
+    if hasattr(model, 'get_base_model'):
+        model = model.get_base_model()
     return model.base_model, head_of(model)
 
 

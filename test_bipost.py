@@ -758,8 +758,8 @@ def test_memory_plan_model_states_and_frozen_models_per_gpu():
     assert states[3] < states[2] < states[0] and memory_plan.model_states(P, largest, False, 3, 2, False) == 16 * P
     assert memory_plan.model_states(P, largest, True, 3, 2, True) < states[3]  # the optimizer offloaded to CPU
     line = memory_plan.plan(policy, [reference], True, 3, 2, False, 2, 100, False)
-    assert f"model states {states[3] / 1e9:.3g} GB" in line and f"frozen models {P / 1e9:.3g} GB" in line, line
-    assert f"frozen models {2 * P / 1e9:.3g} GB" in memory_plan.plan(policy, [reference], True, 2, 2, False, 2, 100, False)
+    assert f"model states {states[3] / 1e9:.3g} GB" in line and f"frozen weights {P / 1e9:.3g} GB" in line, line
+    assert f"frozen weights {2 * P / 1e9:.3g} GB" in memory_plan.plan(policy, [reference], True, 2, 2, False, 2, 100, False)
 
 
 def test_memory_plan_activations_match_what_autograd_saves():
@@ -3143,3 +3143,125 @@ def test_reference_precompute_bad_settings_fail_with_one_line(tmp_path, monkeypa
     message = err.strip().splitlines()[-1]
     assert code == 1 and message.startswith('bipost: error: ') and says in message, message
     assert not (tmp_path / 'out').exists()
+
+
+# -----------------------------------------------------------------------------
+# LoRA (peft, lora_rank > 0): only the adapters train, the reference is the same model with them off, checkpoints hold
+# the adapters, the HF export is the merged model
+
+LORA = ['--lora_rank=4', '--objectives=["sft", "dpo"]', '--strategy=mix', '--beta=1.0', '--length_normalize=False',
+        '--learning_rate=1e-2', '--warmup_iters=0', '--decay_lr=False', '--max_iters=3', '--eval_interval=3']
+
+
+def _lora_initial(run):
+    """The initial policy loaded afresh (the same scratch seed): what the base weights and the reference must be."""
+    from model import load_model
+    return load_model('scratch', run['meta'], run['seed'], run['n_layer'], run['n_head'], run['n_embd'], run['block_size'])
+
+
+def _lora_logprobs(model, run, pairs=4):
+    with torch.no_grad():
+        return objectives.response_logprobs(model, run['val_data']['dpo'].batch(np.arange(pairs)), run['ctx'])[0]
+
+
+def test_lora_trains_only_the_adapters_against_the_base_as_reference(tmp_path, monkeypatch, capsys):
+    """3 updates of SFT + DPO (mix: both each update) with LoRA rank 4 at lr 1e-2. The optimizer holds the adapters
+    alone and they moved (B from 0), while every base weight is bit for bit the initial model's. The reference is no
+    second model but the policy with its adapters off: its log-probs are a fresh load of the initial model's, not
+    the trained policy's, and the adapters still train afterwards (peft's disable_adapter turns their requires_grad
+    off and on). At update 1 (B = 0: policy = reference) the DPO loss is log 2."""
+    run = {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *LORA, f'--out_dir={tmp_path}', namespace=run)
+    assert code == 0, err
+    policy, reference, optimizer = run['raw_model'], run['reference'], run['optimizer']
+    adapters = {n: p for n, p in policy.named_parameters() if 'lora_' in n}
+    assert len(adapters) == 4 * 2 and 'LoRA rank 4' in out  # A and B of q, k, v and o in the one layer
+    assert {id(p) for g in optimizer.param_groups for p in g['params']} == {id(p) for p in adapters.values()}
+    assert all(p.requires_grad for p in adapters.values()) and len(optimizer.state) == len(adapters)
+    initial = _lora_initial(run)
+    base = {k.replace('base_model.model.', '').replace('.base_layer', ''): v
+            for k, v in policy.state_dict().items() if 'lora_' not in k}
+    assert base.keys() == initial.state_dict().keys()
+    for k, v in initial.state_dict().items():
+        assert torch.equal(base[k], v), k
+    assert min(p.abs().max().item() for n, p in adapters.items() if 'lora_B' in n) > 1e-3
+    assert reference.policy is policy and list(reference.parameters()) == []
+    fresh = _lora_logprobs(initial, run)
+    assert torch.equal(_lora_logprobs(reference, run), fresh)
+    assert (_lora_logprobs(policy, run) - fresh).abs().max() > 1e-2
+    records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert records[0]['val/dpo/loss'] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[1]['train/dpo/loss'] == pytest.approx(math.log(2), abs=1e-6) and records[1]['iter'] == 1
+    assert records[2]['train/dpo/loss'] != pytest.approx(math.log(2), abs=1e-4)  # then it learns
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)  # the adapters alone
+    assert ckpt['model'].keys() == adapters.keys()
+
+
+def test_lora_export_is_the_merged_model_for_plain_transformers(tmp_path, monkeypatch, capsys):
+    """out_dir/hf of a LoRA run loads in transformers as a plain LlamaForCausalLM (no peft keys) whose logits are the
+    trained peft model's (fp32, atol 1e-5); hf/adapter holds the adapters alone, which peft puts on a fresh initial
+    model to give the same logits."""
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    run = {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *LORA, f'--out_dir={tmp_path}', namespace=run)
+    assert code == 0, err
+    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    policy = run['raw_model'].eval()
+    with torch.no_grad():
+        trained = policy(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf')
+        assert type(merged).__name__ == 'LlamaForCausalLM' and not any('lora' in k for k in merged.state_dict())
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
+        assert (trained - _lora_initial(run)(input_ids=ids).logits).abs().max() > 1e-2  # the merge is not vacuous
+        adapted = PeftModel.from_pretrained(_lora_initial(run), tmp_path / 'hf' / 'adapter').eval()
+        torch.testing.assert_close(adapted(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_lora_reference_precompute_equals_live(tmp_path, monkeypatch, capsys):
+    """reference_logps='precompute' with LoRA: the pass runs the policy with its adapters off before training; the
+    losses of every update and eval are the live reference's."""
+    logs = {}
+    for mode in ('live', 'precompute'):
+        code, out, err = _rel_inprocess(monkeypatch, capsys, *LORA, f'--reference_logps={mode}', '--export_hf=False',
+                                        f'--out_dir={tmp_path / mode}')
+        assert code == 0, err
+        logs[mode] = [{k: v for k, v in json.loads(line).items() if k.startswith(('train/', 'val/'))}
+                      for line in open(tmp_path / mode / 'metrics.jsonl')]
+    assert (tmp_path / 'precompute' / 'reference_logps.npz').exists() and len(logs['live']) == 5
+    for live, pre in zip(logs['live'], logs['precompute']):
+        assert pre.keys() == live.keys()
+        for k in live:
+            assert pre[k] == pytest.approx(live[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--lora_targets=["nope"]'], "lora_targets=['nope']: Target modules {'nope'} not found"),
+    (['--lora_targets=["q_proj", "lm_head"]'], "adapts the LM head"),
+])
+def test_lora_bad_targets_fail_with_one_line(tmp_path, monkeypatch, capsys, args, says):
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--lora_rank=4', *args, '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and says in message, message
+
+
+def test_lora_without_peft_is_one_line(tmp_path, monkeypatch, capsys):
+    """peft is optional: without it a LoRA run stops with one line saying how to get it (a full run never imports it)."""
+    monkeypatch.setitem(sys.modules, 'peft', None)  # `import peft` now raises ImportError
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--lora_rank=8', '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    assert code == 1 and err.strip().splitlines()[-1] == 'bipost: error: lora_rank=8 needs peft: pip install peft', err
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', '--eval_iters=1', '--export_hf=False',
+                                    f'--out_dir={tmp_path / "full"}')
+    assert code == 0, err
+
+
+def test_lora_memory_plan_counts_optimizer_states_of_the_adapters_only():
+    """Plain torch: 16 bytes per trained (adapter) parameter; the frozen base at 4 bytes (fp32) among frozen weights."""
+    import memory_plan
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(_obj_model(0), LoraConfig(r=2, target_modules=['q_proj', 'v_proj']))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert 0 < trained < frozen
+    line = memory_plan.plan(model, [], False, 0, 1, False, 4, 100, False)
+    assert f"model states {16 * trained / 1e9:.3g} GB" in line and f"frozen weights {4 * frozen / 1e9:.3g} GB" in line, line
