@@ -37,7 +37,10 @@ class Head(NamedTuple):
 
     def logits(self, hidden):
         """Full fp32 logits, through a call of the module: under ZeRO-3 only a call gathers its weight."""
-        logits = self.module(hidden).float() * self.scale
+        return self._finish(self.module(hidden))
+
+    def _finish(self, logits):
+        logits = logits.float() * self.scale
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
     def logprobs(self, hidden, targets, mask, fused):
@@ -56,6 +59,36 @@ class Head(NamedTuple):
             return token_logprobs(hidden, weight, targets, mask, fused=fused, bias=bias, scale=self.scale,
                                   softcap=self.softcap)
 
+        return self._as_forward(forward, hidden)
+
+    def cross_entropy(self, hidden, teacher, teacher_hidden, chunk=None):
+        """Per row of hidden [N, H]: −Σ_v p_teacher(v) log p_student(v) (fp32), the teacher's distribution from its
+        Head on teacher_hidden [N, H']. Rows go in chunks (default: ~2^26 logits, 256 MB in fp32), each checkpointed:
+        its student and teacher logits are recomputed in the backward, so that at most one chunk of each exists at a
+        time, never an [N, V] array. Runs as the head module's forward, as logprobs does: under ZeRO-3 the hooks
+        gather the student's weight once for the forward and once for the backward (not once per chunk) and
+        reduce-scatter its gradient. The teacher's head is called per chunk (its hooks gather it)."""
+        module = self.module
+
+        def logits(hidden):  # inside this module's forward: its weight directly (gathered by then under ZeRO-3)
+            return self._finish(F.linear(hidden, module.weight, getattr(module, 'bias', None)))
+
+        def chunk_losses(hidden, teacher_hidden):
+            with torch.no_grad():  # a model distilled from itself: its head's forward is this one
+                teacher_probs = (logits if teacher.module is module else teacher.logits)(teacher_hidden).softmax(-1)
+            return -(teacher_probs * logits(hidden).log_softmax(-1)).sum(-1)
+
+        def forward(hidden):
+            rows = chunk or max(16, 2 ** 26 // module.weight.shape[0])  # V: the weight is gathered here under ZeRO-3
+            losses = [checkpoint(chunk_losses, hidden[i:i + rows], teacher_hidden[i:i + rows], use_reentrant=False)
+                      for i in range(0, hidden.shape[0], rows)]
+            return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+        return self._as_forward(forward, hidden)
+
+    def _as_forward(self, forward, hidden):
+        """forward(hidden) run as the head module's forward, for this call only."""
+        module = self.module
         own = module.__dict__.get('forward')  # an instance-level forward (e.g. accelerate's) is put back as it was
         module.forward = forward
         try:
@@ -164,14 +197,9 @@ def dpo(model, batch, ctx):
     return losses, metrics
 
 
-def _kd_chunk(student_hidden, head, teacher_logits):
-    # −Σ_v p_teacher(v) log p_student(v): forward KL to the teacher up to the teacher's entropy. The head module is
-    # called, not head.weight used: under ZeRO-3 the weight is a partitioned placeholder that only a call gathers.
-    student_logps = head.logits(student_hidden).log_softmax(-1)
-    return -(teacher_logits.softmax(-1) * student_logps).sum(-1)
-
-
-def kd(model, batch, ctx, chunk=1024):
+def kd(model, batch, ctx, chunk=None):
+    """Mean over an example's response positions of −Σ_v p_teacher(v) log p_student(v): the forward KL to the teacher
+    up to the teacher's entropy. chunk: rows of logits at a time (Head.cross_entropy; default from the vocab)."""
     body, head = body_and_head(model)
     hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
     mask = batch['response_mask'][:, 1:]
@@ -180,15 +208,8 @@ def kd(model, batch, ctx, chunk=1024):
         teacher_body, teacher_head = body_and_head(ctx.teacher)
         teacher_hidden = teacher_body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'])
         teacher_hidden = teacher_hidden.last_hidden_state[:, :-1].reshape(-1, teacher_hidden.last_hidden_state.shape[-1])
-    student_hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-    token_losses = []
-    for i in range(0, rows.numel(), chunk):  # never an fp32 [tokens, V] for the whole batch
-        with torch.no_grad():
-            teacher_logits = teacher_head.logits(teacher_hidden[rows[i:i + chunk]])
-        token_losses.append(checkpoint(_kd_chunk, student_hidden[i:i + chunk], head, teacher_logits,
-                                       use_reentrant=False))
-    per_token = torch.zeros(mask.numel(), device=hidden.device, dtype=torch.float32)
-    per_token = per_token.index_put((rows,), torch.cat(token_losses) if token_losses else per_token[:0])
+    losses = head.cross_entropy(hidden.reshape(-1, hidden.shape[-1])[rows], teacher_head, teacher_hidden[rows], chunk)
+    per_token = torch.zeros(mask.numel(), device=hidden.device, dtype=torch.float32).index_put((rows,), losses)
     tokens = mask.sum(1).clamp(min=1)
     return per_token.view(mask.shape).sum(1) / tokens, {'tokens': tokens.float()}
 

@@ -310,7 +310,8 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
 
 # Each objective against a hand computation from model(input_ids).logits on a tiny random Llama: rows of
 # different prompt and response lengths, right-padded, so that a wrong shift or mask cannot hide.
-import copy, types
+import copy, gc, types, weakref
+from torch.utils._python_dispatch import TorchDispatchMode
 import kernels.logprob, kernels.dpo
 import objectives
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -554,6 +555,42 @@ def test_objective_kd_matches_hand_self_entropy_and_gradient():
     mask = batch['response_mask'][:, 1:]
     entropy = torch.where(mask, -(p * p.log()).sum(-1), 0.0).sum(1) / mask.sum(1)
     torch.testing.assert_close(self_kd, entropy, atol=1e-5, rtol=1e-5)
+
+
+class _LiveLogits(TorchDispatchMode):
+    """Keeps a weak reference to every tensor an op returns whose last dimension is the vocab V: which are still alive."""
+    def __init__(self, V):
+        super().__init__()
+        self.V, self.refs = V, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == self.V:
+                self.refs.append(weakref.ref(t))
+        return out
+
+    def alive(self):
+        gc.collect()
+        return [r() for r in self.refs if r() is not None]
+
+
+def test_objective_kd_chunks_run_inside_the_head_module_and_keep_no_logits():
+    """KD in chunks of 5 of the 12 response rows: the losses and the gradient are the naive full-logit formula's; the
+    student's head module is called once (its forward runs the chunks: under ZeRO-3 one gather, not one per chunk),
+    and after the forward no [rows, V] logits of the student or the teacher are kept for the backward (each chunk
+    recomputes them)."""
+    student, teacher, batch = _obj_model(0), _obj_model(1), _obj_batch([(3, 4), (1, 6), (5, 2)])
+    teacher.requires_grad_(False)
+    calls = []
+    student.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    with _LiveLogits(OBJ_VOCAB) as logits:
+        losses, _ = objectives.kd(student, batch, _obj_ctx(teacher=teacher), chunk=5)
+    assert len(logits.refs) >= 6 and logits.alive() == []  # 3 chunks of the student's and the teacher's logits, gone
+    assert calls == [(12,)]  # one call for the 12 rows; it returned their losses
+    hand = _obj_hand_kd(student, teacher, batch)
+    torch.testing.assert_close(losses, hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_obj_grads(student, losses.mean()), _obj_grads(student, hand.mean()), atol=1e-5, rtol=1e-4)
 
 
 def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
@@ -1952,23 +1989,29 @@ def test_training_hf_export_matches_checkpoint(train_demo):
 
 
 @pytest.mark.slow
-def test_training_kd_under_zero3_matches_plain_torch(tmp_path):
+def test_training_kd_under_zero3_matches_zero2_and_plain_torch(tmp_path):
     """KD + SFT (the llama3_kd_sft.py recipe's objectives) through DeepSpeed ZeRO-3, one process: the student's LM
-    head weight is a partitioned placeholder there (KD once multiplied by it directly and crashed), and the
-    teacher is partitioned too. The per-update losses must be plain torch's."""
+    head weight is a partitioned placeholder there (KD once multiplied by it directly and crashed; now its chunks run
+    as the head module's forward, objectives.Head.cross_entropy), and the teacher is partitioned too: hidden 400 makes
+    each head 257 x 400 = 102,800 elements, above DeepSpeed's persistence threshold (1e5). The per-update losses over
+    4 updates must be ZeRO-2's and plain torch's to rel 1e-4 (fp32 summation order)."""
     torch.manual_seed(7)
-    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=400, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / 'teacher')
-    common = ['--objectives=["kd", "sft"]', f'--teacher_from={tmp_path / "teacher"}', '--batch_size=2', '--max_iters=4',
-              '--eval_interval=4', '--eval_iters=1', '--learning_rate=1e-2', '--warmup_iters=0', '--export_hf=False']
-    dirs = _train_run(tmp_path, {'plain': common, 'zero3': common + ['--deepspeed=True', '--zero_stage=3']})
-    plain, zero3 = (_train_records(dirs[n]) for n in ('plain', 'zero3'))
+    common = ['--n_embd=400', '--objectives=["kd", "sft"]', f'--teacher_from={tmp_path / "teacher"}', '--batch_size=2',
+              '--max_iters=4', '--eval_interval=4', '--eval_iters=1', '--learning_rate=1e-2', '--warmup_iters=0',
+              '--export_hf=False']
+    dirs = _train_run(tmp_path, {'plain': common, 'zero2': common + ['--deepspeed=True', '--zero_stage=2'],
+                                 'zero3': common + ['--deepspeed=True', '--zero_stage=3']})
+    plain, zero2, zero3 = (_train_records(dirs[n]) for n in ('plain', 'zero2', 'zero3'))
     assert {r['objective'] for r in plain[1]} == {'kd', 'sft'} and json.load(open(dirs['zero3'] / 'ckpt.json'))['format'] == 'deepspeed'
-    for zero3_record, plain_record in zip(zero3[0] + zero3[1], plain[0] + plain[1]):
-        assert zero3_record.keys() == plain_record.keys()
-        for key, value in plain_record.items():
-            if key.startswith(('train/', 'val/')):
-                assert zero3_record[key] == pytest.approx(value, rel=1e-4), (plain_record['iter'], key)
+    assert [r['iter'] for r in zero3[1]] == [1, 2, 3, 4]
+    for other in (zero2, plain):
+        for zero3_record, record in zip(zero3[0] + zero3[1], other[0] + other[1]):
+            assert zero3_record.keys() == record.keys()
+            for key, value in record.items():
+                if key.startswith(('train/', 'val/')):
+                    assert zero3_record[key] == pytest.approx(value, rel=1e-4), (record['iter'], key)
 
 
 @pytest.mark.slow
@@ -3265,3 +3308,49 @@ def test_lora_memory_plan_counts_optimizer_states_of_the_adapters_only():
     assert 0 < trained < frozen
     line = memory_plan.plan(model, [], False, 0, 1, False, 4, 100, False)
     assert f"model states {16 * trained / 1e9:.3g} GB" in line and f"frozen weights {4 * frozen / 1e9:.3g} GB" in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', ['lora_plain', 'lora_zero2'])
+def test_lora_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path):
+    """A LoRA run killed after update 5 and resumed from its update-3 checkpoint (torch format: ckpt.pt; DeepSpeed
+    ZeRO-2: the shards, saved without the frozen base) logs the uninterrupted run's losses: the base comes back from
+    its source, the adapters and their optimizer state from the checkpoint."""
+    args = ['--lora_rank=4'] + (['--deepspeed=True', '--zero_stage=2'] if path == 'lora_zero2' else [])
+    full = rel_uninterrupted(path, *args)
+    killed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', '--init_from=resume', *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'resumed from' in resumed.stdout and _rel_losses(_rel_metrics(tmp_path)) == full
+    assert [k for k in full if k[0] == 'iter'] == [('iter', i) for i in range(1, 7)]
+
+
+@pytest.mark.slow
+def test_lora_zero2_and_zero3_match_plain_torch(tmp_path):
+    """LoRA through DeepSpeed ZeRO-2 and ZeRO-3 (one process, gloo; the reference is the partitioned policy with its
+    adapters off): DPO starts at log 2 and the per-update losses are plain torch's (rel 1e-4, fp32 summation order);
+    the ZeRO-3 export (gathered, then merged) is plain torch's within atol 3e-5 while the merge moved the adapted
+    weights by far more."""
+    common = ['--lora_rank=4', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3',
+              '--eval_interval=3', '--eval_iters=1', '--learning_rate=1e-3', '--warmup_iters=0', '--decay_lr=False',
+              '--beta=1.0', '--length_normalize=False']
+    runs = {'plain': common, 'zero2': common + ['--deepspeed=True', '--zero_stage=2'],
+            'zero3': common + ['--deepspeed=True', '--zero_stage=3']}
+    dirs = _train_run(tmp_path, runs)
+    records = {n: _train_records(d)[1] for n, d in dirs.items()}
+    assert [r['iter'] for r in records['zero3']] == [1, 2, 3]
+    for name in ('zero2', 'zero3'):
+        assert records[name][0]['train/dpo/loss'] == pytest.approx(math.log(2), abs=1e-6)
+        for mine, theirs in zip(records[name], records['plain']):
+            for key in ('train/sft/loss', 'train/dpo/loss', 'train/dpo/rewards/margins'):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (name, mine['iter'], key)
+    from safetensors.torch import load_file
+    weights = {n: load_file(d / 'hf' / 'model.safetensors') for n, d in dirs.items()}
+    assert weights['zero3'].keys() == weights['plain'].keys()
+    for key in weights['plain']:
+        torch.testing.assert_close(weights['zero3'][key], weights['plain'][key], rtol=0, atol=3e-5, msg=key)
+    torch.manual_seed(1337)
+    initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs['plain'] / 'hf')).state_dict()
+    q = 'model.layers.0.self_attn.q_proj.weight'
+    assert (weights['zero3'][q] - initial[q]).abs().max() > 1e-4
