@@ -335,7 +335,7 @@ model.config.use_cache = False
 if gradient_checkpointing:
     built(enable_checkpointing, model, policy_source)
 if lora_rank:  # the checkpoints hold the adapters alone
-    model, base = built(add_lora, model, lora_rank, lora_alpha, lora_dropout, lora_targets,
+    model, adapters_off = built(add_lora, model, lora_rank, lora_alpha, lora_dropout, lora_targets,
                         digest=reference_logps == 'precompute')
     if checkpoint and checkpoint['format'] == 'torch':
         model.load_state_dict(state['model'], strict=False)
@@ -350,7 +350,7 @@ if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
 reference = None
 if 'dpo' in objectives or (data_selection and lower_level == 'reference'):
     source = reference_from or policy_source
-    reference = base if lora_rank and not reference_from else \
+    reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
 teacher = None
 if 'kd' in objectives:
