@@ -3331,8 +3331,9 @@ def test_lora_zero2_and_zero3_match_plain_torch(tmp_path):
     """LoRA through DeepSpeed ZeRO-2 and ZeRO-3 (one process, gloo; the reference is the partitioned policy with its
     adapters off): DPO starts at log 2 and the per-update losses are plain torch's (rel 1e-4, fp32 summation order);
     the ZeRO-3 export (gathered, then merged) is plain torch's within atol 3e-5 while the merge moved the adapted
-    weights by far more."""
-    common = ['--lora_rank=4', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3',
+    weights by far more. n_embd=400: the attention matrices (160,000 elements) and the head (102,800) are above
+    DeepSpeed's persistence threshold (1e5), so ZeRO-3 really partitions them (a smaller one stays whole)."""
+    common = ['--n_embd=400', '--lora_rank=4', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3',
               '--eval_interval=3', '--eval_iters=1', '--learning_rate=1e-3', '--warmup_iters=0', '--decay_lr=False',
               '--beta=1.0', '--length_normalize=False']
     runs = {'plain': common, 'zero2': common + ['--deepspeed=True', '--zero_stage=2'],
