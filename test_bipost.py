@@ -3329,7 +3329,8 @@ def test_lora_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path):
 @pytest.mark.slow
 def test_lora_zero2_and_zero3_match_plain_torch(tmp_path):
     """LoRA through DeepSpeed ZeRO-2 and ZeRO-3 (one process, gloo; the reference is the partitioned policy with its
-    adapters off): DPO starts at log 2 and the per-update losses are plain torch's (rel 1e-4, fp32 summation order);
+    adapters off): DPO starts at log 2 and the per-update losses are plain torch's (rel 1e-4, fp32 summation order;
+    abs 3e-5 for the margins: differences of summed log-probs of ~-100, where one fp32 ulp is 7.6e-6, measured 1 ulp);
     the ZeRO-3 export (gathered, then merged) is plain torch's within atol 3e-5 while the merge moved the adapted
     weights by far more. n_embd=400: the attention matrices (160,000 elements) and the head (102,800) are above
     DeepSpeed's persistence threshold (1e5), so ZeRO-3 really partitions them (a smaller one stays whole)."""
@@ -3345,7 +3346,7 @@ def test_lora_zero2_and_zero3_match_plain_torch(tmp_path):
         assert records[name][0]['train/dpo/loss'] == pytest.approx(math.log(2), abs=1e-6)
         for mine, theirs in zip(records[name], records['plain']):
             for key in ('train/sft/loss', 'train/dpo/loss', 'train/dpo/rewards/margins'):
-                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (name, mine['iter'], key)
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=3e-5), (name, mine['iter'], key)
     from safetensors.torch import load_file
     weights = {n: load_file(d / 'hf' / 'model.safetensors') for n, d in dirs.items()}
     assert weights['zero3'].keys() == weights['plain'].keys()
