@@ -3311,12 +3311,13 @@ def test_lora_memory_plan_counts_optimizer_states_of_the_adapters_only():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('path', ['lora_plain', 'lora_zero2'])
+@pytest.mark.parametrize('path', ['lora_plain', 'lora_zero2', 'lora_zero3'])
 def test_lora_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path):
     """A LoRA run killed after update 5 and resumed from its update-3 checkpoint (torch format: ckpt.pt; DeepSpeed
-    ZeRO-2: the shards, saved without the frozen base) logs the uninterrupted run's losses: the base comes back from
-    its source, the adapters and their optimizer state from the checkpoint."""
-    args = ['--lora_rank=4'] + (['--deepspeed=True', '--zero_stage=2'] if path == 'lora_zero2' else [])
+    ZeRO-2/3: the shards, saved without the frozen base) logs the uninterrupted run's losses: the base comes back from
+    its source, the adapters and their optimizer state from the checkpoint. (ZeRO-3 at n_embd=400: partitioned.)"""
+    args = ['--lora_rank=4'] + {'lora_plain': [], 'lora_zero2': ['--deepspeed=True', '--zero_stage=2'],
+                                'lora_zero3': ['--n_embd=400', '--deepspeed=True', '--zero_stage=3']}[path]
     full = rel_uninterrupted(path, *args)
     killed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', *args, kill=('print', 'iter 5 |', 1))
     assert killed.returncode == -9, killed.stderr[-2000:]
