@@ -3313,17 +3313,24 @@ def test_lora_memory_plan_counts_optimizer_states_of_the_adapters_only():
 @pytest.mark.slow
 @pytest.mark.parametrize('path', ['lora_plain', 'lora_zero2', 'lora_zero3'])
 def test_lora_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path):
-    """A LoRA run killed after update 5 and resumed from its update-3 checkpoint (torch format: ckpt.pt; DeepSpeed
-    ZeRO-2/3: the shards, saved without the frozen base) logs the uninterrupted run's losses: the base comes back from
-    its source, the adapters and their optimizer state from the checkpoint. (ZeRO-3 at n_embd=400: partitioned.)"""
-    args = ['--lora_rank=4'] + {'lora_plain': [], 'lora_zero2': ['--deepspeed=True', '--zero_stage=2'],
-                                'lora_zero3': ['--n_embd=400', '--deepspeed=True', '--zero_stage=3']}[path]
-    full = rel_uninterrupted(path, *args)
-    killed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', *args, kill=('print', 'iter 5 |', 1))
+    """A LoRA run from an HF model directory, killed after update 5 and resumed from its update-3 checkpoint (torch
+    format: ckpt.pt; DeepSpeed ZeRO-2/3: the shards, saved without the frozen base), logs the uninterrupted run's
+    losses: the base comes back from its source (not the seed: the directory's weights are another seed's), the
+    adapters and their optimizer state from the checkpoint. ZeRO-3 at hidden 400: its weights really partitioned."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=400 if path == 'lora_zero3' else 32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=256)).save_pretrained(tmp_path / 'init')
+    args = ['--lora_rank=4', *{'lora_plain': [], 'lora_zero2': ['--deepspeed=True', '--zero_stage=2'],
+                               'lora_zero3': ['--deepspeed=True', '--zero_stage=3']}[path]]
+    start = f'--init_from={tmp_path / "init"}'
+    full = rel_uninterrupted(path, start, *args)
+    out = tmp_path / 'run'
+    killed = _rel_run(out, '--max_iters=6', '--eval_interval=3', start, *args, kill=('print', 'iter 5 |', 1))
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = _rel_run(tmp_path, '--max_iters=6', '--eval_interval=3', '--init_from=resume', *args)
+    resumed = _rel_run(out, '--max_iters=6', '--eval_interval=3', '--init_from=resume', *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert 'resumed from' in resumed.stdout and _rel_losses(_rel_metrics(tmp_path)) == full
+    assert 'resumed from' in resumed.stdout and _rel_losses(_rel_metrics(out)) == full
     assert [k for k in full if k[0] == 'iter'] == [('iter', i) for i in range(1, 7)]
 
 
