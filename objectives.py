@@ -74,7 +74,7 @@ class Head(NamedTuple):
             return self._finish(F.linear(hidden, module.weight, getattr(module, 'bias', None)))
 
         def chunk_losses(hidden, teacher_hidden):
-            with torch.no_grad():  # a model distilled from itself: its head's forward is this one
+            with torch.no_grad():  # (a model distilled from itself: its head's forward is this one, not a plain call)
                 teacher_probs = (logits if teacher.module is module else teacher.logits)(teacher_hidden).softmax(-1)
             return -(teacher_probs * logits(hidden).log_softmax(-1)).sum(-1)
 
