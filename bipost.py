@@ -27,6 +27,7 @@ from objectives import OBJECTIVES, DATA_KIND
 from reference_cache import load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
+import coreset as coresets
 from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
 
@@ -94,6 +95,16 @@ lower_lr = 1e-3               # Adam lr of the copy θ̂; about learning_rate
 trusted_weight = 0.8          # c0: share of the trusted loss in the model's loss, 0-1
 trusted_decay = 0.5           # c = c0 · trusted_decay^epoch
 keep_fraction = 0.8           # keep.npy holds the top fraction by weight
+example_weights = ''          # a weights.npy (coreset or data selector): per-example loss weights of keep_objective's split
+# coreset (coreset.py, README): a weighted subset of keep_objective's train split from gradient features, then exit
+coreset = ''                  # '' (train) | 'brief' | 'craig' | 'random' -> out_dir/{weights,keep,ranking}.npy, coreset.json
+coreset_fraction = 0.05       # γ in (0, 1]: K = ⌈γ·N⌉ examples
+coreset_dim = 8192            # random projection of the gradients (8192 in the BRIEF paper; ~512 for the demo)
+coreset_params = 'last'       # gradients over 'last' (last layer, final norm, head) | 'trainable' (requires_grad: LoRA adapters)
+coreset_adam = ''             # out_dir of a plain-torch warm-up run: precondition with its Adam state; '' = plain gradients
+coreset_features = ''         # coreset_features.pt of an earlier pass over the same split: select again without the model
+coreset_tolerance = 0.005     # golden-section precision on α (at most 15 evaluations)
+coreset_partition = 0         # > 0: one greedy per random part of at most this many examples (pools too large for one)
 # optimizer
 learning_rate = 1e-3          # peak lr; ~1e-6-1e-5 for 8B models
 max_iters = 300               # total optimizer updates
@@ -171,7 +182,8 @@ def all_mean(values):
 
 torch.manual_seed(seed)
 for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo')),
-                     ('reference_logps', ('live', 'precompute'))):
+                     ('reference_logps', ('live', 'precompute')), ('coreset', ('', 'brief', 'craig', 'random')),
+                     ('coreset_params', ('last', 'trainable'))):
     if config[key] not in allowed:
         fail(f"{key}={config[key]!r} is not one of {allowed}")
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -193,6 +205,12 @@ if dpo_loss == 'ipo' and label_smoothing > 0:
 if data_selection and lower_level == 'reference' and DATA_KIND.get(selection_objective) == 'pref':
     fail("data_selection: lower_level='reference' with preference pairs scores every pair against the reference "
          "itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
+if coreset and not (0 < coreset_fraction <= 1 and coreset_dim >= 1 and DATA_KIND.get(keep_objective) == 'sft'
+                    and not deepspeed and not keep_list):
+    fail(f"coreset={coreset!r} needs 0 < coreset_fraction <= 1 (got {coreset_fraction}), coreset_dim >= 1, an SFT "
+         f"keep_objective (got {keep_objective!r}), deepspeed=False (one plain-torch pass) and keep_list=''")
+if example_weights and data_selection:
+    fail("example_weights and data_selection both weight the training examples: set one of them")
 if data_selection and lower_level == 'reference' and reference_logps == 'precompute':
     fail("reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' runs it as θ̂ "
          "during training: set lower_level='copy' or 'none', or reference_logps='live'")
@@ -227,6 +245,11 @@ try:
                                       world_size, device, key='trusted_split')
     for split in train_data.values():
         split.check_batch(batch_size)
+    if (example_weights or coreset) and keep_objective not in objectives:
+        raise DataError(f"example_weights/coreset index keep_objective's train split, but '{keep_objective}' is not one "
+                        f"of objectives={objectives}: set keep_objective")
+    example_weight = coresets.load_example_weights(example_weights, train_data[keep_objective], device) \
+        if example_weights else None  # mean 1 over the examples trained on (the keep_list's, if any)
 except DataError as e:
     fail(str(e))
 
@@ -381,6 +404,16 @@ if reference_logps == 'precompute' and reference is not None:
 data_selector = DataSelector(  # before deepspeed.initialize: θ̂ is a copy of the plain module
     len(train_data[selection_objective].index), OBJECTIVES[selection_objective], model, selector_weights, selector_lr,
     lower_level, lower_lr, trusted_weight, trusted_decay, device) if data_selection else None
+
+if coreset:  # coreset mode: features of keep_objective's train split, the selection, its files; then exit
+    try:
+        coresets.run(config, model, train_data[keep_objective], meta['eos_id'], rank, world_size, master)
+    except ValueError as e:
+        fail(str(e))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # optimizer: explicit DeepSpeed, or plain torch
@@ -653,6 +686,8 @@ while True:
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
                 loss = losses.mean()
+                if example_weight is not None and name == keep_objective:  # coreset or data selector weights
+                    loss = (example_weight[batch['index']] * losses).mean()
                 if data_selector and name == selection_objective:  # weighted + trusted loss; also steps ω and θ̂
                     trusted = train_data['trusted'].batch(train_data['trusted'].next_ids(batch_size))
                     loss = data_selector.step(losses, batch, trusted, raw_model, ctx, split.epoch)
