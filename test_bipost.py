@@ -3364,3 +3364,311 @@ def test_lora_zero2_and_zero3_match_plain_torch(tmp_path):
     initial = LlamaForCausalLM(LlamaConfig.from_pretrained(dirs['plain'] / 'hf')).state_dict()
     q = 'model.layers.0.self_attn.q_proj.weight'
     assert (weights['zero3'][q] - initial[q]).abs().max() > 1e-4
+
+# ---- coreset (BRIEF / CRAIG / random) ----
+
+import coreset
+
+
+def _cs_points(n, d=3, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _cs_dense(terms):
+    return sum(f * torch.cdist(X, X) for X, f in terms)
+
+
+def _cs_value(D, chosen):
+    """F(C) = Σ_i (d_max − min_{j∈C} d_ij)."""
+    return float((D.max() - D[:, list(chosen)].min(1).values).sum())
+
+
+def _cs_plain_greedy(D, k):
+    chosen = []
+    for _ in range(k):
+        gains = [_cs_value(D, chosen + [j]) if j not in chosen else -1 for j in range(len(D))]
+        chosen.append(int(np.argmax(gains)))  # ties: the lower index
+    return chosen
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_coreset_lazy_greedy_equals_plain_greedy_and_bound(seed):
+    import itertools
+    kn, if_ = _cs_points(10, seed=seed), _cs_points(10, seed=seed + 10)
+    for terms in (coreset.brief_terms(kn, if_, 0.3), [(kn, 1.0)]):
+        D = _cs_dense(terms)
+        for k in (1, 3, 5):
+            lazy = coreset.facility_location(terms, k, chunk=4, refresh=2)
+            assert lazy == _cs_plain_greedy(D, k)
+            best = max(_cs_value(D, c) for c in itertools.combinations(range(10), k))
+            assert _cs_value(D, lazy) >= (1 - 1 / math.e) * best - 1e-9
+            if k == 1:  # one facility: greedy is exact
+                assert _cs_value(D, lazy) == pytest.approx(best)
+
+
+def test_coreset_weights_count_nearest_and_sum_to_n():
+    centers = torch.tensor([[0., 0.], [10., 0.], [0., 10.]], dtype=torch.float64)
+    sizes = [5, 3, 2]
+    X = torch.cat([c + 0.1 * _cs_points(s, 2, seed=i) for i, (c, s) in enumerate(zip(centers, sizes))])
+    terms = [(X, 1.0)]
+    picked = coreset.facility_location(terms, 3)
+    cluster = lambda j: 0 if j < 5 else (1 if j < 8 else 2)
+    assert sorted(cluster(j) for j in picked) == [0, 1, 2]  # one per cluster
+    weights = coreset.coverage_weights(terms, picked)
+    assert weights.tolist() == [sizes[cluster(j)] for j in picked] and weights.sum() == 10
+    result = coreset.select('brief', {'sft': X, 'kn': X, 'if': 2 * X}, 0.3)
+    assert len(result['selected']) == 3 and result['weights'].sum() == 10
+    random = coreset.select('random', {'sft': X, 'kn': X, 'if': X}, 0.3, seed=1)
+    assert random['weights'].tolist() == [10 / 3] * 3 and len(set(random['selected'])) == 3
+
+
+@pytest.mark.parametrize('f, argmin', [(lambda x: (x - 0.3) ** 2, 0.3), (lambda x: abs(x - 0.73), 0.73),
+                                       (lambda x: x, 0.0), (lambda x: -x, 1.0), (lambda x: math.exp(-x) + x, 0.0),
+                                       (lambda x: (x - 0.61) ** 4 - 1, 0.61)])
+def test_coreset_golden_section_finds_the_minimum(f, argmin):
+    x, fx, history = coreset.golden_section(f, 0.0, 1.0, tolerance=0.005, max_evals=15)
+    assert abs(x - argmin) <= 0.005 and fx == f(x) and len(history) <= 15
+    assert [h[0] for h in history[:2]] == [0.0, 1.0]  # both ends are candidates
+    x, _, history = coreset.golden_section(f, 0.0, 1.0, tolerance=1e-4, max_evals=40)
+    assert abs(x - argmin) <= 1e-4
+
+
+def test_coreset_chunked_distances_equal_dense():
+    kn, if_ = _cs_points(23, 4, seed=3), _cs_points(23, 4, seed=4)
+    terms = coreset.brief_terms(kn, if_, 0.6)
+    D = _cs_dense(terms)
+    picked = [3, 17, 8]
+    position, distance = coreset.nearest_selected(terms, picked, chunk=5)
+    torch.testing.assert_close(distance, D[:, picked].min(1).values)
+    assert position.tolist() == D[:, picked].argmin(1).tolist()
+    assert coreset.facility_location(terms, 6, chunk=5) == coreset.facility_location(terms, 6, chunk=1000)
+    assert coreset.coverage_error(kn, picked, chunk=4) == pytest.approx(float(torch.cdist(kn, kn)[:, picked].min(1).values.mean()))
+    torch.testing.assert_close(coreset.distances(kn, if_), torch.cdist(kn, if_))
+    d_kn, d_if = torch.cdist(kn, kn), torch.cdist(if_, if_)  # d(α) = d_KN/α + d_IF/(1−α); one space at the ends
+    torch.testing.assert_close(D, d_kn / 0.6 + d_if / 0.4)
+    torch.testing.assert_close(_cs_dense(coreset.brief_terms(kn, if_, 0.0)), d_kn)
+    torch.testing.assert_close(_cs_dense(coreset.brief_terms(kn, if_, 1.0)), d_if)
+
+
+def test_coreset_duplicates_and_k_at_least_n():
+    X = _cs_points(4, 2, seed=5)
+    pool = torch.cat([X, X, X[:1]])  # 9 examples, 4 distinct
+    features = {'sft': pool, 'kn': pool, 'if': pool * 0.5}
+    for method in ('brief', 'craig'):
+        result = coreset.select(method, features, 4 / 9)
+        assert sorted(pool[result['selected']].tolist()) == sorted(X.tolist())  # every distinct point, no copy twice
+        assert sorted(result['weights'].tolist()) == sorted([3.0, 2.0, 2.0, 2.0])  # each counts its copies
+    for fraction in (1.0, 0.999):  # K = ⌈γ·N⌉ = N: everything, weight 1 each (a duplicate is its own nearest)
+        result = coreset.select('craig', features, fraction)
+        assert sorted(result['selected']) == list(range(9)) and result['weights'].sum() == 9
+    assert len(coreset.select('random', {'sft': _cs_points(2000, 1)} | {'kn': None, 'if': None} and
+                              {s: _cs_points(2000, 1) for s in ('sft', 'kn', 'if')}, 0.05)['selected']) == 100
+
+
+def test_coreset_partitioned_greedy_shares_and_single_part():
+    X = _cs_points(30, 3, seed=6)
+    terms = [(X, 1.0)]
+    assert coreset.partitioned_facility_location(terms, 7, 0, seed=0) == coreset.facility_location(terms, 7)
+    assert coreset.partitioned_facility_location(terms, 7, 30, seed=0) == coreset.facility_location(terms, 7)
+    picked = coreset.partitioned_facility_location(terms, 7, 8, seed=0)  # 4 parts of 7-8 examples, shares 2,2,2,1
+    parts = np.array_split(np.random.default_rng(0).permutation(30), 4)
+    assert len(set(picked)) == 7 and [sum(j in p for j in picked) for p in parts] == [2, 2, 2, 1]
+    for p, share in zip(parts, [2, 2, 2, 1]):  # each part: the greedy of that part alone
+        local = coreset.facility_location([(X[torch.as_tensor(p)], 1.0)], share)
+        assert sorted(p[local].tolist()) == sorted(j for j in picked if j in p)
+
+
+def _cs_split():
+    from data.loader import Split, load_meta
+    data_dir = os.path.join(ROOT, 'data', 'demo')
+    meta = load_meta(data_dir)
+    return Split(data_dir, 'sft_train', 'sft', meta, 0), meta
+
+
+def test_coreset_features_are_the_objectives_gradients_and_sft_is_kn_plus_if():
+    from objectives import sft
+    from types import SimpleNamespace
+    from transformers import LlamaConfig, LlamaForCausalLM
+    split, meta = _cs_split()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+    names = coreset.parameter_subset(model.named_parameters(), 'last')
+    assert names[0].startswith('model.layers.1.') and names[-2:] == ['model.norm.weight', 'lm_head.weight']
+    assert len(coreset.parameter_subset(model.named_parameters(), 'trainable')) == len(list(model.parameters()))
+    ids = np.array([0, 7, 3])  # of different lengths: padding must not change anything
+    batch = split.batch(ids)
+    per_example = coreset.example_gradients(model, names, batch)
+    subset = [p for n, p in model.named_parameters() if n in names]
+    ctx = SimpleNamespace(fused_kernels=False)
+    for knowledge in (False, True):
+        rows = coreset.knowledge_batch(batch, meta['eos_id']) if knowledge else batch
+        got = coreset.example_gradients(model, names, rows) if knowledge else per_example
+        for i in range(len(ids)):
+            one = {k: v[i:i + 1] for k, v in rows.items() if torch.is_tensor(v)}
+            length = int(one['response_mask'][0].nonzero().max()) + 1  # one example, unpadded, as the trainer scores it
+            one = {k: v[:, :length] for k, v in one.items() if k != 'index'}
+            one['attention_mask'] = torch.ones_like(one['input_ids'])
+            expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(sft(model, one, ctx)[0].sum(), subset)])
+            torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-6)
+    kn_row = coreset.knowledge_batch(batch, meta['eos_id'])
+    response = batch['input_ids'][0][batch['response_mask'][0].bool()]
+    assert kn_row['input_ids'][0, 0] == meta['eos_id'] and kn_row['input_ids'][0, 1:1 + len(response)].tolist() == response.tolist()
+    features = coreset.gradient_features(model, split, ids, names, 64, 5, meta['eos_id'], 2)
+    torch.testing.assert_close(features['if'], features['sft'] - features['kn'], rtol=1e-5, atol=1e-6)
+    again = coreset.gradient_features(model, split, ids, names, 64, 5, meta['eos_id'], 3)
+    other = coreset.gradient_features(model, split, ids, names, 64, 6, meta['eos_id'], 2)
+    torch.testing.assert_close(again['sft'], features['sft'], rtol=1e-5, atol=1e-6)  # same seed: same projection
+    assert not torch.allclose(other['sft'], features['sft'])
+    P = per_example.shape[1]  # Adam-preconditioned: m' = β1·m + (1−β1)·g, v' = β2·v + (1−β2)·g², feature m'/√(v' + 1e-8)
+    m, v = torch.randn(P, generator=torch.Generator().manual_seed(1)), torch.rand(P, generator=torch.Generator().manual_seed(2))
+    adam = coreset.gradient_features(model, split, ids, names, 64, 5, meta['eos_id'], 2, adam=(m, v, 0.8, 0.9))
+    kn = coreset.example_gradients(model, names, coreset.knowledge_batch(batch, meta['eos_id']))
+    for space, g in (('sft', per_example), ('kn', kn), ('if', per_example - kn)):
+        hand = (0.8 * m + 0.2 * g) / (0.9 * v + 0.1 * g * g + 1e-8).sqrt()
+        torch.testing.assert_close(adam[space], coreset.Projection(P, 64, 5)(hand), rtol=1e-4, atol=1e-5)
+
+
+def test_coreset_projection_is_rademacher_seeded_and_blockwise(monkeypatch):
+    monkeypatch.setattr(coreset.Projection, 'BLOCK', 16)
+    x = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    cached, drawn = coreset.Projection(50, 2000, seed=3), coreset.Projection(50, 2000, seed=3)
+    drawn.cache = None  # drawn again at each call: the same matrix
+    torch.testing.assert_close(cached(x), drawn(x))
+    R = cached(torch.eye(50))
+    assert R.unique().tolist() == [-1 / np.float32(math.sqrt(2000)), 1 / np.float32(math.sqrt(2000))]
+    assert abs(float(R.mean())) < 0.01 and not torch.equal(R, coreset.Projection(50, 2000, seed=4)(torch.eye(50)))
+    torch.testing.assert_close(cached(x).norm(dim=1), x.norm(dim=1), rtol=0.1, atol=0)  # E‖xR‖² = ‖x‖²
+
+
+def test_coreset_adam_preconditioning_reads_the_warmup_state(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW([{'params': decay}, {'params': [p for p in model.parameters() if p.dim() < 2]}],
+                                  betas=(0.8, 0.9))
+    sum((p ** 2).sum() for p in model.parameters()).backward()
+    optimizer.step()
+    torch.save({'optimizer': optimizer.state_dict()}, tmp_path / 'ckpt.pt')
+    names = ['model.norm.weight', 'lm_head.weight']
+    m, v, beta1, beta2 = coreset.adam_state(str(tmp_path), model, names)
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(m, torch.cat([optimizer.state[params[n]]['exp_avg'].reshape(-1) for n in names]))
+    torch.testing.assert_close(v, torch.cat([optimizer.state[params[n]]['exp_avg_sq'].reshape(-1) for n in names]))
+    assert (beta1, beta2) == (0.8, 0.9)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match='does not fit this model'):
+        coreset.adam_state(str(tmp_path), other, names)
+
+
+CORESET_TINY = ['--objectives=["sft"]', '--weights=[1.0]', '--coreset_dim=32', '--batch_size=16']
+
+
+def test_coreset_bipost_mode_writes_the_selector_files_and_reuses_features(tmp_path, monkeypatch, capsys):
+    n = 150
+    out, again = tmp_path / 'brief', tmp_path / 'again'
+    trusted = "--train_splits={'sft': 'sft_trusted'}"  # 150 examples: a quick pass
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *CORESET_TINY, trusted, '--coreset=brief',
+                                       '--coreset_fraction=0.1', f'--out_dir={out}')
+    assert code == 0, err
+    keep, weights, ranking = (np.load(out / f'{k}.npy') for k in ('keep', 'weights', 'ranking'))
+    summary = json.load(open(out / 'coreset.json'))
+    assert len(keep) == 15 == summary['selected'] and (np.diff(keep) > 0).all() and weights.sum() == n
+    assert set(np.flatnonzero(weights)) == set(keep) and sorted(ranking.tolist()) == list(range(n))
+    assert sorted(ranking[:15].tolist()) == keep.tolist() and 0 <= summary['alpha'] <= 1 and len(summary['search']) <= 15
+    assert f"coreset brief: 15 of {n} examples of sft_trusted | alpha" in stdout
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *CORESET_TINY, trusted, '--coreset=brief', '--coreset_fraction=0.1',
+                                  f'--out_dir={again}', f"--coreset_features={out / 'coreset_features.pt'}")
+    assert code == 0, err
+    assert np.array_equal(np.load(again / 'keep.npy'), keep) and json.load(open(again / 'coreset.json'))['alpha'] == summary['alpha']
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--coreset=brief', '--coreset_fraction=0.0'], ['coreset_fraction <= 1 (got 0.0)']),
+    (['--coreset=brief', '--coreset_fraction=1.5'], ['coreset_fraction <= 1 (got 1.5)']),
+    (['--coreset=brief', "--train_splits={'sft': 'sft_noisy_train'}", '--coreset_features={features}'],
+     ['holds the features of another split or dataset than sft_noisy_train']),
+    (['--coreset=brief', '--coreset_features=/no/such.pt'], ['coreset_features=/no/such.pt is missing']),
+    (['--coreset=craig', '--coreset_adam=/no/run'], ['coreset_adam=/no/run: /no/run/ckpt.pt not found']),
+    (['--coreset=craig', '--batch_size=4000'], ['fewer than one batch']),  # an empty split fails here too
+    (['--example_weights={short}'], ['holds (3,) weights, but split', 'made for another split']),
+    (['--example_weights=/no/w.npy'], ['example_weights=/no/w.npy not found']),
+    (['--example_weights={short}', '--data_selection=True'], ['example_weights and data_selection']),
+])
+def test_coreset_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, args, says):
+    features = tmp_path / 'features.pt'
+    torch.save({'fingerprint': {'split': 'sft_train', 'digest': _cs_split()[0].digest(), 'examples': 2000}}, features)
+    np.save(tmp_path / 'short.npy', np.ones(3))
+    args = [a.replace('{features}', str(features)).replace('{short}', str(tmp_path / 'short.npy')) for a in args]
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *CORESET_TINY, *args, '--max_iters=1',
+                                    f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and all(s in message for s in says), message
+
+
+def _cs_train(monkeypatch, capsys, tmp_path, name, *args):
+    """One update; returns {parameter name: (value before the step, its gradient)}."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    seen = {}
+    handle = register_optimizer_step_pre_hook(lambda opt, a, k: seen.update(
+        {id(p): (p.detach().clone(), p.grad.detach().clone()) for g in opt.param_groups for p in g['params']}))
+    namespace = {}
+    try:
+        code, _, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft"]', '--weights=[1.0]', '--max_iters=1',
+                                      '--grad_clip=0', '--export_hf=False', f'--out_dir={tmp_path / name}', *args,
+                                      namespace=namespace)
+    finally:
+        handle.remove()
+    assert code == 0, err
+    return {n: seen[id(p)] for n, p in namespace['raw_model'].named_parameters()}, namespace
+
+
+def test_coreset_example_weights_in_the_trainer(tmp_path, monkeypatch, capsys):
+    import copy
+    from data.loader import Split
+    split, meta = _cs_split()
+    n = len(split.index)
+    keep = np.arange(0, n, 3)
+    np.save(tmp_path / 'keep.npy', keep)
+    np.save(tmp_path / 'ones.npy', np.ones(n))
+    weights = np.random.default_rng(0).uniform(0, 3, n)
+    first = Split(os.path.join(ROOT, 'data', 'demo'), 'sft_train', 'sft', meta, 1337, keep=keep).next_ids(4)
+    weights[first[:2]] = 0  # two of the first batch's examples count for nothing
+    np.save(tmp_path / 'w.npy', weights)
+    keep_args = [f"--keep_list={tmp_path / 'keep.npy'}"]
+    plain, _ = _cs_train(monkeypatch, capsys, tmp_path, 'plain', *keep_args)
+    ones, _ = _cs_train(monkeypatch, capsys, tmp_path, 'ones', *keep_args, f"--example_weights={tmp_path / 'ones.npy'}")
+    weighted, ns = _cs_train(monkeypatch, capsys, tmp_path, 'weighted', *keep_args, f"--example_weights={tmp_path / 'w.npy'}")
+    for name in plain:  # all-ones weights: the very same update
+        assert torch.equal(plain[name][1], ones[name][1])
+    model = copy.deepcopy(ns['raw_model'])  # the weighted loss by hand, on the weights before the step
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weighted[name][0])
+    losses = ns['OBJECTIVES']['sft'](model, split.batch(first), ns['ctx'])[0]
+    scaled = torch.as_tensor(weights[first] / weights[keep].mean(), dtype=torch.float32)  # mean 1 over the kept
+    (scaled * losses).mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(weighted[name][1], p.grad, rtol=1e-4, atol=1e-7)
+    model.zero_grad()  # the zero-weight examples add nothing: the same gradient from the others alone
+    losses = ns['OBJECTIVES']['sft'](model, split.batch(first[2:]), ns['ctx'])[0]
+    (scaled[2:] * losses).sum().div(4).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(weighted[name][1], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_coreset_example_weights_load_the_data_selectors_file(tmp_path):
+    from selector import DataSelector
+    split, _ = _cs_split()
+    selector = DataSelector(len(split.index), None, lower_level='none')
+    with torch.no_grad():
+        selector.omega.normal_(generator=torch.Generator().manual_seed(0))
+    selector.save(str(tmp_path), 0.8)
+    w = coreset.load_example_weights(str(tmp_path / 'weights.npy'), split, 'cpu')
+    torch.testing.assert_close(w, selector.weights().detach())  # already mean 1 over all
+    split.ids = np.load(tmp_path / 'keep.npy')
+    w = coreset.load_example_weights(str(tmp_path / 'weights.npy'), split, 'cpu')
+    assert float(w[split.ids].mean()) == pytest.approx(1.0)
