@@ -14,9 +14,9 @@ Per example (x, y), token means over the response:  L_SFT = −log p(y | x),  L_
 Distances are computed in blocks of rows, never all N×N at once: memory O(chunk × N).
 """
 import heapq
-import json
 import math
 import os
+import pickle
 import time
 import warnings
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoint import write_json_atomic
 from data.prepare import DataError
 
 CHUNK = 1024  # rows per distance block
@@ -158,11 +159,10 @@ def select(method, features, fraction, seed=0, tolerance=0.005, max_evals=15, pa
     """The coreset of a pool: {'selected': ids in the order picked, 'weights': [K] summing to N, 'alpha', 'scores'}.
     features: {'sft', 'kn', 'if': [N, d] tensors}. random: K uniform draws, each weighing N/K."""
     n = len(features['sft'])
-    k = min(n, math.ceil(fraction * n - 1e-9))  # ⌈γ·N⌉, not pushed up by rounding (0.05·2000 = 100.00000000000001)
+    k = min(n, math.ceil(fraction * n - 1e-9))  # ⌈γ·N⌉, not pushed up by rounding (0.07·100 = 7.000000000000001)
     greedy = lambda terms: partitioned_facility_location(terms, k, partition, seed, chunk)
-    scores = lambda picked: {'E_kn': coverage_error(features['kn'], picked, chunk),
-                             'E_if': coverage_error(features['if'], picked, chunk),
-                             'E_sft': coverage_error(features['sft'], picked, chunk)}
+    scores = lambda picked: {f'E_{s}': coverage_error(features[s], picked, chunk) for s in ('kn', 'if', 'sft')
+                             if features[s].shape[1]}  # none without features (random)
     alpha, search = None, []
     if method == 'random':
         selected = np.random.default_rng(seed).choice(n, k, replace=False).tolist()
@@ -328,16 +328,23 @@ def run(config, model, split, eos_id, rank, world_size, master):
     fingerprint = {'split': split.name, 'digest': split.digest(), 'examples': n}
     t0 = time.time()
     if config['coreset_features']:
-        features = torch.load(config['coreset_features'], weights_only=False) \
-            if os.path.exists(config['coreset_features']) else None
-        if features is None or {k: features['fingerprint'].get(k) for k in fingerprint} != fingerprint:
+        try:
+            features = torch.load(config['coreset_features'], weights_only=False)
+            saved = {k: features['fingerprint'].get(k) for k in fingerprint}
+        except (OSError, RuntimeError, KeyError, TypeError, AttributeError, pickle.UnpicklingError):
+            saved = None  # missing, or not a features file
+        if saved != fingerprint:
             raise ValueError(f"coreset_features={config['coreset_features']} is missing or holds the features of another "
                              f"split or dataset than {split.name} ({split.path}): leave coreset_features='' to compute them")
+    elif config['coreset'] == 'random':  # needs no features (give coreset_features for its E scores)
+        features = {s: torch.zeros(n, 0) for s in SPACES} | {'fingerprint': fingerprint}
     else:
         names = parameter_subset(model.named_parameters(), config['coreset_params'])
-        adam = adam_state(config['coreset_adam'], model, names) if config['coreset_adam'] else None
         device = next(model.parameters()).device
-        adam = adam and (adam[0].to(device), adam[1].to(device), *adam[2:])
+        adam = None
+        if config['coreset_adam']:
+            m, v, beta1, beta2 = adam_state(config['coreset_adam'], model, names)
+            adam = (m.to(device), v.to(device), beta1, beta2)
         mine = np.arange(rank, n, world_size)  # each rank its round-robin share, gathered by a sum
         model.requires_grad_(False)  # the gradients are torch.func's, of the subset only
         part = gradient_features(model, split, mine, names, config['coreset_dim'], config['seed'], eos_id,
@@ -355,7 +362,7 @@ def run(config, model, split, eos_id, rank, world_size, master):
     if not master:
         return
     os.makedirs(out_dir, exist_ok=True)
-    if not config['coreset_features']:
+    if not config['coreset_features'] and config['coreset'] != 'random':
         torch.save(features, os.path.join(out_dir, 'coreset_features.pt'))
     t0 = time.time()
     result = select(config['coreset'], features, config['coreset_fraction'], config['seed'], config['coreset_tolerance'],
@@ -365,14 +372,16 @@ def run(config, model, split, eos_id, rank, world_size, master):
     weights[selected] = result['weights']
     ranking = np.concatenate([selected, np.setdiff1d(np.arange(n), selected)])
     for name, array in (('weights', weights), ('keep', np.sort(selected)), ('ranking', ranking)):
-        np.save(os.path.join(out_dir, name + '.npy'), array)
+        with open(os.path.join(out_dir, name + '.npy.tmp'), 'wb') as f:  # atomic, like the data selector's
+            np.save(f, array)
+        os.replace(os.path.join(out_dir, name + '.npy.tmp'), os.path.join(out_dir, name + '.npy'))
     summary = {'method': config['coreset'], 'fraction': config['coreset_fraction'], 'examples': n, 'selected': len(selected),
                'alpha': result['alpha'], **result['scores'], 'search': result['search'],
                'features': {k: v for k, v in features['fingerprint'].items() if k != 'params'},
                'feature_seconds': round(feature_seconds, 2), 'selection_seconds': round(time.time() - t0, 2)}
-    with open(os.path.join(out_dir, 'coreset.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
-    alpha = '' if result['alpha'] is None else f" | alpha {result['alpha']:.3f}"
-    print(f"coreset {config['coreset']}: {len(selected)} of {n} examples of {split.name}{alpha} | E_kn "
-          f"{summary['E_kn']:.4f} | E_if {summary['E_if']:.4f} | features {feature_seconds:.1f}s | selection "
-          f"{summary['selection_seconds']:.1f}s -> {out_dir}/{{weights,keep,ranking}}.npy, coreset.json")
+    write_json_atomic(os.path.join(out_dir, 'coreset.json'), summary)
+    facts = ([f"alpha {result['alpha']:.3f}"] if result['alpha'] is not None else []) + \
+        [f"{k} {v:.4f}" for k, v in result['scores'].items()]
+    print(f"coreset {config['coreset']}: {len(selected)} of {n} examples of {split.name} | " + ' | '.join(facts + [
+          f"features {feature_seconds:.1f}s", f"selection {summary['selection_seconds']:.1f}s -> {out_dir}/"
+          f"{{weights,keep,ranking}}.npy, coreset.json"]))

@@ -3675,3 +3675,23 @@ def test_coreset_example_weights_load_the_data_selectors_file(tmp_path):
     split.ids = np.load(tmp_path / 'keep.npy')
     w = coreset.load_example_weights(str(tmp_path / 'weights.npy'), split, 'cpu')
     assert float(w[split.ids].mean()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_coreset_feature_pass_sharded_over_two_ranks_equals_one(tmp_path):
+    import socket
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    args = [*REL_TINY, *CORESET_TINY, "--train_splits={'sft': 'sft_trusted'}", '--coreset=craig', '--coreset_fraction=0.1']
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    for launcher, name in (([], 'one'), (['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}'], 'two')):
+        done = subprocess.run([sys.executable, *launcher, 'bipost.py', *args, f'--out_dir={tmp_path / name}'], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one, two = (torch.load(tmp_path / n / 'coreset_features.pt', weights_only=False) for n in ('one', 'two'))
+    for space in coreset.SPACES:  # rank r computed the examples r, r + 2, ...: gathered, the same features
+        torch.testing.assert_close(one[space], two[space], rtol=1e-5, atol=1e-6)
+        assert one[space].abs().sum(1).min() > 0  # no example left out
+    assert np.array_equal(np.load(tmp_path / 'one' / 'keep.npy'), np.load(tmp_path / 'two' / 'keep.npy'))
