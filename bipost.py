@@ -27,7 +27,7 @@ from objectives import OBJECTIVES, DATA_KIND
 from reference_cache import load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
-import coreset as coresets
+import coreset as coresets  # `coreset` is a config key
 from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
 

@@ -346,7 +346,7 @@ def run(config, model, split, eos_id, rank, world_size, master):
             m, v, beta1, beta2 = adam_state(config['coreset_adam'], model, names)
             adam = (m.to(device), v.to(device), beta1, beta2)
         mine = np.arange(rank, n, world_size)  # each rank its round-robin share, gathered by a sum
-        model.requires_grad_(False)  # the gradients are torch.func's, of the subset only
+        model.requires_grad_(False).eval()  # torch.func's gradients, of the subset only; no dropout (vmap refuses it)
         part = gradient_features(model, split, mine, names, config['coreset_dim'], config['seed'], eos_id,
                                  config['batch_size'], adam)
         features = {s: torch.zeros(n, config['coreset_dim']) for s in SPACES}

@@ -3,13 +3,14 @@ Coreset selection on the demo (README, coreset selection): BRIEF vs CRAIG vs ran
 fractions, each trained for the same number of epochs, beside training on all of it; held-out SFT loss on the whole
 of sft_val, mean ± std over training seeds.
 
-    python data/demo/brief_table.py                                  # ~15 min on 2 CPU cores; prints markdown tables
+    python data/demo/brief_table.py                                  # ~15 min on 2 quiet CPU cores; prints markdown tables
     python data/demo/brief_table.py --seeds 1337 --fractions 0.05    # one seed, one fraction: ~3 min
 
 1. Warm-up (config/brief_demo.py): 4 epochs on a random 5% from scratch; its export and Adam state give the features.
 2. Features once (g_SFT, g_KN, g_IF of the last layer, Adam-preconditioned, 512 dims), then every selection from them
    (coreset_features): BRIEF and CRAIG once per fraction (deterministic), random once per fraction and seed.
-3. Training from scratch on each coreset with its weights (example_weights; random: uniform), `--epochs` epochs of it.
+3. Training from scratch on each coreset with its weights (example_weights; random: uniform), `--epochs` epochs of it;
+   'brief-uniform': BRIEF's coreset without its weights (does the weighting help?).
 Runs are sequential subprocesses of bipost.py, with OMP_NUM_THREADS=1 unless set.
 """
 import os, sys, json, math, argparse, subprocess
@@ -39,8 +40,9 @@ def main():
     parser.add_argument('--out_dir', default=os.path.join(ROOT, 'out-brief-table'))
     parser.add_argument('--seeds', type=int, nargs='+', default=[1337, 1, 2])
     parser.add_argument('--fractions', type=float, nargs='+', default=[0.05, 0.1, 0.2])
-    parser.add_argument('--methods', nargs='+', default=['brief', 'craig', 'random'])
-    parser.add_argument('--epochs', type=int, default=8)
+    parser.add_argument('--methods', nargs='+', default=['brief', 'craig', 'random', 'brief-uniform'],
+                        help="a -uniform suffix: that method's coreset trained without its weights")
+    parser.add_argument('--epochs', type=int, default=16)
     args = parser.parse_args()
     out = lambda *parts: os.path.join(args.out_dir, *parts)
 
@@ -61,16 +63,17 @@ def main():
         k = math.ceil(fraction * N - 1e-9)
         updates = math.ceil(args.epochs * k / BATCH)
         for method in args.methods:
+            base, uniform = method.removesuffix('-uniform'), method.endswith('-uniform')
             losses, scores = [], []
             for seed in args.seeds:
-                select = out(f'{method}-{fraction}' + (f'-seed{seed}' if method == 'random' else ''))
-                if not os.path.exists(os.path.join(select, 'keep.npy')) or method == 'random':
-                    bipost(f'--coreset={method}', f'--coreset_fraction={fraction}', f'--coreset_features={features}',
+                select = out(f'{base}-{fraction}' + (f'-seed{seed}' if base == 'random' else ''))
+                if not os.path.exists(os.path.join(select, 'keep.npy')) or (base == 'random' and not uniform):
+                    bipost(f'--coreset={base}', f'--coreset_fraction={fraction}', f'--coreset_features={features}',
                            f'--seed={seed}', f'--out_dir={select}')
                 summary = json.load(open(os.path.join(select, 'coreset.json')))
                 scores.append(summary)
                 losses.append(train(f'{method}-{fraction}', seed, updates, os.path.join(select, 'keep.npy'),
-                                    os.path.join(select, 'weights.npy')))
+                                    '' if uniform else os.path.join(select, 'weights.npy')))
             summaries[(method, fraction)] = scores[0]
             rows.append((method, fraction, k, updates, losses, np.mean([s['E_kn'] for s in scores]),
                          np.mean([s['E_if'] for s in scores]), scores[0]['alpha']))
