@@ -3596,7 +3596,7 @@ def test_coreset_bipost_mode_writes_the_selector_files_and_reuses_features(tmp_p
      ['holds the features of another split or dataset than sft_noisy_train']),
     (['--coreset=brief', '--coreset_features=/no/such.pt'], ['coreset_features=/no/such.pt is missing']),
     (['--coreset=craig', '--coreset_adam=/no/run'], ['coreset_adam=/no/run: /no/run/ckpt.pt not found']),
-    (['--coreset=craig', '--batch_size=4000'], ['fewer than one batch']),  # an empty split fails here too
+    (['--coreset=craig', "--train_splits={'sft': 'sft_empty'}"], ['sft_empty.bin is empty', "split 'sft_empty' has no examples"]),
     (['--example_weights={short}'], ['holds (3,) weights, but split', 'made for another split']),
     (['--example_weights=/no/w.npy'], ['example_weights=/no/w.npy not found']),
     (['--example_weights={short}', '--data_selection=True'], ['example_weights and data_selection']),
@@ -3605,6 +3605,12 @@ def test_coreset_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, args, s
     features = tmp_path / 'features.pt'
     torch.save({'fingerprint': {'split': 'sft_train', 'digest': _cs_split()[0].digest(), 'examples': 2000}}, features)
     np.save(tmp_path / 'short.npy', np.ones(3))
+    if any('sft_empty' in a for a in args):  # a copy of the demo with an empty SFT split
+        import shutil
+        shutil.copytree(os.path.join(ROOT, 'data', 'demo'), tmp_path / 'data')
+        (tmp_path / 'data' / 'sft_empty.bin').write_bytes(b'')
+        np.save(tmp_path / 'data' / 'sft_empty_index.npy', np.zeros((0, 3), np.int64))
+        args = [*args, f"--dataset={tmp_path / 'data'}"]
     args = [a.replace('{features}', str(features)).replace('{short}', str(tmp_path / 'short.npy')) for a in args]
     code, out, err = _rel_inprocess(monkeypatch, capsys, *CORESET_TINY, *args, '--max_iters=1',
                                     f'--out_dir={tmp_path / "out"}')

@@ -86,6 +86,9 @@ class Split:
                                all(os.path.exists(os.path.join(data_dir, n + x)) for x in ('.bin', '_index.npy')))
                 raise DataError(f"{path + suffix} not found: split '{name}' was not prepared; prepare it, or set "
                                 f"{key} to one of the {kind} splits in {data_dir}: {ready}")
+        if os.path.getsize(path + '.bin') == 0:  # (numpy cannot memmap an empty file)
+            raise DataError(f"{path}.bin is empty: split '{name}' has no examples; prepare it with data, or set {key} "
+                            f"to another split")
         self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
         self.index = np.load(path + '_index.npy')
         if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:

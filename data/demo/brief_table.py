@@ -81,14 +81,17 @@ def main():
     full_updates = math.ceil(args.epochs * N / BATCH)
     full = [train('all', seed, full_updates) for seed in args.seeds]
 
-    print(f"\n{args.epochs} epochs of each training set, from scratch; held-out SFT loss on all 300 examples of sft_val, "
-          f"mean ± sample std over seeds {args.seeds}.\n")
-    print("| fraction | method | examples | updates | val loss | E_KN | E_IF | α |\n|---|---|---|---|---|---|---|---|")
+    lines = [f"{args.epochs} epochs of each training set, from scratch; held-out SFT loss on all 300 examples of sft_val, "
+             f"mean ± sample std over seeds {args.seeds}.", "",
+             "| fraction | method | examples | updates | val loss | E_KN | E_IF | α |", "|---|---|---|---|---|---|---|---|"]
+    std = lambda values: np.std(values, ddof=1) if len(values) > 1 else 0.0
     for method, fraction, k, updates, losses, e_kn, e_if, alpha in rows:
-        print(f"| {fraction:.0%} | {method} | {k} | {updates} | {np.mean(losses):.4f} ± {np.std(losses, ddof=1) if len(losses) > 1 else 0:.4f} | "
-              f"{e_kn:.3f} | {e_if:.3f} | {'' if alpha is None else f'{alpha:.3f}'} |")
-    print(f"| 100% | all data | {N} | {full_updates} | {np.mean(full):.4f} ± {np.std(full, ddof=1) if len(full) > 1 else 0:.4f} | 0 | 0 | |")
-
+        lines.append(f"| {fraction:.0%} | {method} | {k} | {updates} | {np.mean(losses):.4f} ± {std(losses):.4f} | "
+                     f"{e_kn:.3f} | {e_if:.3f} | {'' if alpha is None else f'{alpha:.3f}'} |")
+    lines.append(f"| 100% | all data | {N} | {full_updates} | {np.mean(full):.4f} ± {std(full):.4f} | 0 | 0 | |")
+    print('\n' + '\n'.join(lines))
+    with open(out('table.md'), 'w') as f:  # data/demo/brief_table.md is a copy of the README's run
+        f.write('\n'.join(lines) + '\n')
 
 if __name__ == '__main__':
     main()
