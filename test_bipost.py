@@ -3701,3 +3701,26 @@ def test_coreset_feature_pass_sharded_over_two_ranks_equals_one(tmp_path):
         torch.testing.assert_close(one[space], two[space], rtol=1e-5, atol=1e-6)
         assert one[space].abs().sum(1).min() > 0  # no example left out
     assert np.array_equal(np.load(tmp_path / 'one' / 'keep.npy'), np.load(tmp_path / 'two' / 'keep.npy'))
+
+
+def test_coreset_features_over_lora_adapters():
+    """coreset_params='trainable' on a peft LoRA model: the adapters only, and vmap's per-example gradients are autograd's."""
+    peft = pytest.importorskip('peft')
+    from transformers import LlamaConfig, LlamaForCausalLM
+    split, _ = _cs_split()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
+                                                      init_lora_weights=False))  # B ≠ 0: every adapter has a gradient
+    names = coreset.parameter_subset(model.named_parameters(), 'trainable')
+    assert len(names) == 8 and all('lora_' in n for n in names)
+    batch = split.batch(np.array([0, 7, 3]))
+    got = coreset.example_gradients(model, names, batch)
+    subset = [p for n, p in model.named_parameters() if n in names]
+    for i in range(3):
+        length = int(batch['response_mask'][i].nonzero().max()) + 1
+        ids, scored = batch['input_ids'][i:i + 1, :length], batch['response_mask'][i, 1:length].float()
+        logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        expected = torch.autograd.grad(-(logps * scored).sum() / scored.sum(), subset)
+        torch.testing.assert_close(got[i], torch.cat([g.reshape(-1) for g in expected]), rtol=1e-4, atol=1e-7)
