@@ -112,6 +112,7 @@ def nearest_selected(terms, selected, chunk=CHUNK):
     for s in range(0, n, chunk):
         d = block(terms, slice(s, s + chunk), cols).double()
         distance[s:s + chunk], position[s:s + chunk] = d.min(1)
+    position[cols], distance[cols] = torch.arange(len(cols)), 0.0  # exactly, whatever the rounding of ‖a‖² + ‖b‖² − 2ab
     return position, distance
 
 
@@ -158,6 +159,9 @@ def golden_section(f, lo=0.0, hi=1.0, tolerance=0.005, max_evals=15):
 def select(method, features, fraction, seed=0, tolerance=0.005, max_evals=15, partition=0, chunk=CHUNK):
     """The coreset of a pool: {'selected': ids in the order picked, 'weights': [K] summing to N, 'alpha', 'scores'}.
     features: {'sft', 'kn', 'if': [N, d] tensors}. random: K uniform draws, each weighing N/K."""
+    # distances do not change under a shift, and gradients share a large common part: without it, ‖a‖² + ‖b‖² − 2ab
+    # would lose the differences to rounding (fp32 features)
+    features = {s: features[s] - features[s].mean(0) for s in SPACES}
     n = len(features['sft'])
     k = min(n, math.ceil(fraction * n - 1e-9))  # ⌈γ·N⌉, not pushed up by rounding (0.07·100 = 7.000000000000001)
     greedy = lambda terms: partitioned_facility_location(terms, k, partition, seed, chunk)

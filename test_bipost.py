@@ -3450,6 +3450,16 @@ def test_coreset_chunked_distances_equal_dense():
     torch.testing.assert_close(_cs_dense(coreset.brief_terms(kn, if_, 1.0)), d_if)
 
 
+def test_coreset_fp32_features_with_a_large_common_part():
+    X = torch.randn(60, 8, generator=torch.Generator().manual_seed(7))
+    shifted = X + 1e4  # ‖x‖² ~ 1e9: the rounding of ‖a‖² + ‖b‖² − 2ab in fp32 is larger than the distances
+    for method in ('craig', 'brief'):
+        a, b = (coreset.select(method, {s: Y for s in ('sft', 'kn', 'if')}, 0.1) for Y in (X, shifted))
+        assert a['selected'] == b['selected'] and a['weights'].tolist() == b['weights'].tolist()
+    position, distance = coreset.nearest_selected([(shifted, 1.0)], [5, 9, 2])
+    assert position[[5, 9, 2]].tolist() == [0, 1, 2] and distance[[5, 9, 2]].tolist() == [0, 0, 0]
+
+
 def test_coreset_duplicates_and_k_at_least_n():
     X = _cs_points(4, 2, seed=5)
     pool = torch.cat([X, X, X[:1]])  # 9 examples, 4 distinct
@@ -3581,8 +3591,7 @@ def test_coreset_bipost_mode_writes_the_selector_files_and_reuses_features(tmp_p
     assert sorted(ranking[:15].tolist()) == keep.tolist() and 0 <= summary['alpha'] <= 1 and len(summary['search']) <= 15
     assert f"coreset brief: 15 of {n} examples of sft_trusted | alpha" in stdout
     features = torch.load(out / 'coreset_features.pt', weights_only=False)  # ranking: the coreset in the order picked
-    assert ranking[:15].tolist() == coreset.facility_location(coreset.brief_terms(features['kn'], features['if'],
-                                                                                  summary['alpha']), 15)
+    assert ranking[:15].tolist() == coreset.select('brief', features, 0.1)['selected']
     code, _, err = _rel_inprocess(monkeypatch, capsys, *CORESET_TINY, trusted, '--coreset=brief', '--coreset_fraction=0.1',
                                   f'--out_dir={again}', f"--coreset_features={out / 'coreset_features.pt'}")
     assert code == 0, err
