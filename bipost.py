@@ -101,7 +101,7 @@ coreset = ''                  # '' (train) | 'brief' | 'craig' | 'random' -> out
 coreset_fraction = 0.05       # γ in (0, 1]: K = ⌈γ·N⌉ examples
 coreset_dim = 8192            # random projection of the gradients (8192 in the BRIEF paper; ~512 for the demo)
 coreset_params = 'last'       # gradients over 'last' (last layer, final norm, head) | 'trainable' (requires_grad: LoRA adapters)
-coreset_adam = ''             # out_dir of a plain-torch warm-up run: precondition with its Adam state; '' = plain gradients
+coreset_adam = ''             # out_dir of a plain-torch warm-up run: features at its weights, Adam-preconditioned; '' = plain
 coreset_features = ''         # coreset_features.pt of an earlier pass over the same split: select again without the model
 coreset_tolerance = 0.005     # golden-section precision on α (at most 15 evaluations)
 coreset_partition = 0         # > 0: one greedy per random part of at most this many examples (pools too large for one)

@@ -5,7 +5,7 @@ weighted gradients stand in for the whole split's. Methods: 'brief' (BRIEF), 'cr
 Per example (x, y), token means over the response:  L_SFT = −log p(y | x),  L_KN = −log p(y) (the response alone:
 "knowledge"),  L_IF = L_SFT − L_KN (instruction following), so ∇L_SFT = ∇L_KN + ∇L_IF.
 1. Features (one pass, the model and the data): per-example gradients g_SFT, g_KN, g_IF over a parameter subset,
-   optionally Adam-preconditioned with a warm-up run's optimizer state, Rademacher-projected to d dimensions.
+   optionally at a warm-up run's weights and preconditioned by its Adam state, Rademacher-projected to d dimensions.
 2. Selection (pure functions of the features): facility location F(C) = Σ_i (d_max − min_{j∈C} d_ij), maximized by
    lazy greedy ((1 − 1/e) of the best K); weight of j ∈ C: how many pool examples have j as nearest selected.
    CRAIG: d = ‖g_SFT,i − g_SFT,j‖. BRIEF: d(α) = d_KN/α + d_IF/(1−α) (α = 0: KN only, α = 1: IF only), with α
@@ -234,23 +234,32 @@ class Projection:
         return out
 
 
-def adam_state(path, model, names):
-    """(exp_avg, exp_avg_sq, β1, β2) of the parameters `names`, flattened in that order, from the torch checkpoint of a
-    warm-up run (out_dir/ckpt.pt). Its optimizer holds the trainable parameters ≥ 2-D first, then the others
+def warmup_state(path, model, names):
+    """Loads the warm-up run's weights from its torch checkpoint (out_dir/ckpt.pt: every weight, or the LoRA adapters
+    alone, whose base is the model's own) into model, and returns (exp_avg, exp_avg_sq, β1, β2) of the parameters
+    `names`, flattened in that order. Its optimizer holds the trainable parameters ≥ 2-D first, then the others
     (bipost.py's two groups), each in the model's order."""
     file = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(file):
         raise ValueError(f"coreset_adam={path}: {file} not found: give the out_dir of a plain-torch (not DeepSpeed) "
                          f"warm-up run, or coreset_adam='' for plain gradients")
-    optimizer = torch.load(file, map_location='cpu', weights_only=False)['optimizer']
+    checkpoint = torch.load(file, map_location='cpu', weights_only=False)
+    optimizer = checkpoint['optimizer']
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     order = [n for n, p in trainable if p.dim() >= 2] + [n for n, p in trainable if p.dim() < 2]
     shapes = dict(model.named_parameters())
     state = {order[i]: s for i, s in optimizer['state'].items() if i < len(order)}
+    unfit = f"coreset_adam={path}: its checkpoint does not fit this model ({names[0]}, ...): init_from must be the " \
+            f"warm-up's own base model (its init_from, with the same lora_rank)"
     if len(order) != sum(len(g['params']) for g in optimizer['param_groups']) or \
             any(n not in state or state[n]['exp_avg'].shape != shapes[n].shape for n in names):
-        raise ValueError(f"coreset_adam={path}: its optimizer state does not fit this model's parameters {names[:2]}...: "
-                         f"init_from must be that run's export ({os.path.join(path, 'hf')}), trained on these parameters")
+        raise ValueError(unfit)
+    try:
+        unexpected = model.load_state_dict(checkpoint['model'], strict=False).unexpected_keys
+    except RuntimeError:  # a shape differs
+        unexpected = True
+    if unexpected:
+        raise ValueError(unfit)
     beta1, beta2 = optimizer['param_groups'][0]['betas']
     flat = lambda key: torch.cat([state[n][key].reshape(-1).float() for n in names])
     return flat('exp_avg'), flat('exp_avg_sq'), beta1, beta2
@@ -347,7 +356,7 @@ def run(config, model, split, eos_id, rank, world_size, master):
         device = next(model.parameters()).device
         adam = None
         if config['coreset_adam']:
-            m, v, beta1, beta2 = adam_state(config['coreset_adam'], model, names)
+            m, v, beta1, beta2 = warmup_state(config['coreset_adam'], model, names)  # also its weights
             adam = (m.to(device), v.to(device), beta1, beta2)
         mine = np.arange(rank, n, world_size)  # each rank its round-robin share, gathered by a sum
         model.requires_grad_(False).eval()  # torch.func's gradients, of the subset only; no dropout (vmap refuses it)

@@ -3551,27 +3551,43 @@ def test_coreset_projection_is_rademacher_seeded_and_blockwise(monkeypatch):
     torch.testing.assert_close(cached(x).norm(dim=1), x.norm(dim=1), rtol=0.1, atol=0)  # E‖xR‖² = ‖x‖²
 
 
-def test_coreset_adam_preconditioning_reads_the_warmup_state(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    optimizer = torch.optim.AdamW([{'params': decay}, {'params': [p for p in model.parameters() if p.dim() < 2]}],
-                                  betas=(0.8, 0.9))
-    sum((p ** 2).sum() for p in model.parameters()).backward()
+def _cs_warmup(tmp_path, model, trained):
+    """One AdamW step of `trained` (bipost.py's groups: ≥ 2-D, then the rest), saved as a warm-up run's ckpt.pt."""
+    optimizer = torch.optim.AdamW([{'params': [p for p in trained if p.dim() >= 2]},
+                                   {'params': [p for p in trained if p.dim() < 2]}], betas=(0.8, 0.9))
+    sum((p ** 2).sum() for p in trained).backward()
     optimizer.step()
-    torch.save({'optimizer': optimizer.state_dict()}, tmp_path / 'ckpt.pt')
-    names = ['model.norm.weight', 'lm_head.weight']
-    m, v, beta1, beta2 = coreset.adam_state(str(tmp_path), model, names)
-    params = dict(model.named_parameters())
+    return optimizer
+
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_coreset_warmup_weights_and_adam_state(tmp_path, lora):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from model import adapter_state, add_lora
+    config = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2)
+    build = lambda seed: (torch.manual_seed(seed), LlamaForCausalLM(config))[1]
+    warm = add_lora(build(0), 4, 8, 0.0, ['q_proj', 'v_proj'])[0] if lora else build(0)
+    trained = [p for p in warm.parameters() if p.requires_grad]
+    optimizer = _cs_warmup(tmp_path, warm, trained)
+    torch.save({'model': adapter_state(warm) if lora else warm.state_dict(), 'optimizer': optimizer.state_dict()},
+               tmp_path / 'ckpt.pt')
+    # the feature run: the same base (LoRA: its adapters start afresh) or, in full fine-tuning, any initial weights
+    model = add_lora(build(0), 4, 8, 0.0, ['q_proj', 'v_proj'])[0] if lora else build(1)
+    names = [n for n, p in model.named_parameters() if p.requires_grad][-3:]
+    m, v, beta1, beta2 = coreset.warmup_state(str(tmp_path), model, names)
+    for (name, p), q in zip(model.named_parameters(), warm.parameters()):  # the warm-up's weights
+        assert torch.equal(p, q), name
+    params = dict(warm.named_parameters())
     torch.testing.assert_close(m, torch.cat([optimizer.state[params[n]]['exp_avg'].reshape(-1) for n in names]))
     torch.testing.assert_close(v, torch.cat([optimizer.state[params[n]]['exp_avg_sq'].reshape(-1) for n in names]))
     assert (beta1, beta2) == (0.8, 0.9)
     other = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
+    if lora:
+        other = add_lora(other, 4, 8, 0.0, ['q_proj', 'v_proj'])[0]
     with pytest.raises(ValueError, match='does not fit this model'):
-        coreset.adam_state(str(tmp_path), other, names)
+        coreset.warmup_state(str(tmp_path), other, [n for n, p in other.named_parameters() if p.requires_grad][-3:])
 
 
 CORESET_TINY = ['--objectives=["sft"]', '--weights=[1.0]', '--coreset_dim=32', '--batch_size=16']
@@ -3733,3 +3749,15 @@ def test_coreset_features_over_lora_adapters():
         logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
         expected = torch.autograd.grad(-(logps * scored).sum() / scored.sum(), subset)
         torch.testing.assert_close(got[i], torch.cat([g.reshape(-1) for g in expected]), rtol=1e-4, atol=1e-7)
+
+
+def test_coreset_bipost_lora_warmup_then_features_over_its_adapters(tmp_path, monkeypatch, capsys):
+    pytest.importorskip('peft')
+    args = [*CORESET_TINY, '--lora_rank=4', "--train_splits={'sft': 'sft_trusted'}"]
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', f'--out_dir={tmp_path / "warm"}')
+    assert code == 0, err
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *args, '--coreset=craig', '--coreset_params=trainable',
+                                    f'--coreset_adam={tmp_path / "warm"}', f'--out_dir={tmp_path / "select"}')
+    assert code == 0 and 'coreset craig: 8 of 150 examples' in out, err
+    params = torch.load(tmp_path / 'select' / 'coreset_features.pt', weights_only=False)['fingerprint']['params']
+    assert len(params) == 8 and all('lora_' in n for n in params)  # q/k/v/o of one layer, A and B each

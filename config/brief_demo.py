@@ -3,8 +3,8 @@
 #   python bipost.py config/brief_demo.py --coreset=random --out_dir=out-brief-warmup-keep            # a random 5%
 #   python bipost.py config/brief_demo.py --coreset="''" --keep_list=out-brief-warmup-keep/keep.npy \
 #     --out_dir=out-brief-warmup                                                    # warm-up: 4 epochs of that 5%
-#   python bipost.py config/brief_demo.py --init_from=out-brief-warmup/hf --coreset_adam=out-brief-warmup
-#                                         # features from the warm-up + BRIEF -> out-brief/{weights,keep,ranking}.npy
+#   python bipost.py config/brief_demo.py --coreset_adam=out-brief-warmup   # features at the warm-up's weights,
+#                          # preconditioned by its Adam state, and BRIEF -> out-brief/{weights,keep,ranking}.npy
 #   python bipost.py config/brief_demo.py --coreset="''" --keep_list=out-brief/keep.npy \
 #     --example_weights=out-brief/weights.npy --out_dir=out-brief-train             # train on the weighted coreset
 #   python data/demo/brief_table.py       # the README table: BRIEF vs CRAIG vs random vs all data, 3 seeds
