@@ -24,6 +24,7 @@ import torch.distributed as dist
 from configurator import configure, ConfigError
 from checkpoint import resume_config, publish, write_json_atomic
 from objectives import OBJECTIVES, DATA_KIND
+import rl
 from reference_cache import load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector
@@ -47,11 +48,11 @@ wandb_project = 'bipost'
 wandb_run_name = 'demo'
 # data
 dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
-train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train'}  # split each objective trains on
-val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val'}          # held-out split it is judged on
+train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train'}  # split each objective trains on
+val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val'}          # held-out split it is judged on
 keep_list = ''                # a keep.npy from the data selector: train only on those examples
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
-batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo
+batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
 gradient_accumulation_steps = 1  # micro-batches per update per rank
 total_batch_size = 0          # if > 0: examples per update over all ranks; sets gradient_accumulation_steps for any world size
 # model ('scratch' only; HF dirs bring their own config)
@@ -78,6 +79,22 @@ lora_rank = 0                 # > 0: train LoRA adapters of this rank (~8-64; ne
 lora_alpha = 16               # LoRA scale: the adapters add (lora_alpha / lora_rank)·B·A; ~lora_rank to 2·lora_rank
 lora_dropout = 0.0            # dropout on the adapters' input, 0-0.1 (kept even with disable_dropout)
 lora_targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj']  # names of the modules that get adapters (peft target_modules); not the LM head
+# reinforcement learning (objective 'rl', rl.py): prompts from a 'prompt' split, rl_group sampled completions each
+rl_group = 8                  # G: completions per prompt, 4-16 (>= 2 unless ppo)
+rl_max_new_tokens = 64        # completion budget in tokens; a completion ends at EOS or here
+rl_temperature = 1.0          # sampling temperature, 0.6-1.2 (evals decode greedily)
+rl_top_p = 1.0                # nucleus sampling, 0.9-1 (no top-k)
+rl_reward = 'verify_number'   # rewards.py: 'verify_number' | 'exact' | 'normalized' | 'format'; a local reward-model dir; 'module:function'
+rl_reward_scale = 10.0        # α: reward = α·score, so α for a verified answer, else 0 (Tulu 3: 10)
+rl_advantage = 'group_std'    # 'group' (r − group mean) | 'group_std' (/ group std: GRPO) | 'loo' (leave-one-out) | 'ppo' (value head, GAE)
+rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch's completion tokens (usual with ppo)
+rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3
+rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)
+rl_loss_norm = 'bnpo'         # 'bnpo'/'dapo' token mean | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
+rl_epochs = 1                 # updates per rollout batch (PPO's inner epochs), 1-4
+rl_ema = 0.0                  # 0: fixed reference; α in (0, 1): π_ref ← α·π_ref + (1−α)·π after every update (~0.99)
+rl_gamma = 1.0                # ppo: GAE discount, 0.99-1
+rl_lam = 0.95                 # ppo: GAE λ, 0.9-1
 # selector (objectives)
 strategy = 'alright'          # 'sequential' | 'mix' | 'alright' | 'maxright'
 weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objective i a λ_i share of max_iters
@@ -252,10 +269,17 @@ try:
         if example_weights else None  # mean 1 over the examples trained on (the keep_list's, if any)
 except DataError as e:
     fail(str(e))
+if 'rl' in objectives:  # the RL objective's settings and reward function (rl.py, rewards.py), before any model loads
+    try:
+        rl_context = rl.settings(config, meta, rank, device, deepspeed and zero_stage == 3 and world_size > 1,
+                                 [train_data['rl'], val_data['rl']])
+    except ValueError as e:
+        fail(f"{e} (config keys rl_*)")
 
 # what fixes the value of each objective's held-out loss: an f* is only comparable under the same settings
 OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
-                      'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from')}
+                      'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from'),
+                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
 
 
 def eval_examples(name):
@@ -339,17 +363,24 @@ if checkpoint and checkpoint['format'] == 'torch':
 if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
     if checkpoint['format'] == 'torch':
-        model.load_state_dict(state['model'])
+        model.load_state_dict({k: v for k, v in state['model'].items() if not k.startswith('value_head.')})  # rl: below
 else:  # LoRA resumes its frozen base from its source, as the reference is loaded, and the adapters from the checkpoint
     model = load(policy_source)
 if disable_dropout:
     drop_dropout(model)
+if 'rl' in objectives and rl_advantage == 'ppo':  # PPO's value head: a submodule of the policy, so that the optimizer,
+    model.value_head = rl.value_head(model)         # the checkpoint and ZeRO take it along; the HF export leaves it out
+    if checkpoint and checkpoint['format'] == 'torch':
+        model.value_head.load_state_dict({k[len('value_head.'):]: v for k, v in state['model'].items()
+                                          if k.startswith('value_head.')})
 vocab_size = built(check_vocab, model, policy_source, meta, meta_path)
 positions = getattr(model.config, 'max_position_embeddings', None)
 for split in list(train_data.values()) + list(val_data.values()):
-    if positions and split.longest > positions:
-        fail(f"{split.name} in {data_dir} has examples of up to {split.longest} tokens, more than the model's {positions} "
-             f"positions (block_size for a scratch model): prepare the data with --max_length={positions} or raise block_size")
+    longest = split.longest + (rl_max_new_tokens if split.kind == 'prompt' else 0)  # rl: prompt + completion
+    if positions and longest > positions:
+        fail(f"{split.name} in {data_dir} has examples of up to {longest} tokens"
+             f"{' with rl_max_new_tokens' * (split.kind == 'prompt')}, more than the model's {positions} positions "
+             f"(block_size for a scratch model): prepare the data with --max_length={positions} or raise block_size")
 for split in list(train_data.values()) + list(val_data.values()):
     if len(split.tokens) and int(split.tokens.max()) >= vocab_size:
         fail(f"{split.name}.bin in {data_dir} holds token id {int(split.tokens.max())} >= the model's vocab "
@@ -371,7 +402,7 @@ if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
     frozen_setup['zero3_config'] = {'train_micro_batch_size_per_gpu': batch_size, 'bf16': {'enabled': dtype == 'bfloat16'},
                                     'fp16': {'enabled': dtype == 'float16'}, 'zero_optimization': {'stage': 3}}
 reference = None
-if 'dpo' in objectives or (data_selection and lower_level == 'reference'):
+if 'dpo' in objectives or (data_selection and lower_level == 'reference') or ('rl' in objectives and rl_kl > 0):
     source = reference_from or policy_source
     reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
@@ -383,6 +414,8 @@ if 'kd' in objectives:
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       reference_cache=None)
+if 'rl' in objectives:
+    ctx.__dict__.update(rl_context)
 # plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
 autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
 
@@ -509,6 +542,7 @@ def export(path):
     with ds.zero.GatheredParameters(list(raw_model.parameters()), modifier_rank=None) if zero3 else contextlib.nullcontext():
         state, adapter = export_state(raw_model, copy=zero3) if master else (None, None)
     if master:
+        state = {k: v for k, v in state.items() if not k.startswith('value_head.')}  # rl's PPO value head: not HF's
         (raw_model.get_base_model() if lora_rank else raw_model).save_pretrained(path, state_dict=state)
         if adapter:
             raw_model.save_pretrained(os.path.join(path, 'adapter'), state_dict=adapter)
@@ -632,7 +666,8 @@ if master:
     for name in objectives:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
-    longest = max(batch_size * (2 if DATA_KIND[n] == 'pref' else 1) * s.longest
+    longest = max(batch_size * {'pref': 2, 'prompt': rl_group}.get(DATA_KIND[n], 1) *
+                  (s.longest + (rl_max_new_tokens if n == 'rl' else 0))
                   for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
     print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
                            offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing))
@@ -654,6 +689,7 @@ while True:
         log({'iter': iter_num, **results}, f"eval {iter_num} | " + " | ".join(
             f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
+            (f" | rl acc {results['val/rl/accuracy']:.3f}" if 'val/rl/accuracy' in results else '') +
             (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
         if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
             fail(f"non-finite held-out loss at update {iter_num}: the weights diverged and were not saved (the last "
@@ -717,6 +753,8 @@ while True:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if 'rl' in objectives and rl_ema > 0:  # EMA reference for the KL penalty (Xu et al. 2024)
+        rl.update_reference(ctx.reference, raw_model, rl_ema)
     keys = list(totals)  # train metrics: means over every rank's micro-batches; tokens: summed over ranks
     *values, tokens = all_sum([totals[k] for k in keys] + [tokens])
     totals = {k: v / world_size for k, v in zip(keys, values)}
@@ -732,6 +770,9 @@ while True:
             f"{k.split('/', 1)[0]} loss {v:.4f}" for k, v in totals.items() if k.endswith('/loss'))
         if 'dpo/rewards/accuracies' in totals:
             line += f" | acc {totals['dpo/rewards/accuracies']:.2f} | margin {totals['dpo/rewards/margins']:.3f}"
+        if 'rl/reward' in totals:
+            line += (f" | reward {totals['rl/reward']:.2f} | kl {totals.get('rl/kl', 0):.4f} | "
+                     f"{totals['rl/gen_tokens_per_s'] / 1000:.1f}k gen tok/s")
         line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {tokens / dt / 1000:.1f}k tok/s"
         if device.startswith('cuda'):  # 6P per trained token, +2P per token through a frozen reference/teacher
             flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') for n, _ in chosen)) * n_params

@@ -4,11 +4,13 @@ The post-training objectives, one plain function each, all with one signature:
     losses, metrics = objective(model, batch, ctx)
 
 model: an HF causal LM (the raw module, also under DeepSpeed). batch: dict from bipost.get_batch with
-input_ids/attention_mask/response_mask [B, L] (for 'pref' data: 2B rows, chosen rows first). ctx: a
-namespace with the frozen reference/teacher and the hyperparameters. losses: one value per example
-(per pair for DPO), so that the trainer can weight examples (bilevel data selection) before the mean.
+input_ids/attention_mask/response_mask [B, L] (for 'pref' data: 2B rows, chosen rows first; for 'prompt' data,
+RL's: the prompts alone, left-padded, and each record's extra fields). ctx: a namespace with the frozen
+reference/teacher and the hyperparameters. losses: one value per example (per pair for DPO, per prompt for RL),
+so that the trainer can weight examples (bilevel data selection) before the mean.
 metrics: name -> detached per-example tensor, averaged by the trainer. A metric named 'loss' is the objective's
-value where the trained loss adds a regulariser (DPO + NLL): logs, evals, maxright and f* use it.
+value where the trained loss adds a regulariser (DPO + NLL) or is a surrogate (RL: −mean reward): logs, evals,
+maxright and f* use it.
 
 Log-probs: the token at position t+1 is scored by the logits at position t, and only response tokens
 count (prompt and padding are masked). SFT and KD are means over an example's response tokens, then
@@ -26,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.logprob import token_logprobs
 from kernels.dpo import dpo_losses
+import rl as reinforcement_learning  # rl.py uses this module's head path; each reads the other only at call time
 
 
 class Head(NamedTuple):
@@ -214,5 +217,11 @@ def kd(model, batch, ctx, chunk=None):
     return per_token.view(mask.shape).sum(1) / tokens, {'tokens': tokens.float()}
 
 
-OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd}
-DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft'}  # which kind of split each objective reads
+def rl(model, batch, ctx):
+    """Reinforcement learning on a batch of prompts: G sampled completions each, rewarded, the clipped surrogate with
+    a KL to the reference (rl.py, which is long enough for a module of its own). Under no_grad: greedy, −reward."""
+    return reinforcement_learning.objective(model, batch, ctx)
+
+
+OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl}
+DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt'}  # which kind of split each objective reads

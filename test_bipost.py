@@ -1,5 +1,5 @@
 """bipost tests. CPU by default: `python -m pytest -q test_bipost.py`. GPU-only tests: `-m gpu`."""
-import os, sys, json, math, subprocess
+import os, re, sys, json, math, subprocess
 import numpy as np
 import pytest
 import torch
@@ -3761,3 +3761,502 @@ def test_coreset_bipost_lora_warmup_then_features_over_its_adapters(tmp_path, mo
     assert code == 0 and 'coreset craig: 8 of 150 examples' in out, err
     params = torch.load(tmp_path / 'select' / 'coreset_features.pt', weights_only=False)['fingerprint']['params']
     assert len(params) == 8 and all('lora_' in n for n in params)  # q/k/v/o of one layer, A and B each
+
+# ---- reinforcement learning (rl.py, rewards.py) ----
+
+import rl, rewards
+
+RL_EOS = OBJ_VOCAB - 1  # the tiny objective models' last id stands for EOS and pad
+
+
+def _rl_ctx(**overrides):
+    """ctx as bipost builds it for 'rl' (rl.settings), with a byte-free decoder: ids as space-separated numbers."""
+    settings = dict(rl_group=2, rl_max_new_tokens=5, rl_temperature=1.0, rl_top_p=1.0, rl_reward='exact',
+                    rl_reward_scale=10.0, rl_advantage='group', rl_whiten=False, rl_clip=0.2, rl_kl=0.0,
+                    rl_loss_norm='bnpo', rl_epochs=1, rl_ema=0.0, rl_gamma=1.0, rl_lam=0.95)
+    settings.update(reward=rewards.exact, verifier=True, decode=lambda ids: ' '.join(map(str, ids)), eos_id=RL_EOS,
+                    pad_id=RL_EOS, rank=0, synced_gpus=False, gradient_accumulation_steps=1,
+                    rl_replay={'calls': 0, 'rollouts': []})
+    return _obj_ctx(**{**settings, **overrides})
+
+
+def test_rl_group_advantages_match_hand_values():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0, 2.0, 4.0])  # two prompts x G = 4
+    mean = [0.25, 4.0]
+    hand_group = [1 - .25, -.25, -.25, -.25, 1.0, 1.0, -2.0, 0.0]
+    torch.testing.assert_close(rl.group_advantages(r, 4, 'group'), torch.tensor(hand_group))
+    std = [math.sqrt(sum((x - m) ** 2 for x in g) / 3) for g, m in zip([[1, 0, 0, 0], [5, 5, 2, 4]], mean)]  # unbiased
+    hand_std = [a / (std[i // 4] + 1e-4) for i, a in enumerate(hand_group)]
+    torch.testing.assert_close(rl.group_advantages(r, 4, 'group_std'), torch.tensor(hand_std))
+    others = [[(sum(g) - x) / 3 for x in g] for g in ([1, 0, 0, 0], [5, 5, 2, 4])]  # the mean of the other three
+    hand_loo = [x - o for g, os_ in zip(([1, 0, 0, 0], [5, 5, 2, 4]), others) for x, o in zip(g, os_)]
+    torch.testing.assert_close(rl.group_advantages(r, 4, 'loo'), torch.tensor(hand_loo))
+    assert (rl.group_advantages(torch.full((4,), 3.0), 2, 'group_std') == 0).all()  # no variance, no signal
+
+
+def test_rl_clipped_surrogate_and_k3_match_hand_values():
+    old = torch.zeros(6)
+    ratio = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 1.0])
+    advantages = torch.tensor([2.0, -2.0, 2.0, -2.0, 3.0, -1.0])
+    losses, clipped = rl.clipped_surrogate(ratio.log(), old, advantages, 0.2)
+    # -min(ρA, clip(ρ)A): ρ 1.5 with A > 0 is capped at 1.2; with A < 0 the unclipped 1.5·A is the smaller; ρ 0.5 with
+    # A < 0 is raised to 0.8, with A > 0 stays 0.5 (pessimistic); inside [0.8, 1.2] nothing is clipped
+    torch.testing.assert_close(losses, torch.tensor([-2.4, 3.0, -1.0, 1.6, -3.3, 1.0]))
+    assert clipped.tolist() == [True, False, False, True, False, False]
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    x = ref - logp
+    torch.testing.assert_close(rl.k3(logp, ref), torch.exp(x) - x - 1)
+    torch.testing.assert_close(rl.k3(logp, ref), torch.tensor([math.exp(-0.5) - 0.5, math.exp(1) - 2, 0.0]))
+    # unbiased: its mean over tokens sampled from π is KL(π ‖ π_ref)
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
+    samples = torch.multinomial(p, 200000, replacement=True, generator=g)
+    estimate = rl.k3(p.log()[samples], q.log()[samples]).mean()
+    assert float(estimate) == pytest.approx(float((p * (p / q).log()).sum()), rel=0.02)
+
+
+def test_rl_gae_matches_a_hand_rolled_loop():
+    g = torch.Generator().manual_seed(0)
+    N, T = 4, 9
+    starts, lengths = [2, 0, 5, 3], [5, 9, 1, 4]  # completions at different offsets (prompts of different lengths)
+    mask = torch.zeros(N, T, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        mask[i, s:s + n] = True
+    rewards, values = torch.randn(N, T, generator=g) * mask, torch.randn(N, T, generator=g)
+    gamma, lam = 0.9, 0.8
+    advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        r, v = rewards[i, s:s + n].tolist(), values[i, s:s + n].tolist()
+        hand, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_value = v[t + 1] if t + 1 < n else 0.0
+            running = r[t] + gamma * next_value - v[t] + gamma * lam * running
+            hand[t] = running
+        torch.testing.assert_close(advantages[i, s:s + n], torch.tensor(hand))
+        torch.testing.assert_close(returns[i, s:s + n], torch.tensor(hand) + values[i, s:s + n])
+    assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
+def test_rl_loss_normalizations_are_trls():
+    token_losses = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    mask = token_losses != 0
+    for norm, hand in [('bnpo', 12 / 6), ('dapo', 12 / 6), ('grpo', (2 + 4 + 1) / 3), ('dr_grpo', 12 / (3 * 8))]:
+        assert float(rl.normalize(token_losses, mask, norm, 8).mean()) == pytest.approx(hand), norm
+
+
+@pytest.mark.parametrize('completion, answer, right', [
+    ('68', '68', True), ('The answer is 68.', '68', True), ('so \\boxed{\\frac{1}{2}} done', '0.5', True),
+    ('#### 1,000', '1000', True), ('3/4', '\\boxed{0.75}', True), ('-7', '#### -7', True), ('12', 12, True),
+    ('69', '68', False), ('68 or 69', '68', False), ('\\boxed{68', '68', False),  # wrong; the last number; unclosed box
+    ('no number here', '68', False), ('', '68', False), ('1/0', '1', False), ('68', 'n/a', False)])
+def test_rl_verify_number_right_wrong_malformed_missing(completion, answer, right):
+    assert rewards.verify_number(['p'], [completion], answer=[answer]) == [float(right)]
+
+
+def test_rl_string_and_format_verifiers_and_loading():
+    assert rewards.exact(None, [' 68\n', '68.', 'Sixty'], answer=['68', '68', 'sixty']) == [1.0, 0.0, 0.0]
+    assert rewards.normalized(None, ['  Sixty  Eight. ', 'sixty-eight'], answer=['sixty eight', 'sixty eight']) == [1.0, 0.0]
+    fmt = r'<answer>\d+</answer>'
+    assert rewards.matches_format(None, ['<answer>12</answer>', '12', '<answer>x</answer>'], format=[fmt] * 3) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match='needs an "answer" field'):
+        rewards.verify_number(['p'], ['1'])
+    assert rewards.load('verify_number') is rewards.verify_number and rewards.load('format') is rewards.matches_format
+    assert rewards.load('rewards:exact') is rewards.exact  # a user's 'module:function'
+    for spec, says in [('nope', "is not one of"), ('rewards:nope', 'cannot import nope'), ('no_such_mod:f', 'cannot import')]:
+        with pytest.raises(ValueError, match=says):
+            rewards.load(spec)
+    assert rewards.decoder({'tokenizer': 'bipost-demo-bytes'})([54, 56, 256]) == '68'
+
+
+def _rl_rows(spans, seed=0):
+    """A fixed rollout batch: rows of (prompt length, completion length) as rl.sequences makes them."""
+    batch = _obj_batch(spans, seed)
+    return {k: batch[k] for k in ('input_ids', 'attention_mask', 'response_mask')}
+
+
+RL_SPANS = [(3, 4), (3, 2), (1, 5), (1, 1)]  # two prompts x G = 2
+
+
+def test_rl_gradient_at_ratio_one_is_reinforce_and_kl_is_k3():
+    """On a fixed rollout, the first update's gradient is REINFORCE's, −Σ_tokens A·∇logp / tokens (bnpo; ρ = 1, no
+    KL), and with β_kl the loss adds β·k3 token by token against the reference."""
+    model, reference = _obj_model(0), _obj_model(1)
+    rows = _rl_rows(RL_SPANS)
+    rewards_ = torch.tensor([10.0, 0.0, 0.0, 10.0])
+    roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_ / 10, 'lengths': torch.tensor([4, 2, 5, 1]),
+            'reference_logps': None, 'gen_tokens_per_s': 1.0}
+    losses, metrics = rl.loss(model, dict(roll), _rl_ctx())
+    logps, mask = _obj_hand_logprobs(model, rows)
+    advantages = torch.tensor([5.0, -5.0, -5.0, 5.0])  # r − group mean
+    reinforce = -(advantages[:, None] * logps).sum() / mask.sum()
+    for a, b in zip(_obj_grads(model, losses.mean()), _obj_grads(model, reinforce)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    tokens = mask.sum(1).float()
+    assert tokens.tolist() == [4, 2, 5, 1]
+    assert float(losses.detach().mean()) == pytest.approx(float(-(advantages * tokens).sum() / tokens.sum()), rel=1e-5)  # ρ = 1
+    assert metrics['reward'].tolist() == [5.0, 5.0] and metrics['loss'].tolist() == [-5.0, -5.0]
+    assert metrics['accuracy'].tolist() == [0.5, 0.5] and metrics['clip_fraction'].tolist() == [0.0, 0.0]
+    assert metrics['length'].tolist() == [3.0, 3.0] and metrics['zero_std'].tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        reference_logps, _ = _obj_hand_logprobs(reference, rows)
+    beta = 0.3
+    losses, metrics = rl.loss(model, dict(roll, reference_logps=reference_logps), _rl_ctx(rl_kl=beta))
+    x = reference_logps - logps.detach()
+    kl = (torch.exp(x) - x - 1) * mask
+    hand = ((-advantages[:, None] + beta * kl) * mask).sum() / mask.sum()
+    assert float(losses.detach().mean()) == pytest.approx(float(hand), rel=1e-4)
+    assert metrics['kl'].tolist() == pytest.approx([float(kl[:2].sum() / mask[:2].sum()),
+                                                   float(kl[2:].sum() / mask[2:].sum())], rel=1e-4)
+
+
+def test_rl_rollout_rows_score_what_generate_sampled():
+    """Left-padded prompts through generate, reassembled right-padded: one forward over the rows gives, for every
+    completion token, the log-prob under generate's own logits at that step (temperature 1, no top-k: the
+    distribution sampled is the one scored); each completion ends at its first EOS; the seed comes from the
+    shared RNG, so the same RNG state samples the same completions."""
+    model = _obj_model(0)
+    prompts = torch.tensor([[RL_EOS, RL_EOS, 5, 6], [1, 2, 3, 4]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    ctx, group, T = _rl_ctx(rl_max_new_tokens=40), 3, 40
+    torch.manual_seed(5)
+    completions, lengths, _ = rl.rollout(model, prompts, prompt_mask, ctx, group, greedy=False)
+    assert completions.shape[0] == 6 and model.training  # train mode restored
+    for c, n in zip(completions.tolist(), lengths.tolist()):
+        assert n == (c.index(RL_EOS) + 1 if RL_EOS in c else len(c)) and all(t == RL_EOS for t in c[n:])
+    assert 0 < sum(RL_EOS in c for c in completions.tolist()) < 6, completions  # both cases occur
+    rows = rl.sequences(prompts, prompt_mask, completions, lengths, group, RL_EOS)
+    for i in range(6):
+        p, n = int(prompt_mask[i // group].sum()), int(lengths[i])
+        assert rows['input_ids'][i, :p].tolist() == prompts[i // group, 4 - p:].tolist()
+        assert rows['input_ids'][i, p:p + n].tolist() == completions[i, :n].tolist()
+        assert rows['response_mask'][i].nonzero().squeeze(-1).tolist() == list(range(p, p + n))
+        assert rows['attention_mask'][i].sum() == p + n
+    torch.manual_seed(5)
+    seed = rl.sampling_seed(ctx)
+    model.eval()
+    with torch.no_grad():
+        logps, mask, _ = rl.forward(model, rows, ctx, False)
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=prompts.repeat_interleave(group, 0), attention_mask=prompt_mask.repeat_interleave(group, 0),
+                             max_new_tokens=T, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=RL_EOS, eos_token_id=RL_EOS)
+    assert torch.equal(out.sequences[:, 4:], completions)  # what rollout sampled, from that seed
+    step_logps = torch.stack(out.logits, 1).float().log_softmax(-1)
+    for i in range(6):
+        p, n = int(prompt_mask[i // group].sum()), int(lengths[i])
+        theirs = step_logps[i, torch.arange(n), completions[i, :n]]
+        torch.testing.assert_close(logps[i, p - 1:p - 1 + n], theirs, rtol=1e-4, atol=1e-4)
+        assert mask[i].sum() == n
+
+
+def test_rl_ranks_sample_differently_and_the_shared_rng_moves_alike():
+    state = torch.get_rng_state()
+    seeds = []
+    for rank in (0, 1):
+        torch.set_rng_state(state)
+        seeds.append(rl.sampling_seed(_rl_ctx(rank=rank)))
+        after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    rl.sampling_seed(_rl_ctx(rank=0))
+    assert seeds[0] != seeds[1] and torch.equal(after, torch.get_rng_state())
+
+
+def test_rl_inner_epochs_replay_the_rollouts_with_their_old_logprobs(monkeypatch):
+    """rl_epochs = 2, 2 micro-steps an update: updates 1 and 3 sample (2 rollouts each), updates 2 and 4 replay them
+    in order against their stored old log-probs: ρ = 1 exactly on a rollout's first update, ≠ 1 after a step."""
+    model = _obj_model(0)
+    made, drift = [], []
+    real_make, real_surrogate = rl.make_rollout, rl.clipped_surrogate
+
+    def counting(model, batch, ctx, group, greedy):
+        made.append(batch['index'].tolist())
+        return real_make(model, batch, ctx, group, greedy)
+
+    def recording(logps, old_logps, advantages, clip):
+        drift.append(float((logps - old_logps).abs().max()))
+        return real_surrogate(logps, old_logps, advantages, clip)
+    monkeypatch.setattr(rl, 'make_rollout', counting)
+    monkeypatch.setattr(rl, 'clipped_surrogate', recording)
+    checksum = lambda prompts, completions, **columns: [float(sum(map(int, c.split())) % 5) for c in completions]
+    ctx = _rl_ctx(rl_epochs=2, gradient_accumulation_steps=2, reward=checksum, verifier=False)  # hard to saturate
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    prompts = {'input_ids': torch.tensor([[3, 4], [5, 6]]), 'attention_mask': torch.ones(2, 2, dtype=torch.long),
+               'extra': [{}, {}]}
+    torch.manual_seed(0)
+    for update in range(4):
+        for micro in range(2):
+            batch = dict(prompts, index=torch.tensor([10 * update + micro, 10 * update + micro + 1]))
+            losses, _ = rl.objective(model, batch, ctx)
+            losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert made == [[0, 1], [1, 2], [20, 21], [21, 22]]
+    assert drift[0] == drift[1] == drift[4] == drift[5] == 0.0 and min(drift[2:4] + drift[6:]) > 1e-3, drift
+
+
+def test_rl_evaluation_is_greedy_minus_reward():
+    model = _obj_model(0)
+    ctx = _rl_ctx(reward=lambda prompts, completions, **c: [float(len(x.split())) for x in completions], verifier=False)
+    batch = {'input_ids': torch.tensor([[RL_EOS, 3], [5, 6]]), 'attention_mask': torch.tensor([[0, 1], [1, 1]]),
+             'extra': [{}, {}], 'index': torch.tensor([0, 1])}
+    model.eval()
+    with torch.no_grad():
+        losses, metrics = rl.objective(model, batch, ctx)
+        again, _ = rl.objective(model, batch, ctx)
+        greedy = model.generate(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'], do_sample=False,
+                                max_new_tokens=5, pad_token_id=RL_EOS, eos_token_id=RL_EOS)[:, 2:]
+    lengths = [r.index(RL_EOS) + 1 if RL_EOS in r else 5 for r in greedy.tolist()]
+    assert torch.equal(losses, again) and torch.equal(losses, -metrics['reward'])
+    assert metrics['length'].tolist() == lengths and metrics['reward'].tolist() == [10.0 * (n - (n < 5 or RL_EOS in r))
+                                                                                 for n, r in zip(lengths, greedy.tolist())]
+    assert 'accuracy' not in metrics and losses.shape == (2,)
+
+
+def test_rl_ema_reference_update():
+    policy, reference = _obj_model(0), _obj_model(1)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    policy.value_head = rl.value_head(policy)  # the policy's value head has no counterpart in the reference
+    rl.update_reference(reference, policy, 0.9)
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * policy.state_dict()[k])
+
+
+def test_rl_prompt_records_prepare_and_batch(tmp_path):
+    records = [{"prompt": "1+2=", "answer": "3", "level": 1}, {"prompt": "x" * 40, "answer": "long"},
+               {"prompt": [{"role": "user", "content": "hi"}], "answer": "yo"}, {"prompt": "10+20=", "answer": "30"}]
+    meta = data_prep.prepare(str(tmp_path), "demo", {"rl_train": records}, max_length=24, truncation="drop")
+    assert meta["splits"]["rl_train"]["kind"] == "prompt" and meta["splits"]["rl_train"]["dropped"] == 1
+    extra = [json.loads(line) for line in open(tmp_path / "rl_train_extra.jsonl")]
+    assert extra == [{"answer": "3", "level": 1}, {"answer": "yo"}, {"answer": "30"}]  # aligned: the dropped one is gone
+    from data.loader import Split
+    split = Split(str(tmp_path), "rl_train", "prompt", meta, seed=0)
+    batch = split.batch(np.array([2, 0, 1]))
+    hi = list(b"user: hi\nassistant: ")  # a message prompt, rendered with the generation prompt (no chat template)
+    L = len(hi)
+    assert batch['input_ids'].tolist() == [[256] * (L - 6) + list(b"10+20="), [256] * (L - 4) + list(b"1+2="), hi]
+    assert batch['attention_mask'].tolist() == [[0] * (L - 6) + [1] * 6, [0] * (L - 4) + [1] * 4, [1] * L]
+    assert batch['extra'] == [{"answer": "30"}, {"answer": "3", "level": 1}, {"answer": "yo"}]
+    assert batch['index'].tolist() == [2, 0, 1] and split.longest == L
+    for bad, says in [({"rl_x": [{"answer": "3"}]}, "missing key prompt"), ({"rl_x": [{"prompt": " "}]}, '"prompt" is empty'),
+                      ({"sft_x": [{"prompt": "a"}]}, "named like an SFT split but its first record is a prompt (RL)"),
+                      ({"rl_x": [{"prompt": 3}]}, "must be a string or a list of messages"),
+                      ({"rl_x": [{"prompt": "a", "chosen": "b", "rejected": "c"}]}, "named like a prompt (RL) split")]:
+        with pytest.raises(data_prep.DataError, match=re.escape(says)):
+            data_prep.prepare(str(tmp_path / "bad"), "demo", bad, max_length=16)
+    os.remove(tmp_path / "rl_train_extra.jsonl")
+    with pytest.raises(data_prep.DataError, match="rl_train_extra.jsonl not found"):
+        Split(str(tmp_path), "rl_train", "prompt", meta, seed=0)
+
+
+RL_TINY = ['--rl_group=2', '--rl_max_new_tokens=4', '--train_splits={"sft": "sft_add_train", "rl": "rl_train"}',
+           '--val_splits={"sft": "sft_add_val", "rl": "rl_val"}', '--learning_rate=1e-2']
+
+
+def test_rl_bipost_joint_ppo_run_checkpoint_export_and_resume(tmp_path, monkeypatch, capsys):
+    """SFT + RL (PPO: the value head rides on the policy) through bipost.py, with a reward function of the user's
+    ('module:function'): eval rows val/rl/* with loss = −reward, the value head trained and checkpointed but not
+    exported, and a resume that restores it."""
+    (tmp_path / 'my_rewards.py').write_text("def chars(prompts, completions, answer, **columns):\n"
+                                            "    return [len(c) / (1 + len(a)) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / 'out'
+    args = [*RL_TINY, '--objectives=["sft", "rl"]', '--rl_advantage=ppo', '--rl_whiten=True', '--rl_reward=my_rewards:chars',
+            '--rl_reward_scale=1.0', f'--out_dir={out}']
+    trained = {}
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=4', '--eval_interval=2', namespace=trained)
+    assert code == 0, err
+    evals, updates = _train_records(out)
+    assert [r['iter'] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert r['val/rl/loss'] == -r['val/rl/reward'] < 0 and r['val/rl/length'] > 0 and 'val/rl/accuracy' not in r
+    rl_updates = [r for r in updates if r['objective'] == 'rl']
+    assert rl_updates and all({'train/rl/value_loss', 'train/rl/kl', 'train/rl/clip_fraction', 'train/rl/zero_std',
+                               'train/rl/gen_tokens_per_s', 'train/rl/reward'} <= set(r) for r in rl_updates)
+    assert 'gen tok/s' in stdout
+    head = trained['raw_model'].value_head.weight.detach().clone()
+    assert head.abs().sum() > 0  # zero-initialized, then trained by the PPO updates
+    saved = torch.load(out / 'ckpt.pt', weights_only=False)['model']
+    assert torch.equal(saved['value_head.weight'], head)
+    from safetensors.torch import load_file
+    exported = load_file(str(out / 'hf' / 'model.safetensors'))
+    assert exported and not [k for k in exported if 'value_head' in k]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / 'hf')  # plain transformers
+    resumed = {}
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *args, '--init_from=resume', '--max_iters=4', '--eval_only=True',
+                                       namespace=resumed)
+    assert code == 0, err
+    assert torch.equal(resumed['raw_model'].value_head.weight.detach(), head)
+
+
+def test_rl_bipost_ema_reference_moves_with_the_policy(tmp_path, monkeypatch, capsys):
+    """rl_ema: after each update the reference moves towards the policy (a fixed reference stays the initial model).
+    Mixed with SFT, which moves the policy while a random model earns no reward yet; the default verifier: eval
+    rows report accuracy, and reward = α·accuracy."""
+    runs = {}
+    for ema in (0.0, 0.5):
+        runs[ema] = {}
+        code, stdout, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix',
+                                           f'--rl_ema={ema}', '--max_iters=3', '--eval_interval=3', '--export_hf=False',
+                                           f'--out_dir={tmp_path / str(ema)}', namespace=runs[ema])
+        assert code == 0 and 'rl acc' in stdout, err
+        for r in _train_records(tmp_path / str(ema))[0]:
+            assert r['val/rl/reward'] == pytest.approx(10 * r['val/rl/accuracy']) and r['val/rl/loss'] == -r['val/rl/reward']
+    initial = runs[0.0]['ctx'].reference.state_dict()
+    moved = runs[0.5]['ctx'].reference.state_dict()
+    policy = runs[0.5]['raw_model'].state_dict()
+    assert all(torch.equal(initial[k], v) for k, v in _rel_initial_state().items())
+    assert any(not torch.equal(initial[k], moved[k]) for k in initial)
+    distance = lambda a: sum(float((a[k] - policy[k]).norm()) for k in initial)
+    assert distance(moved) < distance(initial)
+
+
+def _rel_initial_state():
+    """The scratch model bipost builds from REL_TINY and seed 1337 (what a fixed reference must stay)."""
+    from transformers import LlamaConfig, AutoModelForCausalLM
+    torch.manual_seed(1337)
+    return AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=257, hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=256,
+        eos_token_id=256, pad_token_id=256)).state_dict()
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--rl_group=1'], 'rl_group=1: group-relative advantages need >= 2'),
+    (['--rl_reward=nope'], "rl_reward='nope' is not one of"),
+    (['--rl_loss_norm=sum'], "rl_loss_norm='sum' is not one of"),
+    (['--reference_logps=precompute'], "rl_kl > 0 needs the live reference"),
+    (['--rl_ema=0.9', '--rl_kl=0.0'], 'rl_ema=0.9 updates the reference'),
+    (['--rl_reward=format'], 'rl_train_extra.jsonl: record 1 has no "format" field'),
+    (['--rl_max_new_tokens=200'], 'rl_train in data/demo has examples of up to 206 tokens with rl_max_new_tokens')])
+def test_rl_bad_settings_fail_with_one_line(tmp_path, monkeypatch, capsys, args, says):
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', *args, '--max_iters=1',
+                                    f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and says in message, message
+    assert not (tmp_path / 'out').exists()
+
+
+RL_RUNNER = r'''
+import json, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import torch, rl, selector
+recorded = {'completions': [], 'choices': [], 'logged': []}
+rollout = rl.rollout
+def recording_rollout(model, prompts, prompt_mask, ctx, group, greedy):
+    out = rollout(model, prompts, prompt_mask, ctx, group, greedy)
+    if not greedy:
+        recorded['completions'].append(out[0].tolist())
+    return out
+rl.rollout = recording_rollout
+choose = selector.ObjectiveSelector.choose
+def recording_choose(self, iter_num):
+    chosen = choose(self, iter_num)
+    recorded['choices'].append('+'.join(name for name, _ in chosen))
+    return chosen
+selector.ObjectiveSelector.choose = recording_choose
+argv = json.loads(sys.argv[1])
+sys.argv = ['bipost.py'] + argv
+script = runpy.run_path('bipost.py', run_name='__main__')
+recorded['weights'] = torch.cat([p.detach().float().flatten() for p in script['raw_model'].parameters()])[:4096]
+out_dir = [a.split('=', 1)[1] for a in argv if a.startswith('--out_dir=')][-1]
+torch.save(recorded, os.path.join(out_dir, f"rl_rank{os.environ.get('RANK', '0')}.pt"))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('engine', ['plain', 'zero3'])
+def test_rl_two_ranks_sample_differently_and_agree_on_the_objective(tmp_path, engine):
+    """torchrun, 2 gloo processes, every prompt the same ('7+8='): the ranks see the same prompts, so their different
+    completions come from different sampling seeds alone (rank offset); both choose the same objective each update
+    and end with the same weights. Sequential: 9 SFT updates first teach '15' + EOS, so that the RL updates' completions
+    end at different lengths on the two ranks: under ZeRO-3 generate must then keep the finished rank's forwards in
+    step with the other's (synced_gpus), or the run hangs (timeout)."""
+    data = tmp_path / 'data'
+    data_prep.prepare(str(data), 'demo', {'rl_train': [{'prompt': '7+8=', 'answer': '15'}] * 16,
+                                          'rl_val': [{'prompt': '7+8=', 'answer': '15'}] * 4,
+                                          'sft_train': [{'prompt': '7+8=', 'completion': '15'}] * 16,
+                                          'sft_val': [{'prompt': '7+8=', 'completion': '15'}] * 4}, max_length=16)
+    runner = tmp_path / 'runner.py'
+    runner.write_text(RL_RUNNER)
+    out = tmp_path / 'out'
+    argv = [*TRAIN_TINY, '--objectives=["sft", "rl"]', f'--dataset={data}', '--batch_size=2', '--max_iters=12',
+            '--eval_interval=12', '--eval_iters=0', '--strategy=sequential', '--weights=[0.75, 0.25]',
+            '--learning_rate=5e-2', '--warmup_iters=0', '--rl_group=4', '--rl_max_new_tokens=8', '--rl_temperature=0.5',
+            '--export_hf=False',
+            '--train_splits={"sft": "sft_train", "rl": "rl_train"}', '--val_splits={"sft": "sft_val", "rl": "rl_val"}',
+            f'--out_dir={out}'] + (['--deepspeed=True', '--zero_stage=3'] if engine == 'zero3' else [])
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+                           str(runner), json.dumps(argv)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(out / f'rl_rank{r}.pt', weights_only=False) for r in (0, 1)]
+    assert ranks[0]['choices'] == ranks[1]['choices'] and {'sft', 'rl'} == set(ranks[0]['choices'])
+    assert len(ranks[0]['completions']) == len(ranks[1]['completions']) == ranks[0]['choices'].count('rl')
+    assert all(a != b for a, b in zip(ranks[0]['completions'], ranks[1]['completions']))  # same prompts, other samples
+    torch.testing.assert_close(ranks[0]['weights'], ranks[1]['weights'])
+    ends = [[max(row.index(256) + 1 if 256 in row else len(row) for row in c) for c in ranks[r]['completions']]
+            for r in (0, 1)]
+    assert ends[0] != ends[1], ends  # one rank finished its batch before the other at least once
+
+
+def test_rl_ppo_loss_is_gae_surrogate_plus_value_loss():
+    """PPO on a fixed rollout: advantages are GAE over the value head's V(s_t) with the reward at the completion's
+    last token, and the loss adds ½(V − R)² (unclipped on the first update: V = V_old), both bnpo-averaged; the value
+    head gets the value loss's gradient."""
+    model = _obj_model(0)
+    model.value_head = rl.value_head(model)
+    torch.nn.init.normal_(model.value_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    rows = _rl_rows(RL_SPANS)
+    rewards_ = torch.tensor([10.0, 0.0, 3.0, 10.0])
+    roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_, 'lengths': torch.tensor([4, 2, 5, 1]),
+            'reference_logps': None, 'gen_tokens_per_s': 1.0}
+    gamma, lam = 0.9, 0.8
+    ctx = _rl_ctx(rl_advantage='ppo', rl_gamma=gamma, rl_lam=lam)
+    losses, metrics = rl.loss(model, roll, ctx)
+    hidden = model.model(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
+    values = model.value_head(hidden).squeeze(-1).detach()
+    mask = rows['response_mask'][:, 1:]
+    hand, tokens = 0.0, 0
+    for i in range(4):
+        positions = mask[i].nonzero().squeeze(-1).tolist()
+        v = [float(values[i, t]) for t in positions]
+        advantage, running = [0.0] * len(v), 0.0
+        for k in reversed(range(len(v))):
+            reward = float(rewards_[i]) if k == len(v) - 1 else 0.0
+            running = reward + gamma * (v[k + 1] if k + 1 < len(v) else 0.0) - v[k] + gamma * lam * running
+            advantage[k] = running
+        hand += sum(-a + 0.5 * a ** 2 for a in advantage)  # ρ = 1; R − V = A
+        tokens += len(v)
+    assert float(losses.detach().mean()) == pytest.approx(hand / tokens, rel=1e-4)
+    losses.mean().backward()
+    assert model.value_head.weight.grad.abs().sum() > 0 and metrics['value_loss'].min() > 0
+
+
+def test_rl_reward_model_from_a_local_directory_scores_prompt_plus_completion(tmp_path):
+    """RLHF: a sequence-classification model written by save_pretrained, with its tokenizer: rewards.load gives its
+    first logit for prompt + completion, each text scored as it would be alone (padding does not leak in)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                       num_labels=1, pad_token_id=256))
+    tokenizer = _rel_byte_tokenizer()
+    model.save_pretrained(tmp_path / 'rm')
+    tokenizer.save_pretrained(tmp_path / 'rm')
+    score = rewards.load(str(tmp_path / 'rm'))
+    prompts, completions = ['1+2=', '10+20='], ['3', '30 or so']
+    got = score(prompts=prompts, completions=completions, answer=['3', '30'])
+    model.eval()
+    with torch.no_grad():
+        alone = [float(model(input_ids=torch.tensor([list((p + c).encode())])).logits[0, 0]) for p, c in zip(prompts, completions)]
+    assert got == pytest.approx(alone, abs=1e-5) and got[0] != got[1]
+    assert rewards.decoder({'tokenizer': str(tmp_path / 'rm')})([49, 43, 50, 256]) == '1+2'  # EOS is no text
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='without config.json'):
+        rewards.load(str(tmp_path / 'empty'))

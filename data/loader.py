@@ -15,7 +15,8 @@ import torch
 
 from data.prepare import DataError
 
-COLUMNS = {'sft': 3, 'pref': 4}  # index columns: offset, prompt_len, then one length per response
+COLUMNS = {'sft': 3, 'pref': 4, 'prompt': 2}  # index columns: offset, prompt_len, then one length per response
+KINDS = {3: 'an SFT', 4: 'a preference', 2: 'a prompt (RL)'}  # what a split with that many columns is
 
 
 def resolve_dataset(dataset, root='data'):
@@ -93,7 +94,7 @@ class Split:
         self.index = np.load(path + '_index.npy')
         if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:
             raise DataError(f"{path}_index.npy has shape {self.index.shape}, but objective data of kind '{kind}' needs "
-                            f"[n, {COLUMNS[kind]}]: is '{name}' a {'preference' if kind == 'sft' else 'SFT'} split?")
+                            f"[n, {COLUMNS[kind]}]: is '{name}' {KINDS.get(self.index.shape[-1], 'another kind of')} split?")
         expected = self.index[-1, 0] + self.index[-1, 1:].sum() if len(self.index) else 0
         if expected != len(self.tokens):
             raise DataError(f"{path}.bin holds {len(self.tokens)} tokens, not the {expected} that {path}_index.npy "
@@ -105,14 +106,29 @@ class Split:
         self.epoch, self.cursor, self._epoch = 0, 0, None
         self.path = path
         # tokens of the longest row (prompt + its longer response): checked against the model's positions
-        self.longest = int((self.index[:, 1] + self.index[:, 2:].max(1)).max()) if len(self.index) else 0
+        self.longest = int((self.index[:, 1] + self.index[:, 2:].max(1, initial=0)).max()) if len(self.index) else 0
         self._digest = None
+        self.extra = self._read_extra() if kind == 'prompt' else None
+
+    def _read_extra(self):
+        """Prompt splits: each example's other fields (what the reward function reads), one JSON object a line."""
+        path = self.path + '_extra.jsonl'
+        if not os.path.exists(path):
+            raise DataError(f"{path} not found: prompt split '{self.name}' was prepared by an older data/prepare.py or "
+                            f"copied without it; prepare the split again")
+        with open(path) as f:
+            extra = [json.loads(line) for line in f if line.strip()]
+        if len(extra) != len(self.index):
+            raise DataError(f"{path} holds {len(extra)} records, not the {len(self.index)} of {self.path}_index.npy: "
+                            f"files from different runs; prepare the split again")
+        return extra
 
     def digest(self):
         """sha256 of the split's two files: what f* and the cached reference log-probs were measured on (by content,
         so a moved or copied dataset still matches). Computed once."""
         if self._digest is None:
-            self._digest = [file_digest(self.path + suffix) for suffix in ('.bin', '_index.npy')]
+            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.kind == 'prompt' else ())  # answers count too
+            self._digest = [file_digest(self.path + suffix) for suffix in suffixes]
         return self._digest
 
     def round_robin(self, n, batch_size):
@@ -140,7 +156,10 @@ class Split:
 
     def batch(self, ids):
         """input_ids, attention_mask, response_mask [rows, L] (right-padded), the example ids and the split's name.
-        Preference splits give 2·len(ids) rows: all chosen first, then all rejected (one forward per model)."""
+        Preference splits give 2·len(ids) rows: all chosen first, then all rejected (one forward per model).
+        Prompt splits give the prompts left-padded (what generate continues) and each example's extra fields."""
+        if self.kind == 'prompt':
+            return self._prompts(ids)
         rows, masks = [], []
         for i in ids:
             offset, prompt, *responses = (int(x) for x in self.index[i])
@@ -160,6 +179,18 @@ class Split:
         to = lambda a: torch.from_numpy(a).to(self.device)
         return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
                 'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
+
+    def _prompts(self, ids):
+        prompts = [self.tokens[int(o):int(o) + int(n)] for o, n in (self.index[i] for i in ids)]
+        L = max(len(p) for p in prompts)
+        input_ids = np.full((len(prompts), L), self.meta['pad_id'], np.int64)
+        attention_mask = np.zeros((len(prompts), L), np.int64)
+        for j, p in enumerate(prompts):
+            input_ids[j, L - len(p):], attention_mask[j, L - len(p):] = p, 1
+        to = lambda a: torch.from_numpy(a).to(self.device)
+        return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask),
+                'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name,
+                'extra': [self.extra[int(i)] for i in ids]}
 
     def state_dict(self):
         return {'epoch': self.epoch, 'cursor': self.cursor}

@@ -9,8 +9,11 @@ datasets' JSON loader reads them (a UTF-8 BOM and CRLF line ends are fine):
   SFT         {"prompt": str, "completion": str}   or   {"messages": [{"role": .., "content": ..}, ...]}
               (messages: the last message must be the assistant's; it is the response, the rest the prompt)
   preference  {"prompt": str, "chosen": str, "rejected": str}, or prompt/chosen/rejected each a message list
-Split kind rule: a split is a preference split if its first record has "chosen" or "rejected", else SFT;
-a split name starting with "sft" or "pref" must agree with that.
+  prompt (RL) {"prompt": str or a message list, ...any other fields}   or   {"messages": [...], ...}  (TRL's GRPO
+              shape): the other fields (e.g. "answer") are kept for the reward function, in <split>_extra.jsonl
+Split kind rule: a split is a preference split if its first record has "chosen" or "rejected"; a prompt split if
+its name starts with "rl" or "prompt", or its first record has "prompt" but no "completion"; else SFT. A split
+name starting with "sft", "pref", "rl" or "prompt" must agree with that.
 
 Tokenizer (--tokenizer): 'demo' (the byte-level encoding below, built in code), a local Hugging Face
 tokenizer directory, or a tiktoken built-in name that is already cached (nothing is downloaded). String
@@ -21,7 +24,8 @@ template the messages are rendered as "role: content\\n" lines followed by "assi
 
 Output in --out_dir: <split>.bin (flat uint32 ids: prompt, then response(s)), <split>_index.npy
 (int64 [n, 3] offset, prompt_len, response_len for SFT; [n, 4] offset, prompt_len, chosen_len,
-rejected_len for preferences) and meta.json (merged when splits are added later).
+rejected_len for preferences; [n, 2] offset, prompt_len for prompts, whose other fields go to
+<split>_extra.jsonl, one JSON object per kept example) and meta.json (merged when splits are added later).
 Prompt tokens are never scored by the trainer, so masking is by construction.
 --truncation=truncate: cut the prompt from the left (down to 1 token), then the response's end;
 --truncation=drop: drop examples longer than max_length. Pairs whose chosen and rejected tokens are
@@ -34,7 +38,8 @@ class DataError(Exception):
     """Bad input; the message is the user-facing explanation (file:line, what is wrong, how to fix)."""
 
 SHAPES = ('SFT records need {"prompt": str, "completion": str} or {"messages": [{"role": str, "content": str}, ...]}; '
-          'preference records need {"prompt", "chosen", "rejected"}, each a string or each a list of messages')
+          'preference records need {"prompt", "chosen", "rejected"}, each a string or each a list of messages; '
+          'prompt (RL) records need {"prompt": str or a list of messages} or {"messages": [...]}, plus any other fields')
 
 def demo_encoding():
     """Byte-level tiktoken encoding built in code: ids 0-255 are the bytes, 256 is <|endoftext|> (EOS and pad)."""
@@ -95,9 +100,22 @@ def check_messages(messages, where, key):
     return messages
 
 def fields(record, kind, where):
-    """Returns (prompt, [response, ...]): strings, or message lists for conversational records."""
+    """Returns (prompt, [response, ...]): strings, or message lists for conversational records (no responses for
+    prompt records)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}. {SHAPES}")
+    if kind == "prompt":
+        key = "prompt" if "prompt" in record else "messages"
+        if key not in record:
+            raise DataError(f"{where}: missing key prompt for a prompt (RL) record (got keys: {', '.join(record) or 'none'}). "
+                            f"{SHAPES}")
+        if isinstance(record[key], list):
+            return check_messages(record[key], where, key), []
+        if not isinstance(record[key], str):
+            raise DataError(f'{where}: "{key}" must be a string or a list of messages, got {type(record[key]).__name__}')
+        if not record[key].strip():
+            raise DataError(f'{where}: "{key}" is empty; fill it in or remove the record')
+        return record[key], []
     if kind == "sft" and "messages" in record:
         messages = check_messages(record["messages"], where, "messages")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
@@ -139,7 +157,7 @@ def encode(prompt, responses, tok, where):
 
 def fit(prompt, responses, max_length, truncation):
     """Returns (prompt, responses, truncated), or None when the example is dropped."""
-    longest = max(map(len, responses))
+    longest = max(map(len, responses), default=0)  # a prompt record: the prompt alone must fit
     if len(prompt) + longest <= max_length:
         return prompt, responses, False
     if truncation == "drop":
@@ -190,12 +208,18 @@ def build_split(name, source, tok, max_length, truncation):
     records = read_records(source) if isinstance(source, str) else [(f"<{name}>:{i}", r) for i, r in enumerate(source, 1)]
     if not records:
         raise DataError(f"<{name}>: no records")
-    first = records[0][1]
-    kind = "pref" if isinstance(first, dict) and ("chosen" in first or "rejected" in first) else "sft"
-    if name.startswith(("sft", "pref")) and not name.startswith(kind):
-        raise DataError(f"{records[0][0]}: split {name!r} is named like a {'pref' if kind == 'sft' else 'sft'} split but "
-                        f"its first record is a{' preference' if kind == 'pref' else 'n SFT'} record. {SHAPES}")
-    tokens, index, stats, identical = [], [], dict(examples=0, tokens=0, truncated=0, dropped=0), []
+    first, words = records[0][1], {"sft": "an SFT", "pref": "a preference", "prompt": "a prompt (RL)"}
+    kind = "sft"
+    if isinstance(first, dict) and ("chosen" in first or "rejected" in first):
+        kind = "pref"
+    elif name.startswith(("rl", "prompt")) or isinstance(first, dict) and "prompt" in first and "completion" not in first:
+        kind = "prompt"
+    named = next((k for k, prefixes in (("sft", ("sft",)), ("pref", ("pref",)), ("prompt", ("rl", "prompt")))
+                  if name.startswith(prefixes)), kind)
+    if named != kind:
+        raise DataError(f"{records[0][0]}: split {name!r} is named like {words[named]} split but "
+                        f"its first record is {words[kind]} record. {SHAPES}")
+    tokens, index, stats, identical, extra = [], [], dict(examples=0, tokens=0, truncated=0, dropped=0), [], []
     for where, record in records:
         fitted = fit(*encode(*fields(record, kind, where), tok, where), max_length, truncation)
         if fitted and kind == "pref" and fitted[1][0] == fitted[1][1]:
@@ -205,6 +229,8 @@ def build_split(name, source, tok, max_length, truncation):
             stats["dropped"] += 1
             continue
         prompt, responses, truncated = fitted
+        if kind == "prompt":  # what the reward function reads (e.g. "answer"), aligned with the index rows
+            extra.append({k: v for k, v in record.items() if k not in ("prompt", "messages")})
         index.append([stats["tokens"], len(prompt)] + [len(r) for r in responses])
         for ids in [prompt] + responses:
             tokens.extend(ids)
@@ -216,7 +242,7 @@ def build_split(name, source, tok, max_length, truncation):
     if not index:
         raise DataError(f"{source if isinstance(source, str) else f'<{name}>'}: every example of split {name!r} was dropped; "
                         "raise --max_length or use --truncation=truncate")
-    return kind, np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats
+    return kind, np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats, extra
 
 def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
     """Tokenizes splits {name: JSON Lines / JSON array path, or list of records} into out_dir; returns meta.
@@ -241,19 +267,24 @@ def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
     built = {name: build_split(name, source, tok, max_length, truncation) for name, source in splits.items()}
     os.makedirs(out_dir, exist_ok=True)
     renames = []
-    for name, (kind, tokens, index, stats) in built.items():
+    for name, (kind, tokens, index, stats, extra) in built.items():
         bin_path, index_path = os.path.join(out_dir, f"{name}.bin"), os.path.join(out_dir, f"{name}_index.npy")
         tokens.tofile(bin_path + ".tmp")
         with open(index_path + ".tmp", "wb") as f:
             np.save(f, index)
         renames += [bin_path, index_path]
+        if kind == "prompt":
+            extra_path = os.path.join(out_dir, f"{name}_extra.jsonl")
+            with open(extra_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in extra)
+            renames.append(extra_path)
         meta["splits"][name] = dict(kind=kind, **stats, max_length=max_length)
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
     for path in renames + [meta_path]:  # meta.json last: it only ever describes complete files
         os.replace(path + ".tmp", path)
     print(f"{out_dir}: tokenizer {tok.name} (vocab {tok.vocab_size}, eos {tok.eos_id}), max_length {max_length}, {truncation}")
-    for name, (kind, tokens, index, stats) in built.items():
+    for name, (kind, tokens, index, stats, _) in built.items():
         print(f"  {name:<18} {kind:<4} {stats['examples']:>8,} examples {stats['tokens']:>11,} tokens  truncated "
               f"{stats['truncated']:,}  dropped {stats['dropped']:,}  {tokens.nbytes / 1e6:.2f} MB")
     return meta

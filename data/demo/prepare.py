@@ -17,6 +17,12 @@ terse chosen cannot outgrow; the trade-off stays real even with a randomly initi
 pairs in the SFT's own style ("The answer is 19." over "The answer is 18."): there the objectives
 agree, so this is a trade-off on answer style with shared content, not pure opposition.
 
+RL (config/rl_demo.py): two-digit addition, "23+45=" -> "68", a, b in 0-49, verified by rewards.verify_number.
+rl_train holds 2300 prompts with their "answer" (TRL's GRPO shape), sft_add_train demonstrations for only 500 of
+them (the brief SFT warm-up before RL, and the SFT objective of the joint run): as in practice, verifiable
+prompts are plentiful and demonstrations scarce. rl_val and sft_add_val hold the same 200 held-out problems,
+none of them in a training split. Its own random stream: the other splits are the same with or without it.
+
 Splits: sft_train, sft_val, pref_train, pref_val (val prompts never occur in any training split);
 for the bilevel selector: sft_trusted and pref_trusted (small clean sets, prompts disjoint from train and val),
 sft_noisy_train = sft_train with 25% of examples corrupted (a third each: wrong answer, garbled
@@ -31,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from data.prepare import prepare
 
 N_TRAIN, N_VAL, N_TRUSTED, NOISE = 2000, 300, 150, 0.25  # ~2.3 MB on disk, shipped in git
+N_ADD_VAL, N_ADD_SFT = 200, 500  # RL demo: held-out addition problems; the other 2300 of the 50 x 50 are RL prompts,
+                                 # the first 500 of those also SFT demonstrations (~0.4 MB)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 OFF_TASK = ["I like turtles.", "Buy cheap watches now!", "Let's talk about the weather.", "lorem ipsum dolor",
             "Sorry, I can't help.", "Click here to win.", "The sky is blue.", "zzz"]
@@ -101,7 +109,18 @@ def build(seed=1337):
                 r["chosen"] = garble(rng, r["chosen"])
         splits[f"{name}_noisy_train"] = records
         corrupt[f"{name}_noisy_train"] = np.isin(np.arange(len(records)), chosen)
+    splits.update(addition(seed))
     return splits, corrupt
+
+def addition(seed):
+    """The RL demo's task: every a+b= with a, b in 0-49, shuffled; the first N_ADD_VAL held out, demonstrations for
+    N_ADD_SFT of the rest."""
+    problems = [(f"{a}+{b}=", str(a + b)) for a in range(50) for b in range(50)]
+    random.Random(seed + 1).shuffle(problems)
+    val, train = problems[:N_ADD_VAL], problems[N_ADD_VAL:]
+    return dict(sft_add_train=[dict(prompt=p, completion=c) for p, c in train[:N_ADD_SFT]],
+                sft_add_val=[dict(prompt=p, completion=c) for p, c in val],
+                rl_train=[dict(prompt=p, answer=c) for p, c in train], rl_val=[dict(prompt=p, answer=c) for p, c in val])
 
 def main(out_dir=os.path.dirname(os.path.abspath(__file__)), seed=1337):
     splits, corrupt = build(seed)

@@ -1,0 +1,315 @@
+"""
+Reinforcement learning as one objective among the others (DESIGN.md, RL objective): objectives.rl is
+objective() here. A module of its own because rollouts, rewards, advantages (group-relative, or PPO's GAE over
+a value head), the clipped surrogate, the KL, inner epochs and their metrics are longer than objectives.py's
+other objectives together; the math is in small pure functions that the tests check by hand.
+
+One RL micro-step, on a batch of prompts from a 'prompt' split:
+  1. rollout(): rl_group (G) completions per prompt from the current policy through the model's own generate
+     (KV cache; ZeRO-3: synced_gpus), each rank with its own sampling seed. The seam for a faster engine.
+  2. rewards: rl_reward_scale (α) × the reward function's score, per completion (rewards.py).
+  3. one forward with grad: per-token log-probs of the completions through objectives' fused head path, the
+     reference's (no grad, for the KL) and, for PPO, the value head's V(s_t) on the same hidden states.
+  4. advantages, per completion token: group-relative (r − mean_g r; 'group_std' divides by the group's std,
+     'loo' subtracts the mean of the other G−1), or 'ppo': GAE(γ, λ) over the value head's values with the
+     sequence reward at the completion's last token. rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
+  5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β_kl·k3, ρ = exp(logp − logp_old), k3 = exp(ref − logp) −
+     (ref − logp) − 1, plus for PPO ½·max((V − R)², (V_clipped − R)²). logp_old: the same forward detached on a
+     rollout's first update (ρ = 1, so the gradient is REINFORCE's), the stored one on the rl_epochs − 1 updates
+     that replay the same rollouts (their prompts drawn by the trainer are then skipped).
+Normalization (rl_loss_norm, TRL's names): 'bnpo' = 'dapo' the token-level mean over the micro-batch's completion
+tokens (the default); 'grpo' the mean over each completion's tokens, then over completions; 'dr_grpo' the token
+sum / (completions × rl_max_new_tokens). The losses come back one per prompt (the example the trainer's evals
+weight and its data cursor count), scaled so that their plain mean, what the trainer takes, is that normalization.
+Evaluation (no grad, bipost.estimate): one greedy completion per held-out prompt; loss = −reward, so f*, maxright
+and the ideal distance see the negative mean held-out reward.
+"""
+import time
+
+import torch
+
+import objectives
+import rewards as reward_functions
+
+ADVANTAGES = ('group', 'group_std', 'loo', 'ppo')
+LOSS_NORMS = ('bnpo', 'dapo', 'grpo', 'dr_grpo')
+
+
+FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format'}
+
+
+def settings(config, meta, rank, device, synced_gpus, splits):
+    """What the RL objective adds to ctx: the rl_* settings, the reward function, the decoder and the rollout state.
+    Raises ValueError (one line, with the fix) on bad settings or prompt records that lack the verifier's field."""
+    for key, allowed in (('rl_advantage', ADVANTAGES), ('rl_loss_norm', LOSS_NORMS)):
+        if config[key] not in allowed:
+            raise ValueError(f"{key}={config[key]!r} is not one of {allowed}")
+    if config['rl_group'] < (1 if config['rl_advantage'] == 'ppo' else 2):
+        raise ValueError(f"rl_group={config['rl_group']}: group-relative advantages need >= 2 completions per prompt "
+                         f"(4-16 is usual); rl_advantage='ppo' works with 1")
+    if config['rl_max_new_tokens'] < 1 or config['rl_epochs'] < 1 or not 0 <= config['rl_ema'] < 1:
+        raise ValueError(f"rl_max_new_tokens={config['rl_max_new_tokens']} and rl_epochs={config['rl_epochs']} must be "
+                         f">= 1, rl_ema={config['rl_ema']} in [0, 1)")
+    if not (config['rl_temperature'] > 0 and 0 < config['rl_top_p'] <= 1):
+        raise ValueError(f"rl_temperature={config['rl_temperature']} must be > 0 and rl_top_p={config['rl_top_p']} in (0, 1]")
+    if config['rl_kl'] > 0 and config['reference_logps'] == 'precompute':
+        raise ValueError("rl_kl > 0 needs the live reference beside the policy, which reference_logps='precompute' frees: "
+                         "set reference_logps='live', or rl_kl=0")
+    if config['rl_ema'] and (config['rl_kl'] == 0 or config['deepspeed'] and config['zero_stage'] == 3):
+        raise ValueError(f"rl_ema={config['rl_ema']} updates the reference of the KL penalty in place: it needs rl_kl > 0 "
+                         f"and whole (not ZeRO-3-partitioned) parameters; set rl_ema=0, or zero_stage <= 2")
+    if config.get('lora_rank', 0) and (config['rl_ema'] or config['rl_advantage'] == 'ppo'):
+        raise ValueError(f"lora_rank={config['lora_rank']} trains the adapters alone and its reference is the policy with "
+                         f"them off: rl_ema (it would move the base) and rl_advantage='ppo' (its value head is no "
+                         f"adapter) are not supported with LoRA; set rl_ema=0 and a group advantage, or lora_rank=0")
+    field = FIELDS.get(config['rl_reward'])
+    for split in splits:
+        missing = next((i for i, record in enumerate(split.extra) if field and field not in record), None)
+        if missing is not None:
+            raise ValueError(f"{split.path}_extra.jsonl: record {missing + 1} has no \"{field}\" field, which "
+                             f"rl_reward={config['rl_reward']!r} reads: add it to the prompt records (data/prepare.py "
+                             f"keeps every field besides the prompt) and prepare the split again")
+    return dict({k: v for k, v in config.items() if k.startswith('rl_')},
+                reward=reward_functions.load(config['rl_reward'], device),
+                verifier=config['rl_reward'] in reward_functions.VERIFIERS,  # accuracy = share of verified answers
+                decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
+                synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
+                rl_replay={'calls': 0, 'rollouts': []})
+
+
+# ---- the math, pure functions ----
+
+def group_advantages(rewards, group, mode, eps=1e-4):
+    """rewards [N] (N = prompts × group, a prompt's completions adjacent) -> advantages [N]. 'group': r − mean of
+    the group; 'group_std': that / (std + eps), the unbiased std as TRL; 'loo': r − mean of the other G − 1."""
+    r = rewards.view(-1, group)
+    advantages = r - r.mean(1, keepdim=True)
+    if mode == 'loo':  # r_i − (Σr − r_i)/(G−1) = G/(G−1)·(r_i − mean)
+        advantages = advantages * group / (group - 1)
+    elif mode == 'group_std':
+        advantages = advantages / (r.std(1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def whiten(values, mask, eps=1e-8):
+    """Mean 0, std 1 over the masked entries (the batch's completion tokens); 0 elsewhere."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation over each row's masked tokens (contiguous: one completion), right to left:
+    δ_t = r_t + γ·V_next − V_t, A_t = δ_t + γλ·A_next, the next state after the last token worth 0. rewards, values,
+    mask [N, T]. Returns advantages and returns (A + V), both 0 outside the mask."""
+    advantages = torch.zeros_like(values)
+    next_value = next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(m, advantage, 0.0)
+        next_value = torch.where(m, values[:, t], next_value)
+        next_advantage = torch.where(m, advantage, next_advantage)
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def k3(logps, reference_logps):
+    """Schulman's unbiased, always >= 0 estimator of KL(π ‖ π_ref) per sampled token: e^x − x − 1, x = ref − logp."""
+    x = reference_logps - logps
+    return torch.exp(x) - x - 1
+
+
+def clipped_surrogate(logps, old_logps, advantages, clip):
+    """PPO's per-token loss −min(ρA, clip(ρ, 1−ε, 1+ε)A), ρ = exp(logp − old), and where the clip is active."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def normalize(token_losses, mask, norm, max_new_tokens):
+    """Per-completion losses whose mean over completions is the batch loss under TRL's normalization `norm`."""
+    sums, lengths = (token_losses * mask).sum(1), mask.sum(1).clamp(min=1)
+    if norm == 'grpo':
+        return sums / lengths
+    if norm == 'dr_grpo':
+        return sums / max_new_tokens
+    return sums * len(sums) / lengths.sum()  # bnpo/dapo: Σ over all tokens / all tokens, spread over completions
+
+
+# ---- rollouts ----
+
+def sampling_seed(ctx):
+    """A fresh seed per rollout: a draw from the RNG every rank holds in the same (checkpointed) state, so that a
+    resumed run samples the same, combined with the rank, so that the ranks sample different completions."""
+    return int(torch.randint(2 ** 31, ())) * 65536 + ctx.rank
+
+
+@torch.no_grad()
+def rollout(model, prompts, prompt_mask, ctx, group, greedy):
+    """prompts [B, P] left-padded, prompt_mask [B, P] -> completions [B·group, T] (a prompt's group adjacent; pad after
+    each one's end), their lengths (the EOS counted when it was generated) and the seconds it took. The seam where
+    a faster rollout engine (vLLM, SGLang) would plug in, with the same inputs and outputs."""
+    from transformers import GenerationConfig
+    sampling = {} if greedy else dict(temperature=ctx.rl_temperature, top_p=ctx.rl_top_p, top_k=0)  # the policy's own
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=ctx.rl_max_new_tokens, eos_token_id=ctx.eos_id,
+                              pad_token_id=ctx.pad_id, use_cache=True, **sampling)
+    ids, mask = prompts.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
+    seed = None if greedy else sampling_seed(ctx)  # drawn before the fork, so that the shared RNG moves on
+    training, start = model.training, time.time()
+    model.eval()
+    with torch.random.fork_rng(devices=[ids.device] if ids.is_cuda else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=ctx.synced_gpus)
+    model.train(training)
+    completions = out[:, ids.shape[1]:]
+    ends = completions == ctx.eos_id
+    lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, completions.shape[1])
+    return completions, lengths, time.time() - start
+
+
+def sequences(prompts, prompt_mask, completions, lengths, group, pad_id):
+    """Rows prompt + completion, right-padded, with the completion as response_mask: what Split.batch makes for SFT."""
+    prompt_lengths = prompt_mask.sum(1).repeat_interleave(group)
+    total = prompt_lengths + lengths
+    input_ids = torch.full((len(total), int(total.max())), pad_id, dtype=prompts.dtype, device=prompts.device)
+    positions = torch.arange(input_ids.shape[1], device=prompts.device)
+    for i, (p, n) in enumerate(zip(prompt_lengths.tolist(), lengths.tolist())):
+        input_ids[i, :p + n] = torch.cat([prompts[i // group, prompts.shape[1] - p:], completions[i, :n]])
+    return {'input_ids': input_ids, 'attention_mask': (positions < total[:, None]).long(),
+            'response_mask': (positions >= prompt_lengths[:, None]) & (positions < total[:, None])}
+
+
+def score(batch, completions, lengths, group, ctx):
+    """α·score per completion [N], and the raw scores; the reward function sees text and the record's fields."""
+    prompt_texts = [ctx.decode(p[m.bool()].tolist()) for p, m in zip(batch['input_ids'], batch['attention_mask'])]
+    texts = [ctx.decode(c[:n].tolist()) for c, n in zip(completions, lengths.tolist())]
+    keys = sorted({k for record in batch['extra'] for k in record})
+    columns = {k: [record.get(k) for record in batch['extra'] for _ in range(group)] for k in keys}
+    scores = ctx.reward(prompts=[p for p in prompt_texts for _ in range(group)], completions=texts, **columns)
+    scores = torch.as_tensor(scores, dtype=torch.float32, device=completions.device).reshape(-1)
+    if scores.numel() != len(texts) or not torch.isfinite(scores).all():
+        raise ValueError(f"rl_reward={ctx.rl_reward!r} returned {scores.numel()} scores (non-finite: "
+                         f"{int((~torch.isfinite(scores)).sum())}) for {len(texts)} completions: it must return one "
+                         f"finite float per completion")
+    return scores * ctx.rl_reward_scale, scores
+
+
+def make_rollout(model, batch, ctx, group, greedy):
+    """Everything a loss needs from one batch of prompts, none of it with grad."""
+    completions, lengths, seconds = rollout(model, batch['input_ids'], batch['attention_mask'], ctx, group, greedy)
+    rows = sequences(batch['input_ids'], batch['attention_mask'], completions, lengths, group, ctx.pad_id)
+    rewards, scores = score(batch, completions, lengths, group, ctx)
+    reference_logps = None
+    if getattr(ctx, 'reference', None) is not None:
+        with torch.no_grad():
+            reference_logps, _ = objectives.response_logprobs(ctx.reference, rows, ctx)
+    return {'rows': rows, 'group': group, 'rewards': rewards, 'scores': scores, 'lengths': lengths,
+            'reference_logps': reference_logps, 'gen_tokens_per_s': float(lengths.sum()) / max(seconds, 1e-9)}
+
+
+# ---- the objective ----
+
+def forward(model, rows, ctx, values):
+    """Per-token log-probs [N, L−1] of the completions (0 elsewhere), their mask, and V(s_t) when values: the value
+    head reads the same final hidden state that scores token t."""
+    body, head = objectives.body_and_head(model)
+    hidden = body(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
+    targets, mask = rows['input_ids'][:, 1:], rows['response_mask'][:, 1:].bool()
+    logps = head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False)
+    return logps, mask, (model.value_head(hidden).squeeze(-1).float() if values else None)
+
+
+def per_prompt(values, group):
+    return values.view(-1, group).mean(1)
+
+
+def loss(model, roll, ctx):
+    """Per-prompt losses and metrics of one rollout batch; on its first call, stores the old log-probs and the
+    advantages in roll (its replays reuse them)."""
+    ppo, group = ctx.rl_advantage == 'ppo', roll['group']
+    logps, mask, values = forward(model, roll['rows'], ctx, ppo)
+    if 'old_logps' not in roll:  # the rollout's own update: the policy that sampled is this very forward
+        roll['old_logps'] = logps.detach()
+        if ppo:
+            roll['old_values'] = values.detach()
+            last = mask.cumsum(1) == mask.sum(1, keepdim=True)  # the reward arrives at the completion's last token
+            token_rewards = torch.where(mask & last, roll['rewards'][:, None], 0.0)
+            advantages, roll['returns'] = gae(token_rewards, roll['old_values'], mask, ctx.rl_gamma, ctx.rl_lam)
+        else:
+            advantages = group_advantages(roll['rewards'], group, ctx.rl_advantage)[:, None] * mask
+        roll['advantages'] = whiten(advantages, mask) if ctx.rl_whiten else advantages
+    token_losses, clipped = clipped_surrogate(logps, roll['old_logps'], roll['advantages'], ctx.rl_clip)
+    metrics = {}
+    if roll['reference_logps'] is not None:
+        kl = k3(logps, roll['reference_logps']) * mask
+        token_losses = token_losses + ctx.rl_kl * kl
+        metrics['kl'] = per_prompt(kl.detach().sum(1), group) / per_prompt(mask.sum(1).float(), group)
+    if ppo:
+        v_clipped = roll['old_values'] + (values - roll['old_values']).clamp(-ctx.rl_clip, ctx.rl_clip)
+        value_losses = 0.5 * torch.maximum((values - roll['returns']) ** 2, (v_clipped - roll['returns']) ** 2) * mask
+        token_losses = token_losses + value_losses
+        metrics['value_loss'] = per_prompt(value_losses.detach().sum(1) / mask.sum(1).clamp(min=1), group)
+    losses = per_prompt(normalize(token_losses * mask, mask, ctx.rl_loss_norm, ctx.rl_max_new_tokens), group)
+    tokens = per_prompt(mask.sum(1).float(), group)
+    rewards = roll['rewards'].view(-1, group)
+    metrics.update({
+        'loss': -rewards.mean(1),  # the objective's value (its logs, maxright, f*): −mean reward of the samples
+        'surrogate': losses.detach(), 'reward': rewards.mean(1), 'reward_std': rewards.std(1, unbiased=False),
+        'zero_std': (rewards.max(1).values == rewards.min(1).values).float(),
+        'clip_fraction': per_prompt((clipped & mask).sum(1).float(), group) / tokens,
+        'length': per_prompt(roll['lengths'].float(), group),
+        'gen_tokens_per_s': torch.full_like(tokens, roll['gen_tokens_per_s'])})
+    if ctx.verifier:
+        metrics['accuracy'] = per_prompt((roll['scores'] > 0).float(), group)
+    return losses, metrics
+
+
+def evaluate(model, batch, ctx):
+    """One greedy completion per prompt: loss = −reward, with the reward, accuracy, length, KL and tokens/s."""
+    roll = make_rollout(model, batch, ctx, 1, greedy=True)
+    metrics = {'reward': roll['rewards'], 'length': roll['lengths'].float(),
+               'gen_tokens_per_s': torch.full_like(roll['rewards'], roll['gen_tokens_per_s'])}
+    if ctx.verifier:
+        metrics['accuracy'] = (roll['scores'] > 0).float()
+    if roll['reference_logps'] is not None:
+        logps, mask, _ = forward(model, roll['rows'], ctx, False)
+        metrics['kl'] = (k3(logps, roll['reference_logps']) * mask).sum(1) / mask.sum(1)
+    return -roll['rewards'], metrics
+
+
+def objective(model, batch, ctx):
+    """objectives.OBJECTIVES['rl']. Under no_grad (bipost.estimate: evals, maxright's estimates) a greedy evaluation;
+    else one RL micro-step: fresh rollouts, or with rl_epochs > 1 a replay of the last update's rollouts (one per
+    micro-step, in order) for rl_epochs − 1 updates."""
+    if not torch.is_grad_enabled():
+        return evaluate(model, batch, ctx)
+    replay, steps = ctx.rl_replay, ctx.gradient_accumulation_steps
+    call = replay['calls'] % (steps * ctx.rl_epochs)
+    replay['calls'] += 1
+    if call >= steps:  # a replayed update: the trainer's prompts are skipped, the stored rollouts reused
+        return loss(model, replay['rollouts'][call % steps], ctx)
+    roll = make_rollout(model, batch, ctx, ctx.rl_group, greedy=False)
+    if ctx.rl_epochs > 1:
+        replay['rollouts'] = ([] if call == 0 else replay['rollouts']) + [roll]
+    return loss(model, roll, ctx)
+
+
+@torch.no_grad()
+def update_reference(reference, policy, alpha):
+    """EMA reference (rl_ema = α > 0), after each optimizer step: π_ref ← α·π_ref + (1−α)·π, parameter by parameter
+    (the policy's value head has no counterpart)."""
+    params = dict(policy.named_parameters())
+    for name, p in reference.named_parameters():
+        p.lerp_(params[name].detach().to(p.dtype), 1 - alpha)
+
+
+def value_head(model):
+    """PPO's V(s) = w·h + b on the policy's final hidden states; zero-initialized (V = 0 at first, the same on
+    every rank without a broadcast)."""
+    head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
