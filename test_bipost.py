@@ -3973,7 +3973,7 @@ def test_rl_inner_epochs_replay_the_rollouts_with_their_old_logprobs(monkeypatch
         return real_make(model, batch, ctx, group, greedy)
 
     def recording(logps, old_logps, advantages, clip):
-        drift.append(float((logps - old_logps).abs().max()))
+        drift.append(float((logps - old_logps).detach().abs().max()))
         return real_surrogate(logps, old_logps, advantages, clip)
     monkeypatch.setattr(rl, 'make_rollout', counting)
     monkeypatch.setattr(rl, 'clipped_surrogate', recording)
@@ -4128,7 +4128,9 @@ def _rel_initial_state():
     (['--reference_logps=precompute'], "rl_kl > 0 needs the live reference"),
     (['--rl_ema=0.9', '--rl_kl=0.0'], 'rl_ema=0.9 updates the reference'),
     (['--rl_reward=format'], 'rl_train_extra.jsonl: record 1 has no "format" field'),
-    (['--rl_max_new_tokens=200'], 'rl_train in data/demo has examples of up to 206 tokens with rl_max_new_tokens')])
+    (['--rl_max_new_tokens=200'], 'rl_train in data/demo has examples of up to 206 tokens with rl_max_new_tokens'),
+    (['--lora_rank=4', '--rl_advantage=ppo'], "lora_rank=4 trains the adapters alone"),
+    (['--lora_rank=4', '--rl_ema=0.9'], "rl_ema (it would move the base)")])
 def test_rl_bad_settings_fail_with_one_line(tmp_path, monkeypatch, capsys, args, says):
     code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', *args, '--max_iters=1',
                                     f'--out_dir={tmp_path / "out"}')
@@ -4260,3 +4262,15 @@ def test_rl_reward_model_from_a_local_directory_scores_prompt_plus_completion(tm
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='without config.json'):
         rewards.load(str(tmp_path / 'empty'))
+
+
+def test_rl_bipost_with_lora_samples_from_the_adapted_policy_against_the_base(tmp_path, monkeypatch, capsys):
+    """RL with LoRA: generate runs the peft model, the KL's reference is the same network with its adapters off (at
+    the start they are equal: B = 0, so the first update's KL is 0), and the adapters learn (the KL grows)."""
+    pytest.importorskip('peft')
+    out = tmp_path / 'out'
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix',
+                                  '--lora_rank=4', '--max_iters=3', '--eval_interval=3', f'--out_dir={out}')
+    assert code == 0, err
+    kl = [r['train/rl/kl'] for r in _train_records(out)[1]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-6, kl
