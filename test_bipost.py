@@ -4173,7 +4173,9 @@ def test_rl_two_ranks_sample_differently_and_agree_on_the_objective(tmp_path, en
     completions come from different sampling seeds alone (rank offset); both choose the same objective each update
     and end with the same weights. Sequential: 9 SFT updates first teach '15' + EOS, so that the RL updates' completions
     end at different lengths on the two ranks: under ZeRO-3 generate must then keep the finished rank's forwards in
-    step with the other's (synced_gpus), or the run hangs (timeout)."""
+    step with the other's (synced_gpus), or the run hangs (timeout). n_embd=400 puts the head and the MLP weights above
+    DeepSpeed's persistence threshold (1e5 elements), so every forward really gathers them (whole ones would need
+    no collective, and an unsynced generate would not hang)."""
     data = tmp_path / 'data'
     data_prep.prepare(str(data), 'demo', {'rl_train': [{'prompt': '7+8=', 'answer': '15'}] * 16,
                                           'rl_val': [{'prompt': '7+8=', 'answer': '15'}] * 4,
@@ -4187,7 +4189,8 @@ def test_rl_two_ranks_sample_differently_and_agree_on_the_objective(tmp_path, en
             '--learning_rate=5e-2', '--warmup_iters=0', '--rl_group=4', '--rl_max_new_tokens=8', '--rl_temperature=0.5',
             '--export_hf=False',
             '--train_splits={"sft": "sft_train", "rl": "rl_train"}', '--val_splits={"sft": "sft_val", "rl": "rl_val"}',
-            f'--out_dir={out}'] + (['--deepspeed=True', '--zero_stage=3'] if engine == 'zero3' else [])
+            f'--out_dir={out}'] + (['--deepspeed=True', '--zero_stage=3', '--n_embd=400', '--learning_rate=1e-2']
+                                    if engine == 'zero3' else [])
     import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
