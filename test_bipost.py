@@ -4277,3 +4277,17 @@ def test_rl_bipost_with_lora_samples_from_the_adapted_policy_against_the_base(tm
     assert code == 0, err
     kl = [r['train/rl/kl'] for r in _train_records(out)[1]]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-6, kl
+
+
+def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeypatch, capsys):
+    """The sampling seeds come from the checkpointed RNG: 2 updates, a checkpoint, 2 more after a resume log exactly
+    the numbers of 4 updates in one go (rewards, KL, lengths: the same completions)."""
+    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False']
+    for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
+        for args in runs:
+            code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
+            assert code == 0, err
+    drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
+    straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
+    assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
+    assert [drop(r) for r in straight[0]] == [drop(r) for r in resumed[0]]
