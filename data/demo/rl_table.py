@@ -12,7 +12,7 @@ and the SFT loss (per-token NLL of the right answer) on sft_add_val. Mean ± std
     python data/demo/rl_table.py --seeds=1     # a quick look (~7 min)
 
 Writes <out>/rl_table.json (every number) and prints the markdown table the README shows (--print_only: again,
-from that file).
+from that file). data/demo/rl_table.json is the run the README quotes: --print_only --out=data/demo.
 """
 import argparse
 import json
