@@ -3857,7 +3857,8 @@ def test_rl_string_and_format_verifiers_and_loading():
     assert rewards.exact(None, [' 68\n', '68.', 'Sixty'], answer=['68', '68', 'sixty']) == [1.0, 0.0, 0.0]
     assert rewards.normalized(None, ['  Sixty  Eight. ', 'sixty-eight'], answer=['sixty eight', 'sixty eight']) == [1.0, 0.0]
     fmt = r'<answer>\d+</answer>'
-    assert rewards.matches_format(None, ['<answer>12</answer>', '12', '<answer>x</answer>'], format=[fmt] * 3) == [1.0, 0.0, 0.0]
+    assert rewards.matches_format(None, ['<answer>12</answer>\n', '12', '<answer>x</answer>', 'so <answer>12</answer>'],
+                                  format=[fmt] * 4) == [1.0, 0.0, 0.0, 0.0]  # the whole completion, not a part
     with pytest.raises(ValueError, match='needs an "answer" field'):
         rewards.verify_number(['p'], ['1'])
     assert rewards.load('verify_number') is rewards.verify_number and rewards.load('format') is rewards.matches_format
