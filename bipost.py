@@ -7,12 +7,10 @@ bipost: one-stage bi-objective (and bilevel) LLM post-training, e.g. SFT + DPO i
 
 One launch path: plain python or torchrun; the only branch is whether RANK is in the environment.
 """
-import contextlib
 import gc
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from types import SimpleNamespace
@@ -22,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, ConfigError
-from checkpoint import resume_config, publish, write_json_atomic
+from checkpoint import resume_config, write_json_atomic, finish_publish, read_checkpoint, resume, restart_metrics, \
+    save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND
 import rl
 from reference_cache import load_or_compute, reference_pass
@@ -326,21 +325,18 @@ except ValueError as e:
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
 
 from transformers import AutoConfig, AutoModelForCausalLM
-from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora, adapter_state, export_state
+from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora
 
-checkpoint = None
-if master and os.path.exists(os.path.join(out_dir, 'ckpt.json')):
-    with open(os.path.join(out_dir, 'ckpt.json')) as f:
-        publish(out_dir, json.load(f))
+checkpoint, state = None, None  # the pointer ckpt.json, and plain torch's ckpt.pt (checkpoint.py)
+if master:
+    finish_publish(out_dir)
 if distributed:
     dist.barrier()  # every rank reads the published files
 if init_from == 'resume':  # the pointer exists: resume_config read its config
-    with open(os.path.join(out_dir, 'ckpt.json')) as f:
-        checkpoint = json.load(f)
-    payload = os.path.join(out_dir, 'ckpt.pt' if checkpoint['format'] == 'torch' else os.path.join('ds', checkpoint['tag']))
-    if not os.path.exists(payload):
-        fail(f"{os.path.join(out_dir, 'ckpt.json')} points at {payload}, which does not exist: out_dir was changed outside "
-             f"bipost; restore it, or start over with --overwrite=True")
+    try:
+        checkpoint, state = read_checkpoint(out_dir)
+    except ValueError as e:
+        fail(str(e))
 policy_source = checkpoint['policy_init'] if checkpoint else init_from
 
 
@@ -355,11 +351,6 @@ def built(step, *args, **kwargs):
 def load(source):
     return built(load_model, source, meta, seed, n_layer, n_head, n_embd, block_size)
 
-if checkpoint and checkpoint['format'] == 'torch':
-    state = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    if state['iter_num'] != checkpoint['iter_num']:
-        fail(f"{os.path.join(out_dir, 'ckpt.pt')} holds update {state['iter_num']} but ckpt.json points at update "
-             f"{checkpoint['iter_num']}: out_dir was changed outside bipost; restore it, or start over with --overwrite=True")
 if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
     if checkpoint['format'] == 'torch':
@@ -483,93 +474,18 @@ else:
         for p in model.parameters():
             dist.broadcast(p.data, 0)
 
-iter_num, skipped = 0, 0
-
 # -----------------------------------------------------------------------------
-# checkpoints: atomic (temp name, then rename), resumable exactly (data cursors, selector and RNG state)
+# checkpoints (checkpoint.py): atomic (stage, commit, publish), resumable exactly (data cursors, selector and RNG state)
 
-def train_state():
-    return {'iter_num': iter_num, 'skipped': skipped, 'selector': selector.state_dict(),
-            'data_selector': data_selector.state_dict() if data_selector else None,
-            'data': {n: s.state_dict() for n, s in train_data.items()}, 'torch_rng': torch.get_rng_state(),
-            'cuda_rng': torch.cuda.get_rng_state() if device.startswith('cuda') else None, 'config': config}
-
-
-def load_train_state(state):
-    global iter_num, skipped
-    iter_num, skipped = state['iter_num'], state['skipped']
-    selector.load_state_dict(state['selector'])
-    if data_selector:
-        data_selector.load_state_dict(state['data_selector'])
-    for n, s in train_data.items():
-        s.load_state_dict(state['data'][n])
-    torch.set_rng_state(state['torch_rng'])
-    if state['cuda_rng'] is not None and device.startswith('cuda'):
-        torch.cuda.set_rng_state(state['cuda_rng'])
-
-
-def save_checkpoint():
-    """Stage, commit, publish (checkpoint.py): a kill at any moment leaves a complete checkpoint."""
-    stage = os.path.join(out_dir, f'stage-{iter_num:07d}')
-    if master:
-        shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage of an earlier, killed run
-        os.makedirs(stage)
-    pointer = {'iter_num': iter_num, 'policy_init': policy_source, 'model_config': raw_model.config.to_dict(),
-               'config': config, 'stage': os.path.basename(stage)}
-    if deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer names it only once all are done
-        pointer.update(format='deepspeed', tag=f'iter_{iter_num:07d}')
-        engine.save_checkpoint(os.path.join(out_dir, 'ds'), tag=pointer['tag'], client_state=train_state(), save_latest=False,
-                               exclude_frozen_parameters=lora_rank > 0)
-    elif master:
-        pointer.update(format='torch')
-        torch.save({'model': adapter_state(raw_model) if lora_rank else raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'model_config': raw_model.config.to_dict(), **train_state()}, os.path.join(stage, 'ckpt.pt'))
-    if export_hf:
-        export(os.path.join(stage, 'hf'))
-    if data_selector and master:
-        data_selector.save(stage, keep_fraction)
-    if deepspeed:
-        dist.barrier()
-    if master:
-        write_json_atomic(os.path.join(out_dir, 'ckpt.json'), pointer)  # the commit
-        publish(out_dir, pointer)
-
-
-def export(path):
-    """HF-format weights that AutoModelForCausalLM.from_pretrained loads (LoRA: merged, and the adapters alone in
-    hf/adapter, loadable with peft); ZeRO-3 gathers them first."""
-    zero3 = deepspeed and zero_stage == 3  # copied to the CPU while gathered
-    with ds.zero.GatheredParameters(list(raw_model.parameters()), modifier_rank=None) if zero3 else contextlib.nullcontext():
-        state, adapter = export_state(raw_model, copy=zero3) if master else (None, None)
-    if master:
-        state = {k: v for k, v in state.items() if not k.startswith('value_head.')}  # rl's PPO value head: not HF's
-        (raw_model.get_base_model() if lora_rank else raw_model).save_pretrained(path, state_dict=state)
-        if adapter:
-            raw_model.save_pretrained(os.path.join(path, 'adapter'), state_dict=adapter)
-        if os.path.isdir(policy_source):  # ship the tokenizer with the weights
-            from transformers import AutoTokenizer
-            try:
-                AutoTokenizer.from_pretrained(policy_source).save_pretrained(path)
-            except (OSError, ValueError):
-                pass  # a weights-only directory: the export has no tokenizer either
-        shutil.copy(meta_path, os.path.join(path, 'bipost_data_meta.json'))
-
-if checkpoint and checkpoint['format'] == 'torch':
-    optimizer.load_state_dict(state['optimizer'])
-    load_train_state(state)
-    del state
-elif checkpoint:
-    _, client_state = engine.load_checkpoint(os.path.join(out_dir, 'ds'), tag=checkpoint['tag'], load_module_strict=not lora_rank)
-    load_train_state(client_state)
+run = SimpleNamespace(out_dir=out_dir, master=master, config=config, policy_source=policy_source, meta_path=meta_path,
+                      deepspeed=deepspeed, zero3=deepspeed and zero_stage == 3, lora=lora_rank > 0, export_hf=export_hf,
+                      engine=engine, optimizer=optimizer, raw_model=raw_model, selector=selector,
+                      data_selector=data_selector, keep_fraction=keep_fraction, train_data=train_data, device=device)
+iter_num, skipped = resume(run, checkpoint, state) if checkpoint else (0, 0)  # updates taken, micro-batches skipped
+del state  # plain torch: ckpt.pt's tensors, loaded into the model and optimizer
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-if master and not eval_only and os.path.exists(metrics_path):  # one record per update and eval, as if never stopped:
-    with open(metrics_path) as f:  # a fresh run starts the log over; a resume drops what the killed run logged after
-        records = [json.loads(line) for line in f]  # its checkpoint (updates <= N stay; the eval at N runs again)
-    kept = [r for r in records if checkpoint and (r['iter'] <= iter_num if 'objective' in r else r['iter'] < iter_num)]
-    text = '\n'.join(json.dumps(r) for r in kept) + ('\n' if kept else '')
-    with open(metrics_path + '.tmp', 'w') as f:
-        f.write(text)
-    os.replace(metrics_path + '.tmp', metrics_path)
+if master and not eval_only and os.path.exists(metrics_path):
+    restart_metrics(metrics_path, checkpoint, iter_num)
 if checkpoint and master:
     print(f"resumed from {out_dir} at update {iter_num}, with the config saved there")
 
@@ -700,7 +616,7 @@ while True:
         if eval_only:
             break
         if iter_num > (checkpoint['iter_num'] if checkpoint else 0) and (always_save_checkpoint or iter_num == max_iters):
-            save_checkpoint()
+            save_checkpoint(run, iter_num, skipped)
         t0 = time.time()  # eval and checkpoint time is not update time
     if iter_num >= max_iters:
         break

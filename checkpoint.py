@@ -1,11 +1,17 @@
 """
 Checkpoints that a kill at any moment cannot corrupt, and resumes that continue the run exactly as if it had never
-stopped. bipost.py writes the files (save_checkpoint) and reads them back; this file holds the rules: which config
-a resumed run has, and how a staged checkpoint is committed and published.
+stopped: which config a resumed run has, how a checkpoint is staged, committed and published (save_checkpoint), the
+HF export, and how a resumed run reads it all back (read_checkpoint, resume). bipost.py calls these with `run`, a
+namespace of what they touch (out_dir, master, the engine/optimizer/raw_model, the selectors and data cursors, ...);
+a checkpoint that out_dir no longer matches raises ValueError with a one-line message, which bipost.py prints.
 """
+import contextlib
 import json
 import os
 import shutil
+
+import torch
+import torch.distributed as dist
 
 from configurator import configure, ConfigError
 
@@ -47,7 +53,7 @@ def write_json_atomic(path, obj):
     os.replace(path + '.tmp', path)
 
 
-# A checkpoint of update N is saved in three steps (bipost.py, save_checkpoint), so that a kill at any moment leaves either
+# A checkpoint of update N is saved in three steps (save_checkpoint, below), so that a kill at any moment leaves either
 # checkpoint N-1 or N, never a mix:
 #   1. stage: its files, complete, into out_dir/stage-N/ (ckpt.pt or, under DeepSpeed, the shards in out_dir/ds/<tag>,
 #      hf/, the data selector's weights/ranking/keep.npy). A kill here leaves N-1 as it was; the stage is dropped later.
@@ -77,3 +83,132 @@ def publish(out_dir, pointer):
     for tag in os.listdir(os.path.join(out_dir, 'ds')) if 'tag' in pointer else []:  # DeepSpeed: older checkpoints
         if tag.startswith('iter_') and tag != pointer['tag']:  # (ds/ also holds DeepSpeed's zero_to_fp32.py)
             shutil.rmtree(os.path.join(out_dir, 'ds', tag))
+
+
+def finish_publish(out_dir):
+    """On startup (rank 0, before anything reads the checkpoint): step 3 of a save that a kill interrupted."""
+    if os.path.exists(os.path.join(out_dir, 'ckpt.json')):
+        with open(os.path.join(out_dir, 'ckpt.json')) as f:
+            publish(out_dir, json.load(f))
+
+
+def read_checkpoint(out_dir):
+    """A resumed run's pointer (ckpt.json) and, for plain torch, the ckpt.pt it points at (else None)."""
+    with open(os.path.join(out_dir, 'ckpt.json')) as f:
+        checkpoint = json.load(f)
+    payload = os.path.join(out_dir, 'ckpt.pt' if checkpoint['format'] == 'torch' else os.path.join('ds', checkpoint['tag']))
+    if not os.path.exists(payload):
+        raise ValueError(f"{os.path.join(out_dir, 'ckpt.json')} points at {payload}, which does not exist: out_dir was "
+                         f"changed outside bipost; restore it, or start over with --overwrite=True")
+    if checkpoint['format'] != 'torch':
+        return checkpoint, None  # DeepSpeed's engine loads its shards once it exists (resume)
+    state = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    if state['iter_num'] != checkpoint['iter_num']:
+        raise ValueError(f"{os.path.join(out_dir, 'ckpt.pt')} holds update {state['iter_num']} but ckpt.json points at "
+                         f"update {checkpoint['iter_num']}: out_dir was changed outside bipost; restore it, or start over "
+                         f"with --overwrite=True")
+    return checkpoint, state
+
+# -----------------------------------------------------------------------------
+# a run's state besides weights and optimizer: enough that a resumed run continues exactly (data cursors, selector
+# and RNG state)
+
+def train_state(run, iter_num, skipped):
+    return {'iter_num': iter_num, 'skipped': skipped, 'selector': run.selector.state_dict(),
+            'data_selector': run.data_selector.state_dict() if run.data_selector else None,
+            'data': {n: s.state_dict() for n, s in run.train_data.items()}, 'torch_rng': torch.get_rng_state(),
+            'cuda_rng': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None, 'config': run.config}
+
+
+def load_train_state(run, state):
+    """Restores what train_state saved; returns (iter_num, skipped)."""
+    run.selector.load_state_dict(state['selector'])
+    if run.data_selector:
+        run.data_selector.load_state_dict(state['data_selector'])
+    for n, s in run.train_data.items():
+        s.load_state_dict(state['data'][n])
+    torch.set_rng_state(state['torch_rng'])
+    if state['cuda_rng'] is not None and run.device.startswith('cuda'):
+        torch.cuda.set_rng_state(state['cuda_rng'])
+    return state['iter_num'], state['skipped']
+
+
+def resume(run, checkpoint, state):
+    """The optimizer (and under DeepSpeed the weights) and the train state of the checkpoint; returns (iter_num, skipped).
+    state: read_checkpoint's ckpt.pt (plain torch; its weights are already in the model)."""
+    if checkpoint['format'] == 'torch':
+        run.optimizer.load_state_dict(state['optimizer'])
+    else:
+        _, state = run.engine.load_checkpoint(os.path.join(run.out_dir, 'ds'), tag=checkpoint['tag'],
+                                              load_module_strict=not run.lora)
+    return load_train_state(run, state)
+
+
+def restart_metrics(path, checkpoint, iter_num):
+    """metrics.jsonl holds one record per update and eval, as if the run had never stopped: a fresh run starts the log
+    over; a resume drops what the killed run logged after its checkpoint (updates <= N stay; the eval at N runs again)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    kept = [r for r in records if checkpoint and (r['iter'] <= iter_num if 'objective' in r else r['iter'] < iter_num)]
+    text = '\n'.join(json.dumps(r) for r in kept) + ('\n' if kept else '')
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
+
+# -----------------------------------------------------------------------------
+# saving: stage, commit, publish (the three steps above)
+
+def save_checkpoint(run, iter_num, skipped):
+    """Stage, commit, publish: a kill at any moment leaves a complete checkpoint."""
+    from model import adapter_state
+    stage = os.path.join(run.out_dir, f'stage-{iter_num:07d}')
+    if run.master:
+        shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage of an earlier, killed run
+        os.makedirs(stage)
+    pointer = {'iter_num': iter_num, 'policy_init': run.policy_source, 'model_config': run.raw_model.config.to_dict(),
+               'config': run.config, 'stage': os.path.basename(stage)}
+    if run.deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer names it only once all are done
+        pointer.update(format='deepspeed', tag=f'iter_{iter_num:07d}')
+        run.engine.save_checkpoint(os.path.join(run.out_dir, 'ds'), tag=pointer['tag'],
+                                   client_state=train_state(run, iter_num, skipped), save_latest=False,
+                                   exclude_frozen_parameters=run.lora)
+    elif run.master:
+        pointer.update(format='torch')
+        torch.save({'model': adapter_state(run.raw_model) if run.lora else run.raw_model.state_dict(),
+                    'optimizer': run.optimizer.state_dict(), 'model_config': run.raw_model.config.to_dict(),
+                    **train_state(run, iter_num, skipped)}, os.path.join(stage, 'ckpt.pt'))
+    if run.export_hf:
+        export(run, os.path.join(stage, 'hf'))
+    if run.data_selector and run.master:
+        run.data_selector.save(stage, run.keep_fraction)
+    if run.deepspeed:
+        dist.barrier()
+    if run.master:
+        write_json_atomic(os.path.join(run.out_dir, 'ckpt.json'), pointer)  # the commit
+        publish(run.out_dir, pointer)
+
+
+def export(run, path):
+    """HF-format weights that AutoModelForCausalLM.from_pretrained loads (LoRA: merged, and the adapters alone in
+    hf/adapter, loadable with peft); ZeRO-3 gathers them first."""
+    from model import export_state
+    raw_model = run.raw_model
+    if run.zero3:  # copied to the CPU while gathered
+        import deepspeed
+        gathered = deepspeed.zero.GatheredParameters(list(raw_model.parameters()), modifier_rank=None)
+    else:
+        gathered = contextlib.nullcontext()
+    with gathered:
+        state, adapter = export_state(raw_model, copy=run.zero3) if run.master else (None, None)
+    if run.master:
+        state = {k: v for k, v in state.items() if not k.startswith('value_head.')}  # rl's PPO value head: not HF's
+        (raw_model.get_base_model() if run.lora else raw_model).save_pretrained(path, state_dict=state)
+        if adapter:
+            raw_model.save_pretrained(os.path.join(path, 'adapter'), state_dict=adapter)
+        if os.path.isdir(run.policy_source):  # ship the tokenizer with the weights
+            from transformers import AutoTokenizer
+            try:
+                AutoTokenizer.from_pretrained(run.policy_source).save_pretrained(path)
+            except (OSError, ValueError):
+                pass  # a weights-only directory: the export has no tokenizer either
+        shutil.copy(run.meta_path, os.path.join(path, 'bipost_data_meta.json'))
