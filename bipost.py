@@ -484,7 +484,7 @@ run = SimpleNamespace(out_dir=out_dir, master=master, config=config, policy_sour
 iter_num, skipped = resume(run, checkpoint, state) if checkpoint else (0, 0)  # updates taken, micro-batches skipped
 del state  # plain torch: ckpt.pt's tensors, loaded into the model and optimizer
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-if master and not eval_only and os.path.exists(metrics_path):
+if master and not eval_only and os.path.exists(metrics_path):  # as if never stopped (fresh: started over)
     restart_metrics(metrics_path, checkpoint, iter_num)
 if checkpoint and master:
     print(f"resumed from {out_dir} at update {iter_num}, with the config saved there")
