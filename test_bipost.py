@@ -3433,6 +3433,15 @@ def test_coreset_golden_section_finds_the_minimum(f, argmin):
     assert abs(x - argmin) <= 1e-4
 
 
+def test_coreset_golden_section_on_another_interval_shrinks_by_the_golden_ratio():
+    """Not [0, 1]: b − a is not 1, so a step scaled wrongly shows; the bracket shrinks by 0.618 per evaluation, so
+    4 + ⌈log(tol / width) / log 0.618⌉ evaluations reach the tolerance (not max_evals)."""
+    f = lambda x: (x - 3.7) ** 2
+    x, _, history = coreset.golden_section(f, 2.0, 5.0, tolerance=0.005, max_evals=60)
+    assert abs(x - 3.7) <= 0.005 and all(2.0 <= h[0] <= 5.0 for h in history)
+    assert len(history) <= 4 + math.ceil(math.log(0.005 / 3.0) / math.log(0.618))
+
+
 def test_coreset_chunked_distances_equal_dense():
     kn, if_ = _cs_points(23, 4, seed=3), _cs_points(23, 4, seed=4)
     terms = coreset.brief_terms(kn, if_, 0.6)
@@ -3813,6 +3822,16 @@ def test_rl_clipped_surrogate_and_k3_match_hand_values():
     samples = torch.multinomial(p, 200000, replacement=True, generator=g)
     estimate = rl.k3(p.log()[samples], q.log()[samples]).mean()
     assert float(estimate) == pytest.approx(float((p * (p / q).log()).sum()), rel=0.02)
+
+
+def test_rl_whiten_is_mean_zero_std_one_over_the_mask():
+    values = torch.tensor([[1.0, 3.0, 8.0], [5.0, -2.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # 100 and 8 sit at padding: ignored
+    kept = torch.tensor([1.0, 3.0, 5.0, -2.0])
+    mean, std = kept.mean(), kept.var(unbiased=False).sqrt()
+    out = rl.whiten(values, mask)
+    torch.testing.assert_close(out[mask.bool()], (kept - mean) / std)
+    assert out[~mask.bool()].eq(0).all()
 
 
 def test_rl_gae_matches_a_hand_rolled_loop():
