@@ -3192,6 +3192,10 @@ def test_reference_precompute_bad_settings_fail_with_one_line(tmp_path, monkeypa
 # LoRA (peft, lora_rank > 0): only the adapters train, the reference is the same model with them off, checkpoints hold
 # the adapters, the HF export is the merged model
 
+import importlib.util
+needs_peft = pytest.mark.skipif(importlib.util.find_spec('peft') is None,
+                                reason='peft is an optional extra (pip install peft); CI installs it')
+
 LORA = ['--lora_rank=4', '--objectives=["sft", "dpo"]', '--strategy=mix', '--beta=1.0', '--length_normalize=False',
         '--learning_rate=1e-2', '--warmup_iters=0', '--decay_lr=False', '--max_iters=3', '--eval_interval=3']
 
@@ -3207,6 +3211,7 @@ def _lora_logprobs(model, run, pairs=4):
         return objectives.response_logprobs(model, run['val_data']['dpo'].batch(np.arange(pairs)), run['ctx'])[0]
 
 
+@needs_peft
 def test_lora_trains_only_the_adapters_against_the_base_as_reference(tmp_path, monkeypatch, capsys):
     """3 updates of SFT + DPO (mix: both each update) with LoRA rank 4 at lr 1e-2. The optimizer holds the adapters
     alone and they moved (B from 0), while every base weight is bit for bit the initial model's. The reference is no
@@ -3240,6 +3245,7 @@ def test_lora_trains_only_the_adapters_against_the_base_as_reference(tmp_path, m
     assert ckpt['model'].keys() == adapters.keys()
 
 
+@needs_peft
 def test_lora_export_is_the_merged_model_for_plain_transformers(tmp_path, monkeypatch, capsys):
     """out_dir/hf of a LoRA run loads in transformers as a plain LlamaForCausalLM (no peft keys) whose logits are the
     trained peft model's (fp32, atol 1e-5); hf/adapter holds the adapters alone, which peft puts on a fresh initial
@@ -3261,6 +3267,7 @@ def test_lora_export_is_the_merged_model_for_plain_transformers(tmp_path, monkey
         torch.testing.assert_close(adapted(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
 
 
+@needs_peft
 def test_lora_reference_precompute_equals_live(tmp_path, monkeypatch, capsys):
     """reference_logps='precompute' with LoRA: the pass runs the policy with its adapters off before training; the
     losses of every update and eval are the live reference's."""
@@ -3278,6 +3285,7 @@ def test_lora_reference_precompute_equals_live(tmp_path, monkeypatch, capsys):
             assert pre[k] == pytest.approx(live[k], rel=1e-5, abs=1e-6), k
 
 
+@needs_peft
 @pytest.mark.parametrize('args, says', [
     (['--lora_targets=["nope"]'], "lora_targets=['nope']: Target modules {'nope'} not found"),
     (['--lora_targets=["q_proj", "lm_head"]'], "adapts the LM head"),
@@ -3298,6 +3306,7 @@ def test_lora_without_peft_is_one_line(tmp_path, monkeypatch, capsys):
     assert code == 0, err
 
 
+@needs_peft
 def test_lora_memory_plan_counts_optimizer_states_of_the_adapters_only():
     """Plain torch: 16 bytes per trained (adapter) parameter; the frozen base at 4 bytes (fp32) among frozen weights."""
     import memory_plan
@@ -3310,6 +3319,7 @@ def test_lora_memory_plan_counts_optimizer_states_of_the_adapters_only():
     assert f"model states {16 * trained / 1e9:.3g} GB" in line and f"frozen weights {4 * frozen / 1e9:.3g} GB" in line, line
 
 
+@needs_peft
 @pytest.mark.slow
 @pytest.mark.parametrize('path', ['lora_plain', 'lora_zero2', 'lora_zero3'])
 def test_lora_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path):
@@ -3335,6 +3345,7 @@ def test_lora_killed_run_resumes_exactly(tmp_path, rel_uninterrupted, path):
 
 
 @pytest.mark.slow
+@needs_peft
 def test_lora_zero2_and_zero3_match_plain_torch(tmp_path):
     """LoRA through DeepSpeed ZeRO-2 and ZeRO-3 (one process, gloo; the reference is the partitioned policy with its
     adapters off): DPO starts at log 2 and the per-update losses are plain torch's (rel 1e-4, fp32 summation order;
@@ -3571,6 +3582,8 @@ def _cs_warmup(tmp_path, model, trained):
 
 @pytest.mark.parametrize('lora', [False, True])
 def test_coreset_warmup_weights_and_adam_state(tmp_path, lora):
+    if lora:
+        pytest.importorskip('peft')
     from transformers import LlamaConfig, LlamaForCausalLM
     from model import adapter_state, add_lora
     config = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
