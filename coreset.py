@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from checkpoint import write_json_atomic
 from data.prepare import DataError
+from selector import save_selection
 
 CHUNK = 1024  # rows per distance block
 SPACES = ('sft', 'kn', 'if')
@@ -384,10 +385,7 @@ def run(config, model, split, eos_id, rank, world_size, master):
     weights = np.zeros(n)
     weights[selected] = result['weights']
     ranking = np.concatenate([selected, np.setdiff1d(np.arange(n), selected)])
-    for name, array in (('weights', weights), ('keep', np.sort(selected)), ('ranking', ranking)):
-        with open(os.path.join(out_dir, name + '.npy.tmp'), 'wb') as f:  # atomic, like the data selector's
-            np.save(f, array)
-        os.replace(os.path.join(out_dir, name + '.npy.tmp'), os.path.join(out_dir, name + '.npy'))
+    save_selection(out_dir, weights, ranking, np.sort(selected))
     summary = {'method': config['coreset'], 'fraction': config['coreset_fraction'], 'examples': n, 'selected': len(selected),
                'alpha': result['alpha'], **result['scores'], 'search': result['search'],
                'features': {k: v for k, v in features['fingerprint'].items() if k != 'params'},

@@ -169,8 +169,13 @@ class DataSelector:
         """weights.npy [N], ranking.npy (example indices, highest weight first), keep.npy (top fraction, sorted)."""
         w = self.weights().detach().numpy()
         ranking = np.argsort(-w, kind='stable')
-        keep = np.sort(ranking[:max(1, round(keep_fraction * self.n))])
-        for name, array in (('weights', w), ('ranking', ranking), ('keep', keep)):
-            with open(os.path.join(out_dir, name + '.npy.tmp'), 'wb') as f:  # atomic, like the checkpoint
-                np.save(f, array)
-            os.replace(os.path.join(out_dir, name + '.npy.tmp'), os.path.join(out_dir, name + '.npy'))
+        save_selection(out_dir, w, ranking, np.sort(ranking[:max(1, round(keep_fraction * self.n))]))
+
+
+def save_selection(out_dir, weights, ranking, keep):
+    """What a data selector leaves for training runs (keep_list, example_weights), the online selector's and the
+    coresets' alike: weights.npy [N], ranking.npy (best first), keep.npy (sorted); each written atomically."""
+    for name, array in (('weights', weights), ('ranking', ranking), ('keep', keep)):
+        with open(os.path.join(out_dir, name + '.npy.tmp'), 'wb') as f:  # atomic, like the checkpoint
+            np.save(f, array)
+        os.replace(os.path.join(out_dir, name + '.npy.tmp'), os.path.join(out_dir, name + '.npy'))
