@@ -39,6 +39,7 @@ eval_iters = 0                # held-out batches per rank per objective per eval
 log_interval = 1              # updates between log lines
 eval_only = False             # evaluate once and exit
 always_save_checkpoint = True # save every eval (else only at the end)
+save_checkpoints = True       # False: no checkpoint and no HF export at all (benchmarks): the run cannot be resumed
 init_from = 'scratch'         # 'scratch' (LlamaConfig from the globals below) | 'resume' | a local HF model dir
 overwrite = False             # True: a fresh run may replace the checkpoint in out_dir
 export_hf = True              # write out_dir/hf, loadable by transformers.AutoModelForCausalLM
@@ -138,6 +139,7 @@ offload = False               # ZeRO-Offload optimizer state to CPU
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 seed = 1337
+peak_flops = 0.0              # bf16 FLOP/s of one GPU for the log line's MFU; 0 = from the GPU's name (memory_plan.PEAK_BF16)
 nonfinite = 'stop'            # non-finite loss: 'stop' (nothing written) | 'skip' (drop that micro-batch, counted)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()  # not the imported constants (OBJECTIVES, DATA_KIND)
@@ -195,6 +197,13 @@ def all_sum(values):
 
 def all_mean(values):
     return [v / world_size for v in all_sum(values)]
+
+
+def all_max(value):
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 torch.manual_seed(seed)
 for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo')),
@@ -457,9 +466,10 @@ if deepspeed:
         'fp16': {'enabled': dtype == 'float16'},
         'zero_optimization': {'stage': zero_stage, 'overlap_comm': device.startswith('cuda'),
                               **({'offload_optimizer': {'device': 'cpu'}} if offload else {})},
+        # torch's AdamW (fused on GPUs): no DeepSpeed op to compile; offload needs DeepSpeed's CPU Adam (compiled)
         'optimizer': {'type': 'AdamW', 'params': {'lr': learning_rate, 'betas': [beta1, beta2], 'eps': 1e-8,
-                                                  'weight_decay': weight_decay,
-                                                  'torch_adam': not device.startswith('cuda') and not offload}},
+                                                  'weight_decay': weight_decay, 'torch_adam': not offload,
+                                                  **({'fused': True} if device.startswith('cuda') and not offload else {})}},
         'steps_per_print': 10 ** 9,
     }
     if master:
@@ -569,7 +579,7 @@ def zero_loss():
 # startup facts
 
 n_params = sum(memory_plan.numel(p) for p in raw_model.parameters())  # ZeRO-3 leaves empty placeholders
-peak_flops = 989e12  # dense bf16 of one H100; mfu is printed on GPUs only
+peak = memory_plan.peak_flops(torch.cuda.get_device_name(device), peak_flops) if device.startswith('cuda') else None
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}" + (
@@ -587,6 +597,8 @@ if master:
                   for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
     print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
                            offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing))
+    if device.startswith('cuda') and peak is None:
+        print(f"note: no peak FLOP/s known for {torch.cuda.get_device_name(device)}: set peak_flops for an MFU in the log")
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -615,7 +627,8 @@ while True:
             record_optimum(results[f'val/{objectives[0]}/loss'])
         if eval_only:
             break
-        if iter_num > (checkpoint['iter_num'] if checkpoint else 0) and (always_save_checkpoint or iter_num == max_iters):
+        if save_checkpoints and iter_num > (checkpoint['iter_num'] if checkpoint else 0) and \
+                (always_save_checkpoint or iter_num == max_iters):
             save_checkpoint(run, iter_num, skipped)
         t0 = time.time()  # eval and checkpoint time is not update time
     if iter_num >= max_iters:
@@ -690,11 +703,13 @@ while True:
             line += (f" | reward {totals['rl/reward']:.2f} | kl {totals.get('rl/kl', 0):.4f} | "
                      f"{totals['rl/gen_tokens_per_s'] / 1000:.1f}k gen tok/s")
         line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {tokens / dt / 1000:.1f}k tok/s"
-        if device.startswith('cuda'):  # 6P per trained token, +2P per token through a frozen reference/teacher
+        speed = {}
+        if peak:  # 6P per trained token, +2P per token through a frozen reference/teacher; the largest GPU's peak memory
             flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') for n, _ in chosen)) * n_params
-            line += f" | mfu {100 * flops / dt / (peak_flops * world_size):.0f}%"
+            speed = {'mfu': flops / dt / (peak * world_size), 'peak_gib': all_max(torch.cuda.max_memory_allocated() / 2**30)}
+            line += f" | mfu {100 * speed['mfu']:.0f}% | {speed['peak_gib']:.1f} GiB"
         log({'iter': iter_num, 'objective': names, 'lr': lr, 'ms': dt * 1000, 'tokens': tokens, 'skipped': skipped,
-             **{f'train/{k}': v for k, v in totals.items()}}, line)
+             **speed, **{f'train/{k}': v for k, v in totals.items()}}, line)
 
 if distributed:
     dist.barrier()

@@ -24,7 +24,8 @@ from configurator import configure, ConfigError
 # decay, sequential's shares) then follows the new max_iters from the resume point on; updates already taken stay.
 RESUME_MAY_CHANGE = ['max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only', 'always_save_checkpoint',
                      'export_hf', 'wandb_log', 'wandb_project', 'wandb_run_name', 'nonfinite', 'out_dir', 'init_from',
-                     'overwrite', 'device', 'gradient_checkpointing']  # the same gradients, other memory
+                     'overwrite', 'device', 'gradient_checkpointing',  # the same gradients, other memory
+                     'save_checkpoints', 'peak_flops']
 
 
 def resume_config(out_dir, defaults, argv):

@@ -1,10 +1,22 @@
 """
-The memory plan bipost prints before the first step: what one GPU holds for the policy's model states, the frozen
+What bipost knows of its GPU. The memory plan it prints before the first step: what one GPU holds for the policy's model states, the frozen
 reference/teacher and the activations of one micro-batch. Model states come from DeepSpeed's own estimators, which
 assume mixed precision (16-bit weights; fp32 master weights, gradients and AdamW's two moments: 18 bytes a parameter
 besides the 16-bit copy); the rest is a rough count. Estimates, not measurements: allocator slack, communication
-buffers and the CUDA context come on top.
+buffers and the CUDA context come on top. And the peak FLOP/s that the log line's MFU divides by.
 """
+
+# dense bf16 tensor-core peak FLOP/s (no sparsity) of the SXM parts, by a word of torch.cuda.get_device_name();
+# PCIe/NVL parts run lower clocks: set peak_flops for them. The first word found in the name wins.
+PEAK_BF16 = {'GH200': 989e12, 'H200': 989e12, 'H100': 989e12, 'H800': 989e12, 'H20': 148e12, 'B200': 2250e12,
+             'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'A10G': 70e12}
+
+
+def peak_flops(device_name, override=0.0):
+    """The peak bf16 FLOP/s of one GPU: override if > 0, else from PEAK_BF16 by name; None if unknown (no MFU)."""
+    if override > 0:
+        return float(override)
+    return next((flops for word, flops in PEAK_BF16.items() if word in device_name.upper()), None)
 
 
 def numel(p):

@@ -799,6 +799,16 @@ def test_memory_plan_model_states_and_frozen_models_per_gpu():
     assert f"frozen weights {2 * P / 1e9:.3g} GB" in memory_plan.plan(policy, [reference], True, 2, 2, False, 2, 100, False)
 
 
+def test_peak_flops_by_device_name_and_override():
+    """MFU's denominator: the bf16 dense peak of the GPU named by torch (H200 is not taken for H20, whose name is a
+    prefix of it), a positive override wins, and an unknown GPU has none (no MFU rather than a wrong one)."""
+    import memory_plan
+    assert memory_plan.peak_flops('NVIDIA H100 80GB HBM3') == memory_plan.peak_flops('NVIDIA H200') == 989e12
+    assert memory_plan.peak_flops('NVIDIA H20') == 148e12 and memory_plan.peak_flops('NVIDIA A100-SXM4-80GB') == 312e12
+    assert memory_plan.peak_flops('NVIDIA GeForce RTX 4090') is None
+    assert memory_plan.peak_flops('NVIDIA GeForce RTX 4090', 165e12) == 165e12
+    assert memory_plan.peak_flops('NVIDIA H100', 7e14) == 7e14
+
 def test_memory_plan_activations_match_what_autograd_saves():
     """The activation estimate (9·h + 4·i values per token and layer) is within 30% of the bytes autograd actually
     saves for the body's backward (counted by a saved-tensors hook, weights excluded) in tiny Llamas, fp32; with

@@ -4,6 +4,7 @@ head step, every method as a ratio to anchors timed in the same run (the three b
 GEMM, the 8NHV DPO floor). Needs a CUDA GPU.
     python kernels/bench.py                            # Llama-3-8B head: H=4096, V=128256, N in 8192 16384
     python kernels/bench.py --tokens 4096 --vocab 32000  # quicker
+    python kernels/bench.py --out kernels/results      # also writes kernels_<gpu>.md and .jsonl there
 Liger-Kernel and cut-cross-entropy are compared only if already installed (never required).
 """
 import argparse, gc, math, os, sys
@@ -14,6 +15,13 @@ from kernels.logprob import token_logprobs
 from kernels.dpo import dpo_losses
 
 GiB = 2**30
+LINES, RECORDS = [], []  # what was printed (markdown) and one dict per table row, for --out
+
+def say(line=""):
+    print(line, flush=True)
+    LINES.append(line)
+    if line.strip().startswith("### "):
+        RECORDS.append({"table": line.strip()[4:]})  # a header: the rows below belong to it
 
 def bench_ms(fn, grads):
     """median, p20, p80 in ms, excluding compilation (do_bench warms up for 200 ms first)."""
@@ -72,12 +80,12 @@ def providers():
         liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
         out["Liger fused linear CE"] = lambda h, w, t: -liger(w, h, t).float()
     except ImportError:
-        print("note: liger-kernel not installed, skipped")
+        say("note: liger-kernel not installed, skipped")
     try:
         from cut_cross_entropy import linear_cross_entropy
         out["cut-cross-entropy"] = lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none").float()
     except ImportError:
-        print("note: cut-cross-entropy not installed, skipped")
+        say("note: cut-cross-entropy not installed, skipped")
     return out
 
 def fp32_reference(h, w, t, g):
@@ -91,18 +99,22 @@ def rel_err(a, b):
     return ((a.float() - b).norm() / b.norm()).item()
 
 def row(name, ms, anchor, gib="", errs=("", "", "")):
+    table = next(r["table"] for r in reversed(RECORDS) if "table" in r)
+    RECORDS.append({"table_of": table, "method": name, "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
+                    "ratio": ms[0] / anchor, "extra_gib": gib if isinstance(gib, float) else None,
+                    "errors": [e if isinstance(e, float) else None for e in errs]})
     fmt = lambda x: f"{x:.2e}" if isinstance(x, float) else x
     gib = f"{gib:.2f}" if isinstance(gib, float) else gib
-    print(f"| {name} | {ms[0]:.1f} ({ms[1]:.1f}-{ms[2]:.1f}) | {ms[0] / anchor:.2f} | {gib} | " + " | ".join(map(fmt, errs)) + " |")
+    say(f"| {name} | {ms[0]:.1f} ({ms[1]:.1f}-{ms[2]:.1f}) | {ms[0] / anchor:.2f} | {gib} | " + " | ".join(map(fmt, errs)) + " |")
 
 def guarded(name, body):
     """run one provider; an OOM or a missing feature becomes a table row instead of a crash."""
     try:
         body()
     except torch.cuda.OutOfMemoryError:
-        print(f"| {name} | OOM | | | | | |")
+        say(f"| {name} | OOM | | | | | |")
     except Exception as e:  # a provider's API drift must not stop the benchmark
-        print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | | | |")
+        say(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | | | |")
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -118,9 +130,9 @@ def bench_head(N, H, V):
     t_logits = bench_ms(lambda: h.detach() @ w.detach().T, None)
     del grad_logits
     torch.cuda.empty_cache()
-    print(f"\n### per-token log-prob, head fwd+bwd, N={N} H={H} V={V} (bf16, peaked logits)\n")
-    print("| method | ms p50 (p20-p80) | ratio to T_gemm | extra GiB | max abs err logp | rel err dh | rel err dW |")
-    print("|---|---|---|---|---|---|---|")
+    say(f"\n### per-token log-prob, head fwd+bwd, N={N} H={H} V={V} (bf16, peaked logits)\n")
+    say("| method | ms p50 (p20-p80) | ratio to T_gemm | extra GiB | max abs err logp | rel err dh | rel err dW |")
+    say("|---|---|---|---|---|---|---|")
     row("three bare GEMMs (T_gemm)", t_gemm, t_gemm[0])
     for name, fn in providers().items():
         def body():
@@ -133,9 +145,9 @@ def bench_head(N, H, V):
             h.grad = w.grad = None
             row(name, ms, t_gemm[0], gib, errs)
         guarded(name, body)
-    print(f"\n### reference forward (no grad), N={N}: ratio to the logits GEMM alone\n")
-    print("| method | ms p50 (p20-p80) | ratio to logits GEMM | extra GiB | max abs err logp | | |")
-    print("|---|---|---|---|---|---|---|")
+    say(f"\n### reference forward (no grad), N={N}: ratio to the logits GEMM alone\n")
+    say("| method | ms p50 (p20-p80) | ratio to logits GEMM | extra GiB | max abs err logp | | |")
+    say("|---|---|---|---|---|---|---|")
     row("logits GEMM h @ W.T", t_logits, t_logits[0])
     for name, fn in providers().items():
         def body():
@@ -177,11 +189,11 @@ def bench_dpo(pairs, length, H, V, t_gemm_per_token):
         steps["Liger fused linear DPO"] = lambda: liger(w, h.view(2 * pairs, length, H), target,
                                                         ref_input=h_ref.view(2 * pairs, length, H), ref_weight=w_ref)[0].backward()
     except ImportError:
-        print("note: liger-kernel not installed, skipped")
-    print(f"\n### DPO head step, {pairs} pairs x {length} (N={N}), {100 * (1 - mask.float().mean().item()):.0f} % prompt\n")
-    print("| method | ms p50 (p20-p80) | ratio to 8NHV floor | extra GiB | | | |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| floor: 8NHV at the measured GEMM rate | {floor:.1f} | 1.00 | | | | |")
+        say("note: liger-kernel not installed, skipped")
+    say(f"\n### DPO head step, {pairs} pairs x {length} (N={N}), {100 * (1 - mask.float().mean().item()):.0f} % prompt\n")
+    say("| method | ms p50 (p20-p80) | ratio to 8NHV floor | extra GiB | | | |")
+    say("|---|---|---|---|---|---|---|")
+    say(f"| floor: 8NHV at the measured GEMM rate | {floor:.1f} | 1.00 | | | | |")
     for name, step in steps.items():
         guarded(name, lambda: row(name, bench_ms(step, [h, w]), floor, extra_memory(step, [h, w])))
 
@@ -191,15 +203,27 @@ if __name__ == "__main__":
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dpo", type=str, nargs="*", default=["4x2048", "8x1024"], help="pairs x length")
+    parser.add_argument("--out", default="", help="also write the tables to OUT/kernels_<gpu>.md and .jsonl")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels/bench.py measures GPU kernels and needs CUDA; on CPU run the tests instead: "
                  "python -m pytest -q test_bipost.py -k kernel")
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    print(f"# bipost kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    import triton, datetime
+    say(f"# bipost kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.date.today()}: python kernels/bench.py {' '.join(sys.argv[1:])}")
     per_token = None
     for N in args.tokens:
         per_token = bench_head(N, args.hidden, args.vocab) / N
     for spec in args.dpo:
         pairs, length = map(int, spec.split("x"))
         bench_dpo(pairs, length, args.hidden, args.vocab, per_token)
+    if args.out:
+        import json, re
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, "kernels_" + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_"))
+        with open(stem + ".md", "w") as f:
+            f.write("\n".join(LINES) + "\n")
+        with open(stem + ".jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in RECORDS if "method" in r)
+        print(f"wrote {stem}.md and {stem}.jsonl")
