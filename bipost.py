@@ -198,13 +198,6 @@ def all_sum(values):
 def all_mean(values):
     return [v / world_size for v in all_sum(values)]
 
-
-def all_max(value):
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
 torch.manual_seed(seed)
 for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo')),
                      ('reference_logps', ('live', 'precompute')), ('coreset', ('', 'brief', 'craig', 'random')),
@@ -669,7 +662,8 @@ while True:
                 engine.step()                  # every micro-step: the engine updates at the boundary
             else:
                 (loss * scale / micro_steps).backward()
-            tokens += int(batch['attention_mask'].sum())
+            tokens += int(batch['attention_mask'].sum()) if split.kind != 'prompt' else \
+                round(rl_group * float(batch['attention_mask'].sum() + metrics['length'].sum()))  # G x (prompt + answer)
             for k, v in {'loss': losses.detach(), **metrics}.items():
                 totals[f'{name}/{k}'] = totals.get(f'{name}/{k}', 0.0) + v.float().mean().item() / gradient_accumulation_steps
     if not deepspeed:
@@ -704,9 +698,9 @@ while True:
                      f"{totals['rl/gen_tokens_per_s'] / 1000:.1f}k gen tok/s")
         line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {tokens / dt / 1000:.1f}k tok/s"
         speed = {}
-        if peak:  # 6P per trained token, +2P per token through a frozen reference/teacher; the largest GPU's peak memory
-            flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') for n, _ in chosen)) * n_params
-            speed = {'mfu': flops / dt / (peak * world_size), 'peak_gib': all_max(torch.cuda.max_memory_allocated() / 2**30)}
+        if peak:  # 6P per trained token, +2P per token through a frozen reference/teacher; rank 0's peak memory
+            flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') or n == 'rl' and rl_kl > 0 for n, _ in chosen)) * n_params
+            speed = {'mfu': flops / dt / (peak * world_size), 'peak_gib': torch.cuda.max_memory_allocated() / 2**30}
             line += f" | mfu {100 * speed['mfu']:.0f}% | {speed['peak_gib']:.1f} GiB"
         log({'iter': iter_num, 'objective': names, 'lr': lr, 'ms': dt * 1000, 'tokens': tokens, 'skipped': skipped,
              **speed, **{f'train/{k}': v for k, v in totals.items()}}, line)

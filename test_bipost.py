@@ -1353,7 +1353,7 @@ def test_kernel_dpo_dispatch(monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,H,V", [(4096, 4096, 128256), (3000, 2048, 50257)])
+@pytest.mark.parametrize("N,H,V", [(4099, 4096, 128256), (3000, 2048, 50257)])  # N: no multiple of any block
 def test_kernel_logprob_gpu_bf16(N, H, V):
     torch.manual_seed(0)
     h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -1377,6 +1377,25 @@ def test_kernel_logprob_gpu_bf16(N, H, V):
         assert rel(h.grad, hf.grad) < grad_tol and rel(w.grad, wf.grad) < grad_tol, (rel(h.grad, hf.grad), rel(w.grad, wf.grad))
         with torch.no_grad():
             assert torch.equal(token_logprobs(h, w, t, mask, fused=fused), out.detach())
+
+@gpu
+@pytest.mark.gpu
+def test_kernel_logprob_gpu_fp32_matches_float64():
+    """The CUDA kernels in fp32 (their exact mode: no TF32) against float64 at awkward shapes (N, H, V no multiple of
+    any tile; masked rows), forward and both gradients, to the tolerances the CPU interpreter tests use."""
+    torch.manual_seed(0)
+    N, H, V = 1037, 520, 32003
+    h = torch.randn(N, H, device="cuda", requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") * 3.5 / H**0.5).requires_grad_()
+    t, mask, g = torch.randint(0, V, (N,), device="cuda"), torch.rand(N, device="cuda") > 0.3, torch.randn(N, device="cuda")
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.where(mask, (hd @ wd.T).log_softmax(-1).gather(1, t[:, None]).squeeze(1), 0.0)
+    (ref * g).sum().backward()
+    out = token_logprobs(h, w, t, mask, fused=True)
+    (out * g).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.grad.double(), hd.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wd.grad, atol=1e-6, rtol=1e-4)
 
 @gpu
 @pytest.mark.gpu
@@ -1411,6 +1430,46 @@ def test_kernel_dpo_gpu_matches_twin():
         outs.append((losses, ps, rs, torch.autograd.grad(losses.sum(), policy)[0]))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+# ---- benchmarks: the scripts the GPU runs, checked on CPU so that device time is not lost to a bug ----
+
+def test_bench_step_summary_skips_warmup_and_weights_by_time():
+    """tokens/s is total tokens over total time of the timed updates (not a mean of ratios); the warm-up updates and
+    eval records are left out; alright's row sets its ms per update beside the single-objective runs' medians."""
+    sys.path.insert(0, os.path.join(ROOT, 'kernels'))
+    import bench_step
+    records = [{'iter': 0, 'val/sft/loss': 1.0}, {'ms': 900.0, 'tokens': 10, 'objective': 'sft', 'mfu': 0.1},
+               {'ms': 100.0, 'tokens': 400, 'objective': 'sft', 'mfu': 0.4, 'peak_gib': 3.0},
+               {'ms': 300.0, 'tokens': 800, 'objective': 'dpo', 'mfu': 0.5, 'peak_gib': 5.0},
+               {'ms': 200.0, 'tokens': 400, 'objective': 'sft', 'mfu': 0.3, 'peak_gib': 4.0}]
+    r = bench_step.summarize(records, warmup=1)
+    assert r['updates'] == 3 and r['tok_s'] == pytest.approx(1600 / 0.6) and r['mfu'] == 0.4 and r['peak_gib'] == 5.0
+    assert r['ms_per_update'] == {'sft': 150.0, 'dpo': 300.0} and r['tokens_per_update'] == 400
+    single = lambda job, ms: {**r, 'ms_per_update': {job: ms}}
+    md = bench_step.table({'sft:plain': single('sft', 140.0), 'dpo:plain': single('dpo', 310.0), 'alright:plain': r,
+                           'alright:zero3': r, 'trl:plain': {**r, 'tok_s': r['tok_s'] / 2, 'peak_gib': 10.0}}, 'cpu')
+    assert '| alright | plain | 400 | 2.7k | 40% | 5.0 | sft 150, dpo 300 (sequential: 140, 310) |' in md, md
+    assert '| alright | zero3 | 400 | 2.7k | 40% | 5.0 | sft 150, dpo 300 |' in md  # no zero3 single runs: no comparison
+    assert '| dpo | plain | 400 | 2.7k | 40% | 5.0 | dpo 310 | 2.00x tok/s, 0.50x GiB |' in md
+    with pytest.raises(RuntimeError, match='no timed update'):
+        bench_step.summarize(records[:2], warmup=1)
+
+
+@pytest.mark.slow
+def test_bench_step_tiny_runs_bipost_and_writes_tables(tmp_path):
+    """kernels/bench_step.py end to end on CPU (a 2-layer model): it builds the model and data, runs bipost.py for
+    each row, and writes the markdown and JSONL tables; a bad --only is refused before anything runs."""
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'kernels/bench_step.py', '--tiny', '--warmup=1', '--iters=2', f'--out={out}',
+           f'--work={tmp_path / "work"}', '--only', 'sft:plain', 'dpo:plain', 'alright:plain']
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / 'step_cpu.jsonl').read_text().splitlines()]
+    assert [r['row'] for r in rows] == ['sft:plain', 'dpo:plain', 'alright:plain'] and not any('error' in r for r in rows)
+    assert [r['tokens_per_update'] for r in rows[:2]] == [4 * 64, 4 * 2 * 64] and all(r['tok_s'] > 0 for r in rows)
+    assert set(rows[2]['ms_per_update']) == {'sft', 'dpo'} and '(sequential: ' in (out / 'step_cpu.md').read_text()
+    bad = subprocess.run(cmd[:3] + ['--only', 'sft:zero4'], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown rows ['sft:zero4']" in bad.stderr
 
 # ---- selector ----
 from selector import ObjectiveSelector
@@ -4116,6 +4175,11 @@ def test_rl_bipost_joint_ppo_run_checkpoint_export_and_resume(tmp_path, monkeypa
     assert rl_updates and all({'train/rl/value_loss', 'train/rl/kl', 'train/rl/clip_fraction', 'train/rl/zero_std',
                                'train/rl/gen_tokens_per_s', 'train/rl/reward'} <= set(r) for r in rl_updates)
     assert 'gen tok/s' in stdout
+    # tok/s (and MFU) count what the update trains on: G completions per prompt, each with its prompt
+    prompt_lengths, B, G = trained['train_data']['rl'].index[:, 1], trained['batch_size'], trained['rl_group']
+    for r in rl_updates:
+        prompts = r['tokens'] - G * B * r['train/rl/length']  # G x the micro-batch's prompt tokens
+        assert G * B * prompt_lengths.min() <= prompts + 1e-6 and prompts - 1e-6 <= G * B * prompt_lengths.max(), r
     head = trained['raw_model'].value_head.weight.detach().clone()
     assert head.abs().sum() > 0  # zero-initialized, then trained by the PPO updates
     saved = torch.load(out / 'ckpt.pt', weights_only=False)['model']
