@@ -74,6 +74,7 @@ reference_logps = 'live'      # 'live': the reference runs beside the policy | '
                               # splits before training, cached in out_dir/reference_logps.npz, then freed (Tulu 3)
 teacher_from = ''             # local HF dir of the frozen KD teacher
 fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
+sft_grads_in_forward = True   # SFT: the LM head's gradients computed in its forward pass (3 GEMMs, not 4; as exact)
 gradient_checkpointing = False # True: each layer's activations recomputed in backward (non-reentrant): ~1/3 more compute, far less activation memory
 lora_rank = 0                 # > 0: train LoRA adapters of this rank (~8-64; needs peft), the reference is the model with them off; 0 = full fine-tuning
 lora_alpha = 16               # LoRA scale: the adapters add (lora_alpha / lora_rank)·B·A; ~lora_rank to 2·lora_rank
@@ -406,7 +407,8 @@ if 'kd' in objectives:
     teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      reference_cache=None)
+                      reference_cache=None,
+                      grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
     ctx.__dict__.update(rl_context)
 # plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
@@ -641,11 +643,11 @@ while True:
             if deepspeed and zero_stage == 3:  # ZeRO-3 adds this micro-step's gradient to the partitions (not copies it
                 # over them) only if told a new forward began, which engine.forward does and the objectives bypass
                 getattr(engine.optimizer, 'clear_backward_seen_flag', lambda: None)()  # older DeepSpeed: absent, not needed
+            if example_weight is not None and name == keep_objective:  # coreset or data selector weights, known to
+                batch['weights'] = example_weight[batch['index']]          # sft, whose head then has its gradient early
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
-                loss = losses.mean()
-                if example_weight is not None and name == keep_objective:  # coreset or data selector weights
-                    loss = (example_weight[batch['index']] * losses).mean()
+                loss = losses.mean() if 'weights' not in batch else (batch['weights'] * losses).mean()
                 if data_selector and name == selection_objective:  # weighted + trusted loss; also steps ω and θ̂
                     trusted = train_data['trusted'].batch(train_data['trusted'].next_ids(batch_size))
                     loss = data_selector.step(losses, batch, trusted, raw_model, ctx, split.epoch)

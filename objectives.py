@@ -46,7 +46,7 @@ class Head(NamedTuple):
         logits = logits.float() * self.scale
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
-    def logprobs(self, hidden, targets, mask, fused):
+    def logprobs(self, hidden, targets, mask, fused, grad_hint=None):
         """Per-token log-probs of targets (0 where mask is 0), never holding the logits (kernels/logprob.py).
         The fused op runs as the head module's forward, for this call only: under ZeRO-3 the module's own hooks then
         gather its partitioned weight for the forward, gather it again before the op's backward (the op saves the
@@ -60,7 +60,7 @@ class Head(NamedTuple):
                 dtype = torch.get_autocast_dtype(hidden.device.type)
                 hidden, weight, bias = hidden.to(dtype), weight.to(dtype), (None if bias is None else bias.to(dtype))
             return token_logprobs(hidden, weight, targets, mask, fused=fused, bias=bias, scale=self.scale,
-                                  softcap=self.softcap)
+                                  softcap=self.softcap, grad_hint=grad_hint)
 
         return self._as_forward(forward, hidden)
 
@@ -158,17 +158,22 @@ def check_head(model, tolerance=1e-3):
                          f"a final soft cap); add this family to head_of, or use another model")
 
 
-def response_logprobs(model, batch, ctx):
-    """Per-token log-probs [B, L-1] (fp32) of the response tokens, 0 elsewhere, and the mask [B, L-1] (bool)."""
+def response_logprobs(model, batch, ctx, grad_hint=None):
+    """Per-token log-probs [B, L-1] (fp32) of the response tokens, 0 elsewhere, and the mask [B, L-1] (bool).
+    grad_hint: d loss / d log-prob up to a scalar, if known now (kernels/logprob.py: the head's gradients in the forward)."""
     body, head = body_and_head(model)
     hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
     targets, mask = batch['input_ids'][:, 1:], batch['response_mask'][:, 1:].bool()
-    return head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False), mask
+    return head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False, grad_hint=grad_hint), mask
 
 
 def sft(model, batch, ctx):
-    logps, mask = response_logprobs(model, batch, ctx)
+    mask = batch['response_mask'][:, 1:].bool()
     tokens = mask.sum(1).clamp(min=1)
+    hint = None  # the caller backpropagates Σ_b w_b·loss_b times a scalar, w = batch['weights'] or 1: known now
+    if getattr(ctx, 'grads_in_forward', False):
+        hint = (-batch.get('weights', 1.0) / tokens)[:, None].expand(mask.shape)
+    logps, mask = response_logprobs(model, batch, ctx, grad_hint=hint)
     losses = -logps.sum(1) / tokens
     return losses, {'tokens': tokens.float()}
 

@@ -1351,6 +1351,47 @@ def test_kernel_dpo_dispatch(monkeypatch):
         assert len(calls) == ran_twin, fused
 
 
+@pytest.mark.parametrize('fused', [False, True])
+@pytest.mark.parametrize('softcap', [None, 3.0])
+def test_kernel_logprob_grads_in_forward_equal_the_backward_and_skip_its_recompute(monkeypatch, fused, softcap):
+    """grad_hint (SFT's known upstream gradient, up to a scalar): with an upstream gradient that is the hint times a
+    scalar, the log-probs and the gradients of h, W and the bias equal the plain path's (fp32; bias, scale, cap,
+    masked rows, 3 chunks), and each chunk's logits are formed once (3 GEMMs), not again in the backward; with any
+    other upstream gradient they are recomputed, exactly as the plain path computes them."""
+    if fused and not _triton_runs:
+        pytest.skip("triton interpreter unavailable")
+    torch.manual_seed(0)
+    B, L, H, V = 3, 7, 16, 50
+    h, w, b = torch.randn(B, L, H), torch.randn(V, H) * 0.5, torch.randn(V)
+    t, mask = torch.randint(0, V, (B, L)), torch.rand(B, L) > 0.3
+    n, weights = mask.sum(1), torch.tensor([1.0, 2.0, 0.5])
+    hint = (-weights / n)[:, None].expand(B, L)
+    formed = []
+    for name in ('_mm_fp32', '_twin_logits'):
+        real = getattr(kernels.logprob, name)
+        monkeypatch.setattr(kernels.logprob, name, lambda *a, real=real, name=name: formed.append(name) or real(*a))
+
+    def run(grad_hint, upstream):
+        formed.clear()
+        x = [v.clone().requires_grad_() for v in (h, w, b)]
+        logp = token_logprobs(x[0], x[1], t, mask, fused=fused, bias=x[2], scale=0.7, softcap=softcap, chunk_rows=4,
+                              grad_hint=grad_hint)
+        (-(logp.sum(1) / n) * upstream).sum().backward()
+        return [logp.detach()] + [v.grad for v in x], list(formed)
+
+    for upstream, proportional in ((3.0 * weights, True), (torch.tensor([1.0, -1.0, 2.0]), False)):
+        plain, plain_formed = run(None, upstream)
+        early, early_formed = run(hint, upstream)
+        for got, expected in zip(early, plain):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        chunks = math.ceil(int(mask.sum()) / 4)
+        assert early_formed[:chunks] == ['_mm_fp32'] * chunks  # the forward: one GEMM-formed logits chunk each
+        recomputed = early_formed[chunks:]
+        assert recomputed == ([] if proportional else ([] if fused else ['_twin_logits'] * chunks)), recomputed
+        if not fused:
+            assert plain_formed == ['_twin_logits'] * 2 * chunks  # the plain path: forward, then again in backward
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,H,V", [(4099, 4096, 128256), (3000, 2048, 50257)])  # N: no multiple of any block
@@ -3749,6 +3790,30 @@ def _cs_train(monkeypatch, capsys, tmp_path, name, *args):
         handle.remove()
     assert code == 0, err
     return {n: seen[id(p)] for n, p in namespace['raw_model'].named_parameters()}, namespace
+
+
+def test_sft_head_gradients_in_the_forward_in_the_training_loop(tmp_path, monkeypatch, capsys):
+    """The loop tells sft the weights its examples' losses get (none, or example_weights), so that the head's
+    gradients come from the forward pass and the backward never recomputes them; the update equals the plain
+    path's (sft_grads_in_forward=False), and the data selector (whose weights move with ω) keeps the plain path."""
+    calls = []
+    for name in ('_forward_and_grads', '_twin_grads'):
+        real = getattr(kernels.logprob, name)
+        monkeypatch.setattr(kernels.logprob, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    weights = np.random.default_rng(0).uniform(0, 3, 2000)
+    np.save(tmp_path / 'w.npy', weights)
+    for extra in ([], [f"--example_weights={tmp_path / 'w.npy'}"]):
+        runs = {}
+        for early in (True, False):
+            calls.clear()
+            runs[early], _ = _cs_train(monkeypatch, capsys, tmp_path, f'{early}{len(extra)}', *extra,
+                                       f'--sft_grads_in_forward={early}')
+            assert set(calls) == ({'_forward_and_grads'} if early else {'_twin_grads'}), (extra, early, set(calls))
+        for name, (value, grad) in runs[True].items():
+            torch.testing.assert_close(grad, runs[False][name][1], rtol=1e-5, atol=1e-7)
+    calls.clear()
+    _cs_train(monkeypatch, capsys, tmp_path, 'selector', '--data_selection=True', '--lower_level=none')
+    assert '_forward_and_grads' not in calls and '_twin_grads' in calls
 
 
 def test_coreset_example_weights_in_the_trainer(tmp_path, monkeypatch, capsys):

@@ -70,29 +70,37 @@ class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, w, b, t, lse = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        dh = torch.empty_like(h) if need_dh else None
-        # accumulate dW (and db) over row chunks in fp32 (the twin is the CPU path, where fp32 is the norm)
-        dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_dw else None
-        db = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32) if need_db else None
-        g = g.float()
-        for s in range(0, h.shape[0], ctx.chunk_rows):
-            hc, tc, gc = h[s:s + ctx.chunk_rows], t[s:s + ctx.chunk_rows], g[s:s + ctx.chunk_rows]
-            logits = _twin_logits(hc, w, b, ctx.softcap)
-            # through the cap: d(cap·tanh(z/cap))/dz = 1 - tanh² = 1 - (logit/cap)²
-            slope = None if ctx.softcap is None else 1 - (logits / ctx.softcap) ** 2
-            grad = logits.sub_(lse[s:s + ctx.chunk_rows, None]).exp_().mul_(-gc[:, None])  # -g * softmax
-            grad[torch.arange(len(tc), device=tc.device), tc] += gc                          # + g * onehot
-            if slope is not None:
-                grad.mul_(slope)
-            if need_db:
-                db += grad.sum(0)
-            grad = grad.to(h.dtype)
-            if need_dh:
-                dh[s:s + ctx.chunk_rows] = grad @ w
-            if need_dw:
-                dw += (grad.T @ hc).float()
-        return (dh, (dw.to(w.dtype) if need_dw else None), (db.to(b.dtype) if need_db else None), None, None, None)
+        return (*_twin_grads(h, w, b, t, ctx.softcap, lse, g, ctx.chunk_rows, ctx.needs_input_grad[:3]),
+                None, None, None)
+
+def _twin_grads(h, w, b, t, softcap, lse, g, chunk_rows, need):
+    """dh, dW, db of Σ_i g_i·logp_i, row chunk by chunk, the logits recomputed from lse."""
+    need_dh, need_dw, need_db = need
+    dh = torch.empty_like(h) if need_dh else None
+    # accumulate dW (and db) over row chunks in fp32 (the twin is the CPU path, where fp32 is the norm)
+    dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_dw else None
+    db = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32) if need_db else None
+    g = g.float()
+    for s in range(0, h.shape[0], chunk_rows):
+        hc, tc, gc = h[s:s + chunk_rows], t[s:s + chunk_rows], g[s:s + chunk_rows]
+        logits = _twin_logits(hc, w, b, softcap)
+        grad = _grad_logits(logits, lse[s:s + chunk_rows], tc, gc, softcap)
+        if need_db:
+            db += grad.sum(0)
+        grad = grad.to(h.dtype)
+        if need_dh:
+            dh[s:s + chunk_rows] = grad @ w
+        if need_dw:
+            dw += (grad.T @ hc).float()
+    return dh, (dw.to(w.dtype) if need_dw else None), (db.to(b.dtype) if need_db else None)
+
+def _grad_logits(logits, lse, t, g, softcap):
+    """g·(onehot(t) − softmax) (fp32), in place of the fp32 logits, through the cap's slope if there is one."""
+    # through the cap: d(cap·tanh(z/cap))/dz = 1 - tanh² = 1 - (logit/cap)²
+    slope = None if softcap is None else 1 - (logits / softcap) ** 2
+    grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax
+    grad[torch.arange(len(t), device=t.device), t] += g         # + g * onehot
+    return grad if slope is None else grad.mul_(slope)
 
 # ----------------------------------------------------------------------------------------------
 # Triton
@@ -199,9 +207,9 @@ def _triton_forward(h, w, b, t, softcap):
     return target_logit - lse, lse
 
 _addmm_fp32_ok = None
-def _addmm_fp32(acc, a, b):
-    """acc (fp32) += a @ b (bf16): cuBLAS accumulating straight into fp32 when this torch supports it
-    (checked once, numerically), else via a bf16 temporary."""
+def _addmm_fp32(acc, a, b, beta=1):
+    """acc (fp32) = beta·acc + a @ b (bf16; beta 0 or 1): cuBLAS writing straight into fp32 when this torch supports
+    it (checked once, numerically), else via a bf16 temporary."""
     global _addmm_fp32_ok
     if _addmm_fp32_ok is None:
         x, y = torch.randn(64, 32, device=a.device, dtype=a.dtype), torch.randn(32, 16, device=a.device, dtype=a.dtype)
@@ -212,9 +220,19 @@ def _addmm_fp32(acc, a, b):
         except Exception:  # older torch, CPU, or a self-dtype rule this torch does not allow
             _addmm_fp32_ok = False
     if _addmm_fp32_ok:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    elif beta == 0:
+        acc.copy_(a @ b)
     else:
         acc += a @ b
+
+def _mm_fp32(a, b):
+    """a @ b as fp32, from bf16 or fp32 inputs (bf16: no rounding of the result to bf16 where torch allows)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
+    _addmm_fp32(out, a, b, beta=0)
+    return out
 
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
@@ -227,42 +245,109 @@ class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, w, b, t, lse = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        (M, H), V = h.shape, w.shape[0]
-        cfg = _launch_config(h.dtype)
-        flags, cap = _triton_flags(b, ctx.softcap)
-        g = g.float().contiguous()
-        dh = torch.zeros(M, H, device=h.device, dtype=torch.float32) if need_dh else None
-        dw = torch.empty_like(w) if need_dw else None
-        db = torch.empty(V, device=w.device, dtype=torch.float32) if need_db else None
-        chunk = max(cfg["BLOCK_N"], GRAD_CHUNK_ELEMS // max(M, 1) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
-            grad = torch.empty(M, v1 - v0, device=h.device, dtype=h.dtype)
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(v1 - v0, cfg["BLOCK_N"]),)
-            _grad_logits_kernel[grid](h, w, w if b is None else b, t, lse, g, grad, cap, M, H, v0, v1, **cfg, **flags)
-            if need_db:
-                torch.sum(grad, 0, dtype=torch.float32, out=db[v0:v1])
-            if need_dw:
-                torch.mm(grad.T, h, out=dw[v0:v1])
-            if need_dh:
-                if h.dtype == torch.float32:
-                    dh.addmm_(grad, w[v0:v1])
-                else:
-                    _addmm_fp32(dh, grad, w[v0:v1])
-        return (dh.to(h.dtype) if need_dh else None), dw, (db.to(b.dtype) if need_db else None), None, None
+        return (*_triton_grads(h, w, b, t, ctx.softcap, lse, g, ctx.needs_input_grad[:3]), None, None)
+
+def _triton_grads(h, w, b, t, softcap, lse, g, need):
+    """dh, dW, db of Σ_i g_i·logp_i: per vocab chunk, grad_logits from the Triton kernel, then cuBLAS."""
+    need_dh, need_dw, need_db = need
+    (M, H), V = h.shape, w.shape[0]
+    cfg = _launch_config(h.dtype)
+    flags, cap = _triton_flags(b, softcap)
+    g = g.float().contiguous()
+    dh = torch.zeros(M, H, device=h.device, dtype=torch.float32) if need_dh else None
+    dw = torch.empty_like(w) if need_dw else None
+    db = torch.empty(V, device=w.device, dtype=torch.float32) if need_db else None
+    chunk = max(cfg["BLOCK_N"], GRAD_CHUNK_ELEMS // max(M, 1) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        grad = torch.empty(M, v1 - v0, device=h.device, dtype=h.dtype)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(v1 - v0, cfg["BLOCK_N"]),)
+        _grad_logits_kernel[grid](h, w, w if b is None else b, t, lse, g, grad, cap, M, H, v0, v1, **cfg, **flags)
+        if need_db:
+            torch.sum(grad, 0, dtype=torch.float32, out=db[v0:v1])
+        if need_dw:
+            torch.mm(grad.T, h, out=dw[v0:v1])
+        if need_dh:
+            if h.dtype == torch.float32:
+                dh.addmm_(grad, w[v0:v1])
+            else:
+                _addmm_fp32(dh, grad, w[v0:v1])
+    return (dh.to(h.dtype) if need_dh else None), dw, (db.to(b.dtype) if need_db else None)
 
 # pragma: no mutate end
 # ----------------------------------------------------------------------------------------------
+# gradients in the forward pass, for callers that know their upstream gradient up to a scalar (SFT)
+
+def _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, need):
+    """log-probs, log-sum-exp and the gradients of Σ_i coef_i·logp_i, in one pass over row chunks: the chunk's fp32
+    logits (GEMM 1), grad_logits in their place (_grad_logits), dh = G·W (GEMM 2) and dW += Gᵀ·h (GEMM 3). Three GEMMs
+    where a forward and a backward take four (the backward must recompute the logits). dW accumulates over the
+    chunks in W's dtype: exact in fp32; in bf16 one rounding per chunk (an fp32 accumulator would cost V·H·4 bytes)."""
+    need_dh, need_dw, need_db = need
+    logp = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros_like(w) if need_dw else None
+    db = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32) if need_db else None
+    for s in range(0, h.shape[0], chunk_rows):
+        rows = slice(s, s + chunk_rows)
+        logits = _mm_fp32(h[rows], w.T)
+        if b is not None:
+            logits += b.float()
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        lse[rows] = logits.logsumexp(-1)
+        logp[rows] = logits.gather(1, t[rows, None]).squeeze(1) - lse[rows]
+        grad = _grad_logits(logits, lse[rows], t[rows], coef[rows].float(), softcap)
+        if need_db:
+            db += grad.sum(0)
+        grad = grad.to(h.dtype)
+        if need_dh:
+            dh[rows] = grad @ w
+        if need_dw:
+            dw.addmm_(grad.T, h[rows])
+    return logp, lse, dh, dw, db
+
+class _LogprobGradsInForward(torch.autograd.Function):
+    """The forward computes the gradients for the caller's hint of its upstream gradient (_forward_and_grads); the
+    backward scales them by the gradient it is given, which must be the hint times one scalar (checked, to 1e-5 of
+    its largest entry). Any other gradient is recomputed exactly from the saved lse, as the other paths do."""
+    @staticmethod
+    def forward(ctx, h, w, b, t, softcap, coef, chunk_rows, fused):
+        logp, lse, dh, dw, db = _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, ctx.needs_input_grad[:3])
+        ctx.save_for_backward(h, w, b, t, lse, coef, dh, dw, db)
+        ctx.softcap, ctx.chunk_rows, ctx.fused = softcap, chunk_rows, fused
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, b, t, lse, coef, dh, dw, db = ctx.saved_tensors
+        g, coef = g.float(), coef.float()
+        scale = ((g @ coef) / (coef @ coef)).item()
+        if (g - scale * coef).abs().max().item() <= 1e-5 * g.abs().max().item():
+            grads = (None if dh is None else dh * scale, None if dw is None else dw * scale,
+                     None if db is None else (db * scale).to(b.dtype))
+        else:
+            need = ctx.needs_input_grad[:3]
+            grads = (_triton_grads(h, w, b, t, ctx.softcap, lse, g, need) if ctx.fused else
+                     _twin_grads(h, w, b, t, ctx.softcap, lse, g, ctx.chunk_rows, need))
+        return (*grads, None, None, None, None, None)
+
+# ----------------------------------------------------------------------------------------------
 # public API
 
-def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=None, bias=None, scale=1.0, softcap=None):
+def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=None, bias=None, scale=1.0, softcap=None,
+                   grad_hint=None):
     """fp32 log softmax(logits)[..., targets] with the logits an HF head forms (objectives.head_of):
     logits = softcap·tanh(scale·(hidden @ weight.T + bias) / softcap), without a bias / cap when None.
     Positions where mask is 0/False give exactly 0 (and no gradient; their targets may be anything, e.g. -100).
     hidden [..., H], weight [V, H], bias [V], targets/mask [...] (mask: bool or any integer dtype).
     fused=None: Triton on CUDA, else the PyTorch twin; True/False force one.
-    chunk_rows: twin rows per chunk (default: TWIN_CHUNK_ELEMS // V). Without grad: forward only."""
+    chunk_rows: twin rows per chunk (default: TWIN_CHUNK_ELEMS // V). Without grad: forward only.
+    grad_hint [...] (or None): the gradient d loss / d log-prob the caller will send back, up to one scalar factor,
+    known now (SFT: −w_b / n_b on each response token). The gradients are then computed in the forward pass, three
+    GEMMs instead of four, and the backward scales them; a backward gradient that is not the hint times a scalar is
+    recomputed exactly (slower, never wrong)."""
     if fused is None:
         fused = hidden.is_cuda and triton is not None
     shape, H = targets.shape, hidden.shape[-1]
@@ -270,6 +355,7 @@ def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=No
     if mask is not None:  # compact: masked rows never reach the matmuls
         keep = mask.reshape(-1).nonzero().squeeze(1)
         h, t = h.index_select(0, keep), t.index_select(0, keep)
+        grad_hint = None if grad_hint is None else grad_hint.reshape(-1).index_select(0, keep)
     if scale != 1.0:  # scale·(hW + b) = (scale·h)W + scale·b: the kernels never see the scale
         h, bias = h * scale, (None if bias is None else bias * scale)
     if fused:
@@ -281,6 +367,8 @@ def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=No
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in params)
     if h.shape[0] == 0:  # all masked: zeros that still reach the graph, so backward() works
         logp = sum(x.sum() for x in params).float().mul(0).expand(0)
+    elif need_grad and grad_hint is not None:
+        logp = _LogprobGradsInForward.apply(h, weight, bias, t, softcap, grad_hint.reshape(-1), chunk_rows, fused)
     elif need_grad:
         logp = (_FusedLogprob.apply(h, weight, bias, t, softcap) if fused else
                 _ChunkedLogprob.apply(h, weight, bias, t, softcap, chunk_rows))
