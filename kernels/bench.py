@@ -71,10 +71,12 @@ _compiled_chunk = torch.compile(_chunk_logprobs, dynamic=False)
 def compiled_chunked(h, w, t, chunk=2048):
     return torch.cat([_compiled_chunk(h[s:s + chunk], w, t[s:s + chunk]) for s in range(0, len(t), chunk)])
 
-def providers():
+def providers(grad_hint=None):
     out = {"naive torch": naive, "torch.compile chunked 2048": compiled_chunked,
            "bipost twin": lambda h, w, t: token_logprobs(h, w, t, fused=False),
            "bipost fused": lambda h, w, t: token_logprobs(h, w, t, fused=True)}
+    if grad_hint is not None:  # SFT's path: the upstream gradient (g below) known in the forward, 3 GEMMs
+        out["bipost grads in forward"] = lambda h, w, t: token_logprobs(h, w, t, fused=True, grad_hint=grad_hint)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
@@ -134,7 +136,7 @@ def bench_head(N, H, V):
     say("| method | ms p50 (p20-p80) | ratio to T_gemm | extra GiB | max abs err logp | rel err dh | rel err dW |")
     say("|---|---|---|---|---|---|---|")
     row("three bare GEMMs (T_gemm)", t_gemm, t_gemm[0])
-    for name, fn in providers().items():
+    for name, fn in providers(grad_hint=g).items():
         def body():
             step = lambda: (fn(h, w, t) * g).sum().backward()
             ms = bench_ms(step, [h, w])

@@ -15,9 +15,12 @@ holding the N x V logits. Two implementations with one autograd contract:
     cuBLAS then does dW[chunk] = G^T h (exact, written once) and dh += G W[chunk] into an fp32
     accumulator. cuBLAS is faster than an in-kernel GEMM with atomics, and a vocab-chunked G keeps
     dW exact (an fp32 dW accumulator would cost V*H*4 = 2 GiB at Llama-3 size).
-Why it cannot reach 3 GEMMs: grad_logits needs the upstream per-token gradient, unknown in the
-forward, and storing the logits costs N*V bytes; so the floor is 4 GEMMs (fwd, recompute, dh, dW),
-i.e. ~1.33x the three bare GEMMs. The forward-only path (reference/teacher) is one GEMM.
+Why these two take 4 GEMMs (fwd, recompute, dh, dW; ~1.33x the three bare GEMMs): grad_logits needs the
+upstream per-token gradient, unknown in the forward, and storing the logits costs N*V bytes.
+- Gradients in the forward (_LogprobGradsInForward), when the caller knows that gradient up to a scalar
+  (grad_hint; SFT does): per row chunk, cuBLAS forms the fp32 logits once, grad_logits replaces them, and
+  dh = G W, dW += G^T h follow at once: 3 GEMMs. The backward only scales; any other gradient is recomputed.
+The forward-only path (reference/teacher) is one GEMM.
 Masked rows are dropped before the matmuls (prompt tokens are 30-50 % of rows) and scattered back as 0.
 Heads that post-process their logits (HF families, see objectives.head_of) are reproduced exactly: a
 head bias is added to the fp32 logits, a logit scale is folded into the hidden states (and the bias),
@@ -325,8 +328,9 @@ class _LogprobGradsInForward(torch.autograd.Function):
         g, coef = g.float(), coef.float()
         scale = ((g @ coef) / (coef @ coef)).item()
         if (g - scale * coef).abs().max().item() <= 1e-5 * g.abs().max().item():
-            grads = (None if dh is None else dh * scale, None if dw is None else dw * scale,
-                     None if db is None else (db * scale).to(b.dtype))
+            # in place: no second dW (a second backward through this graph then fails loudly: modified in place)
+            grads = (None if dh is None else dh.mul_(scale), None if dw is None else dw.mul_(scale),
+                     None if db is None else db.mul_(scale).to(b.dtype))
         else:
             need = ctx.needs_input_grad[:3]
             grads = (_triton_grads(h, w, b, t, ctx.softcap, lse, g, need) if ctx.fused else
