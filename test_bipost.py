@@ -1392,6 +1392,23 @@ def test_kernel_logprob_grads_in_forward_equal_the_backward_and_skip_its_recompu
             assert plain_formed == ['_twin_logits'] * 2 * chunks  # the plain path: forward, then again in backward
 
 
+def test_kernel_logprob_grads_in_forward_bf16_under_autocast():
+    """As plain torch trains (bf16 inputs, autocast on): the early gradients match the plain path's to bf16 precision,
+    whatever autocast would do to the fp32 logits GEMM inside."""
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 32).bfloat16(), (torch.randn(300, 32) * 0.3).bfloat16()
+    t, g = torch.randint(0, 300, (40,)), torch.rand(40) + 0.5
+    grads = []
+    for hint in (None, g):
+        x, y = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            logp = token_logprobs(x, y, t, chunk_rows=16, grad_hint=hint)
+        (logp * g * 2).sum().backward()
+        grads.append((logp.detach(), x.grad.float(), y.grad.float()))
+    for got, expected in zip(*grads):
+        assert got.dtype == expected.dtype and ((got - expected).norm() / expected.norm()).item() < 2e-2
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,H,V", [(4099, 4096, 128256), (3000, 2048, 50257)])  # N: no multiple of any block
@@ -1406,18 +1423,20 @@ def test_kernel_logprob_gpu_bf16(N, H, V):
     hf, wf = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = _reference_logprobs(hf, wf, t, mask)
     (ref * g).sum().backward()
-    for fused in (True, False):
+    for fused, hint in ((True, None), (False, None), (True, g)):
         h.grad = w.grad = None
-        out = token_logprobs(h, w, t, mask, fused=fused)
+        out = token_logprobs(h, w, t, mask, fused=fused, grad_hint=hint)
         (out * g).sum().backward()
         rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
-        # fused: fp32 logits from bf16 inputs, so only bf16 rounding of grad_logits and of the results;
+        # fused: fp32 logits from bf16 inputs, so only bf16 rounding of grad_logits and of the results; so the
+        # gradients in the forward (hint: fp32 logits from cuBLAS; dW rounded to bf16 once per row chunk);
         # the twin rounds the logits themselves to bf16 (like naive torch), hence looser bounds
         log_tol, grad_tol = (2e-3, 1e-2) if fused else (0.1, 3e-2)
         assert (out - ref).abs().max().item() < log_tol
         assert rel(h.grad, hf.grad) < grad_tol and rel(w.grad, wf.grad) < grad_tol, (rel(h.grad, hf.grad), rel(w.grad, wf.grad))
-        with torch.no_grad():
-            assert torch.equal(token_logprobs(h, w, t, mask, fused=fused), out.detach())
+        with torch.no_grad():  # the forward-only path gives the same log-probs (the hint's path: its own GEMM)
+            again = token_logprobs(h, w, t, mask, fused=fused)
+            assert torch.equal(again, out.detach()) if hint is None else (again - out).abs().max().item() < 2e-3
 
 @gpu
 @pytest.mark.gpu
@@ -2419,14 +2438,17 @@ def test_trust_demo_defaults_on_other_data_say_so_once(tmp_path, monkeypatch, ca
 
 # data/demo/golden.json holds the numbers the README prints as expected output (the demo's eval lines) and the short
 # run's per-update losses. CPU runs are deterministic on one machine (OMP_NUM_THREADS 1 and 2 agree to every digit);
-# another CPU may sum in another order, which 300 updates amplify: hence the stated relative tolerances, checked here.
+# another CPU may sum in another order (another SIMD width), which updates amplify: the short run and the demo's
+# first 100 updates hold to the stated relative tolerances across CPUs; later demo evals drift by up to ~16 % (seen
+# on an AMD EPYC against the Intel machine that wrote the file), so for them the test checks what the README claims.
 # After a change that moves these numbers on purpose: BIPOST_UPDATE_GOLDEN=1 python -m pytest -k golden, then
 # copy the eval lines into the README (the README test says which).
 GOLDEN_PATH = os.path.join(ROOT, 'data', 'demo', 'golden.json')
 GOLDEN_UPDATE = os.environ.get('BIPOST_UPDATE_GOLDEN') == '1'
 
 
-def _golden_check(key, observed, rel):
+def _golden_check(key, observed, rel, upto=None):
+    """observed against the golden records of key, to rel; only the records of iter <= upto, if given."""
     golden = json.load(open(GOLDEN_PATH)) if os.path.exists(GOLDEN_PATH) else {}
     if GOLDEN_UPDATE:
         golden[key] = {'tolerance_rel': rel, 'records': observed}
@@ -2435,6 +2457,7 @@ def _golden_check(key, observed, rel):
         return
     expected = golden[key]['records']
     assert [r['iter'] for r in observed] == [r['iter'] for r in expected]
+    observed, expected = ([r for r in records if upto is None or r['iter'] <= upto] for records in (observed, expected))
     for got, want in zip(observed, expected):
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=golden[key]['tolerance_rel'], abs=1e-6), (key, want['iter'], k, got[k], v)
@@ -2465,7 +2488,9 @@ def test_golden_demo_run_and_readme(tmp_path):
     evals = [{'iter': r['iter'], 'sft': r['val/sft/loss'], 'dpo': r['val/dpo/loss'], 'dpo_acc': r['val/dpo/rewards/accuracies']}
              for r in _train_records(tmp_path / 'demo')[0]]
     assert [l for l in done.stdout.splitlines() if l.startswith('eval ')] == [_golden_eval_line(r) for r in evals]
-    _golden_check('demo', evals, rel=0.02)
+    _golden_check('demo', evals, rel=0.02, upto=100)
+    first, last = evals[0], evals[-1]  # the README's claims: both held-out objectives end below where they started
+    assert last['sft'] < 0.6 * first['sft'] and last['dpo'] < first['dpo'] == pytest.approx(math.log(2)), (first, last)
     golden = json.load(open(GOLDEN_PATH))['demo']['records']
     readme = open(os.path.join(ROOT, 'README.md')).read()
     block = readme.split('Expected output', 1)[1].split('```', 2)[1]
@@ -3152,7 +3177,7 @@ import contextlib, gc, io, json, os, runpy, sys, weakref
 sys.path.insert(0, os.getcwd())
 import objectives
 response_logprobs = objectives.response_logprobs
-def recording(model, batch, ctx):
+def recording(model, batch, ctx, **kwargs):
     """Calls of every model: 'F' a frozen one (the reference), 'P' the policy; at the policy's first call, how many
     frozen models are still alive (after a gc)."""
     if hasattr(ctx, 'beta'):  # not check_head's probe of a loaded model
@@ -3163,7 +3188,7 @@ def recording(model, batch, ctx):
             gc.collect()
             record['alive'] = sum(r() is not None for r in record['refs'])
         record['calls'] += 'F' if frozen else 'P'
-    return response_logprobs(model, batch, ctx)
+    return response_logprobs(model, batch, ctx, **kwargs)
 objectives.response_logprobs = recording
 for tag, argv in json.loads(sys.argv[1]):
     record = {'calls': '', 'refs': [], 'alive': None}

@@ -2,8 +2,9 @@
 End-to-end training-step benchmark (README, efficiency notes): bipost's SFT, DPO and alright (SFT + DPO) updates on a
 Llama-3.2-1B-shaped model built from its config (random init, bf16, vocab 128,256, sequences of 1,024 tokens), in
 plain torch and DeepSpeed ZeRO-2 and ZeRO-3 (world of one), and TRL's DPOTrainer on the same model and pairs, the
-anchor; then a LoRA SFT update (rank 16) and an RL update (8 sampled completions of 128 tokens per prompt), whose
-row also shows the sampling speed. Every bipost row is one `python bipost.py` run with overrides; its numbers come from that run's metrics.jsonl
+anchor; then SFT with the head's gradients in the backward (sft_grads_in_forward=False: the "before"), a LoRA SFT
+update (rank 16) and an RL update (8 sampled completions of 128 tokens per prompt), whose row shows the sampling
+speed too. Every bipost row is one `python bipost.py` run with overrides; its numbers come from that run's metrics.jsonl
 (tokens/s over the updates after the warm-up ones, the median MFU, the peak GPU memory), so they are what the training
 log line shows. MFU counts 6·P FLOPs per trained token and 2·P more per token through the frozen reference.
     python kernels/bench_step.py --out kernels/results        # every row (~6 min on one H200)
@@ -26,6 +27,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 JOBS = {'sft': dict(objectives=['sft'], strategy='sequential', weights=[1.0]),
         'dpo': dict(objectives=['dpo'], strategy='sequential', weights=[1.0]),
         'alright': dict(objectives=['sft', 'dpo'], strategy='alright', weights=[0.5, 0.5]),
+        'sft_4gemm': dict(objectives=['sft'], strategy='sequential', weights=[1.0], sft_grads_in_forward=False),
         'sft_lora': dict(objectives=['sft'], strategy='sequential', weights=[1.0], lora_rank=16, lora_alpha=32),
         'rl': dict(objectives=['rl'], strategy='sequential', weights=[1.0], rl_group=8, rl_max_new_tokens=128)}
 BACKENDS = {'plain': dict(deepspeed=False), 'zero2': dict(deepspeed=True, zero_stage=2),
@@ -208,7 +210,7 @@ def main():
     else:
         args.device, args.dtype, shape = 'cuda', 'bfloat16', LLAMA_1B
     rows = args.only or [f'{j}:{b}' for b in BACKENDS for j in ('sft', 'dpo', 'alright')] + \
-        ['trl:plain', 'sft_lora:plain', 'rl:plain']  # the anchor and the bars first; LoRA and RL speed last
+        ['trl:plain', 'sft_4gemm:plain', 'sft_lora:plain', 'rl:plain']  # the anchor and the bars first
     unknown = [r for r in rows if r not in {f'{j}:{b}' for j in JOBS for b in BACKENDS} | {'trl:plain'}]
     if unknown:
         sys.exit(f"--only: unknown rows {unknown}: use job:backend with job in {list(JOBS)}, backend in "

@@ -210,9 +210,9 @@ def _triton_forward(h, w, b, t, softcap):
     return target_logit - lse, lse
 
 _addmm_fp32_ok = None
-def _addmm_fp32(acc, a, b, beta=1):
-    """acc (fp32) = beta·acc + a @ b (bf16; beta 0 or 1): cuBLAS writing straight into fp32 when this torch supports
-    it (checked once, numerically), else via a bf16 temporary."""
+def _addmm_fp32(acc, a, b):
+    """acc (fp32) += a @ b (bf16): cuBLAS accumulating straight into fp32 when this torch supports it
+    (checked once, numerically), else via a bf16 temporary."""
     global _addmm_fp32_ok
     if _addmm_fp32_ok is None:
         x, y = torch.randn(64, 32, device=a.device, dtype=a.dtype), torch.randn(32, 16, device=a.device, dtype=a.dtype)
@@ -223,9 +223,7 @@ def _addmm_fp32(acc, a, b, beta=1):
         except Exception:  # older torch, CPU, or a self-dtype rule this torch does not allow
             _addmm_fp32_ok = False
     if _addmm_fp32_ok:
-        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-    elif beta == 0:
-        acc.copy_(a @ b)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += a @ b
 
@@ -233,8 +231,8 @@ def _mm_fp32(a, b):
     """a @ b as fp32, from bf16 or fp32 inputs (bf16: no rounding of the result to bf16 where torch allows)."""
     if a.dtype == torch.float32:
         return a @ b
-    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
-    _addmm_fp32(out, a, b, beta=0)
+    out = torch.zeros(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
+    _addmm_fp32(out, a, b)
     return out
 
 class _FusedLogprob(torch.autograd.Function):
@@ -317,7 +315,8 @@ class _LogprobGradsInForward(torch.autograd.Function):
     its largest entry). Any other gradient is recomputed exactly from the saved lse, as the other paths do."""
     @staticmethod
     def forward(ctx, h, w, b, t, softcap, coef, chunk_rows, fused):
-        logp, lse, dh, dw, db = _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, ctx.needs_input_grad[:3])
+        with torch.autocast(h.device.type, enabled=False):  # the inputs are in their compute dtype already
+            logp, lse, dh, dw, db = _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, ctx.needs_input_grad[:3])
         ctx.save_for_backward(h, w, b, t, lse, coef, dh, dw, db)
         ctx.softcap, ctx.chunk_rows, ctx.fused = softcap, chunk_rows, fused
         return logp
