@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, ConfigError
-from checkpoint import resume_config, write_json_atomic, finish_publish, read_checkpoint, resume, restart_metrics, \
+from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \
     save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND
 import rl
 from reference_cache import load_or_compute, reference_pass
 import memory_plan
-from selector import ObjectiveSelector, DataSelector
+from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
 import coreset as coresets  # `coreset` is a config key
 from data.loader import Split, check_meta, load_meta, resolve_dataset
 from data.prepare import DataError
@@ -278,43 +278,21 @@ if 'rl' in objectives:  # the RL objective's settings and reward function (rl.py
     except ValueError as e:
         fail(f"{e} (config keys rl_*)")
 
-# what fixes the value of each objective's held-out loss: an f* is only comparable under the same settings
-OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
-                      'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from'),
-                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
-
-
 def eval_examples(name):
     n = len(val_data[name].index)
     return n if eval_iters == 0 else min(n, eval_iters * batch_size * world_size)
 
 
-def optimum_record(name):
-    return {'objective': name, 'val_split': val_splits[name], 'eval_examples': eval_examples(name),
-            'val_data': val_data[name].digest(),
-            **{k: config[k] for k in OBJECTIVE_SETTINGS.get(name, ())}}
-
-
-def read_optimum(name, source):
-    """f* of one objective: a number, or the best held-out loss a run on that objective alone wrote to optimum.json."""
-    if not isinstance(source, str):
-        return float(source)
-    path = source if source.endswith('.json') else os.path.join(source, 'optimum.json')
-    if not os.path.exists(path):
-        fail(f"optima: {path} not found: train '{name}' alone with --out_dir={source} first (every eval of a "
-             f"single-objective run writes optimum.json), or give f* as a number")
-    with open(path) as f:
-        record = json.load(f)
-    for key, value in optimum_record(name).items():
-        if record.get(key) != value:
-            fail(f"optima: {path} measured f* of '{record.get('objective')}' with {key}={record.get(key)!r}, but this run "
-                 f"has {key}={value!r}: the losses are not comparable; measure f* with this run's settings")
-    return record['best']
+def comparable(name):  # what makes a held-out loss of objective name comparable with an f* (selector.py)
+    return optimum_record(name, config, val_data[name], eval_examples(name))
 
 if optima and len(optima) != len(objectives):
     fail(f"optima={optima} must hold one f* per objective {objectives} (a number or a single-objective run's out_dir), "
          f"or be [] if unknown")
-optimum_values = [read_optimum(n, o) for n, o in zip(objectives, optima)] if optima else None
+try:
+    optimum_values = [read_optimum(n, o, comparable(n)) for n, o in zip(objectives, optima)] if optima else None
+except ValueError as e:
+    fail(str(e))
 demo_data = os.path.abspath(data_dir) == os.path.abspath(os.path.join(os.path.dirname(__file__), 'data', 'demo'))
 if not demo_data and (beta, length_normalize, learning_rate) == (5.0, True, 1e-3) and master:
     print(f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny model "
@@ -546,16 +524,6 @@ def evaluate():
     return results
 
 
-def record_optimum(loss):
-    """out_dir/optimum.json: the best and the last held-out loss of this run, with what makes it comparable."""
-    path = os.path.join(out_dir, 'optimum.json')
-    best = loss
-    if checkpoint and os.path.exists(path):  # resumed: the evals before the kill count too
-        with open(path) as f:
-            best = min(best, json.load(f)['best'])
-    write_json_atomic(path, {**optimum_record(objectives[0]), 'best': best, 'final': loss, 'iter': iter_num})
-
-
 def log(record, line):
     if not master:
         return
@@ -619,7 +587,8 @@ while True:
                  f"checkpoint in {out_dir} is intact); check the data, or lower learning_rate in a new run from its weights "
                  f"(--init_from={os.path.join(out_dir, 'hf')}): a resumed run keeps its config")
         if master and len(objectives) == 1:  # a run on one objective alone measures f* for later runs' optima
-            record_optimum(results[f'val/{objectives[0]}/loss'])
+            write_optimum(out_dir, comparable(objectives[0]), results[f'val/{objectives[0]}/loss'], iter_num,
+                          resumed=checkpoint is not None)
         if eval_only:
             break
         if save_checkpoints and iter_num > (checkpoint['iter_num'] if checkpoint else 0) and \

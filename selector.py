@@ -1,7 +1,8 @@
 """
 The selector decides what each weight update optimizes:
 - which objective (ObjectiveSelector): sequential, mix, alright or maxright (README, how it works);
-- how much each training example counts (DataSelector): bilevel data weights from a trusted set.
+- how much each training example counts (DataSelector): bilevel data weights from a trusted set;
+and keeps each objective's optimum f* (maxright, the ideal distance): optimum.json, written by a run on one objective.
 
 Every rank must make the same choice every update: alright draws from a generator seeded identically
 on every rank, and maxright's loss estimates are averaged across ranks by the trainer before they
@@ -13,9 +14,12 @@ import copy
 import math
 import os
 
+import json
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from checkpoint import write_json_atomic
 
 STRATEGIES = ('sequential', 'mix', 'alright', 'maxright')
 
@@ -179,3 +183,49 @@ def save_selection(out_dir, weights, ranking, keep):
         with open(os.path.join(out_dir, name + '.npy.tmp'), 'wb') as f:  # atomic, like the checkpoint
             np.save(f, array)
         os.replace(os.path.join(out_dir, name + '.npy.tmp'), os.path.join(out_dir, name + '.npy'))
+
+
+# ----------------------------------------------------------------------------------------------
+# f*: the best held-out loss of a run on one objective alone, read back by later runs (maxright, ideal distance)
+
+# what fixes the value of each objective's held-out loss: an f* is only comparable under the same settings
+OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
+                      'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from'),
+                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
+
+
+def optimum_record(name, config, val_split, eval_examples):
+    """What makes objective name's held-out loss comparable: the split, how many of its examples, their digest, and
+    the settings that fix the loss's value."""
+    return {'objective': name, 'val_split': config['val_splits'][name], 'eval_examples': eval_examples,
+            'val_data': val_split.digest(), **{k: config[k] for k in OBJECTIVE_SETTINGS.get(name, ())}}
+
+
+def read_optimum(name, source, record):
+    """f* of one objective: a number, or the best held-out loss a run on that objective alone wrote to optimum.json,
+    measured as record says (ValueError otherwise: the losses would not be comparable)."""
+    if not isinstance(source, str):
+        return float(source)
+    path = source if source.endswith('.json') else os.path.join(source, 'optimum.json')
+    if not os.path.exists(path):
+        raise ValueError(f"optima: {path} not found: train '{name}' alone with --out_dir={source} first (every eval of "
+                         f"a single-objective run writes optimum.json), or give f* as a number")
+    with open(path) as f:
+        saved = json.load(f)
+    for key, value in record.items():
+        if saved.get(key) != value:
+            raise ValueError(f"optima: {path} measured f* of '{saved.get('objective')}' with {key}={saved.get(key)!r}, "
+                             f"but this run has {key}={value!r}: the losses are not comparable; measure f* with this "
+                             f"run's settings")
+    return saved['best']
+
+
+def write_optimum(out_dir, record, loss, iter_num, resumed):
+    """out_dir/optimum.json: the best and the last held-out loss of this run, with what makes it comparable (record);
+    a resumed run's best counts the evals before its kill too."""
+    path = os.path.join(out_dir, 'optimum.json')
+    best = loss
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            best = min(best, json.load(f)['best'])
+    write_json_atomic(path, {**record, 'best': best, 'final': loss, 'iter': iter_num})

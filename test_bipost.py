@@ -1562,6 +1562,31 @@ def test_selector_sequential_budgets_and_mix():
     assert mix.choose(0) == [('sft', 0.25), ('dpo', 0.75)]
 
 
+def test_selector_optimum_json_round_trip_refuses_other_settings(tmp_path):
+    """optimum.json: written with what makes the loss comparable, read back as f*; a resumed run keeps the best
+    over its kill; another setting (here beta) or a missing file is refused with a line that says what to do."""
+    from selector import optimum_record, read_optimum, write_optimum
+
+    class Val:
+        def digest(self):
+            return 'abc'
+    config = {'val_splits': {'dpo': 'pref_val'}, 'beta': 5.0, 'dpo_loss': 'sigmoid', 'label_smoothing': 0.0,
+              'length_normalize': True, 'reference_from': ''}
+    record = optimum_record('dpo', config, Val(), 300)
+    assert record == {'objective': 'dpo', 'val_split': 'pref_val', 'eval_examples': 300, 'val_data': 'abc', 'beta': 5.0,
+                      'dpo_loss': 'sigmoid', 'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
+    write_optimum(str(tmp_path), record, 0.4, 50, resumed=False)
+    write_optimum(str(tmp_path), record, 0.5, 100, resumed=True)   # resumed: the earlier, better eval still counts
+    assert read_optimum('dpo', str(tmp_path), record) == 0.4 and read_optimum('dpo', 0.25, record) == 0.25
+    assert json.load(open(tmp_path / 'optimum.json'))['final'] == 0.5
+    write_optimum(str(tmp_path), record, 0.5, 100, resumed=False)  # a fresh run starts its own best
+    assert read_optimum('dpo', str(tmp_path / 'optimum.json'), record) == 0.5
+    with pytest.raises(ValueError, match=r"with beta=5.0, but this run has beta=0.1: the losses are not comparable"):
+        read_optimum('dpo', str(tmp_path), optimum_record('dpo', {**config, 'beta': 0.1}, Val(), 300))
+    with pytest.raises(ValueError, match=r"optimum.json not found: train 'dpo' alone"):
+        read_optimum('dpo', str(tmp_path / 'nothing'), record)
+
+
 def test_selector_maxright_picks_larger_weighted_suboptimality():
     sel = ObjectiveSelector(['sft', 'dpo'], [0.25, 0.75], 'maxright', 100, optima=[1.0, 0.2], refresh_every=10)
     assert sel.needs_refresh(0) and sel.needs_refresh(20) and not sel.needs_refresh(5)
