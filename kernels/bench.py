@@ -77,6 +77,8 @@ def providers(grad_hint=None):
            "bipost fused": lambda h, w, t: token_logprobs(h, w, t, fused=True)}
     if grad_hint is not None:  # SFT's path: the upstream gradient (g below) known in the forward, 3 GEMMs
         out["bipost grads in forward"] = lambda h, w, t: token_logprobs(h, w, t, fused=True, grad_hint=grad_hint)
+        out["bipost grads in forward, torch elementwise"] = \
+            lambda h, w, t: token_logprobs(h, w, t, fused=False, grad_hint=grad_hint)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss(reduction="none")

@@ -18,8 +18,9 @@ holding the N x V logits. Two implementations with one autograd contract:
 Why these two take 4 GEMMs (fwd, recompute, dh, dW; ~1.33x the three bare GEMMs): grad_logits needs the
 upstream per-token gradient, unknown in the forward, and storing the logits costs N*V bytes.
 - Gradients in the forward (_LogprobGradsInForward), when the caller knows that gradient up to a scalar
-  (grad_hint; SFT does): per row chunk, cuBLAS forms the fp32 logits once, grad_logits replaces them, and
-  dh = G W, dW += G^T h follow at once: 3 GEMMs. The backward only scales; any other gradient is recomputed.
+  (grad_hint; SFT does): per row chunk, cuBLAS forms the fp32 logits once, a Triton program per row turns
+  them into lse, log-prob and grad_logits (_row_grad_kernel), and dh = G W, dW += G^T h follow at once:
+  3 GEMMs. The backward only scales; any other gradient is recomputed.
 The forward-only path (reference/teacher) is one GEMM.
 Masked rows are dropped before the matmuls (prompt tokens are 30-50 % of rows) and scattered back as 0.
 Heads that post-process their logits (HF families, see objectives.head_of) are reproduced exactly: a
@@ -183,6 +184,47 @@ if triton is not None:
         ptrs = grad_ptr + rows[:, None].to(tl.int64) * width + (cols - v_start)[None, :]
         tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < v_end))
 
+    @triton.jit
+    def _row_grad_kernel(z_ptr, b_ptr, t_ptr, coef_ptr, grad_ptr, logp_ptr, lse_ptr, softcap, V,
+                         BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        """One row of GEMM logits (fp32, before bias and cap): its lse and the target's log-prob, and
+        grad_logits = coef·(onehot − softmax)·(the cap's slope) in grad's dtype. Two reads of the row, one write."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        t = tl.load(t_ptr + row)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max and sum of exp (online softmax)
+        acc = tl.zeros([BLOCK], tl.float32)
+        target = 0.0
+        for v in range(0, V, BLOCK):
+            idx = v + cols
+            z = tl.load(z_ptr + row * V + idx, mask=idx < V, other=0.0)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + idx, mask=idx < V, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = _softcap(z, softcap)
+            z = tl.where(idx < V, z, float("-inf"))
+            target += tl.sum(tl.where(idx == t, z, 0.0), 0)
+            new = tl.maximum(m, z)
+            safe = tl.where(new == float("-inf"), 0.0, new)  # a lane that has seen only padding: exp(-inf) = 0
+            acc = acc * tl.exp(m - safe) + tl.exp(z - safe)
+            m = new
+        top = tl.max(m, 0)
+        lse = top + tl.log(tl.sum(acc * tl.exp(m - top), 0))
+        tl.store(lse_ptr + row, lse)
+        tl.store(logp_ptr + row, target - lse)
+        c = tl.load(coef_ptr + row).to(tl.float32)
+        for v in range(0, V, BLOCK):
+            idx = v + cols
+            z = tl.load(z_ptr + row * V + idx, mask=idx < V, other=0.0)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + idx, mask=idx < V, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z = _softcap(z, softcap)
+            grad = c * (tl.where(idx == t, 1.0, 0.0) - tl.exp(z - lse))
+            if HAS_SOFTCAP:  # d(cap·tanh(x/cap))/dx = 1 - (logit/cap)²
+                grad *= 1.0 - (z / softcap) * (z / softcap)
+            tl.store(grad_ptr + row * V + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < V)
+
 # pragma: no mutate start
 # (the Triton path: its tests run in the interpreter, too slow for mutation testing)
 def _launch_config(dtype):
@@ -279,11 +321,12 @@ def _triton_grads(h, w, b, t, softcap, lse, g, need):
 # ----------------------------------------------------------------------------------------------
 # gradients in the forward pass, for callers that know their upstream gradient up to a scalar (SFT)
 
-def _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, need):
+def _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, need, fused):
     """log-probs, log-sum-exp and the gradients of Σ_i coef_i·logp_i, in one pass over row chunks: the chunk's fp32
-    logits (GEMM 1), grad_logits in their place (_grad_logits), dh = G·W (GEMM 2) and dW += Gᵀ·h (GEMM 3). Three GEMMs
-    where a forward and a backward take four (the backward must recompute the logits). dW accumulates over the
-    chunks in W's dtype: exact in fp32; in bf16 one rounding per chunk (an fp32 accumulator would cost V·H·4 bytes)."""
+    logits (GEMM 1), grad_logits from them (fused: one Triton program per row, _row_grad_kernel; else torch,
+    _grad_logits), dh = G·W (GEMM 2) and dW += Gᵀ·h (GEMM 3). Three GEMMs where a forward and a backward take four
+    (the backward must recompute the logits). dW accumulates over the chunks in W's dtype: exact in fp32; in bf16
+    one rounding per chunk (an fp32 accumulator would cost V·H·4 bytes)."""
     need_dh, need_dw, need_db = need
     logp = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
@@ -293,21 +336,37 @@ def _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, need):
     for s in range(0, h.shape[0], chunk_rows):
         rows = slice(s, s + chunk_rows)
         logits = _mm_fp32(h[rows], w.T)
-        if b is not None:
-            logits += b.float()
-        if softcap is not None:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        lse[rows] = logits.logsumexp(-1)
-        logp[rows] = logits.gather(1, t[rows, None]).squeeze(1) - lse[rows]
-        grad = _grad_logits(logits, lse[rows], t[rows], coef[rows].float(), softcap)
-        if need_db:
-            db += grad.sum(0)
-        grad = grad.to(h.dtype)
+        if fused:  # bias, cap, lse, log-prob and grad_logits in one kernel
+            grad = torch.empty(logits.shape, device=h.device, dtype=h.dtype)
+            flags, cap = _triton_flags(b, softcap)
+            _row_grad_kernel[(logits.shape[0],)](logits, logits if b is None else b, t[rows], coef[rows], grad,
+                                                 logp[rows], lse[rows], cap, w.shape[0], **_row_config(), **flags)
+            if need_db:
+                db += grad.sum(0, dtype=torch.float32)
+        else:
+            grad = _torch_grad(logits, b, t[rows], coef[rows], softcap, lse[rows], logp[rows], db).to(h.dtype)
+        del logits
         if need_dh:
             dh[rows] = grad @ w
         if need_dw:
             dw.addmm_(grad.T, h[rows])
     return logp, lse, dh, dw, db
+
+def _row_config():
+    return dict(BLOCK=64) if os.environ.get("TRITON_INTERPRET") == "1" else dict(BLOCK=4096, num_warps=8)
+
+def _torch_grad(logits, b, t, coef, softcap, lse, logp, db):
+    """_row_grad_kernel's work in torch ops: lse and logp written in place, db accumulated; grad_logits returned."""
+    if b is not None:
+        logits += b.float()
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    lse.copy_(logits.logsumexp(-1))
+    logp.copy_(logits.gather(1, t[:, None]).squeeze(1) - lse)
+    grad = _grad_logits(logits, lse, t, coef.float(), softcap)
+    if db is not None:
+        db += grad.sum(0)
+    return grad
 
 class _LogprobGradsInForward(torch.autograd.Function):
     """The forward computes the gradients for the caller's hint of its upstream gradient (_forward_and_grads); the
@@ -316,7 +375,8 @@ class _LogprobGradsInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, t, softcap, coef, chunk_rows, fused):
         with torch.autocast(h.device.type, enabled=False):  # the inputs are in their compute dtype already
-            logp, lse, dh, dw, db = _forward_and_grads(h, w, b, t, softcap, coef, chunk_rows, ctx.needs_input_grad[:3])
+            logp, lse, dh, dw, db = _forward_and_grads(h, w, b, t, softcap, coef.float().contiguous(), chunk_rows,
+                                                       ctx.needs_input_grad[:3], fused)
         ctx.save_for_backward(h, w, b, t, lse, coef, dh, dw, db)
         ctx.softcap, ctx.chunk_rows, ctx.fused = softcap, chunk_rows, fused
         return logp
