@@ -1,9 +1,10 @@
 """
-What bipost knows of its GPU. The memory plan it prints before the first step: what one GPU holds for the policy's model states, the frozen
-reference/teacher and the activations of one micro-batch. Model states come from DeepSpeed's own estimators, which
-assume mixed precision (16-bit weights; fp32 master weights, gradients and AdamW's two moments: 18 bytes a parameter
-besides the 16-bit copy); the rest is a rough count. Estimates, not measurements: allocator slack, communication
-buffers and the CUDA context come on top. And the peak FLOP/s that the log line's MFU divides by.
+What bipost knows of its GPU. The memory plan it prints before the first step: what one GPU holds for the
+policy's model states, the frozen reference/teacher and the activations of one micro-batch. Model states come
+from DeepSpeed's own estimators, which assume mixed precision (16-bit weights; fp32 master weights, gradients and
+AdamW's two moments: 18 bytes a parameter besides the 16-bit copy); the rest is a rough count. Estimates, not
+measurements: allocator slack, communication buffers and the CUDA context come on top. And the peak FLOP/s that
+the log line's MFU divides by.
 """
 
 # dense bf16 tensor-core peak FLOP/s (no sparsity) of the SXM parts, by a word of torch.cuda.get_device_name();

@@ -11,10 +11,10 @@ averages θ̂'s gradients, so every rank holds the same ω and θ̂. Both classe
 state_dict() so that a resumed run continues exactly where the killed one stopped.
 """
 import copy
+import json
 import math
 import os
 
-import json
 import numpy as np
 import torch
 import torch.distributed as dist

@@ -185,6 +185,16 @@ if triton is not None:
         tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < v_end))
 
     @triton.jit
+    def _row_logits(z_ptr, b_ptr, row, idx, V, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        """Columns idx of a row of GEMM logits with the bias and the cap applied; -inf past V (vanish in exp)."""
+        z = tl.load(z_ptr + row * V + idx, mask=idx < V, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + idx, mask=idx < V, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = _softcap(z, softcap)
+        return tl.where(idx < V, z, float("-inf"))
+
+    @triton.jit
     def _row_grad_kernel(z_ptr, b_ptr, t_ptr, coef_ptr, grad_ptr, logp_ptr, lse_ptr, softcap, V,
                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
         """One row of GEMM logits (fp32, before bias and cap): its lse and the target's log-prob, and
@@ -197,12 +207,7 @@ if triton is not None:
         target = 0.0
         for v in range(0, V, BLOCK):
             idx = v + cols
-            z = tl.load(z_ptr + row * V + idx, mask=idx < V, other=0.0)
-            if HAS_BIAS:
-                z += tl.load(b_ptr + idx, mask=idx < V, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                z = _softcap(z, softcap)
-            z = tl.where(idx < V, z, float("-inf"))
+            z = _row_logits(z_ptr, b_ptr, row, idx, V, softcap, HAS_BIAS, HAS_SOFTCAP)
             target += tl.sum(tl.where(idx == t, z, 0.0), 0)
             new = tl.maximum(m, z)
             safe = tl.where(new == float("-inf"), 0.0, new)  # a lane that has seen only padding: exp(-inf) = 0
@@ -215,11 +220,7 @@ if triton is not None:
         c = tl.load(coef_ptr + row).to(tl.float32)
         for v in range(0, V, BLOCK):
             idx = v + cols
-            z = tl.load(z_ptr + row * V + idx, mask=idx < V, other=0.0)
-            if HAS_BIAS:
-                z += tl.load(b_ptr + idx, mask=idx < V, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                z = _softcap(z, softcap)
+            z = _row_logits(z_ptr, b_ptr, row, idx, V, softcap, HAS_BIAS, HAS_SOFTCAP)
             grad = c * (tl.where(idx == t, 1.0, 0.0) - tl.exp(z - lse))
             if HAS_SOFTCAP:  # d(cap·tanh(x/cap))/dx = 1 - (logit/cap)²
                 grad *= 1.0 - (z / softcap) * (z / softcap)
@@ -385,8 +386,9 @@ class _LogprobGradsInForward(torch.autograd.Function):
     def backward(ctx, g):
         h, w, b, t, lse, coef, dh, dw, db = ctx.saved_tensors
         g, coef = g.float(), coef.float()
-        scale = ((g @ coef) / (coef @ coef)).item()
-        if (g - scale * coef).abs().max().item() <= 1e-5 * g.abs().max().item():
+        scale = (g @ coef) / (coef @ coef)
+        scale, residual, top = torch.stack([scale, (g - scale * coef).abs().max(), g.abs().max()]).tolist()  # 1 sync
+        if residual <= 1e-5 * top:
             # in place: no second dW (a second backward through this graph then fails loudly: modified in place)
             grads = (None if dh is None else dh.mul_(scale), None if dw is None else dw.mul_(scale),
                      None if db is None else db.mul_(scale).to(b.dtype))
