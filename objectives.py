@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.logprob import token_logprobs
-from kernels.dpo import dpo_losses
+from bipost_kernels.logprob import token_logprobs
+from bipost_kernels.dpo import dpo_losses
 import rl as reinforcement_learning  # rl.py uses this module's head path; each reads the other only at call time
 
 
@@ -47,7 +47,7 @@ class Head(NamedTuple):
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
     def logprobs(self, hidden, targets, mask, fused, grad_hint=None):
-        """Per-token log-probs of targets (0 where mask is 0), never holding the logits (kernels/logprob.py).
+        """Per-token log-probs of targets (0 where mask is 0), never holding the logits (bipost_kernels/logprob.py).
         The fused op runs as the head module's forward, for this call only: under ZeRO-3 the module's own hooks then
         gather its partitioned weight for the forward, gather it again before the op's backward (the op saves the
         parameter itself, whose data the gather restores) and reduce-scatter its gradient, as DeepSpeed's ZeRO-3
@@ -160,7 +160,7 @@ def check_head(model, tolerance=1e-3):
 
 def response_logprobs(model, batch, ctx, grad_hint=None):
     """Per-token log-probs [B, L-1] (fp32) of the response tokens, 0 elsewhere, and the mask [B, L-1] (bool).
-    grad_hint: d loss / d log-prob up to a scalar, if known now (kernels/logprob.py: the head's gradients in the forward)."""
+    grad_hint: d loss / d log-prob up to a scalar, if known now (bipost_kernels/logprob.py: the head's gradients in the forward)."""
     body, head = body_and_head(model)
     hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
     targets, mask = batch['input_ids'][:, 1:], batch['response_mask'][:, 1:].bool()

@@ -7,6 +7,40 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
+# ---- install: no module of the repo shadows a package ----
+
+# Import names of packages that sit beside bipost in users' environments (installed here or not): HF's hub kernels
+# (which transformers >= 5.25 requires), TRL's stack, the GPU extras. Python resolves a top-level import to the
+# repo's folder first, so a repo module with one of these names breaks that package's users (it happened to
+# `kernels/`).
+NEIGHBOUR_IMPORT_NAMES = {'kernels', 'triton_kernels', 'fused', 'ops', 'peft', 'accelerate', 'trl', 'datasets',
+                          'vllm', 'flash_attn', 'liger_kernel', 'wandb', 'gguf', 'math_verify', 'cut_cross_entropy'}
+
+
+def _repo_top_level_modules():
+    names = set()
+    for entry in os.listdir(ROOT):
+        path = os.path.join(ROOT, entry)
+        if entry.endswith('.py'):
+            names.add(entry[:-3])
+        elif os.path.isdir(path) and not entry.startswith('.') and any(f.endswith('.py') for f in os.listdir(path)):
+            names.add(entry)  # a package, or a namespace folder Python would import from the repo root
+    return names
+
+
+def test_install_no_repo_module_has_the_import_name_of_a_package():
+    """Every top-level module and folder of the repo is checked against the import names of every installed
+    distribution (importlib.metadata.packages_distributions()) and of the usual neighbours, so the next clash is
+    caught the day a requirement starts needing one."""
+    import importlib.metadata
+    ours = _repo_top_level_modules()
+    assert {'bipost', 'objectives', 'selector', 'bipost_kernels', 'data', 'config'} <= ours
+    installed = importlib.metadata.packages_distributions()
+    clashes = {name: installed[name] for name in ours if name in installed}
+    clashes.update({name: 'a common neighbour' for name in ours & NEIGHBOUR_IMPORT_NAMES})
+    assert not clashes, f"repo modules shadow these packages (rename them): {clashes}"
+
+
 # ---- configurator ----
 from configurator import configure, ConfigError
 
@@ -312,7 +346,7 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
 # different prompt and response lengths, right-padded, so that a wrong shift or mask cannot hide.
 import copy, gc, types, weakref
 from torch.utils._python_dispatch import TorchDispatchMode
-import kernels.logprob, kernels.dpo
+import bipost_kernels.logprob, bipost_kernels.dpo
 import objectives
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -474,7 +508,7 @@ def test_objective_dpo_hand_numbers_at_nonzero_margins(monkeypatch, loss_type, e
 
 
 def _obj_hand_dpo(policy, reference, batch, beta, loss_type, eps, length_normalize, nll_weight):
-    """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (the formulas in kernels/dpo.py)."""
+    """losses and metrics of DPO and its variants, from hand-computed sequence log-probs (the formulas in bipost_kernels/dpo.py)."""
     policy_logps, mask = _obj_hand_logprobs(policy, batch)
     with torch.no_grad():
         reference_logps, _ = _obj_hand_logprobs(reference, batch)
@@ -599,7 +633,7 @@ def test_objective_fused_switch_on_cpu_uses_the_twins(monkeypatch):
     is test_kernel_objectives_through_the_kernels."""
     def no_triton(*args, **kwargs):
         raise AssertionError('a Triton kernel ran on CPU')
-    for module, name in ((kernels.logprob, '_FusedLogprob'), (kernels.logprob, '_triton_forward'), (kernels.dpo, '_FusedDPO')):
+    for module, name in ((bipost_kernels.logprob, '_FusedLogprob'), (bipost_kernels.logprob, '_triton_forward'), (bipost_kernels.dpo, '_FusedDPO')):
         monkeypatch.setattr(module, name, types.SimpleNamespace(apply=no_triton) if name.startswith('_Fused') else no_triton)
     policy, reference, teacher = _obj_model(0), _obj_model(1), _obj_model(2).requires_grad_(False)
     sft_batch, pair_batch = _obj_batch([(3, 4), (1, 6), (5, 2)]), _obj_batch(OBJ_PAIRS)
@@ -930,15 +964,15 @@ def test_objective_head_logprobs_under_autocast_run_in_the_autocast_dtype():
 # ---- kernels ----
 
 # On CPU the Triton kernels (fused=True) run in Triton's interpreter, which must be switched on before
-# triton is first imported: kernels/ does that itself when CUDA is absent.
-import kernels.logprob
-from kernels.logprob import token_logprobs
-from kernels.dpo import dpo_losses
+# triton is first imported: bipost_kernels/ does that itself when CUDA is absent.
+import bipost_kernels.logprob
+from bipost_kernels.logprob import token_logprobs
+from bipost_kernels.dpo import dpo_losses
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-_triton_runs = kernels.logprob.triton is not None and (
-    torch.cuda.is_available() or type(kernels.logprob.triton.language.zeros).__name__ == "InterpretedFunction")
+_triton_runs = bipost_kernels.logprob.triton is not None and (
+    torch.cuda.is_available() or type(bipost_kernels.logprob.triton.language.zeros).__name__ == "InterpretedFunction")
 FUSED = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not _triton_runs, reason="triton missing, or imported without TRITON_INTERPRET=1 before kernels/ on CPU"))]
+    not _triton_runs, reason="triton missing, or imported without TRITON_INTERPRET=1 before bipost_kernels/ on CPU"))]
 
 def _reference_logprobs(h, w, t, mask):
     """fp32 log_softmax().gather() on the full logits, 0 where masked."""
@@ -962,7 +996,7 @@ def _logprob_case(N, H, V, masked, seed=0):
 @pytest.mark.parametrize("N,H,V,masked", [(37, 24, 101, True), (1, 8, 33, False), (50, 16, 64, False)])
 def test_kernel_logprob_matches_reference(fused, N, H, V, masked, monkeypatch):
     # small chunks so both implementations cross chunk boundaries (a ragged last one included)
-    monkeypatch.setattr(kernels.logprob, "GRAD_CHUNK_ELEMS", 32 * N)
+    monkeypatch.setattr(bipost_kernels.logprob, "GRAD_CHUNK_ELEMS", 32 * N)
     h, w, t, mask = _logprob_case(N, H, V, masked)
     g = torch.randn(N)
     ref = _reference_logprobs(h, w, t, mask)
@@ -998,7 +1032,7 @@ def test_kernel_logprob_forward_only_equals_grad_path(fused, monkeypatch):
     torch.testing.assert_close(with_grad.detach(), _reference_logprobs(h, w, t, mask), atol=1e-5, rtol=1e-5)
     def no_autograd(*args):
         raise AssertionError("the forward-only path went through an autograd Function")
-    for function in (kernels.logprob._FusedLogprob, kernels.logprob._ChunkedLogprob):
+    for function in (bipost_kernels.logprob._FusedLogprob, bipost_kernels.logprob._ChunkedLogprob):
         monkeypatch.setattr(function, "apply", no_autograd)
     with torch.no_grad():
         no_grad = token_logprobs(h, w, t, mask, fused=fused)
@@ -1013,11 +1047,11 @@ def _force_kernels(monkeypatch):
     """Make objectives.py call the Triton kernels where it asks for fused=None (on CPU that means the twins), and
     count the kernel launches: returns the list of kernel names called."""
     calls = []
-    for name, function in (("token_logprobs", kernels.logprob.token_logprobs), ("dpo_losses", kernels.dpo.dpo_losses)):
+    for name, function in (("token_logprobs", bipost_kernels.logprob.token_logprobs), ("dpo_losses", bipost_kernels.dpo.dpo_losses)):
         def forced(*args, fused=None, function=function, **kwargs):
             return function(*args, fused=True if fused is None else fused, **kwargs)
         monkeypatch.setattr(objectives, name, forced)
-    for module, name in ((kernels.logprob, "_triton_forward"), (kernels.dpo, "_dpo_forward_kernel")):
+    for module, name in ((bipost_kernels.logprob, "_triton_forward"), (bipost_kernels.dpo, "_dpo_forward_kernel")):
         monkeypatch.setattr(module, name, _Counted(getattr(module, name), name, calls))
     return calls
 
@@ -1121,7 +1155,7 @@ def _head_reference(h, w, b, scale, softcap, t, mask):
 @pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("scale,softcap", [(1.0, 2.0), (0.5, 2.0), (0.25, None)])
 def test_kernel_logprob_bias_scale_softcap_matches_autograd(fused, scale, softcap, monkeypatch):
-    monkeypatch.setattr(kernels.logprob, "GRAD_CHUNK_ELEMS", 32 * 37)  # the fused backward crosses vocab chunks
+    monkeypatch.setattr(bipost_kernels.logprob, "GRAD_CHUNK_ELEMS", 32 * 37)  # the fused backward crosses vocab chunks
     h, w, t, mask = _logprob_case(37, 24, 101, True)
     b = (torch.randn(101, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_()
     g = torch.randn(37)
@@ -1236,13 +1270,13 @@ def test_kernel_logprob_dispatch_and_forward_only(monkeypatch):
     expected = _reference_logprobs(h, w, t, mask)
     def banned(*args, **kwargs):
         raise AssertionError('this path must not run')
-    monkeypatch.setattr(kernels.logprob, '_ChunkedLogprob', types.SimpleNamespace(apply=banned))
-    monkeypatch.setattr(kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(bipost_kernels.logprob, '_ChunkedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(bipost_kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=False), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(token_logprobs(h.detach(), w.detach(), t, mask, fused=False), expected, atol=1e-5, rtol=1e-5)
     if _triton_runs:
-        monkeypatch.setattr(kernels.logprob, '_twin_forward', banned)
+        monkeypatch.setattr(bipost_kernels.logprob, '_twin_forward', banned)
         with torch.no_grad():
             torch.testing.assert_close(token_logprobs(h, w, t, mask, fused=True), expected, atol=1e-5, rtol=1e-5)
 
@@ -1251,16 +1285,16 @@ def test_kernel_logprob_twin_chunks(monkeypatch):
     """The twin forms its logits chunk_rows rows at a time (default TWIN_CHUNK_ELEMS // V, at least 1), forward and
     backward, and the chunks tile the rows exactly."""
     calls = []
-    twin_logits = kernels.logprob._twin_logits
+    twin_logits = bipost_kernels.logprob._twin_logits
     def counting(h, *args):
         calls.append(h.shape[0])
         return twin_logits(h, *args)
-    monkeypatch.setattr(kernels.logprob, '_twin_logits', counting)
+    monkeypatch.setattr(bipost_kernels.logprob, '_twin_logits', counting)
     h, w, t, _ = _logprob_case(10, 8, 33, False)
     expected = _reference_logprobs(h, w, t, None)
     expected_grads = torch.autograd.grad(expected.sum(), (h, w))
     for elems, rows in ((3 * 33, [3, 3, 3, 1]), (1, [1] * 10)):  # 99 // V = 3 rows (not 99 // H = 12); at least 1
-        monkeypatch.setattr(kernels.logprob, 'TWIN_CHUNK_ELEMS', elems)
+        monkeypatch.setattr(bipost_kernels.logprob, 'TWIN_CHUNK_ELEMS', elems)
         calls.clear()
         out = token_logprobs(h, w, t, fused=False)
         dh, dw = torch.autograd.grad(out.sum(), (h, w))
@@ -1295,19 +1329,19 @@ def test_kernel_logprob_torch_entry_point_passes_everything_through(monkeypatch)
     """token_logprobs_torch is the twin (never Triton) with mask, chunk_rows, bias, scale and soft cap passed on."""
     def banned(*args, **kwargs):
         raise AssertionError('Triton ran')
-    monkeypatch.setattr(kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
-    monkeypatch.setattr(kernels.logprob, '_triton_forward', banned)
+    monkeypatch.setattr(bipost_kernels.logprob, '_FusedLogprob', types.SimpleNamespace(apply=banned))
+    monkeypatch.setattr(bipost_kernels.logprob, '_triton_forward', banned)
     calls = []
-    twin_logits = kernels.logprob._twin_logits
-    monkeypatch.setattr(kernels.logprob, '_twin_logits', lambda h, *args: calls.append(h.shape[0]) or twin_logits(h, *args))
+    twin_logits = bipost_kernels.logprob._twin_logits
+    monkeypatch.setattr(bipost_kernels.logprob, '_twin_logits', lambda h, *args: calls.append(h.shape[0]) or twin_logits(h, *args))
     h, w, t, mask = _logprob_case(13, 8, 40, True)
     b = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 2
     ref = _head_reference(h, w, b, 0.5, 2.0, t, mask)
-    out = kernels.logprob.token_logprobs_torch(h, w, t, mask, chunk_rows=3, bias=b, scale=0.5, softcap=2.0)
+    out = bipost_kernels.logprob.token_logprobs_torch(h, w, t, mask, chunk_rows=3, bias=b, scale=0.5, softcap=2.0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     rows = int(mask.sum())
     assert calls == [min(3, rows - s) for s in range(0, rows, 3)]
-    torch.testing.assert_close(kernels.logprob.token_logprobs_torch(h, w, t, mask), _reference_logprobs(h, w, t, mask),
+    torch.testing.assert_close(bipost_kernels.logprob.token_logprobs_torch(h, w, t, mask), _reference_logprobs(h, w, t, mask),
                                atol=1e-5, rtol=1e-5)  # defaults: no bias, scale 1, no cap
 
 
@@ -1317,7 +1351,7 @@ def test_kernel_dpo_defaults_and_shape_errors():
     policy, reference, mask = _dpo_case()
     explicit = dpo_losses(policy, reference, mask, 0.5, "sigmoid", 0.0, False, fused=False)
     for defaults in (dpo_losses(policy, reference, mask, 0.5, fused=False),
-                     kernels.dpo.dpo_losses_torch(policy, reference, mask, 0.5)):
+                     bipost_kernels.dpo.dpo_losses_torch(policy, reference, mask, 0.5)):
         assert all(torch.equal(a, b) for a, b in zip(defaults, explicit))
     T = mask.shape[1]
     for p, r, m in ((policy[:3], reference[:3], mask[:3]),                  # odd rows (3: not a multiple of 2)
@@ -1343,8 +1377,8 @@ def test_kernel_dpo_dispatch(monkeypatch):
     """fused=False and (on CPU) fused=None run the twin; fused=True runs the kernel."""
     policy, reference, mask = _dpo_case()
     calls = []
-    twin = kernels.dpo.dpo_losses_torch
-    monkeypatch.setattr(kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(1) or twin(*args))
+    twin = bipost_kernels.dpo.dpo_losses_torch
+    monkeypatch.setattr(bipost_kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(1) or twin(*args))
     for fused, ran_twin in ((False, 1), (None, 0 if torch.cuda.is_available() else 1)) + (((True, 0),) if _triton_runs else ()):
         calls.clear()
         dpo_losses(policy, reference, mask, 0.5, fused=fused)
@@ -1368,8 +1402,8 @@ def test_kernel_logprob_grads_in_forward_equal_the_backward_and_skip_its_recompu
     hint = (-weights / n)[:, None].expand(B, L)
     formed = []
     for name in ('_mm_fp32', '_twin_logits'):
-        real = getattr(kernels.logprob, name)
-        monkeypatch.setattr(kernels.logprob, name, lambda *a, real=real, name=name: formed.append(name) or real(*a))
+        real = getattr(bipost_kernels.logprob, name)
+        monkeypatch.setattr(bipost_kernels.logprob, name, lambda *a, real=real, name=name: formed.append(name) or real(*a))
 
     def run(grad_hint, upstream):
         formed.clear()
@@ -1496,7 +1530,7 @@ def test_kernel_dpo_gpu_matches_twin():
 def test_bench_step_summary_skips_warmup_and_weights_by_time():
     """tokens/s is total tokens over total time of the timed updates (not a mean of ratios); the warm-up updates and
     eval records are left out; alright's row sets its ms per update beside the single-objective runs' medians."""
-    sys.path.insert(0, os.path.join(ROOT, 'kernels'))
+    sys.path.insert(0, os.path.join(ROOT, 'bipost_kernels'))
     import bench_step
     records = [{'iter': 0, 'val/sft/loss': 1.0}, {'ms': 900.0, 'tokens': 10, 'objective': 'sft', 'mfu': 0.1},
                {'ms': 100.0, 'tokens': 400, 'objective': 'sft', 'mfu': 0.4, 'peak_gib': 3.0},
@@ -1517,10 +1551,10 @@ def test_bench_step_summary_skips_warmup_and_weights_by_time():
 
 @pytest.mark.slow
 def test_bench_step_tiny_runs_bipost_and_writes_tables(tmp_path):
-    """kernels/bench_step.py end to end on CPU (a 2-layer model): it builds the model and data, runs bipost.py for
+    """bipost_kernels/bench_step.py end to end on CPU (a 2-layer model): it builds the model and data, runs bipost.py for
     each row, and writes the markdown and JSONL tables; a bad --only is refused before anything runs."""
     out = tmp_path / 'out'
-    cmd = [sys.executable, 'kernels/bench_step.py', '--tiny', '--warmup=1', '--iters=2', f'--out={out}',
+    cmd = [sys.executable, 'bipost_kernels/bench_step.py', '--tiny', '--warmup=1', '--iters=2', f'--out={out}',
            f'--work={tmp_path / "work"}', '--only', 'sft:plain', 'dpo:plain', 'alright:plain']
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -2211,9 +2245,9 @@ sys.path.insert(0, os.getcwd())
 import torch, deepspeed
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
-import kernels.logprob, objectives
+import bipost_kernels.logprob, objectives
 V, H, B, L, CHUNK = 32768, 64, 4, 128, 32
-kernels.logprob.TWIN_CHUNK_ELEMS = CHUNK * V
+bipost_kernels.logprob.TWIN_CHUNK_ELEMS = CHUNK * V
 deepspeed.init_distributed(dist_backend='gloo')
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
@@ -3848,8 +3882,8 @@ def test_sft_head_gradients_in_the_forward_in_the_training_loop(tmp_path, monkey
     path's (sft_grads_in_forward=False), and the data selector (whose weights move with ω) keeps the plain path."""
     calls = []
     for name in ('_forward_and_grads', '_twin_grads'):
-        real = getattr(kernels.logprob, name)
-        monkeypatch.setattr(kernels.logprob, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        real = getattr(bipost_kernels.logprob, name)
+        monkeypatch.setattr(bipost_kernels.logprob, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     weights = np.random.default_rng(0).uniform(0, 3, 2000)
     np.save(tmp_path / 'w.npy', weights)
     for extra in ([], [f"--example_weights={tmp_path / 'w.npy'}"]):

@@ -2,17 +2,17 @@
 LM-head benchmark (protocol in the README, efficiency notes): per-token log-prob fwd+bwd, reference forward and the DPO
 head step, every method as a ratio to anchors timed in the same run (the three bare GEMMs, the logits
 GEMM, the 8NHV DPO floor). Needs a CUDA GPU.
-    python kernels/bench.py                            # Llama-3-8B head: H=4096, V=128256, N in 8192 16384
-    python kernels/bench.py --tokens 4096 --vocab 32000  # quicker
-    python kernels/bench.py --out kernels/results      # also writes kernels_<gpu>.md and .jsonl there
+    python bipost_kernels/bench.py                            # Llama-3-8B head: H=4096, V=128256, N in 8192 16384
+    python bipost_kernels/bench.py --tokens 4096 --vocab 32000  # quicker
+    python bipost_kernels/bench.py --out bipost_kernels/results      # also writes kernels_<gpu>.md and .jsonl there
 Liger-Kernel and cut-cross-entropy are compared only if already installed (never required).
 """
 import argparse, gc, math, os, sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.logprob import token_logprobs
-from kernels.dpo import dpo_losses
+from bipost_kernels.logprob import token_logprobs
+from bipost_kernels.dpo import dpo_losses
 
 GiB = 2**30
 LINES, RECORDS = [], []  # what was printed (markdown) and one dict per table row, for --out
@@ -210,12 +210,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="", help="also write the tables to OUT/kernels_<gpu>.md and .jsonl")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("kernels/bench.py measures GPU kernels and needs CUDA; on CPU run the tests instead: "
+        sys.exit("bipost_kernels/bench.py measures GPU kernels and needs CUDA; on CPU run the tests instead: "
                  "python -m pytest -q test_bipost.py -k kernel")
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
     import triton, datetime
     say(f"# bipost kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{datetime.date.today()}: python kernels/bench.py {' '.join(sys.argv[1:])}")
+        f"{datetime.date.today()}: python bipost_kernels/bench.py {' '.join(sys.argv[1:])}")
     per_token = None
     for N in args.tokens:
         per_token = bench_head(N, args.hidden, args.vocab) / N

@@ -7,9 +7,9 @@ update (rank 16) and an RL update (8 sampled completions of 128 tokens per promp
 speed too. Every bipost row is one `python bipost.py` run with overrides; its numbers come from that run's metrics.jsonl
 (tokens/s over the updates after the warm-up ones, the median MFU, the peak GPU memory), so they are what the training
 log line shows. MFU counts 6·P FLOPs per trained token and 2·P more per token through the frozen reference.
-    python kernels/bench_step.py --out kernels/results        # every row (~6 min on one H200)
-    python kernels/bench_step.py --only sft:plain dpo:zero3    # some rows (trl:plain is the anchor; sft_lora, rl too)
-    python kernels/bench_step.py --tiny                        # a 2-layer model on CPU: checks the script, times nothing
+    python bipost_kernels/bench_step.py --out bipost_kernels/results        # every row (~6 min on one H200)
+    python bipost_kernels/bench_step.py --only sft:plain dpo:zero3    # some rows (trl:plain is the anchor; sft_lora, rl too)
+    python bipost_kernels/bench_step.py --tiny                        # a 2-layer model on CPU: checks the script, times nothing
 """
 import argparse, json, os, re, statistics, subprocess, sys, tempfile, time
 import numpy as np
@@ -206,7 +206,7 @@ def main():
         args.device, args.dtype, shape = 'cpu', 'float32', TINY
         args.prompt, args.response = min(args.prompt, 16), min(args.response, 48)
     elif not torch.cuda.is_available():
-        sys.exit("kernels/bench_step.py times training steps on a CUDA GPU; on CPU, --tiny checks the script")
+        sys.exit("bipost_kernels/bench_step.py times training steps on a CUDA GPU; on CPU, --tiny checks the script")
     else:
         args.device, args.dtype, shape = 'cuda', 'bfloat16', LLAMA_1B
     rows = args.only or [f'{j}:{b}' for b in BACKENDS for j in ('sft', 'dpo', 'alright')] + \
@@ -225,7 +225,7 @@ def main():
     header = (f"# bipost training step on {device}, torch {torch.__version__}, transformers {transformers.__version__}, "
               f"{time.strftime('%Y-%m-%d')}: {n_params / 1e9:.2f}B parameters, {args.pairs} x "
               f"{args.prompt + args.response} tokens (pairs for dpo), {args.iters} timed updates after {args.warmup}\n"
-              f"# python kernels/bench_step.py {' '.join(sys.argv[1:])}")
+              f"# python bipost_kernels/bench_step.py {' '.join(sys.argv[1:])}")
     print(header, flush=True)
     results = {}
     for key in rows:
