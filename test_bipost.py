@@ -3588,12 +3588,13 @@ def _cs_value(D, chosen):
     return float((D.max() - D[:, list(chosen)].min(1).values).sum())
 
 
-def _cs_plain_greedy(D, k):
-    chosen = []
-    for _ in range(k):
-        gains = [_cs_value(D, chosen + [j]) if j not in chosen else -1 for j in range(len(D))]
-        chosen.append(int(np.argmax(gains)))  # ties: the lower index
-    return chosen
+def _cs_assert_a_greedy_order(D, picks):
+    """Every pick has the largest marginal gain given the picks before it (so, without ties, the plain greedy's
+    order). Two gains equal to 1e-9 are a tie either index may take: seed 2 has an exact one, which float summation
+    order breaks one way or the other depending on the torch build."""
+    for step, pick in enumerate(picks):
+        gains = [_cs_value(D, picks[:step] + [j]) if j not in picks[:step] else -math.inf for j in range(len(D))]
+        assert gains[pick] >= max(gains) - 1e-9, (step, pick, gains)
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -3604,7 +3605,7 @@ def test_coreset_lazy_greedy_equals_plain_greedy_and_bound(seed):
         D = _cs_dense(terms)
         for k in (1, 3, 5):
             lazy = coreset.facility_location(terms, k, chunk=4, refresh=2)
-            assert lazy == _cs_plain_greedy(D, k)
+            _cs_assert_a_greedy_order(D, lazy)
             best = max(_cs_value(D, c) for c in itertools.combinations(range(10), k))
             assert _cs_value(D, lazy) >= (1 - 1 / math.e) * best - 1e-9
             if k == 1:  # one facility: greedy is exact
