@@ -85,7 +85,7 @@ rl_group = 8                  # G: completions per prompt, 4-16 (>= 2 unless ppo
 rl_max_new_tokens = 64        # completion budget in tokens; a completion ends at EOS or here
 rl_temperature = 1.0          # sampling temperature, 0.6-1.2 (evals decode greedily)
 rl_top_p = 1.0                # nucleus sampling, 0.9-1 (no top-k)
-rl_reward = 'verify_number'   # rewards.py: 'verify_number' | 'exact' | 'normalized' | 'format'; a local reward-model dir; 'module:function'
+rl_reward = 'verify_number'   # rewards.py: 'verify_number' | 'exact' | 'normalized' | 'format' | 'math' | 'ifeval'; a local reward-model dir; 'module:function'
 rl_reward_scale = 10.0        # α: reward = α·score, so α for a verified answer, else 0 (Tulu 3: 10)
 rl_advantage = 'group_std'    # 'group' (r − group mean) | 'group_std' (/ group std: GRPO) | 'loo' (leave-one-out) | 'ppo' (value head, GAE)
 rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch's completion tokens (usual with ppo)

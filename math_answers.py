@@ -84,9 +84,10 @@ class MathVerifier:
     """The 'math' reward: score 1 when the completion's final answer equals the record's "answer", else 0."""
 
     def __init__(self, seconds=5):
+        self.worker = None
         if importlib.util.find_spec('math_verify') is None:
             raise ValueError("rl_reward='math' needs Hugging Face's math-verify: pip install 'math-verify>=0.9'")
-        self.seconds, self.worker = int(seconds), None
+        self.seconds = int(seconds)
 
     def _start(self):
         self.worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(self.seconds)],

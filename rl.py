@@ -35,7 +35,8 @@ ADVANTAGES = ('group', 'group_std', 'loo', 'ppo')
 LOSS_NORMS = ('bnpo', 'dapo', 'grpo', 'dr_grpo')
 
 
-FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format'}
+FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format', 'math': 'answer',
+          'ifeval': 'instruction_id_list'}
 
 
 def settings(config, meta, rank, device, synced_gpus, splits):
@@ -71,7 +72,7 @@ def settings(config, meta, rank, device, synced_gpus, splits):
                              f"keeps every field besides the prompt) and prepare the split again")
     return dict({k: v for k, v in config.items() if k.startswith('rl_')},
                 reward=reward_functions.load(config['rl_reward'], device),
-                verifier=config['rl_reward'] in reward_functions.VERIFIERS,  # accuracy = share of verified answers
+                verifier=config['rl_reward'] in FIELDS,  # accuracy = share of verified answers
                 decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
                 synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
                 rl_replay={'calls': 0, 'rollouts': []})
