@@ -36,7 +36,7 @@ LOSS_NORMS = ('bnpo', 'dapo', 'grpo', 'dr_grpo')
 
 
 FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format', 'math': 'answer',
-          'ifeval': 'instruction_id_list'}
+          'ifeval': None}  # ifeval: two record shapes, checked by ifeval_checks.check_records
 
 
 def settings(config, meta, rank, device, synced_gpus, splits):
@@ -70,6 +70,9 @@ def settings(config, meta, rank, device, synced_gpus, splits):
             raise ValueError(f"{split.path}_extra.jsonl: record {missing + 1} has no \"{field}\" field, which "
                              f"rl_reward={config['rl_reward']!r} reads: add it to the prompt records (data/prepare.py "
                              f"keeps every field besides the prompt) and prepare the split again")
+        if config['rl_reward'] == 'ifeval':
+            import ifeval_checks
+            ifeval_checks.check_records(split.extra, f'{split.path}_extra.jsonl')
     return dict({k: v for k, v in config.items() if k.startswith('rl_')},
                 reward=reward_functions.load(config['rl_reward'], device),
                 verifier=config['rl_reward'] in FIELDS,  # accuracy = share of verified answers

@@ -4664,3 +4664,87 @@ def test_rlvr_math_without_math_verify_is_one_line_with_the_pip_command(monkeypa
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'math_verify' else real(name, *a))
     with pytest.raises(ValueError, match=r"pip install 'math-verify"):
         rewards.load('math')
+
+
+import ifeval_checks
+
+IFEVAL_CASES = [  # (instruction id, kwargs, response, hand verdict): each type held and broken at its boundary
+    ('keywords:existence', {'keywords': ['tea', 'scone']}, 'A Scone with TEA.', True),
+    ('keywords:existence', {'keywords': ['tea', 'scone']}, 'A scone with coffee.', False),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 3, 'relation': 'at least'}, 'cat Cat cAt', True),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 3, 'relation': 'at least'}, 'cat Cat dog', False),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 2, 'relation': 'less than'}, 'cat dog', True),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 2, 'relation': 'less than'}, 'cat catalog', False),  # a substring counts
+    ('keywords:forbidden_words', {'forbidden_words': ['bad']}, 'Badminton is fun.', True),  # whole words only
+    ('keywords:forbidden_words', {'forbidden_words': ['bad']}, 'Not BAD at all.', False),
+    ('keywords:letter_frequency', {'letter': 'Z', 'let_frequency': 2, 'let_relation': 'at least'}, 'zigzag', True),
+    ('keywords:letter_frequency', {'letter': 'z', 'let_frequency': 2, 'let_relation': 'less than'}, 'zigzag', False),
+    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'less than'}, 'Dr. Smith came. He left!', True),
+    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'at least'}, 'One. Two? Three 3.5 four!', True),
+    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'at least'}, 'One. Mr. Two and J. Doe.', False),
+    ('length_constraints:number_paragraphs', {'num_paragraphs': 2}, 'First.\n***\nSecond.\n***\n', True),
+    ('length_constraints:number_paragraphs', {'num_paragraphs': 2}, 'First.\n***\n***\nSecond.', False),  # empty middle
+    ('length_constraints:number_words', {'num_words': 4, 'relation': 'at least'}, "it's a well-known fact", True),  # 6 \w runs
+    ('length_constraints:number_words', {'num_words': 4, 'relation': 'less than'}, 'one two three four', False),
+    ('length_constraints:nth_paragraph_first_word', {'num_paragraphs': 2, 'nth_paragraph': 2, 'first_word': 'then'},
+     'First words.\n\n"Then, more.', True),
+    ('length_constraints:nth_paragraph_first_word', {'num_paragraphs': 3, 'nth_paragraph': 2, 'first_word': 'then'},
+     'First words.\n\nThen, more.', False),  # two paragraphs, not three
+    ('detectable_content:number_placeholders', {'num_placeholders': 2}, 'Dear [name], at [address].', True),
+    ('detectable_content:number_placeholders', {'num_placeholders': 2}, 'Dear [name], at home.', False),
+    ('detectable_content:postscript', {'postscript_marker': 'P.S.'}, 'Body.\nP. S. see you', True),  # a space allowed
+    ('detectable_content:postscript', {'postscript_marker': 'P.P.S'}, 'Body.\nP.S. see you', False),
+    ('detectable_format:number_bullet_lists', {'num_bullets': 2}, 'Items:\n* one\n- two\n**bold** line', True),
+    ('detectable_format:number_bullet_lists', {'num_bullets': 2}, '* one\n* two\n* three', False),  # exactly
+    ('detectable_format:constrained_response', {}, 'Well... My answer is maybe.', True),
+    ('detectable_format:constrained_response', {}, 'My answer is probably yes.', False),
+    ('detectable_format:number_highlighted_sections', {'num_highlights': 2}, '*one* and **two**', True),
+    ('detectable_format:number_highlighted_sections', {'num_highlights': 2}, '**two** and * *', False),
+    ('detectable_format:multiple_sections', {'section_spliter': 'Section', 'num_sections': 2}, 'Section 1\na\nSection 2\nb', True),
+    ('detectable_format:multiple_sections', {'section_spliter': 'SECTION', 'num_sections': 2}, 'SECTION 1\na\nSECTION b', False),
+    ('detectable_format:json_format', {}, '```json\n{"a": [1, 2]}\n```', True),
+    ('detectable_format:json_format', {}, 'Here: {"a": 1}', False),
+    ('detectable_format:title', {}, '<<A Poem>>\nroses', True),
+    ('detectable_format:title', {}, '<< >>\nroses', False),
+    ('combination:two_responses', {}, 'Answer one.\n******\nAnswer two.', True),
+    ('combination:two_responses', {}, 'Same.\n******\nSame.', False),
+    ('combination:repeat_prompt', {'prompt_to_repeat': 'Write a poem.'}, 'write a POEM. Roses are red.', True),
+    ('combination:repeat_prompt', {'prompt_to_repeat': 'Write a poem.'}, 'Sure! Write a poem. Roses.', False),
+    ('startend:end_checker', {'end_phrase': 'Any other questions?'}, 'Done. any other questions?"\n', True),
+    ('startend:end_checker', {'end_phrase': 'Any other questions?'}, 'Any other questions? Bye.', False),
+    ('startend:quotation', {}, ' "quoted answer" ', True),
+    ('startend:quotation', {}, '"', False),
+    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'at least'}, 'THE WELL-KNOWN cat', True),
+    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'less than'}, 'I AM here', False),
+    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'at least'}, 'THE Cat sat', False),
+    ('punctuation:no_comma', {}, 'No commas here.', True),
+    ('punctuation:no_comma', {}, 'One, two.', False)]
+
+
+@pytest.mark.parametrize('name, kwargs, text, right', IFEVAL_CASES)
+def test_rlvr_ifeval_each_instruction_held_and_broken(name, kwargs, text, right):
+    record = {'instruction_id_list': [name], 'kwargs': [dict(kwargs, unused_but_null=None)]}
+    assert ifeval_checks.follows(text, record) is right
+
+
+def test_rlvr_ifeval_covers_22_types_prompt_level_strict_both_record_shapes_and_refusals():
+    assert {c[0] for c in IFEVAL_CASES} == set(ifeval_checks.CHECKS) and len(ifeval_checks.CHECKS) == 22
+    ids = ['punctuation:no_comma', 'detectable_format:title']
+    kwargs = [{}, {}]
+    tulu = {'ground_truth': str([{'instruction_id': ids, 'kwargs': [None, None]}])}  # a Python literal, as in Tulu 3
+    for text, right in [('<<T>> no commas', 1.0), ('<<T>>, a comma', 0.0), ('no title', 0.0), ('   ', 0.0)]:
+        assert ifeval_checks.follows_instructions(None, [text], instruction_id_list=[ids], kwargs=[kwargs]) == [right]
+        assert ifeval_checks.follows_instructions(None, [text], ground_truth=[tulu['ground_truth']]) == [right]
+    assert ifeval_checks.follows(' \n', {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}) is False
+    assert rewards.load('ifeval') is ifeval_checks.follows_instructions
+    good = {'instruction_id_list': ids, 'kwargs': kwargs}
+    for bad, says in [({'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'en'}]},
+                       'needs language detection'),
+                      ({'instruction_id_list': ['keywords:nope'], 'kwargs': [{}]}, "'keywords:nope' is unknown"),
+                      ({'instruction_id_list': ['keywords:existence'], 'kwargs': [{'keywords': None}]},
+                       "needs the kwargs ['keywords']"),
+                      ({'instruction_id_list': ids, 'kwargs': [{}]}, '2 instruction ids but 1 kwargs'),
+                      ({'answer': '1'}, 'has no instructions')]:
+        with pytest.raises(ValueError, match=re.escape(says)) as error:
+            ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
+        assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
