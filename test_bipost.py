@@ -4013,7 +4013,9 @@ def _rl_ctx(**overrides):
     """ctx as bipost builds it for 'rl' (rl.settings), with a byte-free decoder: ids as space-separated numbers."""
     settings = dict(rl_group=2, rl_max_new_tokens=5, rl_temperature=1.0, rl_top_p=1.0, rl_reward='exact',
                     rl_reward_scale=10.0, rl_advantage='group', rl_whiten=False, rl_clip=0.2, rl_kl=0.0,
-                    rl_loss_norm='bnpo', rl_epochs=1, rl_ema=0.0, rl_gamma=1.0, rl_lam=0.95)
+                    rl_loss_norm='bnpo', rl_epochs=1, rl_ema=0.0, rl_gamma=1.0, rl_lam=0.95, rl_epsilon_high=0.0,
+                    rl_importance_sampling_level='token', rl_mask_truncated_completions=False,
+                    rl_use_bias_correction_kl=False)
     settings.update(reward=rewards.exact, verifier=True, decode=lambda ids: ' '.join(map(str, ids)), eos_id=RL_EOS,
                     pad_id=RL_EOS, rank=0, synced_gpus=False, gradient_accumulation_steps=1,
                     rl_replay={'calls': 0, 'rollouts': []})
@@ -4091,7 +4093,7 @@ def test_rl_loss_normalizations_are_trls():
     token_losses = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     mask = token_losses != 0
     for norm, hand in [('bnpo', 12 / 6), ('dapo', 12 / 6), ('grpo', (2 + 4 + 1) / 3), ('dr_grpo', 12 / (3 * 8))]:
-        assert float(rl.normalize(token_losses, mask, norm, 8).mean()) == pytest.approx(hand), norm
+        assert float(rl.normalize(token_losses, mask, norm, 8, mask.sum()).mean()) == pytest.approx(hand), norm  # one share
 
 
 @pytest.mark.parametrize('completion, answer, right', [
