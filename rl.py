@@ -159,7 +159,7 @@ def normalize(token_losses, mask, norm, max_new_tokens, batch_tokens=None, share
         return sums / max_new_tokens
     if norm == 'dapo':
         return sums * len(sums) * shares / batch_tokens.clamp(min=1)
-    return sums * len(sums) / lengths.sum()  # bnpo: Σ over the micro-batch's tokens / its tokens, spread over rows
+    return sums * len(sums) / mask.sum().clamp(min=1)  # bnpo: Σ over the micro-batch's tokens / its tokens, spread
 
 
 # ---- rollouts ----

@@ -4750,3 +4750,194 @@ def test_rlvr_ifeval_covers_22_types_prompt_level_strict_both_record_shapes_and_
         with pytest.raises(ValueError, match=re.escape(says)) as error:
             ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
         assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
+
+
+def _trl_grpo_loss(logps, old, ref, advantages, mask, eps, eps_high, level, beta, bias_kl, loss_type, num_items=None,
+                   max_len=None):
+    """TRL 1.16 GRPOTrainer._compute_loss, written out from its definition for one micro-batch: the ratio at token
+    or sequence level, two-sided bounds, k3 (× the ratio when bias-corrected), then the loss type's normalization."""
+    mask = mask.float()
+    log_ratio = logps - old
+    if level == 'sequence':
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps_high)
+    per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
+    if beta:
+        kl = torch.exp(ref - logps) - (ref - logps) - 1
+        per_token = per_token + beta * (kl * coef_1 if bias_kl else kl)
+    if loss_type == 'grpo':
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == 'bnpo':
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == 'dr_grpo':
+        return (per_token * mask).sum() / (per_token.size(0) * max_len)
+    return (per_token * mask).sum() / num_items  # dapo: the generation batch's token count (one process)
+
+
+def _rlvr_roll(rewards, truncated=(False, False, False, False), reference_logps=None):
+    rows = _rl_rows(RL_SPANS)
+    return {'rows': rows, 'group': 2, 'rewards': torch.tensor(rewards), 'scores': torch.tensor(rewards) / 10,
+            'lengths': torch.tensor([4, 2, 5, 1]), 'truncated': torch.tensor(truncated),
+            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
+
+
+@pytest.mark.parametrize('knobs', [
+    dict(rl_epsilon_high=0.28),                                                    # DAPO clip-higher
+    dict(rl_importance_sampling_level='sequence', rl_loss_norm='grpo'),            # GSPO
+    dict(rl_importance_sampling_level='sequence', rl_epsilon_high=0.28, rl_kl=0.3, rl_use_bias_correction_kl=True),
+    dict(rl_kl=0.3, rl_use_bias_correction_kl=True, rl_loss_norm='dr_grpo'),
+    dict(rl_advantage='batch_std', rl_loss_norm='dapo', rl_mask_truncated_completions=True),
+    dict(rl_advantage='group', rl_mask_truncated_completions=True, rl_loss_norm='grpo')])
+def test_rlvr_grpo_family_knobs_equal_trls_loss_and_gradient(knobs):
+    """A fixed rollout replayed against old log-probs that differ from the policy's (ρ ≠ 1, some clipped on each
+    side): bipost's loss and gradient equal TRL's _compute_loss written out independently (_trl_grpo_loss), with TRL's
+    advantages (group mean; / the group's or the whole batch's unbiased std + 1e-4, or none) and, for a truncated
+    completion under masking, its row's mask zeroed."""
+    model, reference = _obj_model(0), _obj_model(1)
+    ctx = _rl_ctx(**{'rl_clip': 0.2, 'rl_advantage': 'group_std', **knobs})
+    rewards_ = [10.0, 0.0, 3.0, 7.0]
+    rows = _rl_rows(RL_SPANS)
+    with torch.no_grad():
+        reference_logps, mask = _obj_hand_logprobs(reference, rows)
+    roll = _rlvr_roll(rewards_, truncated=(False, False, True, False),
+                      reference_logps=reference_logps if ctx.rl_kl else None)
+    rl.generation_batch([roll], ctx)
+    logps, _ = _obj_hand_logprobs(model, rows)
+    g = torch.Generator().manual_seed(3)
+    alternating = 0.35 * (-1.0) ** torch.arange(logps.shape[1])  # ρ ≈ 0.7 and 1.4: both bounds bite
+    old = torch.where(mask, logps.detach() + alternating + 0.1 * torch.randn(logps.shape, generator=g), 0.0)
+    roll.update(old_logps=old)
+    r = torch.tensor(rewards_).view(2, 2)
+    centered = (r - r.mean(1, keepdim=True)).reshape(-1)
+    advantages = {'group': centered, 'group_std': centered / (r.std(1).repeat_interleave(2) + 1e-4),
+                  'batch_std': centered / (torch.tensor(rewards_).std() + 1e-4)}[ctx.rl_advantage]
+    roll['advantages'] = advantages[:, None] * mask  # what rl.loss stores on the rollout's first call
+    trl_mask = mask & torch.tensor([True, True, not ctx.rl_mask_truncated_completions, True])[:, None]
+    hand = _trl_grpo_loss(logps, old, reference_logps, advantages, trl_mask, 0.2, ctx.rl_epsilon_high or 0.2,
+                          ctx.rl_importance_sampling_level, ctx.rl_kl, ctx.rl_use_bias_correction_kl, ctx.rl_loss_norm,
+                          num_items=trl_mask.sum(), max_len=ctx.rl_max_new_tokens)
+    losses, metrics = rl.loss(model, roll, ctx)
+    assert float(losses.detach().mean()) == pytest.approx(float(hand), rel=1e-5)
+    for a, b in zip(_obj_grads(model, losses.mean()), _obj_grads(model, hand)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    ratio = torch.exp(logps - old).detach()
+    assert ((ratio > 1.2) & mask).any() and ((ratio < 0.8) & mask).any()  # both bounds are exercised
+
+
+def test_rlvr_clip_higher_and_sequence_ratio_by_hand():
+    """ε = 0.2, ε_high = 0.28: a ratio of 1.25 with A > 0 is no longer clipped (1.3 is, to 1.28); the lower bound
+    stays 0.8. GSPO: one ratio per completion, exp of its mean token log-ratio, clipped as a whole."""
+    ratio = torch.tensor([1.25, 1.3, 0.7, 0.7])
+    advantages = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    losses, clipped = rl.clipped_surrogate(ratio.log(), torch.zeros(4), advantages, (0.2, 0.28))
+    torch.testing.assert_close(losses, torch.tensor([-1.25, -1.28, 0.8, -0.7]))
+    assert clipped.tolist() == [False, True, True, False]
+    logps = torch.tensor([[0.1, 0.3, 9.0], [0.2, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(rl.sequence_mean(logps, mask), torch.tensor([[0.2], [0.2]]))  # 9.0 is padding
+
+
+def test_rlvr_truncated_completion_gets_zero_gradient():
+    """rl_mask_truncated_completions: the gradient does not change whatever the truncated completion's tokens are
+    worth (its reward, hence its advantage, moved far), and without masking it does."""
+    model = _obj_model(0)
+    grads = {}
+    for masked in (True, False):
+        for reward in (3.0, 300.0):
+            ctx = _rl_ctx(rl_mask_truncated_completions=masked, rl_advantage='group')
+            roll = _rlvr_roll([10.0, 0.0, reward, 7.0], truncated=(False, False, True, False))
+            losses, _ = rl.loss(model, roll, ctx)
+            grads[masked, reward] = torch.cat([g.flatten() for g in _obj_grads(model, losses.mean())])
+    # the group's other completion (row 4) still moves with the reward: only row 3's own tokens are cut
+    ctx = _rl_ctx(rl_mask_truncated_completions=True, rl_advantage='group')
+    roll = _rlvr_roll([10.0, 0.0, 3.0, 7.0], truncated=(False, False, True, False))
+    logps, mask = _obj_hand_logprobs(model, roll['rows'])
+    advantages = torch.tensor([5.0, -5.0, 0.0, 2.0])  # row 3's advantage −2 is masked with its tokens
+    hand = -(advantages[:, None] * logps * mask).sum() / (mask.sum() - mask[2].sum())
+    torch.testing.assert_close(grads[True, 3.0], torch.cat([g.flatten() for g in _obj_grads(model, hand)]),
+                               rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(grads[True, 3.0], grads[True, 300.0])  # row 4's advantage changed with the group mean
+    assert not torch.allclose(grads[False, 3.0], grads[True, 3.0])
+
+
+def _rlvr_dapo_grad(model, ctx, batches, fake_other_rank=None, monkeypatch=None):
+    """The gradient a trainer accumulates over the update's micro-steps (loss.mean() / micro-steps each, as the
+    engine scales), on one rank; fake_other_rank: (its rewards, its token count) seen through the collectives."""
+    if fake_other_rank is not None:
+        rewards_other, tokens_other = fake_other_rank
+        monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+        monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+        monkeypatch.setattr(torch.distributed, 'all_gather', lambda out, x: [out[0].copy_(x), out[1].copy_(rewards_other)])
+        monkeypatch.setattr(torch.distributed, 'all_reduce', lambda x: x.add_(tokens_other))
+    ctx.update_batches = batches
+    model.zero_grad()
+    for batch in batches:
+        losses, _ = rl.objective(model, batch, ctx)
+        (losses.mean() / len(batches)).backward()
+    return [p.grad.clone() for p in model.parameters()], ctx.rl_replay['rollouts']
+
+
+def test_rlvr_dapo_is_the_token_mean_over_two_micro_steps_and_two_ranks(monkeypatch):
+    """rl_loss_norm='dapo' with 2 micro-steps: both micro-batches are rolled out before the first trains, and the
+    accumulated gradient is −Σ A·∇logp over every completion token of both / their total count (ρ = 1), which
+    bnpo (each micro-batch its own token mean) is not. Over 2 ranks (the collectives faked: the other rank's rewards
+    and token count), the average of the two ranks' gradients is the token mean over both ranks' tokens."""
+    prompts = [{'input_ids': torch.tensor([[3, 4], [5, 6]]), 'attention_mask': torch.ones(2, 2, dtype=torch.long),
+                'extra': [{}, {}], 'index': torch.tensor([2 * k, 2 * k + 1])} for k in range(2)]
+    checksum = lambda prompts, completions, **columns: [float(sum(map(int, c.split())) % 7) for c in completions]
+
+    def hand_grad(model, rolls, total_tokens, shares):
+        loss = 0
+        for roll in rolls:
+            logps, mask = _obj_hand_logprobs(model, roll['rows'])
+            advantages = rl.group_advantages(roll['rewards'], 2, 'group')
+            loss = loss - (advantages[:, None] * logps * mask).sum()
+        return _obj_grads(model, loss / total_tokens / shares)
+
+    torch.manual_seed(0)
+    model = _obj_model(0)
+    ctx = _rl_ctx(rl_loss_norm='dapo', rl_advantage='group', gradient_accumulation_steps=2, reward=checksum,
+                  verifier=False, rl_max_new_tokens=6)
+    grads, rolls = _rlvr_dapo_grad(model, ctx, prompts)
+    lengths = [roll['lengths'].tolist() for roll in rolls]
+    assert sum(map(sum, lengths)) > 0 and len(set(map(sum, lengths))) == 2, lengths  # micro-batches differ in tokens
+    total = sum(map(sum, lengths))
+    for a, b in zip(grads, hand_grad(model, rolls, total, 1)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    per_micro = 0  # bnpo's gradient on the same rollouts differs
+    for roll in rolls:
+        logps, mask = _obj_hand_logprobs(model, roll['rows'])
+        per_micro = per_micro - (rl.group_advantages(roll['rewards'], 2, 'group')[:, None] * logps * mask).sum() / mask.sum() / 2
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, _obj_grads(model, per_micro)))
+
+    # two ranks: rank 0 sees rank 1's 7 tokens; the ranks' gradients averaged (÷ 2) = the token mean over all
+    other_tokens = 7.0
+    torch.manual_seed(0)
+    ctx = _rl_ctx(rl_loss_norm='dapo', rl_advantage='group', gradient_accumulation_steps=2, reward=checksum,
+                  verifier=False, rl_max_new_tokens=6)
+    rank_grads, rolls = _rlvr_dapo_grad(model, ctx, prompts, (torch.zeros(8), other_tokens), monkeypatch)
+    total = sum(float(roll['lengths'].sum()) for roll in rolls)
+    for a, b in zip(rank_grads, hand_grad(model, rolls, total + other_tokens, 1)):
+        torch.testing.assert_close(a / 2, b, rtol=1e-4, atol=1e-6)  # ÷ 2: the ranks average; b: this rank's share
+    assert float(rolls[0]['batch_tokens']) == total + other_tokens and rolls[0]['shares'] == 4
+
+
+def test_rlvr_batch_std_is_over_the_whole_generation_batch_and_all_ranks(monkeypatch):
+    """rl_advantage='batch_std' (TRL scale_rewards='batch'): the std of every reward of the update's micro-steps and
+    of the other rank's, unbiased; the mean stays the group's."""
+    rolls = [_rlvr_roll([10.0, 0.0, 3.0, 7.0]), _rlvr_roll([1.0, 1.0, 2.0, 6.0])]
+    ctx = _rl_ctx(rl_advantage='batch_std')
+    other = torch.tensor([0.0, 5.0, 5.0, 5.0])
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(torch.distributed, 'all_gather', lambda out, x: [out[0].copy_(x), out[1].copy_(torch.cat([other, other]))])
+    monkeypatch.setattr(torch.distributed, 'all_reduce', lambda x: x.add_(0))
+    rl.generation_batch(rolls, ctx)
+    everything = [10.0, 0.0, 3.0, 7.0, 1.0, 1.0, 2.0, 6.0] + [0.0, 5.0, 5.0, 5.0] * 2
+    m = sum(everything) / 16
+    hand_std = math.sqrt(sum((x - m) ** 2 for x in everything) / 15)
+    assert float(rolls[0]['batch_std']) == pytest.approx(hand_std, rel=1e-6)
+    hand = [(10 - 5) / (hand_std + 1e-4), (0 - 5) / (hand_std + 1e-4), (3 - 5) / (hand_std + 1e-4), (7 - 5) / (hand_std + 1e-4)]
+    torch.testing.assert_close(rl.group_advantages(rolls[0]['rewards'], 2, 'batch_std', batch_std=rolls[0]['batch_std']),
+                               torch.tensor(hand))
