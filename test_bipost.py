@@ -4941,3 +4941,31 @@ def test_rlvr_batch_std_is_over_the_whole_generation_batch_and_all_ranks(monkeyp
     hand = [(10 - 5) / (hand_std + 1e-4), (0 - 5) / (hand_std + 1e-4), (3 - 5) / (hand_std + 1e-4), (7 - 5) / (hand_std + 1e-4)]
     torch.testing.assert_close(rl.group_advantages(rolls[0]['rewards'], 2, 'batch_std', batch_std=rolls[0]['batch_std']),
                                torch.tensor(hand))
+
+
+@needs_math_verify
+def test_rlvr_bipost_runs_math_reward_with_the_dapo_family_knobs(tmp_path, monkeypatch, capsys):
+    """Through bipost.py: rl_reward='math' on the demo's addition prompts, with 2 micro-steps drawn up front and rolled
+    out together (dapo, batch_std), clip-higher, GSPO and overlong filtering: the run finishes, logs rl rows with
+    accuracy, and each update made its 2 rollouts in its first micro-step."""
+    made = []
+    real = rl.generation_batch
+    monkeypatch.setattr(rl, 'generation_batch', lambda rolls, ctx: made.append(len(rolls)) or real(rolls, ctx))
+    out = tmp_path / 'out'
+    code, stdout, err = _rel_inprocess(
+        monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--rl_reward=math',
+        '--gradient_accumulation_steps=2', '--rl_loss_norm=dapo', '--rl_advantage=batch_std', '--rl_epsilon_high=0.28',
+        '--rl_importance_sampling_level=sequence', '--rl_mask_truncated_completions=True', '--max_iters=2',
+        '--eval_interval=2', '--eval_iters=1', '--export_hf=False', f'--out_dir={out}')
+    assert code == 0, err
+    evals, updates = _train_records(out)
+    assert 'val/rl/accuracy' in evals[-1] and all('train/rl/accuracy' in r for r in updates)
+    assert made == [2, 2]
+
+
+def test_rlvr_bipost_ifeval_on_records_without_instructions_is_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--rl_reward=ifeval',
+                                    '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and 'rl_train_extra.jsonl: record 1 has no instructions' in message, message
+    assert not (tmp_path / 'out').exists()
