@@ -92,6 +92,7 @@ rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch
 rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3 (TRL: epsilon)
 rl_epsilon_high = 0.0         # DAPO's clip-higher: the ratio's upper bound is 1 + this (TRL: epsilon_high); 0: rl_clip; ~0.28
 rl_importance_sampling_level = 'token'  # 'token' | 'sequence' (GSPO: one ratio per completion, exp of its mean log-ratio)
+rl_overlong_cache = 0         # DAPO's soft overlong punishment: the reward falls by up to α over the last this many tokens of rl_max_new_tokens (TRL soft_punish_cache); 0: off
 rl_mask_truncated_completions = False  # DAPO's overlong filtering: a completion without EOS in rl_max_new_tokens gets no loss
 rl_use_bias_correction_kl = False  # TRL's k3 × importance ratio (unbiased off-policy: rl_epochs > 1); off as in TRL
 rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)

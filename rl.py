@@ -50,6 +50,9 @@ def settings(config, meta, rank, device, synced_gpus, splits):
     if config['rl_group'] < (1 if config['rl_advantage'] == 'ppo' else 2):
         raise ValueError(f"rl_group={config['rl_group']}: group-relative advantages need >= 2 completions per prompt "
                          f"(4-16 is usual); rl_advantage='ppo' works with 1")
+    if not 0 <= config['rl_overlong_cache'] < config['rl_max_new_tokens']:
+        raise ValueError(f"rl_overlong_cache={config['rl_overlong_cache']} must be in [0, rl_max_new_tokens="
+                         f"{config['rl_max_new_tokens']}): the last tokens before the budget where the reward falls")
     if config['rl_epsilon_high'] < 0:
         raise ValueError(f"rl_epsilon_high={config['rl_epsilon_high']} must be >= 0 (0: the same as rl_clip; DAPO: 0.28)")
     if config['rl_max_new_tokens'] < 1 or config['rl_epochs'] < 1 or not 0 <= config['rl_ema'] < 1:
@@ -125,6 +128,12 @@ def gae(rewards, values, mask, gamma, lam):
         next_value = torch.where(m, values[:, t], next_value)
         next_advantage = torch.where(m, advantage, next_advantage)
     return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def overlong_punishment(lengths, max_new_tokens, cache):
+    """DAPO's soft overlong punishment (TRL's get_soft_overlong_punishment): 0 for a completion of up to
+    max_new_tokens − cache tokens, then falling linearly to −1 at max_new_tokens."""
+    return ((max_new_tokens - cache - lengths.float()) / cache).clamp(-1, 0)
 
 
 def k3(logps, reference_logps):
@@ -226,6 +235,9 @@ def make_rollout(model, batch, ctx, group, greedy):
     completions, lengths, seconds = rollout(model, batch['input_ids'], batch['attention_mask'], ctx, group, greedy)
     rows = sequences(batch['input_ids'], batch['attention_mask'], completions, lengths, group, ctx.pad_id)
     rewards, scores = score(batch, completions, lengths, group, ctx)
+    if ctx.rl_overlong_cache:  # added to the score, so that α scales it with the verdict (TRL: reward weight 1 each)
+        rewards = rewards + ctx.rl_reward_scale * overlong_punishment(lengths, ctx.rl_max_new_tokens,
+                                                                      ctx.rl_overlong_cache)
     reference_logps = None
     if getattr(ctx, 'reference', None) is not None:
         with torch.no_grad():

@@ -4015,7 +4015,7 @@ def _rl_ctx(**overrides):
                     rl_reward_scale=10.0, rl_advantage='group', rl_whiten=False, rl_clip=0.2, rl_kl=0.0,
                     rl_loss_norm='bnpo', rl_epochs=1, rl_ema=0.0, rl_gamma=1.0, rl_lam=0.95, rl_epsilon_high=0.0,
                     rl_importance_sampling_level='token', rl_mask_truncated_completions=False,
-                    rl_use_bias_correction_kl=False)
+                    rl_use_bias_correction_kl=False, rl_overlong_cache=0)
     settings.update(reward=rewards.exact, verifier=True, decode=lambda ids: ' '.join(map(str, ids)), eos_id=RL_EOS,
                     pad_id=RL_EOS, rank=0, synced_gpus=False, gradient_accumulation_steps=1,
                     rl_replay={'calls': 0, 'rollouts': []})
@@ -4969,3 +4969,22 @@ def test_rlvr_bipost_ifeval_on_records_without_instructions_is_one_line(tmp_path
     message = err.strip().splitlines()[-1]
     assert code == 1 and 'rl_train_extra.jsonl: record 1 has no instructions' in message, message
     assert not (tmp_path / 'out').exists()
+
+
+def test_rlvr_soft_overlong_punishment_by_hand(monkeypatch):
+    """DAPO / TRL: budget 20, cache 5: up to 15 tokens no punishment, 16 -> −1/5, 18 -> −3/5, 20 -> −1; the rollout's
+    reward is α·(score + punishment), its accuracy still the verdict alone."""
+    lengths = torch.tensor([3, 15, 16, 18, 20])
+    torch.testing.assert_close(rl.overlong_punishment(lengths, 20, 5), torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0]))
+    completions = torch.tensor([[5, RL_EOS, RL_EOS, RL_EOS, RL_EOS], [5, 6, RL_EOS, RL_EOS, RL_EOS],
+                                [5, 6, 7, RL_EOS, RL_EOS], [5, 6, 7, 8, 9]])
+    lengths = torch.tensor([2, 3, 4, 5])  # the EOS counted, as rollout counts it; the last one truncated
+    monkeypatch.setattr(rl, 'rollout', lambda model, prompts, mask, ctx, group, greedy: (completions, lengths, 1.0))
+    prompts = {'input_ids': torch.tensor([[3, 4]]), 'attention_mask': torch.ones(1, 2, dtype=torch.long), 'extra': [{}],
+               'index': torch.tensor([0])}
+    ctx = _rl_ctx(rl_overlong_cache=3, rl_max_new_tokens=5, reward=lambda prompts, completions, **c: [1.0] * 4,
+                  rl_reward_scale=10.0)
+    roll = rl.make_rollout(_obj_model(0), prompts, ctx, 4, greedy=False)
+    assert roll['rewards'].tolist() == pytest.approx([10.0, 10 * (1 - 1 / 3), 10 * (1 - 2 / 3), 0.0])
+    assert roll['truncated'].tolist() == [False, False, False, True]
+    assert roll['scores'].tolist() == [1.0] * 4
