@@ -161,8 +161,8 @@ def load(spec, device='cpu'):
         if not callable(fn):
             raise ValueError(f"rl_reward={spec!r}: {name} is not a function")
         return fn
-    raise ValueError(f"rl_reward={spec!r} is not one of {sorted(VERIFIERS) + sorted(VERIFIER_MODULES)}, a local reward-model directory, "
-                     f"or 'module:function'")
+    raise ValueError(f"rl_reward={spec!r} is not one of {sorted(VERIFIERS) + sorted(VERIFIER_MODULES)}, a local "
+                     f"reward-model directory, or 'module:function'")
 
 
 def decoder(meta):

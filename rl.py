@@ -13,14 +13,20 @@ One RL micro-step, on a batch of prompts from a 'prompt' split:
   4. advantages, per completion token: group-relative (r − mean_g r; 'group_std' divides by the group's std,
      'loo' subtracts the mean of the other G−1), or 'ppo': GAE(γ, λ) over the value head's values with the
      sequence reward at the completion's last token. rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
-  5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β_kl·k3, ρ = exp(logp − logp_old), k3 = exp(ref − logp) −
-     (ref − logp) − 1, plus for PPO ½·max((V − R)², (V_clipped − R)²). logp_old: the same forward detached on a
-     rollout's first update (ρ = 1, so the gradient is REINFORCE's), the stored one on the rl_epochs − 1 updates
-     that replay the same rollouts (their prompts drawn by the trainer are then skipped).
-Normalization (rl_loss_norm, TRL's names): 'bnpo' = 'dapo' the token-level mean over the micro-batch's completion
-tokens (the default); 'grpo' the mean over each completion's tokens, then over completions; 'dr_grpo' the token
-sum / (completions × rl_max_new_tokens). The losses come back one per prompt (the example the trainer's evals
-weight and its data cursor count), scaled so that their plain mean, what the trainer takes, is that normalization.
+  5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β_kl·k3, ρ = exp(logp − logp_old) per token, or per
+     completion with rl_importance_sampling_level='sequence' (GSPO: exp of the mean log-ratio), k3 = exp(ref − logp)
+     − (ref − logp) − 1 (× ρ with rl_use_bias_correction_kl), plus for PPO ½·max((V − R)², (V_clipped − R)²).
+     logp_old: the same forward detached on a rollout's first update (ρ = 1, so the gradient is REINFORCE's), the
+     stored one on the rl_epochs − 1 updates that replay the same rollouts (their prompts drawn by the trainer are
+     then skipped). rl_mask_truncated_completions: a completion without EOS contributes no token (DAPO).
+Normalization (rl_loss_norm, TRL's names): 'bnpo' the token-level mean over the micro-batch's completion tokens (the
+default); 'dapo' the token-level mean over the whole generation batch (every micro-step of the update, every rank);
+'grpo' the mean over each completion's tokens, then over completions; 'dr_grpo' the token sum / (completions ×
+rl_max_new_tokens). The losses come back one per prompt (the example the trainer's evals weight and its data cursor
+count), scaled so that their plain mean, what the trainer takes, is that normalization.
+Generation batch ('dapo', rl_advantage='batch_std'): as TRL, the update's rollouts are all made before the first of
+its micro-steps trains (the trainer draws the update's micro-batches first: ctx.update_batches), so that the token
+count and the reward std of the whole batch, over the ranks, are known to every micro-step.
 Evaluation (no grad, bipost.estimate): one greedy completion per held-out prompt; loss = −reward, so f*, maxright
 and the ideal distance see the negative mean held-out reward.
 """
