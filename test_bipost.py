@@ -4988,3 +4988,42 @@ def test_rlvr_soft_overlong_punishment_by_hand(monkeypatch):
     assert roll['rewards'].tolist() == pytest.approx([10.0, 10 * (1 - 1 / 3), 10 * (1 - 2 / 3), 0.0])
     assert roll['truncated'].tolist() == [False, False, False, True]
     assert roll['scores'].tolist() == [1.0] * 4
+
+
+RLVR_GENERATION_BATCH_RANKS = r'''
+import json, os, sys, types
+sys.path.insert(0, os.getcwd())
+import torch, torch.distributed as dist, rl
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+ctx = types.SimpleNamespace(rl_mask_truncated_completions=True)
+rolls = [{'rewards': torch.tensor([1.0, 2.0]) * (rank + 1) + k, 'lengths': torch.tensor([3, 4 + rank]),
+          'truncated': torch.tensor([False, k == 1])} for k in range(2)]
+rl.generation_batch(rolls, ctx)
+print(json.dumps([float(rolls[1]['batch_tokens']), float(rolls[0]['batch_std']), rolls[0]['shares']]))
+'''
+
+
+@pytest.mark.slow
+def test_rlvr_generation_batch_over_two_real_gloo_ranks(tmp_path):
+    """The collectives for real (2 gloo processes): every rank gets the token count of both ranks' micro-batches, the
+    truncated completions left out, and the unbiased std of all 8 rewards."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    script = tmp_path / 'ranks.py'
+    script.write_text(RLVR_GENERATION_BATCH_RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    # rank r, micro-step k: lengths 3 and 4 + r, the second completion of micro-step 1 truncated (not counted)
+    hand_tokens = sum(3 + (4 + r if k == 0 else 0) for r in (0, 1) for k in (0, 1))
+    rewards = [x * (r + 1) + k for r in (0, 1) for k in (0, 1) for x in (1.0, 2.0)]
+    mean = sum(rewards) / 8
+    hand_std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 7)
+    for tokens, std, shares in results:
+        assert tokens == hand_tokens and std == pytest.approx(hand_std, rel=1e-6) and shares == 4
