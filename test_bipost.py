@@ -4621,6 +4621,12 @@ def test_rlvr_math_verifier_cases_by_kind(math_verifier):
     assert sum(s == 1 for s in scores) > 10 and sum(s == 0 for s in scores) > 5
     with pytest.raises(ValueError, match='needs an "answer" field'):
         math_verifier(None, ['1'])
+    import threading  # math-verify's own alarm raises ValueError outside the main thread; the worker is its main thread
+    verdicts = []
+    thread = threading.Thread(target=lambda: verdicts.append(math_verifier.verdict('\\frac{1}{2}', '\\boxed{0.5}')))
+    thread.start()
+    thread.join()
+    assert verdicts == [True]
 
 
 @needs_math_verify
