@@ -39,7 +39,7 @@ def count_words(text):
 
 
 ABBREVIATIONS = ('mr', 'mrs', 'ms', 'dr', 'prof', 'st', 'jr', 'sr', 'inc', 'ltd', 'co', 'vs', 'etc', 'e.g', 'i.e',
-                 'ph.d', 'u.s', 'no', 'fig', 'approx')
+                 'ph.d', 'u.s', 'fig', 'approx')
 
 
 def sentences(text):
