@@ -85,13 +85,18 @@ rl_group = 8                  # G: completions per prompt, 4-16 (>= 2 unless ppo
 rl_max_new_tokens = 64        # completion budget in tokens; a completion ends at EOS or here
 rl_temperature = 1.0          # sampling temperature, 0.6-1.2 (evals decode greedily)
 rl_top_p = 1.0                # nucleus sampling, 0.9-1 (no top-k)
-rl_reward = 'verify_number'   # rewards.py: 'verify_number' | 'exact' | 'normalized' | 'format'; a local reward-model dir; 'module:function'
+rl_reward = 'verify_number'   # rewards.py: 'verify_number' | 'exact' | 'normalized' | 'format' | 'math' | 'ifeval'; a local reward-model dir; 'module:function'
 rl_reward_scale = 10.0        # α: reward = α·score, so α for a verified answer, else 0 (Tulu 3: 10)
-rl_advantage = 'group_std'    # 'group' (r − group mean) | 'group_std' (/ group std: GRPO) | 'loo' (leave-one-out) | 'ppo' (value head, GAE)
+rl_advantage = 'group_std'    # 'group' (r − group mean) | 'group_std' (/ group std: GRPO) | 'batch_std' (/ the update's std) | 'loo' | 'ppo' (value head, GAE); TRL scale_rewards group/batch/none = group_std/batch_std/group
 rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch's completion tokens (usual with ppo)
-rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3
+rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3 (TRL: epsilon)
+rl_epsilon_high = 0.0         # DAPO's clip-higher: the ratio's upper bound is 1 + this (TRL: epsilon_high); 0: rl_clip; ~0.28
+rl_importance_sampling_level = 'token'  # 'token' | 'sequence' (GSPO: one ratio per completion, exp of its mean log-ratio)
+rl_overlong_cache = 0         # DAPO's soft overlong punishment: the reward falls by up to α over the last this many tokens of rl_max_new_tokens (TRL soft_punish_cache); 0: off
+rl_mask_truncated_completions = False  # DAPO's overlong filtering: a completion without EOS in rl_max_new_tokens gets no loss
+rl_use_bias_correction_kl = False  # TRL's k3 × importance ratio (unbiased off-policy: rl_epochs > 1); off as in TRL
 rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)
-rl_loss_norm = 'bnpo'         # 'bnpo'/'dapo' token mean | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
+rl_loss_norm = 'bnpo'         # 'bnpo' micro-batch token mean | 'dapo' token mean over the update, all ranks | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
 rl_epochs = 1                 # updates per rollout batch (PPO's inner epochs), 1-4
 rl_ema = 0.0                  # 0: fixed reference; α in (0, 1): π_ref ← α·π_ref + (1−α)·π after every update (~0.99)
 rl_gamma = 1.0                # ppo: GAE discount, 0.99-1
@@ -607,8 +612,8 @@ while True:
     totals, tokens = {}, 0
     for name, weight in chosen:
         split = train_data[name]
-        for micro_step in range(gradient_accumulation_steps):
-            batch = split.batch(split.next_ids(batch_size))
+        ctx.update_batches = [split.batch(split.next_ids(batch_size)) for _ in range(gradient_accumulation_steps)]
+        for batch in ctx.update_batches:  # drawn first: rl's generation batch (dapo, batch_std) spans the update
             if deepspeed and zero_stage == 3:  # ZeRO-3 adds this micro-step's gradient to the partitions (not copies it
                 # over them) only if told a new forward began, which engine.forward does and the objectives bypass
                 getattr(engine.optimizer, 'clear_backward_seen_flag', lambda: None)()  # older DeepSpeed: absent, not needed

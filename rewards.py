@@ -13,6 +13,11 @@ Verifiers (Tulu 3's RLVR: score 1 for a verified answer, else 0, so that the rew
   exact          the completion equals "answer" after stripping surrounding whitespace
   normalized     the same after case folding, collapsing whitespace and dropping a final . or !
   format         the stripped completion matches the record's "format", a Python regular expression, as a whole
+  math           the completion's last \\boxed{...} (else its last math expression) equals "answer" as Hugging Face's
+                 math-verify decides (sets, intervals, equations, √, π, units, percent; math_answers.py, optional:
+                 pip install math-verify)
+  ifeval         the completion follows every instruction of the record's "instruction_id_list" with its "kwargs"
+                 (IFEval's strict, prompt-level check; ifeval_checks.py)
 A reward model: a local HF directory with a sequence-classification head (AutoModelForSequenceClassification,
 one label), which scores prompt + completion text as its own tokenizer reads it (RLHF).
 A function of your own: 'module:function' (module importable from the working directory), same signature.
@@ -100,6 +105,19 @@ def matches_format(prompts, completions, format=None, **columns):
 VERIFIERS = {'verify_number': verify_number, 'exact': exact, 'normalized': normalized, 'format': matches_format}
 
 
+def _math():
+    import math_answers
+    return math_answers.MathVerifier()
+
+
+def _ifeval():
+    import ifeval_checks
+    return ifeval_checks.follows_instructions
+
+
+VERIFIER_MODULES = {'math': _math, 'ifeval': _ifeval}  # verifiers in a module of their own, imported when chosen
+
+
 class RewardModel:
     """A sequence-classification model's first logit for prompt + completion, in batches, without grad."""
 
@@ -124,6 +142,8 @@ def load(spec, device='cpu'):
     """The reward function that config key rl_reward names; raises ValueError with the fix."""
     if spec in VERIFIERS:
         return VERIFIERS[spec]
+    if spec in VERIFIER_MODULES:
+        return VERIFIER_MODULES[spec]()
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, 'config.json')):
             raise ValueError(f"rl_reward={spec!r} is a directory without config.json: pass a reward model written by "
@@ -141,8 +161,8 @@ def load(spec, device='cpu'):
         if not callable(fn):
             raise ValueError(f"rl_reward={spec!r}: {name} is not a function")
         return fn
-    raise ValueError(f"rl_reward={spec!r} is not one of {sorted(VERIFIERS)}, a local reward-model directory, "
-                     f"or 'module:function'")
+    raise ValueError(f"rl_reward={spec!r} is not one of {sorted(VERIFIERS) + sorted(VERIFIER_MODULES)}, a local "
+                     f"reward-model directory, or 'module:function'")
 
 
 def decoder(meta):

@@ -13,14 +13,20 @@ One RL micro-step, on a batch of prompts from a 'prompt' split:
   4. advantages, per completion token: group-relative (r − mean_g r; 'group_std' divides by the group's std,
      'loo' subtracts the mean of the other G−1), or 'ppo': GAE(γ, λ) over the value head's values with the
      sequence reward at the completion's last token. rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
-  5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β_kl·k3, ρ = exp(logp − logp_old), k3 = exp(ref − logp) −
-     (ref − logp) − 1, plus for PPO ½·max((V − R)², (V_clipped − R)²). logp_old: the same forward detached on a
-     rollout's first update (ρ = 1, so the gradient is REINFORCE's), the stored one on the rl_epochs − 1 updates
-     that replay the same rollouts (their prompts drawn by the trainer are then skipped).
-Normalization (rl_loss_norm, TRL's names): 'bnpo' = 'dapo' the token-level mean over the micro-batch's completion
-tokens (the default); 'grpo' the mean over each completion's tokens, then over completions; 'dr_grpo' the token
-sum / (completions × rl_max_new_tokens). The losses come back one per prompt (the example the trainer's evals
-weight and its data cursor count), scaled so that their plain mean, what the trainer takes, is that normalization.
+  5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β_kl·k3, ρ = exp(logp − logp_old) per token, or per
+     completion with rl_importance_sampling_level='sequence' (GSPO: exp of the mean log-ratio), k3 = exp(ref − logp)
+     − (ref − logp) − 1 (× ρ with rl_use_bias_correction_kl), plus for PPO ½·max((V − R)², (V_clipped − R)²).
+     logp_old: the same forward detached on a rollout's first update (ρ = 1, so the gradient is REINFORCE's), the
+     stored one on the rl_epochs − 1 updates that replay the same rollouts (their prompts drawn by the trainer are
+     then skipped). rl_mask_truncated_completions: a completion without EOS contributes no token (DAPO).
+Normalization (rl_loss_norm, TRL's names): 'bnpo' the token-level mean over the micro-batch's completion tokens (the
+default); 'dapo' the token-level mean over the whole generation batch (every micro-step of the update, every rank);
+'grpo' the mean over each completion's tokens, then over completions; 'dr_grpo' the token sum / (completions ×
+rl_max_new_tokens). The losses come back one per prompt (the example the trainer's evals weight and its data cursor
+count), scaled so that their plain mean, what the trainer takes, is that normalization.
+Generation batch ('dapo', rl_advantage='batch_std'): as TRL, the update's rollouts are all made before the first of
+its micro-steps trains (the trainer draws the update's micro-batches first: ctx.update_batches), so that the token
+count and the reward std of the whole batch, over the ranks, are known to every micro-step.
 Evaluation (no grad, bipost.estimate): one greedy completion per held-out prompt; loss = −reward, so f*, maxright
 and the ideal distance see the negative mean held-out reward.
 """
@@ -31,22 +37,30 @@ import torch
 import objectives
 import rewards as reward_functions
 
-ADVANTAGES = ('group', 'group_std', 'loo', 'ppo')
+ADVANTAGES = ('group', 'group_std', 'batch_std', 'loo', 'ppo')
 LOSS_NORMS = ('bnpo', 'dapo', 'grpo', 'dr_grpo')
+IMPORTANCE_LEVELS = ('token', 'sequence')
 
 
-FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format'}
+FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format', 'math': 'answer',
+          'ifeval': None}  # ifeval: two record shapes, checked by ifeval_checks.check_records
 
 
 def settings(config, meta, rank, device, synced_gpus, splits):
     """What the RL objective adds to ctx: the rl_* settings, the reward function, the decoder and the rollout state.
     Raises ValueError (one line, with the fix) on bad settings or prompt records that lack the verifier's field."""
-    for key, allowed in (('rl_advantage', ADVANTAGES), ('rl_loss_norm', LOSS_NORMS)):
+    for key, allowed in (('rl_advantage', ADVANTAGES), ('rl_loss_norm', LOSS_NORMS),
+                         ('rl_importance_sampling_level', IMPORTANCE_LEVELS)):
         if config[key] not in allowed:
             raise ValueError(f"{key}={config[key]!r} is not one of {allowed}")
     if config['rl_group'] < (1 if config['rl_advantage'] == 'ppo' else 2):
         raise ValueError(f"rl_group={config['rl_group']}: group-relative advantages need >= 2 completions per prompt "
                          f"(4-16 is usual); rl_advantage='ppo' works with 1")
+    if not 0 <= config['rl_overlong_cache'] < config['rl_max_new_tokens']:
+        raise ValueError(f"rl_overlong_cache={config['rl_overlong_cache']} must be in [0, rl_max_new_tokens="
+                         f"{config['rl_max_new_tokens']}): the last tokens before the budget where the reward falls")
+    if config['rl_epsilon_high'] < 0:
+        raise ValueError(f"rl_epsilon_high={config['rl_epsilon_high']} must be >= 0 (0: the same as rl_clip; DAPO: 0.28)")
     if config['rl_max_new_tokens'] < 1 or config['rl_epochs'] < 1 or not 0 <= config['rl_ema'] < 1:
         raise ValueError(f"rl_max_new_tokens={config['rl_max_new_tokens']} and rl_epochs={config['rl_epochs']} must be "
                          f">= 1, rl_ema={config['rl_ema']} in [0, 1)")
@@ -69,9 +83,12 @@ def settings(config, meta, rank, device, synced_gpus, splits):
             raise ValueError(f"{split.path}_extra.jsonl: record {missing + 1} has no \"{field}\" field, which "
                              f"rl_reward={config['rl_reward']!r} reads: add it to the prompt records (data/prepare.py "
                              f"keeps every field besides the prompt) and prepare the split again")
+        if config['rl_reward'] == 'ifeval':
+            import ifeval_checks
+            ifeval_checks.check_records(split.extra, f'{split.path}_extra.jsonl')
     return dict({k: v for k, v in config.items() if k.startswith('rl_')},
                 reward=reward_functions.load(config['rl_reward'], device),
-                verifier=config['rl_reward'] in reward_functions.VERIFIERS,  # accuracy = share of verified answers
+                verifier=config['rl_reward'] in FIELDS,  # accuracy = share of verified answers
                 decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
                 synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
                 rl_replay={'calls': 0, 'rollouts': []})
@@ -79,15 +96,19 @@ def settings(config, meta, rank, device, synced_gpus, splits):
 
 # ---- the math, pure functions ----
 
-def group_advantages(rewards, group, mode, eps=1e-4):
+def group_advantages(rewards, group, mode, eps=1e-4, batch_std=None):
     """rewards [N] (N = prompts × group, a prompt's completions adjacent) -> advantages [N]. 'group': r − mean of
-    the group; 'group_std': that / (std + eps), the unbiased std as TRL; 'loo': r − mean of the other G − 1."""
+    the group; 'group_std': that / (std + eps), the unbiased std as TRL; 'batch_std': that / (batch_std + eps), the
+    unbiased std of the whole generation batch's rewards (TRL's scale_rewards='batch'); 'loo': r − mean of the
+    other G − 1."""
     r = rewards.view(-1, group)
     advantages = r - r.mean(1, keepdim=True)
     if mode == 'loo':  # r_i − (Σr − r_i)/(G−1) = G/(G−1)·(r_i − mean)
         advantages = advantages * group / (group - 1)
     elif mode == 'group_std':
         advantages = advantages / (r.std(1, keepdim=True) + eps)
+    elif mode == 'batch_std':
+        advantages = advantages / (batch_std + eps)
     return advantages.reshape(-1)
 
 
@@ -115,27 +136,45 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
+def overlong_punishment(lengths, max_new_tokens, cache):
+    """DAPO's soft overlong punishment (TRL's get_soft_overlong_punishment): 0 for a completion of up to
+    max_new_tokens − cache tokens, then falling linearly to −1 at max_new_tokens."""
+    return ((max_new_tokens - cache - lengths.float()) / cache).clamp(-1, 0)
+
+
 def k3(logps, reference_logps):
     """Schulman's unbiased, always >= 0 estimator of KL(π ‖ π_ref) per sampled token: e^x − x − 1, x = ref − logp."""
     x = reference_logps - logps
     return torch.exp(x) - x - 1
 
 
+def sequence_mean(logps, mask):
+    """[N, T] -> [N, 1]: the mean over each completion's masked tokens. GSPO's importance ratio is exp of the mean
+    log-ratio, i.e. clipped_surrogate on these (the geometric mean of the token ratios, one per completion)."""
+    return (logps * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
 def clipped_surrogate(logps, old_logps, advantages, clip):
-    """PPO's per-token loss −min(ρA, clip(ρ, 1−ε, 1+ε)A), ρ = exp(logp − old), and where the clip is active."""
+    """PPO's per-token loss −min(ρA, clip(ρ, 1−ε, 1+ε_high)A), ρ = exp(logp − old), and where the clip is active.
+    clip: ε, or (ε, ε_high) for DAPO's clip-higher (TRL's epsilon, epsilon_high)."""
+    low, high = clip if isinstance(clip, tuple) else (clip, clip)
     ratio = torch.exp(logps - old_logps)
-    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - low, 1 + high) * advantages
     return -torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def normalize(token_losses, mask, norm, max_new_tokens):
-    """Per-completion losses whose mean over completions is the batch loss under TRL's normalization `norm`."""
+def normalize(token_losses, mask, norm, max_new_tokens, batch_tokens=None, shares=1):
+    """Per-completion losses whose mean over completions is the batch loss under TRL's normalization `norm`.
+    'dapo': the token sum over batch_tokens, the generation batch's token count (every micro-step of the update, every
+    rank), times shares = micro-steps × ranks, which the trainer's gradient averaging divides by again."""
     sums, lengths = (token_losses * mask).sum(1), mask.sum(1).clamp(min=1)
     if norm == 'grpo':
         return sums / lengths
     if norm == 'dr_grpo':
         return sums / max_new_tokens
-    return sums * len(sums) / lengths.sum()  # bnpo/dapo: Σ over all tokens / all tokens, spread over completions
+    if norm == 'dapo':
+        return sums * len(sums) * shares / batch_tokens.clamp(min=1)
+    return sums * len(sums) / mask.sum().clamp(min=1)  # bnpo: Σ over the micro-batch's tokens / its tokens, spread
 
 
 # ---- rollouts ----
@@ -202,12 +241,39 @@ def make_rollout(model, batch, ctx, group, greedy):
     completions, lengths, seconds = rollout(model, batch['input_ids'], batch['attention_mask'], ctx, group, greedy)
     rows = sequences(batch['input_ids'], batch['attention_mask'], completions, lengths, group, ctx.pad_id)
     rewards, scores = score(batch, completions, lengths, group, ctx)
+    if ctx.rl_overlong_cache:  # added to the score, so that α scales it with the verdict (TRL: reward weight 1 each)
+        rewards = rewards + ctx.rl_reward_scale * overlong_punishment(lengths, ctx.rl_max_new_tokens,
+                                                                      ctx.rl_overlong_cache)
     reference_logps = None
     if getattr(ctx, 'reference', None) is not None:
         with torch.no_grad():
             reference_logps, _ = objectives.response_logprobs(ctx.reference, rows, ctx)
     return {'rows': rows, 'group': group, 'rewards': rewards, 'scores': scores, 'lengths': lengths,
+            'truncated': ~(completions == ctx.eos_id).any(1),  # hit rl_max_new_tokens without EOS
             'reference_logps': reference_logps, 'gen_tokens_per_s': float(lengths.sum()) / max(seconds, 1e-9)}
+
+
+def generation_batch(rolls, ctx):
+    """TRL's generation batch: the rollouts of every micro-step of the update on every rank, made before the first of
+    them trains. Stores in each rollout the batch's loss-token count ('dapo') and reward std ('batch_std'), summed and
+    gathered over the ranks, and the number of shares (micro-steps × ranks) the trainer averages the gradient over."""
+    rewards = torch.cat([roll['rewards'] for roll in rolls])
+    tokens = sum(float((roll['lengths'] * kept(roll, ctx)).sum()) for roll in rolls)
+    tokens, world = torch.tensor(tokens, device=rewards.device), 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        gathered = [torch.empty_like(rewards) for _ in range(world)]
+        torch.distributed.all_gather(gathered, rewards)
+        torch.distributed.all_reduce(tokens)
+        rewards = torch.cat(gathered)
+    for roll in rolls:
+        roll.update(batch_tokens=tokens, batch_std=rewards.std(), shares=len(rolls) * world)
+    return rolls
+
+
+def kept(roll, ctx):
+    """1 for the completions that get a loss, 0 for the truncated ones under rl_mask_truncated_completions."""
+    return (~roll['truncated']).float() if ctx.rl_mask_truncated_completions else torch.ones_like(roll['rewards'])
 
 
 # ---- the objective ----
@@ -231,6 +297,7 @@ def loss(model, roll, ctx):
     advantages in roll (its replays reuse them)."""
     ppo, group = ctx.rl_advantage == 'ppo', roll['group']
     logps, mask, values = forward(model, roll['rows'], ctx, ppo)
+    mask = mask & kept(roll, ctx).bool()[:, None]  # DAPO's overlong filtering: a truncated completion gets no loss
     if 'old_logps' not in roll:  # the rollout's own update: the policy that sampled is this very forward
         roll['old_logps'] = logps.detach()
         if ppo:
@@ -239,12 +306,19 @@ def loss(model, roll, ctx):
             token_rewards = torch.where(mask & last, roll['rewards'][:, None], 0.0)
             advantages, roll['returns'] = gae(token_rewards, roll['old_values'], mask, ctx.rl_gamma, ctx.rl_lam)
         else:
-            advantages = group_advantages(roll['rewards'], group, ctx.rl_advantage)[:, None] * mask
+            advantages = group_advantages(roll['rewards'], group, ctx.rl_advantage,
+                                          batch_std=roll.get('batch_std'))[:, None] * mask
         roll['advantages'] = whiten(advantages, mask) if ctx.rl_whiten else advantages
-    token_losses, clipped = clipped_surrogate(logps, roll['old_logps'], roll['advantages'], ctx.rl_clip)
+    new, old = logps, roll['old_logps']
+    if ctx.rl_importance_sampling_level == 'sequence':
+        new, old = sequence_mean(logps, mask), sequence_mean(old, mask)
+    clip = (ctx.rl_clip, ctx.rl_epsilon_high or ctx.rl_clip)
+    token_losses, clipped = clipped_surrogate(new, old, roll['advantages'], clip)
     metrics = {}
     if roll['reference_logps'] is not None:
         kl = k3(logps, roll['reference_logps']) * mask
+        if ctx.rl_use_bias_correction_kl:  # TRL: the KL of samples from π_old, reweighted to π (gradient through ρ too)
+            kl = kl * torch.exp(new - old)
         token_losses = token_losses + ctx.rl_kl * kl
         metrics['kl'] = per_prompt(kl.detach().sum(1), group) / per_prompt(mask.sum(1).float(), group)
     if ppo:
@@ -252,7 +326,8 @@ def loss(model, roll, ctx):
         value_losses = 0.5 * torch.maximum((values - roll['returns']) ** 2, (v_clipped - roll['returns']) ** 2) * mask
         token_losses = token_losses + value_losses
         metrics['value_loss'] = per_prompt(value_losses.detach().sum(1) / mask.sum(1).clamp(min=1), group)
-    losses = per_prompt(normalize(token_losses * mask, mask, ctx.rl_loss_norm, ctx.rl_max_new_tokens), group)
+    losses = per_prompt(normalize(token_losses * mask, mask, ctx.rl_loss_norm, ctx.rl_max_new_tokens,
+                                  roll.get('batch_tokens'), roll.get('shares', 1)), group)
     tokens = per_prompt(mask.sum(1).float(), group)
     rewards = roll['rewards'].view(-1, group)
     metrics.update({
@@ -291,6 +366,11 @@ def objective(model, batch, ctx):
     replay['calls'] += 1
     if call >= steps:  # a replayed update: the trainer's prompts are skipped, the stored rollouts reused
         return loss(model, replay['rollouts'][call % steps], ctx)
+    if ctx.rl_loss_norm == 'dapo' or ctx.rl_advantage == 'batch_std':  # the whole update's rollouts first, as TRL
+        if call == 0:  # the trainer drew the update's micro-batches before the first (bipost.py: ctx.update_batches)
+            replay['rollouts'] = generation_batch([make_rollout(model, b, ctx, ctx.rl_group, greedy=False)
+                                                   for b in ctx.update_batches], ctx)
+        return loss(model, replay['rollouts'][call], ctx)
     roll = make_rollout(model, batch, ctx, ctx.rl_group, greedy=False)
     if ctx.rl_epochs > 1:
         replay['rollouts'] = ([] if call == 0 else replay['rollouts']) + [roll]
