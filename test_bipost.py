@@ -4625,22 +4625,25 @@ def test_real_lora_on_tied_input_embeddings_is_one_line(tmp_path, monkeypatch, c
 
 
 def test_real_log_rates_have_three_digits_and_the_cpu_plan_is_per_process(tmp_path, monkeypatch, capsys):
-    """per_second prints three significant digits at any speed (a slow CPU run's 312 tok/s is not '0.3k'); the log
-    line's tok/s is the metrics record's tokens / seconds to those digits; on the CPU the memory plan says 'per
-    process' (also for several), on a GPU 'per GPU'."""
+    """per_second prints three significant digits at any speed (a slow CPU run's 312 tok/s is not '0.3k'); in a run
+    made slow (a clock that moves 1 s a call), the log line's tok/s is the metrics record's tokens / seconds to those
+    digits; on the CPU the memory plan says 'per process' (also for several), on a GPU 'per GPU'."""
+    import itertools, time
     import memory_plan
     per_second = memory_plan.per_second
     assert [per_second(x) for x in (0.5234, 12.34, 312.4, 999.4, 999.6, 18_340, 99_960, 1_254_000)] == \
         ['0.523', '12.3', '312', '999', '1k', '18.3k', '100k', '1.25M']
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(time, 'time', lambda: next(clock))
     code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=3', '--eval_interval=3', '--export_hf=False',
                                     f'--out_dir={tmp_path}')
     assert code == 0, err
     records = {r['iter']: r for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'objective' in r}
-    rates = {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+) \|.* ([\d.]+[kM]?) tok/s', out, re.M)}
+    rates = {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+) \|.* (\S+) tok/s', out, re.M)}
     assert sorted(rates) == [1, 2, 3] and '0.0k' not in out
     for i, text in rates.items():
-        value = float(text.rstrip('kM')) * {'k': 1e3, 'M': 1e6}.get(text[-1], 1)
-        assert value == pytest.approx(records[i]['tokens'] / (records[i]['ms'] / 1000), rel=6e-3), (text, records[i])
+        speed = records[i]['tokens'] / (records[i]['ms'] / 1000)
+        assert speed < 1000 and text == per_second(speed), (text, records[i])
     assert 'memory plan per process: ' in out and '1 process)' in out and 'per GPU' not in out
     model = torch.nn.Linear(8, 8)
     model.config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(
@@ -4651,11 +4654,15 @@ def test_real_log_rates_have_three_digits_and_the_cpu_plan_is_per_process(tmp_pa
 
 def test_real_rl_writes_greedy_samples_a_user_can_read(tmp_path, monkeypatch, capsys):
     """RL evals append their first rl.SAMPLES held-out prompts to out_dir/rl_samples.jsonl: the prompt's text, the
-    greedy completion the final weights give (generated here again), its reward (α·verify_number of that text and
-    the record's answer); a resume drops the samples past its checkpoint, so each eval's appear once."""
+    greedy completion the final weights give (generated here again), its reward (α × a reward function of prompt and
+    completion, recomputed by hand); nothing stays queued; a resume drops the samples past its checkpoint, so each
+    eval's appear once."""
+    (tmp_path / 'sizes.py').write_text("def sizes(prompts, completions, **columns):\n"
+                                       "    return [len(p) + len(c) / 100 for p, c in zip(prompts, completions)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / 'out'
-    args = [*RL_TINY, '--objectives=["rl"]', '--weights=[1.0]', '--eval_iters=1', '--batch_size=8',
-            '--eval_interval=1', f'--out_dir={out}']
+    args = [*RL_TINY, '--objectives=["rl"]', '--weights=[1.0]', '--eval_iters=1', '--batch_size=8', '--eval_interval=1',
+            '--rl_reward=sizes:sizes', '--rl_reward_scale=2.0', f'--out_dir={out}']
     run = {}
     code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=2', namespace=run)
     assert code == 0, err
@@ -4664,10 +4671,10 @@ def test_real_rl_writes_greedy_samples_a_user_can_read(tmp_path, monkeypatch, ca
     val = [json.loads(line) for line in open(os.path.join(ROOT, 'data', 'demo', 'rl_val.jsonl'))]
     for s in samples:
         assert s['prompt'] == val[s['index']]['prompt']
-        expected = 10.0 * rewards.verify_number(prompts=[s['prompt']], completions=[s['completion']],
-                                                answer=[val[s['index']]['answer']])[0]
-        assert s['reward'] == expected
+        assert s['reward'] == pytest.approx(2.0 * (len(s['prompt']) + len(s['completion']) / 100), rel=1e-6)
+    assert len({s['reward'] for s in samples}) > 1
     split, ctx = run['val_data']['rl'], run['ctx']
+    assert ctx.eval_samples == []
     batch = split.batch(np.arange(rl.SAMPLES))
     completions, lengths, _ = rl.rollout(run['raw_model'], batch['input_ids'], batch['attention_mask'], ctx, 1, True)
     assert [ctx.decode(c[:n].tolist()) for c, n in zip(completions, lengths.tolist())] == \
