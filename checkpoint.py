@@ -155,8 +155,9 @@ def resume(run, checkpoint, state):
 
 
 def restart_metrics(path, checkpoint, iter_num):
-    """metrics.jsonl holds one record per update and eval, as if the run had never stopped: a fresh run starts the log
-    over; a resume drops what the killed run logged after its checkpoint (updates <= N stay; the eval at N runs again)."""
+    """metrics.jsonl holds one record per update and eval (rl_samples.jsonl: per eval), as if the run had never stopped:
+    a fresh run starts the log over; a resume drops what the killed run logged after its checkpoint (updates <= N
+    stay; the eval at N runs again)."""
     with open(path) as f:
         records = [json.loads(line) for line in f]
     kept = [r for r in records if checkpoint and (r['iter'] <= iter_num if 'objective' in r else r['iter'] < iter_num)]

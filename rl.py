@@ -288,13 +288,15 @@ def evaluate(model, batch, ctx):
 
 
 def keep_samples(batch, roll, ctx):
-    """evaluate(): the eval's first SAMPLES prompts as text, with their greedy completion and reward (α·score)."""
+    """evaluate(): the eval's first SAMPLES prompts as text, with their greedy completion and reward (α·score). A rank
+    out of held-out prompts pads its last batch with prompt 0 again: kept once."""
     for i, index in enumerate(batch['index'].tolist()):
-        if len(ctx.eval_samples) < SAMPLES and index not in [s['index'] for s in ctx.eval_samples]:  # (a rank out
-            prompt = batch['input_ids'][i][batch['attention_mask'][i].bool()]     # of prompts repeats prompt 0)
-            completion = roll['rows']['input_ids'][i][roll['rows']['response_mask'][i]]
-            ctx.eval_samples.append({'index': index, 'prompt': ctx.decode(prompt.tolist()),
-                                     'completion': ctx.decode(completion.tolist()), 'reward': float(roll['rewards'][i])})
+        if len(ctx.eval_samples) == SAMPLES or any(s['index'] == index for s in ctx.eval_samples):
+            continue
+        prompt = batch['input_ids'][i][batch['attention_mask'][i].bool()]
+        completion = roll['rows']['input_ids'][i][roll['rows']['response_mask'][i]]
+        ctx.eval_samples.append({'index': index, 'prompt': ctx.decode(prompt.tolist()),
+                                 'completion': ctx.decode(completion.tolist()), 'reward': float(roll['rewards'][i])})
 
 
 def write_samples(ctx, path, iter_num):

@@ -5,15 +5,16 @@
 # Batch arithmetic: 4 examples (pairs for dpo) × 2 accum × 1 process = 8 SFT examples and 8 DPO pairs per update
 # ('mix': both objectives every update); ~46 tokens an SFT example and ~105 a pair (chosen + rejected rows, each with
 # the prompt) give ~1.2k tokens through the policy and ~0.8k through the frozen reference per update.
-# Measured on 1 core (OMP_NUM_THREADS=1) of this project's shared 2-core CI machine: ~37 s per update (docs).
+# Measured with OMP_NUM_THREADS=1 on a busy shared 2-core machine: 11-12 s of CPU time per update (what one
+# quiet core takes), 26-36 s of wall time there; 40 updates ~8 min on a quiet core (docs/real-models.md).
 # Memory: ~2.2 GB of fp32 weights, gradients and AdamW moments + 0.5 GB for the reference; --lora_rank=16 trains
-# adapters alone (the reference is then the model with them off: no second copy) for ~0.6 GB in all.
+# adapters alone (the reference is then the model with them off: no second copy) for ~1.1 GB in all.
 import os
 out_dir = 'out-cpu-real'
 init_from = os.path.expanduser('~/models/SmolLM2-135M-Instruct')
 dataset = 'smollm2'            # data/smollm2, prepared with the model's tokenizer (docs/real-models.md)
 device = 'cpu'
-dtype = 'float32'              # CPU autocast to bfloat16 is slower than fp32 on most CPUs
+dtype = 'float32'              # bfloat16 matmuls are fast only on CPUs with bf16 instructions
 objectives = ['sft', 'dpo']
 strategy = 'mix'
 weights = [0.5, 0.5]

@@ -6,7 +6,8 @@
 #   python bipost.py config/rl_real_model.py
 # Batch arithmetic: 2 prompts × 4 completions (rl_group) × 2 accum × 1 process = 16 completions per update, each at
 # most 32 new tokens after a ~44-token prompt. On a GPU raise batch_size (16-64 prompts) and rl_max_new_tokens.
-# Measured on 1 core (OMP_NUM_THREADS=1) of this project's shared 2-core CI machine: ~21 s per update (docs).
+# Measured with OMP_NUM_THREADS=1 on a busy shared 2-core machine: 18-21 s of CPU time per update (what one
+# quiet core takes; sampling is ~2/3 of it), 39-46 s of wall time there (docs/real-models.md).
 import os
 out_dir = 'out-rl-real'
 init_from = os.path.expanduser('~/models/SmolLM2-135M-Instruct')
