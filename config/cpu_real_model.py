@@ -3,8 +3,8 @@
 # demo's tasks as chat messages, tokenized with the model's own tokenizer), then:
 #   python bipost.py config/cpu_real_model.py
 # Batch arithmetic: 4 examples (pairs for dpo) × 2 accum × 1 process = 8 SFT examples and 8 DPO pairs per update
-# ('mix': both objectives every update); ~46 tokens an SFT example and ~105 a pair (chosen + rejected rows, each with
-# the prompt) give ~1.2k tokens through the policy and ~0.8k through the frozen reference per update.
+# ('mix': both objectives every update); ~46 tokens an SFT example and ~90 a pair (chosen + rejected rows, each with
+# the prompt) give ~1.1k tokens through the policy and ~0.7k through the frozen reference per update.
 # Measured with OMP_NUM_THREADS=1 on a busy shared 2-core machine: 11-12 s of CPU time per update (what one
 # quiet core takes), 26-36 s of wall time there; 40 updates ~8 min on a quiet core (docs/real-models.md).
 # Memory: ~2.2 GB of fp32 weights, gradients and AdamW moments + 0.5 GB for the reference; --lora_rank=16 trains
