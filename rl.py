@@ -275,7 +275,7 @@ def loss(model, roll, ctx):
 def evaluate(model, batch, ctx):
     """One greedy completion per prompt: loss = −reward, with the reward, accuracy, length, KL and tokens/s."""
     roll = make_rollout(model, batch, ctx, 1, greedy=True)
-    if ctx.rank == 0 and batch['split'] == ctx.val_split_name:
+    if ctx.rank == 0 and batch.get('split') == getattr(ctx, 'val_split_name', ''):  # (a bare ctx keeps none)
         keep_samples(batch, roll, ctx)
     metrics = {'reward': roll['rewards'], 'length': roll['lengths'].float(),
                'gen_tokens_per_s': torch.full_like(roll['rewards'], roll['gen_tokens_per_s'])}
