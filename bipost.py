@@ -320,7 +320,7 @@ if distributed:
     dist.barrier()  # every rank reads the published files
 if init_from == 'resume':  # the pointer exists: resume_config read its config
     try:
-        checkpoint, state = read_checkpoint(out_dir)
+        checkpoint, state = read_checkpoint(out_dir, world_size)
     except ValueError as e:
         fail(str(e))
 policy_source = checkpoint['policy_init'] if checkpoint else init_from
@@ -468,12 +468,14 @@ else:
 run = SimpleNamespace(out_dir=out_dir, master=master, config=config, policy_source=policy_source, meta_path=meta_path,
                       deepspeed=deepspeed, zero3=deepspeed and zero_stage == 3, lora=lora_rank > 0, export_hf=export_hf,
                       engine=engine, optimizer=optimizer, raw_model=raw_model, selector=selector,
-                      data_selector=data_selector, keep_fraction=keep_fraction, train_data=train_data, device=device)
+                      data_selector=data_selector, keep_fraction=keep_fraction, train_data=train_data, device=device,
+                      world_size=world_size)
 iter_num, skipped = resume(run, checkpoint, state) if checkpoint else (0, 0)  # updates taken, micro-batches skipped
 del state  # plain torch: ckpt.pt's tensors, loaded into the model and optimizer
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-if master and not eval_only and os.path.exists(metrics_path):  # as if never stopped (fresh: started over)
-    restart_metrics(metrics_path, checkpoint, iter_num)
+for path in (metrics_path, os.path.join(out_dir, rl.SAMPLES_FILE)):
+    if master and not eval_only and os.path.exists(path):  # as if never stopped (fresh: started over)
+        restart_metrics(path, checkpoint, iter_num)
 if checkpoint and master:
     print(f"resumed from {out_dir} at update {iter_num}, with the config saved there")
 
@@ -564,7 +566,8 @@ if master:
                   (s.longest + (rl_max_new_tokens if n == 'rl' else 0))
                   for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
     print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
-                           offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing))
+                           offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing,
+                           device.startswith('cuda')))
     if device.startswith('cuda') and peak is None:
         print(f"note: no peak FLOP/s known for {torch.cuda.get_device_name(device)}: set peak_flops for an MFU in the log")
     if wandb_log:
@@ -587,6 +590,8 @@ while True:
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
             (f" | rl acc {results['val/rl/accuracy']:.3f}" if 'val/rl/accuracy' in results else '') +
             (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
+        if master and 'rl' in objectives:  # a few greedy held-out completions a user can read
+            rl.write_samples(ctx, os.path.join(out_dir, rl.SAMPLES_FILE), iter_num)
         if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
             fail(f"non-finite held-out loss at update {iter_num}: the weights diverged and were not saved (the last "
                  f"checkpoint in {out_dir} is intact); check the data, or lower learning_rate in a new run from its weights "
@@ -671,8 +676,8 @@ while True:
             line += f" | acc {totals['dpo/rewards/accuracies']:.2f} | margin {totals['dpo/rewards/margins']:.3f}"
         if 'rl/reward' in totals:
             line += (f" | reward {totals['rl/reward']:.2f} | kl {totals.get('rl/kl', 0):.4f} | "
-                     f"{totals['rl/gen_tokens_per_s'] / 1000:.1f}k gen tok/s")
-        line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {tokens / dt / 1000:.1f}k tok/s"
+                     f"{memory_plan.per_second(totals['rl/gen_tokens_per_s'])} gen tok/s")
+        line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {memory_plan.per_second(tokens / dt)} tok/s"
         speed = {}
         if peak:  # 6P per trained token, +2P per token through a frozen reference/teacher; rank 0's peak memory
             flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') or n == 'rl' and rl_kl > 0 for n, _ in chosen)) * n_params

