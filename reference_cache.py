@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from objectives import response_logprobs
+from lm_head import response_logprobs
 
 
 class ReferenceCache:

@@ -348,6 +348,7 @@ import copy, gc, types, weakref
 from torch.utils._python_dispatch import TorchDispatchMode
 import bipost_kernels.logprob, bipost_kernels.dpo
 import objectives
+import lm_head
 from transformers import LlamaConfig, LlamaForCausalLM
 
 OBJ_VOCAB = 40
@@ -394,7 +395,7 @@ def _obj_grads(model, loss):
 
 def test_objective_logprobs_shift_and_mask():
     model, batch = _obj_model(0), _obj_batch([(3, 4), (1, 6), (5, 2)])
-    logps, mask = objectives.response_logprobs(model, batch, _obj_ctx())
+    logps, mask = lm_head.response_logprobs(model, batch, _obj_ctx())
     hand, hand_mask = _obj_hand_logprobs(model, batch)
     assert logps.shape == (3, 6) and logps.dtype == torch.float32 and torch.equal(mask, hand_mask)
     # the first scored position is the last prompt token (it predicts the first response token)
@@ -403,7 +404,7 @@ def test_objective_logprobs_shift_and_mask():
     assert (logps[~mask] == 0).all() and (logps[mask] < 0).all()
     # the junk in the padding, and the prompt's own scores, never matter
     junk = {**batch, 'input_ids': batch['input_ids'].masked_fill(batch['attention_mask'] == 0, 7)}
-    assert torch.equal(objectives.response_logprobs(model, junk, _obj_ctx())[0], logps)
+    assert torch.equal(lm_head.response_logprobs(model, junk, _obj_ctx())[0], logps)
 
 
 def test_objective_sft_is_per_example_mean_nll():
@@ -690,7 +691,7 @@ def _family_model(name, seed=0):
 def test_objective_head_full_logits_are_the_models_own(family):
     """Head.logits (KD's chunks, both student and teacher) is the model's own logits: scale, cap and bias included."""
     model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6)])
-    body, head = objectives.body_and_head(model)
+    body, head = lm_head.body_and_head(model)
     with torch.no_grad():
         hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
         torch.testing.assert_close(head.logits(hidden), model(**{k: batch[k] for k in ('input_ids', 'attention_mask')}).logits.float(),
@@ -702,11 +703,11 @@ def test_objective_head_logprobs_put_an_instance_forward_back():
     installed (accelerate's hooks do) must be the module's forward again afterwards, and the class's when there was none."""
     model, batch = _obj_model(0), _obj_batch([(3, 4)])
     head = model.get_output_embeddings()
-    objectives.response_logprobs(model, batch, _obj_ctx())
+    lm_head.response_logprobs(model, batch, _obj_ctx())
     assert 'forward' not in head.__dict__
     own = lambda hidden: torch.nn.functional.linear(hidden, head.weight)
     head.forward = own
-    objectives.response_logprobs(model, batch, _obj_ctx())
+    lm_head.response_logprobs(model, batch, _obj_ctx())
     assert head.__dict__['forward'] is own
 
 
@@ -714,11 +715,11 @@ def test_objective_head_logprobs_put_an_instance_forward_back():
 def test_objective_logprobs_exact_for_hf_families(family):
     model, batch = _family_model(family), _obj_batch([(3, 4), (1, 6), (5, 2)])
     _, _, (scale, softcap), has_bias = HEAD_FAMILIES[family]
-    head = objectives.head_of(model)
+    head = lm_head.head_of(model)
     assert (head.scale, head.softcap, head.module.bias is not None if hasattr(head.module, 'bias') else False) == \
            (scale, softcap, has_bias)
     hand, mask = _obj_hand_logprobs(model, batch)
-    logps, _ = objectives.response_logprobs(model, batch, _obj_ctx())
+    logps, _ = lm_head.response_logprobs(model, batch, _obj_ctx())
     torch.testing.assert_close(logps, hand, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_obj_grads(model, logps.sum()), _obj_grads(model, hand.sum()), atol=1e-4, rtol=1e-4)
     # the post-processing bites: the bare head (no bias, scale, cap) would be far off
@@ -729,7 +730,7 @@ def test_objective_logprobs_exact_for_hf_families(family):
     if family in ('gemma2', 'granite', 'phi') and _triton_runs:
         fused = head.logprobs(hidden, batch['input_ids'][:, 1:], mask, fused=True)
         torch.testing.assert_close(fused, hand, atol=1e-5, rtol=1e-5)
-    objectives.check_head(model.train())  # the startup self-check accepts it (in train mode too: GPT-2 has dropout)
+    lm_head.check_head(model.train())  # the startup self-check accepts it (in train mode too: GPT-2 has dropout)
 
 
 def test_objective_kd_with_softcapped_teacher_and_student():
@@ -757,7 +758,7 @@ def test_objective_head_logprobs_run_inside_the_head_module_call():
     head.register_forward_hook(lambda module, args, output: seen.update(output=output))
     hand, _ = _obj_hand_logprobs(model, batch)
     seen.clear()
-    logps, mask = objectives.response_logprobs(model, batch, _obj_ctx())
+    logps, mask = lm_head.response_logprobs(model, batch, _obj_ctx())
     assert seen['output'] is logps and seen['hidden'].shape[:2] == mask.shape  # ran as the module's forward
     torch.testing.assert_close(logps, hand, atol=1e-5, rtol=1e-5)
     grads = _obj_grads(model, logps.sum())
@@ -772,7 +773,7 @@ def test_objective_head_logprobs_run_inside_the_head_module_call():
 ])
 def test_objective_self_check_refuses_unknown_postprocessing(monkeypatch, change, says):
     model = _obj_model(0)
-    objectives.check_head(model)
+    lm_head.check_head(model)
     forward = model.forward
     def changed(*args, **kwargs):  # a family whose forward does something head_of does not know
         out = forward(*args, **kwargs)
@@ -780,7 +781,7 @@ def test_objective_self_check_refuses_unknown_postprocessing(monkeypatch, change
         return out
     monkeypatch.setattr(model, 'forward', changed)
     with pytest.raises(ValueError) as error:
-        objectives.check_head(model)
+        lm_head.check_head(model)
     message = str(error.value)
     assert '\n' not in message and message.startswith("LlamaForCausalLM (model_type 'llama')") and says in message, message
     assert model.training  # put back in the mode it came in
@@ -871,7 +872,7 @@ def test_objective_head_of_reads_each_family_config():
     def head(model_type, **fields):
         config = types.SimpleNamespace(model_type=model_type, **fields)
         config.get_text_config = lambda: config
-        h = objectives.head_of(types.SimpleNamespace(config=config, get_output_embeddings=lambda: 'lm_head'))
+        h = lm_head.head_of(types.SimpleNamespace(config=config, get_output_embeddings=lambda: 'lm_head'))
         return h.module, h.scale, h.softcap
     assert head('minicpm3', logits_scaling=4.0) == ('lm_head', 0.25, None)      # divides
     assert head('hyperclovax', logits_scaling=4.0) == ('lm_head', 4.0, None)    # multiplies
@@ -889,7 +890,7 @@ def test_objective_fused_kernels_flag_reaches_the_kernels(monkeypatch):
             seen.append((function.__name__, kwargs['fused']))
             return function(*args, **kwargs)
         return wrapped
-    monkeypatch.setattr(objectives, 'token_logprobs', spy(objectives.token_logprobs))
+    monkeypatch.setattr(lm_head, 'token_logprobs', spy(lm_head.token_logprobs))
     monkeypatch.setattr(objectives, 'dpo_losses', spy(objectives.dpo_losses))
     policy, reference = _obj_model(0), _obj_model(1)
     for flag, fused in ((False, False), (True, None)):
@@ -923,30 +924,30 @@ def test_objective_self_check_accepts_nan_where_both_are_nan():
     model = _obj_model(0)
     with torch.no_grad():
         model.lm_head.weight[3] = float('nan')
-    objectives.check_head(model)
+    lm_head.check_head(model)
 
 
 def test_objective_self_check_tolerance_and_reported_difference(monkeypatch):
     """check_head accepts |ours − theirs| ≤ 1e-3 + 1e-4·|theirs| and reports the largest difference: bipost's
     log-probs shifted by a known δ (|theirs| ≈ log 40 ≈ 3.7 here, so the bound is ≈ 1.37e-3)."""
-    model, response_logprobs = _obj_model(0), objectives.response_logprobs
+    model, response_logprobs = _obj_model(0), lm_head.response_logprobs
     for delta, accepted in ((1.05e-3, True), (2e-3, False)):
         def shifted(*args, delta=delta):
             logps, mask = response_logprobs(*args)
             return logps + delta, mask
-        monkeypatch.setattr(objectives, 'response_logprobs', shifted)
+        monkeypatch.setattr(lm_head, 'response_logprobs', shifted)
         if accepted:
-            objectives.check_head(model)
+            lm_head.check_head(model)
         else:
             with pytest.raises(ValueError, match="differ from the model's own by up to 0.002: "):
-                objectives.check_head(model)
+                lm_head.check_head(model)
 
 
 def test_objective_head_logprobs_under_autocast_run_in_the_autocast_dtype():
     """Under torch.autocast the head runs its matmuls in the autocast dtype (fp32 master weights cast, bias too):
     forward and backward equal the same call on explicitly cast tensors. With a head bias (Phi) and without (Llama)."""
     for family in ('phi', 'llama'):
-        head = objectives.head_of(_family_model(family))
+        head = lm_head.head_of(_family_model(family))
         g = torch.Generator().manual_seed(0)
         hidden = torch.randn(6, 32, generator=g, requires_grad=True)
         targets, mask = torch.randint(0, 64, (6,), generator=g), torch.tensor([1, 1, 0, 1, 1, 1]).bool()
@@ -1044,13 +1045,14 @@ def test_kernel_logprob_forward_only_equals_grad_path(fused, monkeypatch):
 
 
 def _force_kernels(monkeypatch):
-    """Make objectives.py call the Triton kernels where it asks for fused=None (on CPU that means the twins), and
-    count the kernel launches: returns the list of kernel names called."""
+    """Make lm_head.py and objectives.py call the Triton kernels where they ask for fused=None (on CPU that means the
+    twins), and count the kernel launches: returns the list of kernel names called."""
     calls = []
-    for name, function in (("token_logprobs", bipost_kernels.logprob.token_logprobs), ("dpo_losses", bipost_kernels.dpo.dpo_losses)):
+    for caller, name, function in ((lm_head, "token_logprobs", bipost_kernels.logprob.token_logprobs),
+                                   (objectives, "dpo_losses", bipost_kernels.dpo.dpo_losses)):
         def forced(*args, fused=None, function=function, **kwargs):
             return function(*args, fused=True if fused is None else fused, **kwargs)
-        monkeypatch.setattr(objectives, name, forced)
+        monkeypatch.setattr(caller, name, forced)
     for module, name in ((bipost_kernels.logprob, "_triton_forward"), (bipost_kernels.dpo, "_dpo_forward_kernel")):
         monkeypatch.setattr(module, name, _Counted(getattr(module, name), name, calls))
     return calls
@@ -2180,7 +2182,7 @@ def test_training_hf_export_matches_checkpoint(train_demo):
 def test_training_kd_under_zero3_matches_zero2_and_plain_torch(tmp_path):
     """KD + SFT (the llama3_kd_sft.py recipe's objectives) through DeepSpeed ZeRO-3, one process: the student's LM
     head weight is a partitioned placeholder there (KD once multiplied by it directly and crashed; now its chunks run
-    as the head module's forward, objectives.Head.cross_entropy), and the teacher is partitioned too: hidden 400 makes
+    as the head module's forward, lm_head.Head.cross_entropy), and the teacher is partitioned too: hidden 400 makes
     each head 257 x 400 = 102,800 elements, above DeepSpeed's persistence threshold (1e5). The per-update losses over
     4 updates must be ZeRO-2's and plain torch's to rel 1e-4 (fp32 summation order)."""
     torch.manual_seed(7)
@@ -2205,7 +2207,7 @@ def test_training_kd_under_zero3_matches_zero2_and_plain_torch(tmp_path):
 @pytest.mark.slow
 def test_training_zero3_fused_head_matches_zero2_and_plain_on_two_ranks(tmp_path):
     """torchrun, 2 ranks, gloo: SFT + DPO (mix: both every update) through ZeRO-3, ZeRO-2 and plain torch. Under
-    ZeRO-3 the fused log-prob op runs as the head module's forward (objectives.Head.logprobs): the module's hooks gather
+    ZeRO-3 the fused log-prob op runs as the head module's forward (lm_head.Head.logprobs): the module's hooks gather
     the partitioned head weight for it, gather it again for its backward and reduce-scatter its gradient; the frozen
     reference is partitioned too. n_embd=400 makes the head 257 x 400 = 102,800 elements, above DeepSpeed's
     persistence threshold (1e5), so it really is partitioned and released after each use (a smaller one stays whole).
@@ -2245,7 +2247,7 @@ sys.path.insert(0, os.getcwd())
 import torch, deepspeed
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
-import bipost_kernels.logprob, objectives
+import bipost_kernels.logprob, objectives, lm_head
 V, H, B, L, CHUNK = 32768, 64, 4, 128, 32
 bipost_kernels.logprob.TWIN_CHUNK_ELEMS = CHUNK * V
 deepspeed.init_distributed(dist_backend='gloo')
@@ -2257,7 +2259,7 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters
     'optimizer': {'type': 'AdamW', 'params': {'lr': 1e-3, 'torch_adam': True}}})
 ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
 batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'response_mask': torch.ones_like(ids, dtype=torch.bool)}
-ctx = objectives.SimpleNamespace(fused_kernels=False)
+ctx = lm_head.SimpleNamespace(fused_kernels=False)
 class LogitRows(TorchDispatchMode):
     most = 0
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -2271,7 +2273,7 @@ with LogitRows():
     losses, _ = objectives.sft(engine.module, batch, ctx)
     engine.backward(losses.mean())
     with torch.no_grad():
-        objectives.response_logprobs(engine.module, batch, ctx)
+        lm_head.response_logprobs(engine.module, batch, ctx)
 engine.step()
 print(json.dumps({'rows': LogitRows.most, 'tokens': B * (L - 1), 'chunk': CHUNK, 'partitioned': partitioned,
                   'loss': losses.mean().item()}))
@@ -3215,7 +3217,7 @@ def test_objective_dpo_reference_cache_equals_live():
     policy, reference, batch = _obj_model(4), _obj_model(14), _obj_batch(OBJ_PAIRS)
     batch.update(index=torch.tensor([3, 0, 2]), split='pref_x')  # the example ids of the 3 pairs in split pref_x
     with torch.no_grad():
-        live_logps, _ = objectives.response_logprobs(reference, batch, _obj_ctx())
+        live_logps, _ = lm_head.response_logprobs(reference, batch, _obj_ctx())
     sums = torch.full((5, 2), 99.0)  # pairs 1 and 4 are not in the batch
     sums[batch['index']] = live_logps.sum(1).view(2, 3).T
     import reference_cache
@@ -3234,8 +3236,8 @@ def test_objective_dpo_reference_cache_equals_live():
 CACHE_RUNNER = r'''
 import contextlib, gc, io, json, os, runpy, sys, weakref
 sys.path.insert(0, os.getcwd())
-import objectives
-response_logprobs = objectives.response_logprobs
+import lm_head  # before objectives.py and reference_cache.py import its response_logprobs: they get the recording one
+response_logprobs = lm_head.response_logprobs
 def recording(model, batch, ctx, **kwargs):
     """Calls of every model: 'F' a frozen one (the reference), 'P' the policy; at the policy's first call, how many
     frozen models are still alive (after a gc)."""
@@ -3248,7 +3250,7 @@ def recording(model, batch, ctx, **kwargs):
             record['alive'] = sum(r() is not None for r in record['refs'])
         record['calls'] += 'F' if frozen else 'P'
     return response_logprobs(model, batch, ctx, **kwargs)
-objectives.response_logprobs = recording
+lm_head.response_logprobs = recording
 for tag, argv in json.loads(sys.argv[1]):
     record = {'calls': '', 'refs': [], 'alive': None}
     sys.argv = ['bipost.py'] + argv
@@ -3402,7 +3404,7 @@ def _lora_initial(run):
 
 def _lora_logprobs(model, run, pairs=4):
     with torch.no_grad():
-        return objectives.response_logprobs(model, run['val_data']['dpo'].batch(np.arange(pairs)), run['ctx'])[0]
+        return lm_head.response_logprobs(model, run['val_data']['dpo'].batch(np.arange(pairs)), run['ctx'])[0]
 
 
 @needs_peft
