@@ -4549,3 +4549,127 @@ def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeyp
     straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
     assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
     assert [drop(r) for r in straight[0]] == [drop(r) for r in resumed[0]]
+
+
+# ---- readability: the docs' links, the README's results table, the direction of imports, the startup checks ----
+
+def _markdown_anchors(path):
+    """GitHub's anchors of a markdown file's headers: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in open(path, encoding='utf-8'):
+        if line.startswith('#'):
+            title = line.lstrip('#').strip().lower()
+            anchors.add(re.sub(r'\s', '-', re.sub(r'[^\w\s-]', '', title)))
+    return anchors
+
+
+def test_docs_every_relative_link_resolves():
+    """Every relative link (and image) of README.md and docs/*.md names a file that exists, and a #anchor into a
+    markdown file names one of its headers: pages move, links must not dangle."""
+    pages = [os.path.join(ROOT, 'README.md')] + [os.path.join(ROOT, 'docs', f) for f in sorted(os.listdir(
+        os.path.join(ROOT, 'docs'))) if f.endswith('.md')]
+    assert len(pages) >= 9, pages
+    checked, broken = 0, []
+    for page in pages:
+        text = re.sub(r'```.*?```', '', open(page, encoding='utf-8').read(), flags=re.S)  # code is not a link
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+:', target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition('#')
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            checked += 1
+            if not os.path.exists(resolved):
+                broken.append(f'{os.path.relpath(page, ROOT)}: {target} (no such file)')
+            elif anchor and resolved.endswith('.md') and anchor not in _markdown_anchors(resolved):
+                broken.append(f'{os.path.relpath(page, ROOT)}: {target} (no such header)')
+    assert checked >= 30 and not broken, broken
+
+
+def test_docs_readme_results_table_is_tradeoff_json():
+    """The README's results table is what `python data/demo/tradeoff.py --table` prints from data/demo/tradeoff.json,
+    row for row and in order (torchtitan's golden-file rule), and it carries no time column."""
+    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'tradeoff.py'), '--table'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stdout.splitlines() if line.startswith('|')]
+    assert len(printed) == 19 and 'ms' not in printed[0] and 'ideal distance' in printed[0]
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read().splitlines()
+    start = readme.index(printed[0])
+    assert readme[start:start + len(printed)] == printed
+
+
+def _repo_imports():
+    """{repo module: the repo modules it imports anywhere in its file (function-level imports too)}, from the source."""
+    import ast
+    files = {name: os.path.join(ROOT, name + '.py') for name in _repo_top_level_modules()
+             if os.path.isfile(os.path.join(ROOT, name + '.py')) and name != 'test_bipost'}
+    for package in ('data', 'bipost_kernels'):
+        for f in os.listdir(os.path.join(ROOT, package)):
+            if f.endswith('.py') and f != '__init__.py':
+                files[f'{package}.{f[:-3]}'] = os.path.join(ROOT, package, f)
+    graph = {}
+    for name, path in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+        graph[name] = {m for m in imported if m in files and m != name}
+    return graph
+
+
+def test_imports_point_one_way():
+    """No import cycle among the repo's modules (a depth-first search finds no back edge), and the objective stack
+    points one way: bipost -> objectives -> rl -> lm_head -> bipost_kernels, never back."""
+    graph = _repo_imports()
+    assert {'objectives', 'rl', 'lm_head', 'bipost_kernels.logprob'} <= set(graph)
+    assert 'rl' in graph['objectives'] and 'lm_head' in graph['rl'] and 'bipost_kernels.logprob' in graph['lm_head']
+    state, cycles = {}, []
+
+    def visit(node, path):
+        state[node] = 'open'
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 'open':
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 'done'
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+    for low in ('rl', 'lm_head', 'rewards'):
+        assert 'objectives' not in graph[low] and 'bipost' not in graph[low], low
+    for kernel in [m for m in graph if m.startswith('bipost_kernels.') and not m.startswith('bipost_kernels.bench')]:
+        assert all(m.startswith('bipost_kernels.') for m in graph[kernel]), (kernel, graph[kernel])  # the bottom layer
+
+
+def _bipost_defaults():
+    """The config globals of bipost.py as written (its `# ---` block), read without running the script."""
+    import ast
+    source = open(os.path.join(ROOT, 'bipost.py'), encoding='utf-8').read()
+    block = source.split('# ' + '-' * 77 + '\n', 2)[1]
+    namespace = {'torch': torch}
+    exec(compile(ast.parse(block), 'bipost.py', 'exec'), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and k != 'torch' and not k.isupper()}
+
+
+def test_config_checks_total_batch_and_refusals():
+    """check_settings: total_batch_size sets the accumulation for any world size (128 = 4 x 8 x 4 ranks = 4 x 32 x 1),
+    and a bad choice, a bad combination or an optima list of the wrong length is refused with its key named."""
+    from config_checks import check_settings
+    config = {k: v for k, v in _bipost_defaults().items()}
+    assert check_settings(dict(config), 1) == config['gradient_accumulation_steps']
+    assert check_settings(dict(config, total_batch_size=128, batch_size=4), 4) == 8
+    assert check_settings(dict(config, total_batch_size=128, batch_size=4), 1) == 32
+    for change, says in [({'total_batch_size': 6, 'batch_size': 4}, 'total_batch_size=6 is not divisible by batch_size 4'),
+                         ({'dpo_loss': 'ipo', 'label_smoothing': 0.1}, 'label_smoothing=0.1 has no meaning'),
+                         ({'nonfinite': 'stpo'}, "nonfinite='stpo' is not one of"),
+                         ({'objectives': ['sft', 'ppo']}, "unknown objective 'ppo'"),
+                         ({'learning_rate': float('inf')}, 'learning_rate=inf'),
+                         ({'optima': [0.5]}, 'must hold one f* per objective')]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check_settings(dict(config, **change), 1)
+
