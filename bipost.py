@@ -105,7 +105,7 @@ weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objec
 optima = []                   # f* per objective, for maxright and the ideal distance: a number, or the out_dir of a
                               # run on that objective alone (its optimum.json); [] = unknown: no ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
-# selector (data): bilevel per-example weights learned against a small trusted set (README, data selection)
+# selector (data): bilevel per-example weights learned against a small trusted set (docs/data-selection.md)
 data_selection = False        # learn weights for selection_objective's train split -> out_dir/{weights,ranking,keep}.npy
 selection_objective = 'sft'   # whose train split gets weights: 'sft' (examples) or 'dpo' (pairs)
 trusted_split = 'sft_trusted' # small clean split of the same kind (~100-1000 examples)
@@ -117,7 +117,7 @@ trusted_weight = 0.8          # c0: share of the trusted loss in the model's los
 trusted_decay = 0.5           # c = c0 · trusted_decay^epoch
 keep_fraction = 0.8           # keep.npy holds the top fraction by weight
 example_weights = ''          # a weights.npy (coreset or data selector): per-example loss weights of keep_objective's split
-# coreset (coreset.py, README): a weighted subset of keep_objective's train split from gradient features, then exit
+# coreset (coreset.py, docs/coresets.md): a weighted subset of keep_objective's train split from gradient features, then exit
 coreset = ''                  # '' (train) | 'brief' | 'craig' | 'random' -> out_dir/{weights,keep,ranking}.npy, coreset.json
 coreset_fraction = 0.05       # γ in (0, 1]: K = ⌈γ·N⌉ examples
 coreset_dim = 8192            # random projection of the gradients (8192 in the BRIEF paper; ~512 for the demo)
