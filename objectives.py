@@ -3,7 +3,7 @@ The post-training objectives, one plain function each, all with one signature:
 
     losses, metrics = objective(model, batch, ctx)
 
-model: an HF causal LM (the raw module, also under DeepSpeed). batch: dict from bipost.get_batch with
+model: an HF causal LM (the raw module, also under DeepSpeed). batch: dict from Split.batch (data/loader.py) with
 input_ids/attention_mask/response_mask [B, L] (for 'pref' data: 2B rows, chosen rows first; for 'prompt' data,
 RL's: the prompts alone, left-padded, and each record's extra fields). ctx: a namespace with the frozen
 reference/teacher and the hyperparameters. losses: one value per example (per pair for DPO, per prompt for RL),
