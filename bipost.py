@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, ConfigError
-from config_checks import check_settings
+from config_checks import check_settings, demo_defaults_note
 from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \
     save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND
@@ -213,10 +213,8 @@ try:
     optimum_values = [read_optimum(n, o, comparable(n)) for n, o in zip(objectives, optima)] if optima else None
 except ValueError as e:
     fail(str(e))
-demo_data = os.path.abspath(data_dir) == os.path.abspath(os.path.join(os.path.dirname(__file__), 'data', 'demo'))
-if not demo_data and (beta, length_normalize, learning_rate) == (5.0, True, 1e-3) and master:
-    print(f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny model "
-          f"from scratch; for {data_dir} set them in your config (standard DPO: beta ~0.1, summed log-probs; lr ~1e-6)")
+if master and (note := demo_defaults_note(config, data_dir)):
+    print(note)
 try:  # strategy, weights and optima are checked before any model is loaded
     selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optimum_values, maxright_refresh, seed)
 except ValueError as e:
@@ -292,11 +290,7 @@ if 'dpo' in objectives or (data_selection and lower_level == 'reference') or ('r
     source = reference_from or policy_source
     reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
-teacher = None
-if 'kd' in objectives:
-    if not teacher_from:
-        fail("objective 'kd' needs teacher_from = a local HF model directory")
-    teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
+teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup) if 'kd' in objectives else None
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       reference_cache=None,

@@ -5,6 +5,7 @@ outside its choices, or a combination that cannot work, is refused with one line
 those are read (data/loader.py, model.py).
 """
 import math
+import os
 
 from objectives import OBJECTIVES, DATA_KIND
 
@@ -51,7 +52,20 @@ def check_settings(c, world_size):
     if c['data_selection'] and c['lower_level'] == 'reference' and c['reference_logps'] == 'precompute':
         raise ValueError("reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' "
                          "runs it as θ̂ during training: set lower_level='copy' or 'none', or reference_logps='live'")
+    if 'kd' in c['objectives'] and not c['teacher_from']:
+        raise ValueError("objective 'kd' needs teacher_from = a local HF model directory")
     if c['optima'] and len(c['optima']) != len(c['objectives']):
         raise ValueError(f"optima={c['optima']} must hold one f* per objective {c['objectives']} (a number or a "
                          f"single-objective run's out_dir), or be [] if unknown")
     return accumulation
+
+
+def demo_defaults_note(c, data_dir):
+    """A note (not an error) when a run on other data keeps the demo's DPO and lr settings, which are tuned for a tiny
+    model trained from scratch; '' otherwise."""
+    demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'demo')
+    if os.path.abspath(data_dir) == demo or (c['beta'], c['length_normalize'], c['learning_rate']) != (5.0, True, 1e-3):
+        return ''
+    return (f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny "
+            f"model from scratch; for {data_dir} set them in your config (standard DPO: beta ~0.1, summed log-probs; "
+            f"lr ~1e-6)")
