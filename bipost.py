@@ -20,16 +20,19 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure, ConfigError
+from config_checks import check_settings, demo_defaults_note
 from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \
     save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND
 import rl
-from reference_cache import load_or_compute, reference_pass
+from reference_cache import fingerprint, load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
 import coreset as coresets  # `coreset` is a config key
-from data.loader import Split, check_meta, load_meta, resolve_dataset
+from data.loader import check_fits, run_splits
 from data.prepare import DataError
+from held_out import estimate, evaluate
+import ranks
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -107,7 +110,7 @@ weights = [0.5, 0.5]          # λ per objective (sum 1); sequential gives objec
 optima = []                   # f* per objective, for maxright and the ideal distance: a number, or the out_dir of a
                               # run on that objective alone (its optimum.json); [] = unknown: no ideal distance
 maxright_refresh = 10         # maxright: re-estimate every objective every k updates
-# selector (data): bilevel per-example weights learned against a small trusted set (README, data selection)
+# selector (data): bilevel per-example weights learned against a small trusted set (docs/data-selection.md)
 data_selection = False        # learn weights for selection_objective's train split -> out_dir/{weights,ranking,keep}.npy
 selection_objective = 'sft'   # whose train split gets weights: 'sft' (examples) or 'dpo' (pairs)
 trusted_split = 'sft_trusted' # small clean split of the same kind (~100-1000 examples)
@@ -119,7 +122,7 @@ trusted_weight = 0.8          # c0: share of the trusted loss in the model's los
 trusted_decay = 0.5           # c = c0 · trusted_decay^epoch
 keep_fraction = 0.8           # keep.npy holds the top fraction by weight
 example_weights = ''          # a weights.npy (coreset or data selector): per-example loss weights of keep_objective's split
-# coreset (coreset.py, README): a weighted subset of keep_objective's train split from gradient features, then exit
+# coreset (coreset.py, docs/coresets.md): a weighted subset of keep_objective's train split from gradient features, then exit
 coreset = ''                  # '' (train) | 'brief' | 'craig' | 'random' -> out_dir/{weights,keep,ranking}.npy, coreset.json
 coreset_fraction = 0.05       # γ in (0, 1]: K = ⌈γ·N⌉ examples
 coreset_dim = 8192            # random projection of the gradients (8192 in the BRIEF paper; ~512 for the demo)
@@ -175,103 +178,23 @@ if init_from != 'resume' and not overwrite and not eval_only and os.path.exists(
     fail(f"out_dir={out_dir} holds a checkpoint that this fresh run (init_from={init_from!r}) would replace: "
          f"--init_from=resume to continue it, --overwrite=True to start over, or another out_dir")
 
-# distributed: torchrun sets RANK; plain python is a world of one
-ddp = 'RANK' in os.environ
-if deepspeed and not ddp:  # DeepSpeed wants a process group even for one process
-    os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=os.environ.get('MASTER_PORT', str(29500 + os.getpid() % 1000)))
-rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+# distributed: torchrun sets RANK; plain python is a world of one. The GPU is set before the process group exists
+rank, local_rank, world_size, device = ranks.join(device, deepspeed)  # + deepspeed.init_distributed() under deepspeed
 master = rank == 0
-if device.startswith('cuda'):
-    device = f'cuda:{local_rank}'
-    torch.cuda.set_device(device)
-backend = 'nccl' if device.startswith('cuda') else 'gloo'
-if deepspeed:
-    import deepspeed as ds
-    ds.init_distributed(dist_backend=backend)
-elif ddp:
-    dist.init_process_group(backend=backend)
-distributed = dist.is_available() and dist.is_initialized() and world_size > 1
-
-def all_sum(values):
-    """Sum a list of floats over ranks (every rank gets the same numbers)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_mean(values):
-    return [v / world_size for v in all_sum(values)]
-
+distributed = world_size > 1
 torch.manual_seed(seed)
-for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo')),
-                     ('reference_logps', ('live', 'precompute')), ('coreset', ('', 'brief', 'craig', 'random')),
-                     ('coreset_params', ('last', 'trainable'))):
-    if config[key] not in allowed:
-        fail(f"{key}={config[key]!r} is not one of {allowed}")
+try:  # every choice and combination of settings, before any data or model is read (config_checks.py)
+    config['gradient_accumulation_steps'] = gradient_accumulation_steps = check_settings(config, world_size)
+except ValueError as e:
+    fail(str(e))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-for name in objectives:
-    if name not in OBJECTIVES:
-        fail(f"objectives: unknown objective '{name}'; known: {sorted(OBJECTIVES)} (add one in objectives.py)")
-if total_batch_size:  # the same recipe on any number of GPUs: the accumulation absorbs the world size
-    if total_batch_size % (batch_size * world_size):
-        fail(f"total_batch_size={total_batch_size} is not divisible by batch_size {batch_size} x {world_size} ranks: "
-             f"use a multiple of {batch_size * world_size}, or another batch_size")
-    config['gradient_accumulation_steps'] = gradient_accumulation_steps = total_batch_size // (batch_size * world_size)
-if batch_size < 1 or gradient_accumulation_steps < 1:
-    fail(f"batch_size={batch_size} and gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
-if not (math.isfinite(learning_rate) and 0 < learning_rate <= 1 and 0 <= min_lr <= learning_rate):
-    fail(f"learning_rate={learning_rate} and min_lr={min_lr}: need 0 < learning_rate <= 1 and 0 <= min_lr <= learning_rate "
-         f"(~1e-6-1e-5 for billion-parameter models, ~1e-3 for the demo)")
-if dpo_loss == 'ipo' and label_smoothing > 0:
-    fail(f"label_smoothing={label_smoothing} has no meaning for dpo_loss='ipo' (it is conservative DPO's ε): set one of them")
-if data_selection and lower_level == 'reference' and DATA_KIND.get(selection_objective) == 'pref':
-    fail("data_selection: lower_level='reference' with preference pairs scores every pair against the reference "
-         "itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
-if coreset and not (0 < coreset_fraction <= 1 and coreset_dim >= 1 and DATA_KIND.get(keep_objective) == 'sft'
-                    and not deepspeed and not keep_list):
-    fail(f"coreset={coreset!r} needs 0 < coreset_fraction <= 1 (got {coreset_fraction}), coreset_dim >= 1, an SFT "
-         f"keep_objective (got {keep_objective!r}), deepspeed=False (one plain-torch pass) and keep_list=''")
-if example_weights and data_selection:
-    fail("example_weights and data_selection both weight the training examples: set one of them")
-if data_selection and lower_level == 'reference' and reference_logps == 'precompute':
-    fail("reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' runs it as θ̂ "
-         "during training: set lower_level='copy' or 'none', or reference_logps='live'")
 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
 
 try:
-    data_dir = resolve_dataset(dataset)  # 'demo' is data/demo; a directory path (data/demo/, /abs/dir) works too
+    data_dir, meta, train_data, val_data = run_splits(config, DATA_KIND, rank, world_size, device)
     meta_path = os.path.join(data_dir, 'meta.json')
-    meta = load_meta(data_dir)
-    check_meta(meta, meta['vocab_size'], meta_path)  # ids < the data's vocab <= the model's (check_vocab below)
-    keep = None
-    if keep_list:
-        if not os.path.exists(keep_list):
-            raise DataError(f"keep_list {keep_list} not found: run the data selector first (README, data selection)")
-        keep = np.load(keep_list)
-
-    def make_split(key, name, keep=None):
-        if name not in config[key]:
-            raise DataError(f"no split for objective '{name}' in {key}={config[key]}: add it to {key}")
-        return Split(data_dir, config[key][name], DATA_KIND[name], meta, seed, rank, world_size, device, keep, keep_list,
-                     key=f"{key}['{name}']")
-
-    train_data = {n: make_split('train_splits', n, keep if n == keep_objective else None) for n in objectives}
-    val_data = {n: make_split('val_splits', n) for n in objectives}
-    if data_selection:  # the trusted split rides along in train_data so that its cursor is checkpointed too
-        if selection_objective not in objectives or (lower_level == 'copy' and deepspeed and zero_stage == 3):
-            raise DataError(f"data_selection: selection_objective '{selection_objective}' must be one of {objectives}, "
-                            f"and under ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
-        train_data['trusted'] = Split(data_dir, trusted_split, DATA_KIND[selection_objective], meta, seed, rank,
-                                      world_size, device, key='trusted_split')
-    for split in train_data.values():
-        split.check_batch(batch_size)
-    if (example_weights or coreset) and keep_objective not in objectives:
-        raise DataError(f"example_weights/coreset index keep_objective's train split, but '{keep_objective}' is not one "
-                        f"of objectives={objectives}: set keep_objective")
     example_weight = coresets.load_example_weights(example_weights, train_data[keep_objective], device) \
         if example_weights else None  # mean 1 over the examples trained on (the keep_list's, if any)
 except DataError as e:
@@ -291,17 +214,12 @@ def eval_examples(name):
 def comparable(name):  # what makes a held-out loss of objective name comparable with an f* (selector.py)
     return optimum_record(name, config, val_data[name], eval_examples(name))
 
-if optima and len(optima) != len(objectives):
-    fail(f"optima={optima} must hold one f* per objective {objectives} (a number or a single-objective run's out_dir), "
-         f"or be [] if unknown")
 try:
     optimum_values = [read_optimum(n, o, comparable(n)) for n, o in zip(objectives, optima)] if optima else None
 except ValueError as e:
     fail(str(e))
-demo_data = os.path.abspath(data_dir) == os.path.abspath(os.path.join(os.path.dirname(__file__), 'data', 'demo'))
-if not demo_data and (beta, length_normalize, learning_rate) == (5.0, True, 1e-3) and master:
-    print(f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny model "
-          f"from scratch; for {data_dir} set them in your config (standard DPO: beta ~0.1, summed log-probs; lr ~1e-6)")
+if master and (note := demo_defaults_note(config, data_dir)):
+    print(note)
 try:  # strategy, weights and optima are checked before any model is loaded
     selector = ObjectiveSelector(objectives, weights, strategy, max_iters, optimum_values, maxright_refresh, seed)
 except ValueError as e:
@@ -351,17 +269,11 @@ if 'rl' in objectives and rl_advantage == 'ppo':  # PPO's value head: a submodul
         model.value_head.load_state_dict({k[len('value_head.'):]: v for k, v in state['model'].items()
                                           if k.startswith('value_head.')})
 vocab_size = built(check_vocab, model, policy_source, meta, meta_path)
-positions = getattr(model.config, 'max_position_embeddings', None)
-for split in list(train_data.values()) + list(val_data.values()):
-    longest = split.longest + (rl_max_new_tokens if split.kind == 'prompt' else 0)  # rl: prompt + completion
-    if positions and longest > positions:
-        fail(f"{split.name} in {data_dir} has examples of up to {longest} tokens"
-             f"{' with rl_max_new_tokens' * (split.kind == 'prompt')}, more than the model's {positions} positions "
-             f"(block_size for a scratch model): prepare the data with --max_length={positions} or raise block_size")
-for split in list(train_data.values()) + list(val_data.values()):
-    if len(split.tokens) and int(split.tokens.max()) >= vocab_size:
-        fail(f"{split.name}.bin in {data_dir} holds token id {int(split.tokens.max())} >= the model's vocab "
-             f"{vocab_size}: the bins were prepared with another tokenizer; prepare them again")
+try:
+    check_fits([*train_data.values(), *val_data.values()], getattr(model.config, 'max_position_embeddings', None),
+               vocab_size, data_dir, rl_max_new_tokens)
+except DataError as e:
+    fail(str(e))
 model.config.use_cache = False
 if gradient_checkpointing:
     built(enable_checkpointing, model, policy_source)
@@ -383,11 +295,7 @@ if 'dpo' in objectives or (data_selection and lower_level == 'reference') or ('r
     source = reference_from or policy_source
     reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
-teacher = None
-if 'kd' in objectives:
-    if not teacher_from:
-        fail("objective 'kd' needs teacher_from = a local HF model directory")
-    teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
+teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup) if 'kd' in objectives else None
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       reference_cache=None,
@@ -399,15 +307,11 @@ autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deeps
 
 
 if reference_logps == 'precompute' and reference is not None:
-    pref = {s.name: s for s in [*train_data.values(), *val_data.values()] if s.kind == 'pref'}  # dpo's and the trusted split
-    fingerprint = {f'data {s.name}': s.digest() for s in pref.values()}
-    source = reference_from or policy_source
-    fingerprint['reference'] = [os.path.abspath(source) if source != 'scratch' else f'scratch seed {seed}',
-                                reference.config.to_json_string(), reference.bipost_weights]
-    fingerprint['settings'] = {**{k: config[k] for k in ('dtype', 'deepspeed', 'zero_stage', 'fused_kernels')},
-                               'device': device.split(':')[0]}
-    ctx.reference_cache = load_or_compute(os.path.join(out_dir, 'reference_logps.npz'), list(pref.values()), fingerprint,
-                                          lambda split: reference_pass(reference, split, ctx, batch_size, autocast), master)
+    pref = list({s.name: s for s in [*train_data.values(), *val_data.values()] if s.kind == 'pref'}.values())  # + trusted
+    ctx.reference_cache = load_or_compute(
+        os.path.join(out_dir, 'reference_logps.npz'), pref, fingerprint(pref, reference_from or policy_source, seed,
+                                                                         reference, config, device),
+        lambda split: reference_pass(reference, split, ctx, batch_size, autocast), master)
     reference = ctx.reference = None  # never loaded again (the last reference to it: memory_plan sees it gone)
     gc.collect()
     if device.startswith('cuda'):
@@ -421,9 +325,7 @@ if coreset:  # coreset mode: features of keep_objective's train split, the selec
         coresets.run(config, model, train_data[keep_objective], meta['eos_id'], rank, world_size, master)
     except ValueError as e:
         fail(str(e))
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    ranks.leave()
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -435,6 +337,7 @@ decay = [p for p in trained if p.dim() >= 2]
 no_decay = [p for p in trained if p.dim() < 2]
 groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 if deepspeed:
+    import deepspeed as ds
     ds_config = {
         'train_micro_batch_size_per_gpu': batch_size,
         'gradient_accumulation_steps': micro_steps,  # mix runs one micro-step per objective
@@ -499,38 +402,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-@torch.no_grad()
-def estimate(name, split, batches):
-    """Per-example mean loss and metrics of one objective, over all ranks (forward only). batches: this rank's
-    [(example ids, weights)], as many on every rank (ZeRO-3's forwards are collective): weight 0 pads."""
-    raw_model.eval()
-    sums, count = {}, 0.0
-    for ids, weights in batches:
-        with autocast:
-            losses, metrics = OBJECTIVES[name](raw_model, split.batch(ids), ctx)
-        w = torch.as_tensor(weights, dtype=torch.float64, device=losses.device)
-        count += float(w.sum())
-        for k, v in {'loss': losses, **metrics}.items():  # an objective's metrics['loss'] is its value (DPO without NLL)
-            sums[k] = sums.get(k, 0.0) + float(torch.where(w > 0, v.double() * w, 0.0).sum())
-    raw_model.train()
-    keys = sorted(sums)
-    totals = all_sum([sums[k] for k in keys] + [count])
-    return {k: total / totals[-1] for k, total in zip(keys, totals)}
-
-
-def evaluate():
-    """Every held-out example counted exactly once, weighted by example: the first eval_iters x batch_size x ranks
-    examples of each val split (all of it if eval_iters = 0), dealt round-robin over ranks."""
-    results = {}
-    for name, split in val_data.items():
-        for k, v in estimate(name, split, split.round_robin(eval_examples(name), batch_size)).items():
-            results[f'val/{name}/{k}'] = v
-    if optimum_values:  # f* known for every objective (optima): the headline number
-        gaps = [results[f'val/{n}/loss'] - f for n, f in zip(objectives, optimum_values)]
-        results['val/ideal_distance'] = math.sqrt(sum(g * g for g in gaps))
-    return results
-
-
 def log(record, line):
     if not master:
         return
@@ -584,7 +455,8 @@ while True:
         group['lr'] = lr
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
-        results = evaluate()
+        results = evaluate(raw_model, val_data, {n: eval_examples(n) for n in objectives}, batch_size, ctx, autocast,
+                           optimum_values)
         log({'iter': iter_num, **results}, f"eval {iter_num} | " + " | ".join(
             f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
@@ -611,7 +483,8 @@ while True:
     if selector.needs_refresh(iter_num):  # maxright: forward-only estimates of every objective
         for name in objectives:
             ids = train_data[name].next_ids(batch_size, advance=False)
-            selector.observe(name, estimate(name, train_data[name], [(ids, np.ones(len(ids)))])['loss'])
+            selector.observe(name, estimate(raw_model, name, train_data[name], [(ids, np.ones(len(ids)))], ctx,
+                                            autocast)['loss'])
     chosen = selector.choose(iter_num)
 
     totals, tokens = {}, 0
@@ -630,7 +503,7 @@ while True:
                 if data_selector and name == selection_objective:  # weighted + trusted loss; also steps ω and θ̂
                     trusted = train_data['trusted'].batch(train_data['trusted'].next_ids(batch_size))
                     loss = data_selector.step(losses, batch, trusted, raw_model, ctx, split.epoch)
-            finite = all_mean([float(torch.isfinite(loss))])[0] == 1.0  # every rank takes the same branch
+            finite = ranks.all_sum([float(torch.isfinite(loss))], device)[0] == world_size  # every rank: one branch
             if not finite:
                 if nonfinite == 'stop':
                     fail(f"non-finite {name} loss at update {iter_num} (lr {lr:.2e}): stopped before any "
@@ -660,7 +533,7 @@ while True:
     if 'rl' in objectives and rl_ema > 0:  # EMA reference for the KL penalty (Xu et al. 2024)
         rl.update_reference(ctx.reference, raw_model, rl_ema)
     keys = list(totals)  # train metrics: means over every rank's micro-batches; tokens: summed over ranks
-    *values, tokens = all_sum([totals[k] for k in keys] + [tokens])
+    *values, tokens = ranks.all_sum([totals[k] for k in keys] + [tokens], device)
     totals = {k: v / world_size for k, v in zip(keys, values)}
     if strategy == 'maxright':  # the step just taken refreshes the chosen objective's estimate
         selector.observe(chosen[0][0], totals[f'{chosen[0][0]}/loss'])
@@ -686,6 +559,4 @@ while True:
         log({'iter': iter_num, 'objective': names, 'lr': lr, 'ms': dt * 1000, 'tokens': tokens, 'skipped': skipped,
              **speed, **{f'train/{k}': v for k, v in totals.items()}}, line)
 
-if distributed:
-    dist.barrier()
-    dist.destroy_process_group()
+ranks.leave()

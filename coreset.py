@@ -1,5 +1,5 @@
 """
-Coreset selection (README, coreset selection): pick K = ⌈γ·N⌉ examples of an SFT split, and a weight for each, whose
+Coreset selection (docs/coresets.md): pick K = ⌈γ·N⌉ examples of an SFT split, and a weight for each, whose
 weighted gradients stand in for the whole split's. Methods: 'brief' (BRIEF), 'craig' (CRAIG), 'random'.
 
 Per example (x, y), token means over the response:  L_SFT = −log p(y | x),  L_KN = −log p(y) (the response alone:

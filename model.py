@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from objectives import check_head
+from lm_head import check_head
 from reference_cache import weights_digest
 
 hf_logging.disable_progress_bar()
@@ -20,7 +20,7 @@ hf_logging.disable_progress_bar()
 def load_model(source, meta, seed, n_layer, n_head, n_embd, block_size):
     """'scratch': a Llama built from the config globals (n_layer ... block_size) and the data's vocab and special ids,
     its weights from seed, so that the reference rebuilds the initial policy exactly; else a local HF directory, in fp32
-    on the CPU, whose log-probs bipost must reproduce (objectives.check_head)."""
+    on the CPU, whose log-probs bipost must reproduce (lm_head.check_head)."""
     if source == 'scratch':
         torch.manual_seed(seed)
         hf_config = LlamaConfig(vocab_size=meta['vocab_size'], hidden_size=n_embd, intermediate_size=4 * n_embd,

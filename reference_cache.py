@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from objectives import response_logprobs
+from lm_head import response_logprobs
 
 
 class ReferenceCache:
@@ -89,3 +89,13 @@ def load_or_compute(path, splits, fingerprint, compute, master):
                                                                for k, v in (('sums', sums), ('counts', counts))})
         os.replace(path + '.tmp', path)
     return ReferenceCache(cache)
+
+
+def fingerprint(splits, source, seed, reference, config, device):
+    """What the cached numbers depend on: the data files, the reference (its source, config and weights digest) and
+    the settings that change its arithmetic."""
+    return {**{f'data {s.name}': s.digest() for s in splits},
+            'reference': [os.path.abspath(source) if source != 'scratch' else f'scratch seed {seed}',
+                          reference.config.to_json_string(), reference.bipost_weights],
+            'settings': {**{k: config[k] for k in ('dtype', 'deepspeed', 'zero_stage', 'fused_kernels')},
+                         'device': device.split(':')[0]}}

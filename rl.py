@@ -8,7 +8,7 @@ One RL micro-step, on a batch of prompts from a 'prompt' split:
   1. rollout(): rl_group (G) completions per prompt from the current policy through the model's own generate
      (KV cache; ZeRO-3: synced_gpus), each rank with its own sampling seed. The seam for a faster engine.
   2. rewards: rl_reward_scale (α) × the reward function's score, per completion (rewards.py).
-  3. one forward with grad: per-token log-probs of the completions through objectives' fused head path, the
+  3. one forward with grad: per-token log-probs of the completions through lm_head.py's fused head path, the
      reference's (no grad, for the KL) and, for PPO, the value head's V(s_t) on the same hidden states.
   4. advantages, per completion token: group-relative (r − mean_g r; 'group_std' divides by the group's std,
      'loo' subtracts the mean of the other G−1), or 'ppo': GAE(γ, λ) over the value head's values with the
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-import objectives
+import lm_head  # the shared head path (log-probs through the LM head); objectives.py imports this file, not the reverse
 import rewards as reward_functions
 
 ADVANTAGES = ('group', 'group_std', 'batch_std', 'loo', 'ppo')
@@ -252,7 +252,7 @@ def make_rollout(model, batch, ctx, group, greedy):
     reference_logps = None
     if getattr(ctx, 'reference', None) is not None:
         with torch.no_grad():
-            reference_logps, _ = objectives.response_logprobs(ctx.reference, rows, ctx)
+            reference_logps, _ = lm_head.response_logprobs(ctx.reference, rows, ctx)
     return {'rows': rows, 'group': group, 'rewards': rewards, 'scores': scores, 'lengths': lengths,
             'truncated': ~(completions == ctx.eos_id).any(1),  # hit rl_max_new_tokens without EOS
             'reference_logps': reference_logps, 'gen_tokens_per_s': float(lengths.sum()) / max(seconds, 1e-9)}
@@ -286,7 +286,7 @@ def kept(roll, ctx):
 def forward(model, rows, ctx, values):
     """Per-token log-probs [N, L−1] of the completions (0 elsewhere), their mask, and V(s_t) when values: the value
     head reads the same final hidden state that scores token t."""
-    body, head = objectives.body_and_head(model)
+    body, head = lm_head.body_and_head(model)
     hidden = body(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
     targets, mask = rows['input_ids'][:, 1:], rows['response_mask'][:, 1:].bool()
     logps = head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False)

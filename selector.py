@@ -83,7 +83,7 @@ def _gather(t):
 
 
 class DataSelector:
-    """Bilevel data weights (README, data selection): one logit ω_i per example of the training split, by its stable index.
+    """Bilevel data weights (docs/data-selection.md): one logit ω_i per example of the training split, by its stable index.
 
     Penalty (value-function) form; per micro-step, with a trusted batch G and a training batch I:
       model θ:  c·mean(ℓ_G(θ)) + (1−c)·mean(w_I·ℓ_I(θ)), w detached, c = c0·decay^epoch (the trainer's loss)

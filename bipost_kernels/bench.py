@@ -1,5 +1,5 @@
 """
-LM-head benchmark (protocol in the README, efficiency notes): per-token log-prob fwd+bwd, reference forward and the DPO
+LM-head benchmark (protocol in docs/efficiency.md): per-token log-prob fwd+bwd, reference forward and the DPO
 head step, every method as a ratio to anchors timed in the same run (the three bare GEMMs, the logits
 GEMM, the 8NHV DPO floor). Needs a CUDA GPU.
     python bipost_kernels/bench.py                            # Llama-3-8B head: H=4096, V=128256, N in 8192 16384

@@ -1,5 +1,5 @@
 """
-End-to-end training-step benchmark (README, efficiency notes): bipost's SFT, DPO and alright (SFT + DPO) updates on a
+End-to-end training-step benchmark (docs/efficiency.md): bipost's SFT, DPO and alright (SFT + DPO) updates on a
 Llama-3.2-1B-shaped model built from its config (random init, bf16, vocab 128,256, sequences of 1,024 tokens), in
 plain torch and DeepSpeed ZeRO-2 and ZeRO-3 (world of one), and TRL's DPOTrainer on the same model and pairs, the
 anchor; then SFT with the head's gradients in the backward (sft_grads_in_forward=False: the "before"), a LoRA SFT

@@ -23,7 +23,7 @@ upstream per-token gradient, unknown in the forward, and storing the logits cost
   3 GEMMs. The backward only scales; any other gradient is recomputed.
 The forward-only path (reference/teacher) is one GEMM.
 Masked rows are dropped before the matmuls (prompt tokens are 30-50 % of rows) and scattered back as 0.
-Heads that post-process their logits (HF families, see objectives.head_of) are reproduced exactly: a
+Heads that post-process their logits (HF families, see lm_head.head_of) are reproduced exactly: a
 head bias is added to the fp32 logits, a logit scale is folded into the hidden states (and the bias),
 and a soft cap cap·tanh(logit/cap) is applied to the fp32 logits; the backward multiplies grad_logits
 by its slope 1 - (logit/cap)^2, and the bias gradient is grad_logits summed over rows.
@@ -403,7 +403,7 @@ class _LogprobGradsInForward(torch.autograd.Function):
 
 def token_logprobs(hidden, weight, targets, mask=None, fused=None, chunk_rows=None, bias=None, scale=1.0, softcap=None,
                    grad_hint=None):
-    """fp32 log softmax(logits)[..., targets] with the logits an HF head forms (objectives.head_of):
+    """fp32 log softmax(logits)[..., targets] with the logits an HF head forms (lm_head.head_of):
     logits = softcap·tanh(scale·(hidden @ weight.T + bias) / softcap), without a bias / cap when None.
     Positions where mask is 0/False give exactly 0 (and no gradient; their targets may be anything, e.g. -100).
     hidden [..., H], weight [V, H], bias [V], targets/mask [...] (mask: bool or any integer dtype).

@@ -5,7 +5,7 @@
 # DPO is length-normalized (Tulu 3: mean log-probs, beta ~ 5): the reference is the random initial model,
 # which gives ~5.5 nats to every token, so summed log-ratios would be dominated by response length (the
 # terse answer has 4 tokens, the verbose one 19): with sums, winning a style pair means making the SFT
-# answer less likely than a random model does, an artificially extreme conflict (README, results).
+# answer less likely than a random model does, an artificially extreme conflict (docs/results.md).
 # optima: f* of each objective, the best held-out loss (all 300 val examples) of an SFT-only and a DPO-only run,
 # mean over 3 seeds (data/demo/tradeoff.py, README results); a run of your own records its f* in optimum.json.
 out_dir = 'out-demo'

@@ -3,7 +3,7 @@
 #   python bipost.py config/rl_sft_warmup.py    # first: ~70 s, writes out-rl-sft/hf
 #   python bipost.py config/rl_demo.py          # ~2 min on one CPU core: held-out greedy accuracy ~0.7 -> ~0.85
 #   python bipost.py config/rl_demo.py --objectives="['sft', 'rl']" --weights="[0.5, 0.5]" --out_dir=out-rl-joint  # joint
-#   python data/demo/rl_table.py                # the README table: these runs and more, over seeds
+#   python data/demo/rl_table.py                # the table of docs/rl.md: these runs and more, over seeds
 # 32 prompts × 8 completions × 1 accum × 1 rank = 256 completions per RL update, 300 updates; each completion at most
 # 4 tokens (a sum has 1-2 digits, then EOS). Held-out: greedy decoding of rl_val's 200 problems, none of them in a
 # training split; val/rl/loss = −mean reward.

@@ -5,7 +5,7 @@
 #   python bipost.py config/rl_demo.py          # then RL from out-rl-sft/hf (config/rl_demo.py)
 # A tiny Llama (2 layers, 128 wide, vocab 257 bytes) from scratch; 32 problems × 1 accum × 1 rank = 32 per update,
 # 1500 updates (~100 epochs: the held-out SFT loss bottoms out near update 1000, then the 500 demonstrations are
-# overfit, and more SFT does not raise the accuracy: README, RL). data/demo/prepare.py writes the task:
+# overfit, and more SFT does not raise the accuracy: docs/rl.md). data/demo/prepare.py writes the task:
 # sft_add_* (SFT records) and rl_* (prompts with "answer").
 out_dir = 'out-rl-sft'
 dataset = 'demo'

@@ -2,13 +2,13 @@
 # against the 150 clean examples of sft_trusted, then keep the top 80% by weight.
 #   python bipost.py config/select_demo.py      # ~1 min on 2 CPU cores; writes out-select/{weights,ranking,keep}.npy
 #   python bipost.py config/select_train.py     # then train on the kept examples only
-#   python data/demo/selection_eval.py          # the README numbers: ranking AUC, kept vs all vs random (~11 min)
+#   python data/demo/selection_eval.py          # the numbers of docs/data-selection.md: ranking AUC, kept vs all vs random (~11 min)
 # 16 training + 16 trusted examples × 1 accum × 1 rank per update; 250 updates = 2 epochs of the 2000 examples.
 # Variants: --lower_level='reference' (θ̂ = the frozen initial model: nothing extra to train) or 'none' (no θ̂
 # term, as in the original BiPOST code); --selector_weights='sigmoid'. Preference pairs (one weight per pair):
 #   python bipost.py config/select_demo.py --objectives="['dpo']" --selection_objective="'dpo'" \
 #     --trusted_split="'pref_trusted'" --train_splits="{'dpo': 'pref_noisy_train'}" --val_splits="{'dpo': 'pref_val'}" \
-#     --beta=0.1 --length_normalize=False   # summed DPO, as measured for the README (AUC 0.71)
+#     --beta=0.1 --length_normalize=False   # summed DPO, as measured in docs/data-selection.md (AUC 0.71)
 out_dir = 'out-select'
 dataset = 'demo'
 objectives = ['sft']

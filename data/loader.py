@@ -197,3 +197,56 @@ class Split:
 
     def load_state_dict(self, state):
         self.epoch, self.cursor = state['epoch'], state['cursor']
+
+
+def run_splits(c, kinds, rank, world_size, device):
+    """The splits a run reads, from its config c: data_dir, meta, and {objective: Split} for training (keep_list
+    applied to keep_objective's split; under data_selection the trusted split rides along as 'trusted', so that its
+    cursor is checkpointed too) and for held-out evals. kinds: objective -> kind of split. Raises DataError."""
+    data_dir = resolve_dataset(c['dataset'])  # 'demo' is data/demo; a directory path (data/demo/, /abs/dir) works too
+    meta = load_meta(data_dir)
+    check_meta(meta, meta['vocab_size'], os.path.join(data_dir, 'meta.json'))  # ids < the data's vocab <= the model's
+    keep = None
+    if c['keep_list']:
+        if not os.path.exists(c['keep_list']):
+            raise DataError(f"keep_list {c['keep_list']} not found: run the data selector first (docs/data-selection.md)")
+        keep = np.load(c['keep_list'])
+
+    def split(key, name, keep=None):
+        if name not in c[key]:
+            raise DataError(f"no split for objective '{name}' in {key}={c[key]}: add it to {key}")
+        return Split(data_dir, c[key][name], kinds[name], meta, c['seed'], rank, world_size, device, keep, c['keep_list'],
+                     key=f"{key}['{name}']")
+
+    objectives = c['objectives']
+    train = {n: split('train_splits', n, keep if n == c['keep_objective'] else None) for n in objectives}
+    val = {n: split('val_splits', n) for n in objectives}
+    if c['data_selection']:
+        selected = c['selection_objective']
+        if selected not in objectives or (c['lower_level'] == 'copy' and c['deepspeed'] and c['zero_stage'] == 3):
+            raise DataError(f"data_selection: selection_objective '{selected}' must be one of {objectives}, and under "
+                            f"ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
+        train['trusted'] = Split(data_dir, c['trusted_split'], kinds[selected], meta, c['seed'], rank, world_size, device,
+                                 key='trusted_split')
+    for s in train.values():
+        s.check_batch(c['batch_size'])
+    if (c['example_weights'] or c['coreset']) and c['keep_objective'] not in objectives:
+        raise DataError(f"example_weights/coreset index keep_objective's train split, but '{c['keep_objective']}' is "
+                        f"not one of objectives={objectives}: set keep_objective")
+    return data_dir, meta, train, val
+
+
+def check_fits(splits, positions, vocab_size, data_dir, new_tokens):
+    """Every example within the model's positions (a prompt split's with new_tokens of completion) and every token id
+    within its vocabulary: otherwise the first batch would crash deep inside transformers. Raises DataError."""
+    for s in splits:
+        longest = s.longest + (new_tokens if s.kind == 'prompt' else 0)
+        if positions and longest > positions:
+            raise DataError(f"{s.name} in {data_dir} has examples of up to {longest} tokens"
+                            f"{' with rl_max_new_tokens' * (s.kind == 'prompt')}, more than the model's {positions} "
+                            f"positions (block_size for a scratch model): prepare the data with --max_length={positions} "
+                            f"or raise block_size")
+    for s in splits:
+        if len(s.tokens) and int(s.tokens.max()) >= vocab_size:
+            raise DataError(f"{s.name}.bin in {data_dir} holds token id {int(s.tokens.max())} >= the model's vocab "
+                            f"{vocab_size}: the bins were prepared with another tokenizer; prepare them again")

@@ -1,5 +1,5 @@
 """
-Coreset selection on the demo (README, coreset selection): BRIEF vs CRAIG vs random subsets of sft_train at several
+Coreset selection on the demo (docs/coresets.md): BRIEF vs CRAIG vs random subsets of sft_train at several
 fractions, each trained for the same number of epochs, beside training on all of it; held-out SFT loss on the whole
 of sft_val, mean ± std over training seeds.
 
@@ -90,7 +90,7 @@ def main():
                      f"{e_kn:.3f} | {e_if:.3f} | {'' if alpha is None else f'{alpha:.3f}'} |")
     lines.append(f"| 100% | all data | {N} | {full_updates} | {np.mean(full):.4f} ± {std(full):.4f} | 0 | 0 | |")
     print('\n' + '\n'.join(lines))
-    with open(out('table.md'), 'w') as f:  # data/demo/brief_table.md is a copy of the README's run
+    with open(out('table.md'), 'w') as f:  # data/demo/brief_table.md is a copy of the run docs/coresets.md shows
         f.write('\n'.join(lines) + '\n')
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
 """
-The RL demo's table (README, RL): for each seed, a brief SFT warm-up (config/rl_sft_warmup.py), then from its
+The RL demo's table (docs/rl.md): for each seed, a brief SFT warm-up (config/rl_sft_warmup.py), then from its
 checkpoint, 300 more updates of each of
   SFT          more SFT on the same task (the control: does RL beat simply training longer?)
   RL           RL alone (config/rl_demo.py)
@@ -11,8 +11,8 @@ and the SFT loss (per-token NLL of the right answer) on sft_add_val. Mean ± std
     python data/demo/rl_table.py               # 3 seeds, ~20 min on one CPU core; prints the table
     python data/demo/rl_table.py --seeds=1     # a quick look (~7 min)
 
-Writes <out>/rl_table.json (every number) and prints the markdown table the README shows (--print_only: again,
-from that file). data/demo/rl_table.json is the run the README quotes: --print_only --out=data/demo.
+Writes <out>/rl_table.json (every number) and prints the markdown table docs/rl.md shows (--print_only: again,
+from that file). data/demo/rl_table.json is the run docs/rl.md quotes: --print_only --out=data/demo.
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
 """
-Measures the bilevel data selector on the demo (README, data selection): 25% of sft_noisy_train is corrupted
+Measures the bilevel data selector on the demo (docs/data-selection.md): 25% of sft_noisy_train is corrupted
 (sft_noisy_train_corrupt.npy knows which; training never sees that file).
 
     python data/demo/selection_eval.py                 # ~11 min on 2 CPU cores; prints markdown tables

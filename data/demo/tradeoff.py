@@ -8,7 +8,7 @@ run saw); then sequential SFT→DPO and DPO→SFT, mix, alright and maxright at 
 (λ is always the weight of SFT), each with the same number of updates, the same seed and those f*
 as optima. Every run is a plain `python bipost.py config/demo.py --key=value ...` subprocess, waited
 for with os.wait4 so that its own peak RSS is measured. Writes data/demo/tradeoff.json (every
-number, every trajectory) and prints the README table. A run already finished in --out_root is
+number, every trajectory) and prints the README table (--table: only print it, from the JSON). A run already finished in --out_root is
 reused, so an interrupted experiment continues where it stopped.
 """
 import argparse, json, math, os, shutil, statistics, subprocess, sys, time
@@ -26,7 +26,27 @@ parser.add_argument('--out_root', default=os.path.join(ROOT, 'out-tradeoff'))
 parser.add_argument('--json', default=os.path.join(ROOT, 'data', 'demo', 'tradeoff.json'))
 parser.add_argument('--fresh', action='store_true', help='rerun every run, even one finished in out_root')
 parser.add_argument('--extra', default='', help='more bipost overrides for every run, e.g. "--beta=0.2 --learning_rate=5e-4"')
+parser.add_argument('--table', action='store_true', help="print the README's table from --json and exit (no runs)")
 args = parser.parse_args()
+
+
+def markdown_table(rows):
+    """The README's results table. ms per update stays in the JSON, not here: the seed streams run side by side on
+    shared cores, so their times measure the machine's load (quiet timings are bipost_kernels/bench_step.py's job)."""
+    pm = lambda row, key, digits=3: f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}"
+    ratio = lambda x: '' if x is None else f'{x:.2f}×'
+    lines = ['| method | λ (SFT) | f_SFT | f_DPO | ideal distance | DPO acc | SFT steps | peak RSS MB | × seq |',
+             '|---|---|---|---|---|---|---|---|---|']
+    lines += [f"| {row['method']} | {row['lam']:g} | {pm(row, 'sft')} | {pm(row, 'dpo')} | {pm(row, 'ideal')} | "
+              f"{pm(row, 'dpo_acc', 2)} | {row['sft_share']:.0%} | {row['peak_rss_mb']:.0f} | "
+              f"{ratio(row['peak_rss_mb_ratio'])} |" for row in rows]
+    return '\n' + '\n'.join(lines)
+
+
+if args.table:
+    with open(args.json) as f:
+        print(markdown_table(json.load(f)['table']))
+    sys.exit(0)
 seeds = [int(s) for s in args.seeds.split(',')]
 lambdas = [float(x) for x in args.lambdas.split(',')]
 methods = args.methods.split(',')
@@ -127,15 +147,8 @@ with open(args.json, 'w') as f:
                          'omp_num_threads': os.environ.get('OMP_NUM_THREADS'), 'runs_wall_s': wall},
                'optima': {str(s): o for s, o in optimum.items()}, 'table': rows, 'runs': runs}, f, indent=1)
 
-pm = lambda row, key, digits=3: f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}"
-ratio = lambda x: '' if x is None else f'{x:.2f}×'
 print(f"\nf* (mean over {len(seeds)} seeds): SFT {statistics.fmean(o['sft'] for o in optimum.values()):.3f}, "
       f"DPO {statistics.fmean(o['dpo'] for o in optimum.values()):.3f}")
-print('\n| method | λ (SFT) | f_SFT | f_DPO | ideal distance | DPO acc | SFT steps | ms/update | × seq | peak RSS MB | × seq |')
-print('|---|---|---|---|---|---|---|---|---|---|---|')
-for row in rows:
-    print(f"| {row['method']} | {row['lam']:g} | {pm(row, 'sft')} | {pm(row, 'dpo')} | {pm(row, 'ideal')} | "
-          f"{pm(row, 'dpo_acc', 2)} | {row['sft_share']:.0%} | {row['ms_per_update']:.0f} | {ratio(row['ms_per_update_ratio'])} | "
-          f"{row['peak_rss_mb']:.0f} | {ratio(row['peak_rss_mb_ratio'])} |")
+print(markdown_table(rows))
 print(f"\n{len(runs)} runs, {wall / 60:.1f} min of training subprocesses ({(time.time() - t_start) / 60:.1f} min this call); "
       f"wrote {os.path.relpath(args.json, ROOT)}")

@@ -1,0 +1,71 @@
+"""
+The settings checked at startup, before any data or model is loaded and before anything is written: a value
+outside its choices, or a combination that cannot work, is refused with one line that says how to fix it
+(bipost.py prints it as `bipost: error: ...`, exit code 1). Checks that need the data or a model are made where
+those are read (data/loader.py, model.py).
+"""
+import math
+import os
+
+from objectives import OBJECTIVES, DATA_KIND
+
+CHOICES = {'dtype': ('float32', 'bfloat16', 'float16'), 'nonfinite': ('stop', 'skip'), 'dpo_loss': ('sigmoid', 'ipo'),
+           'reference_logps': ('live', 'precompute'), 'coreset': ('', 'brief', 'craig', 'random'),
+           'coreset_params': ('last', 'trainable')}
+
+
+def check_settings(c, world_size):
+    """Raise ValueError at the first bad setting of config c. Returns the gradient accumulation steps: total_batch_size,
+    if set, fixes the examples per update for any world size, and the accumulation absorbs the world size."""
+    for key, allowed in CHOICES.items():
+        if c[key] not in allowed:
+            raise ValueError(f"{key}={c[key]!r} is not one of {allowed}")
+    for name in c['objectives']:
+        if name not in OBJECTIVES:
+            raise ValueError(f"objectives: unknown objective '{name}'; known: {sorted(OBJECTIVES)} (add one in objectives.py)")
+    batch_size, accumulation = c['batch_size'], c['gradient_accumulation_steps']
+    if c['total_batch_size']:
+        if c['total_batch_size'] % (batch_size * world_size):
+            raise ValueError(f"total_batch_size={c['total_batch_size']} is not divisible by batch_size {batch_size} x "
+                             f"{world_size} ranks: use a multiple of {batch_size * world_size}, or another batch_size")
+        accumulation = c['total_batch_size'] // (batch_size * world_size)
+    if batch_size < 1 or accumulation < 1:
+        raise ValueError(f"batch_size={batch_size} and gradient_accumulation_steps={accumulation} must be >= 1")
+    lr, min_lr = c['learning_rate'], c['min_lr']
+    if not (math.isfinite(lr) and 0 < lr <= 1 and 0 <= min_lr <= lr):
+        raise ValueError(f"learning_rate={lr} and min_lr={min_lr}: need 0 < learning_rate <= 1 and 0 <= min_lr <= "
+                         f"learning_rate (~1e-6-1e-5 for billion-parameter models, ~1e-3 for the demo)")
+    if c['dpo_loss'] == 'ipo' and c['label_smoothing'] > 0:
+        raise ValueError(f"label_smoothing={c['label_smoothing']} has no meaning for dpo_loss='ipo' (it is conservative "
+                         f"DPO's ε): set one of them")
+    selecting_pairs = DATA_KIND.get(c['selection_objective']) == 'pref'
+    if c['data_selection'] and c['lower_level'] == 'reference' and selecting_pairs:
+        raise ValueError("data_selection: lower_level='reference' with preference pairs scores every pair against the "
+                         "reference itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
+    if c['coreset'] and not (0 < c['coreset_fraction'] <= 1 and c['coreset_dim'] >= 1 and not c['deepspeed']
+                             and DATA_KIND.get(c['keep_objective']) == 'sft' and not c['keep_list']):
+        raise ValueError(f"coreset={c['coreset']!r} needs 0 < coreset_fraction <= 1 (got {c['coreset_fraction']}), "
+                         f"coreset_dim >= 1, an SFT keep_objective (got {c['keep_objective']!r}), deepspeed=False (one "
+                         f"plain-torch pass) and keep_list=''")
+    if c['example_weights'] and c['data_selection']:
+        raise ValueError("example_weights and data_selection both weight the training examples: set one of them")
+    if c['data_selection'] and c['lower_level'] == 'reference' and c['reference_logps'] == 'precompute':
+        raise ValueError("reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' "
+                         "runs it as θ̂ during training: set lower_level='copy' or 'none', or reference_logps='live'")
+    if 'kd' in c['objectives'] and not c['teacher_from']:
+        raise ValueError("objective 'kd' needs teacher_from = a local HF model directory")
+    if c['optima'] and len(c['optima']) != len(c['objectives']):
+        raise ValueError(f"optima={c['optima']} must hold one f* per objective {c['objectives']} (a number or a "
+                         f"single-objective run's out_dir), or be [] if unknown")
+    return accumulation
+
+
+def demo_defaults_note(c, data_dir):
+    """A note (not an error) when a run on other data keeps the demo's DPO and lr settings, which are tuned for a tiny
+    model trained from scratch; '' otherwise."""
+    demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'demo')
+    if os.path.abspath(data_dir) == demo or (c['beta'], c['length_normalize'], c['learning_rate']) != (5.0, True, 1e-3):
+        return ''
+    return (f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny "
+            f"model from scratch; for {data_dir} set them in your config (standard DPO: beta ~0.1, summed log-probs; "
+            f"lr ~1e-6)")
