@@ -22,7 +22,8 @@ import torch.distributed as dist
 from configurator import configure, ConfigError
 from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \
     save_checkpoint
-from objectives import OBJECTIVES, DATA_KIND
+from objectives import OBJECTIVES, DATA_KIND, NEEDS_REFERENCE
+from bipost_kernels.dpo import check_settings
 import rl
 from reference_cache import load_or_compute, reference_pass
 import memory_plan
@@ -48,8 +49,10 @@ wandb_project = 'bipost'
 wandb_run_name = 'demo'
 # data
 dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
-train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train'}  # split each objective trains on
-val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val'}          # held-out split it is judged on
+train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train', 'simpo': 'pref_train',
+                'cpo': 'pref_train', 'orpo': 'pref_train'}  # split each objective trains on
+val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val', 'simpo': 'pref_val',
+              'cpo': 'pref_val', 'orpo': 'pref_val'}        # held-out split it is judged on
 keep_list = ''                # a keep.npy from the data selector: train only on those examples
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
@@ -65,8 +68,13 @@ disable_dropout = True        # sets every dropout probability of the policy (an
 # objectives
 objectives = ['sft', 'dpo']   # names from objectives.OBJECTIVES; 2 or more
 beta = 5.0                    # DPO temperature: ~0.05-0.5 on summed log-probs, ~2-10 length-normalized
-dpo_loss = 'sigmoid'          # 'sigmoid' (DPO; with label_smoothing > 0 the conservative variant) | 'ipo'
-label_smoothing = 0.0         # ε of conservative DPO, 0-0.5
+dpo_loss = 'sigmoid'          # TRL's loss_type: 'sigmoid' (DPO; label_smoothing > 0: conservative) | 'ipo' | 'hinge' | ...
+                              # (docs/preference-losses.md), or a weighted sum 'sigmoid,bco_pair,sft' (MPO)
+dpo_loss_weights = []         # one weight per dpo_loss term; [] = 1 each
+discopop_tau = 0.05           # τ of dpo_loss 'discopop', ~0.05
+label_smoothing = 0.0         # ε of conservative DPO (and of robust, exo_pair, aot, simpo, cpo), 0-0.5
+simpo_gamma = 0.5             # objective simpo: its target margin γ (TRL's simpo_gamma), ~0.5-1.6 with β ~2-2.5
+cpo_alpha = 1.0               # objective cpo: weight of its NLL term on the chosen responses, 0-1
 length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
@@ -200,7 +208,7 @@ def all_mean(values):
     return [v / world_size for v in all_sum(values)]
 
 torch.manual_seed(seed)
-for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')), ('dpo_loss', ('sigmoid', 'ipo')),
+for key, allowed in (('dtype', ('float32', 'bfloat16', 'float16')), ('nonfinite', ('stop', 'skip')),
                      ('reference_logps', ('live', 'precompute')), ('coreset', ('', 'brief', 'craig', 'random')),
                      ('coreset_params', ('last', 'trainable'))):
     if config[key] not in allowed:
@@ -219,8 +227,17 @@ if batch_size < 1 or gradient_accumulation_steps < 1:
 if not (math.isfinite(learning_rate) and 0 < learning_rate <= 1 and 0 <= min_lr <= learning_rate):
     fail(f"learning_rate={learning_rate} and min_lr={min_lr}: need 0 < learning_rate <= 1 and 0 <= min_lr <= learning_rate "
          f"(~1e-6-1e-5 for billion-parameter models, ~1e-3 for the demo)")
-if dpo_loss == 'ipo' and label_smoothing > 0:
-    fail(f"label_smoothing={label_smoothing} has no meaning for dpo_loss='ipo' (it is conservative DPO's ε): set one of them")
+try:
+    check_settings(dpo_loss if 'dpo' in objectives else 'sigmoid', dpo_loss_weights, label_smoothing)
+except ValueError as e:
+    fail(str(e))
+if simpo_gamma < 0:
+    fail(f"simpo_gamma={simpo_gamma} must be >= 0: SimPO's target margin between chosen and rejected (~0.5-1.6)")
+reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_selection and lower_level == 'reference') \
+    or ('rl' in objectives and rl_kl > 0)
+if reference_from and not reference_needed:
+    fail(f"reference_from={reference_from!r} is unused: objectives {objectives} need no reference model (simpo, cpo "
+         f"and orpo are reference-free); remove reference_from")
 if data_selection and lower_level == 'reference' and DATA_KIND.get(selection_objective) == 'pref':
     fail("data_selection: lower_level='reference' with preference pairs scores every pair against the reference "
          "itself (log 2 each), which is exactly lower_level='none': use 'copy' or 'none'")
@@ -374,7 +391,7 @@ if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
     frozen_setup['zero3_config'] = {'train_micro_batch_size_per_gpu': batch_size, 'bf16': {'enabled': dtype == 'bfloat16'},
                                     'fp16': {'enabled': dtype == 'float16'}, 'zero_optimization': {'stage': 3}}
 reference = None
-if 'dpo' in objectives or (data_selection and lower_level == 'reference') or ('rl' in objectives and rl_kl > 0):
+if reference_needed:
     source = reference_from or policy_source
     reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
@@ -385,6 +402,8 @@ if 'kd' in objectives:
     teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
+                      dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+                      cpo_alpha=cpo_alpha,
                       reference_cache=None,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:

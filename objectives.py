@@ -19,6 +19,7 @@ must be measured the same way). The logits are the model's own: head_of reproduc
 does after its LM head (bias, logit scale, soft cap), and check_head refuses a model it does not match.
 response_mask: bool or 0/1 of any integer dtype.
 """
+import math
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bipost_kernels.logprob import token_logprobs
-from bipost_kernels.dpo import dpo_losses
+from bipost_kernels.dpo import dpo_losses, sequence_logps
 import rl as reinforcement_learning  # rl.py uses this module's head path; each reads the other only at call time
 
 
@@ -188,7 +189,8 @@ def dpo(model, batch, ctx):
         reference_sum = reference_logps.sum(1)
     losses, _, _ = dpo_losses(  # (the per-sequence values it also returns are the loss's: means where it uses means)
         logps, reference_logps, mask, ctx.beta, loss_type=ctx.dpo_loss, label_smoothing=ctx.label_smoothing,
-        length_normalize=ctx.length_normalize, fused=None if ctx.fused_kernels else False)
+        length_normalize=ctx.length_normalize, fused=None if ctx.fused_kernels else False,
+        loss_weights=getattr(ctx, 'dpo_loss_weights', None), discopop_tau=getattr(ctx, 'discopop_tau', 0.05))
     B = losses.shape[0]
     # logged with TRL's meaning whatever the loss uses (means for IPO and length_normalize): summed response
     # log-probs, and rewards β·(log πθ(y|x) − log πref(y|x)) of those sums
@@ -203,6 +205,71 @@ def dpo(model, batch, ctx):
         metrics.update(loss=losses.detach(), nll=nll.detach())  # the DPO loss alone is what evals report as f
         losses = losses + ctx.dpo_nll_weight * nll
     return losses, metrics
+
+
+# Reference-free preference losses: the policy's own log-probs of the chosen (rows 0..B-1) and rejected responses.
+# Each matches TRL's trainer (CPOTrainer for simpo/cpo, ORPOTrainer), metrics too: rewards are β·(the loss's
+# log-probs), and an NLL term is TRL's cross-entropy pooled over the chosen tokens of the micro-batch, written as B
+# per-pair shares (−Σ_t log p of pair b's tokens · B / all chosen tokens) whose mean is exactly that cross-entropy.
+
+def _pooled_nll(logps, mask):
+    """B per-pair shares of the token-pooled NLL of rows logps[:B] (see above)."""
+    B = logps.shape[0] // 2
+    return -torch.where(mask[:B], logps[:B], 0.0).sum(1) * B / mask[:B].sum().clamp(min=1)
+
+
+def _pair_metrics(chosen, rejected, beta, **extra):
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {'rewards/chosen': beta * chosen, 'rewards/rejected': beta * rejected,
+            'rewards/margins': beta * (chosen - rejected), 'rewards/accuracies': (chosen > rejected).float(),
+            'logps/chosen': chosen, 'logps/rejected': rejected, **{k: v.detach() for k, v in extra.items()}}
+
+
+def _conservative(x, eps):  # DPO's logistic loss on x, label-smoothed (conservative) with ε
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def simpo(model, batch, ctx):
+    """SimPO (Meng et al. 2024): −log σ(β·(mean log π(y_w) − mean log π(y_l)) − γ), γ = ctx.simpo_gamma; label
+    smoothing ε as in conservative DPO. TRL (CPOTrainer, loss_type='simpo') computes β·(Δ − simpo_gamma/β): its
+    simpo_gamma is this γ."""
+    logps, mask = response_logprobs(model, batch, ctx)
+    seq = sequence_logps(logps, mask, average=True)
+    B = seq.shape[0] // 2
+    losses = _conservative(ctx.beta * (seq[:B] - seq[B:]) - ctx.simpo_gamma, ctx.label_smoothing)
+    return losses, _pair_metrics(seq[:B], seq[B:], ctx.beta)
+
+
+def cpo(model, batch, ctx):
+    """CPO (Xu et al. 2024): −log σ(β·(log π(y_w) − log π(y_l))) on summed log-probs (label smoothing ε as in
+    conservative DPO) + α·NLL of the chosen responses, α = ctx.cpo_alpha (TRL's cpo_alpha)."""
+    logps, mask = response_logprobs(model, batch, ctx)
+    seq = sequence_logps(logps, mask, average=False)
+    B = seq.shape[0] // 2
+    nll = _pooled_nll(logps, mask)
+    losses = _conservative(ctx.beta * (seq[:B] - seq[B:]), ctx.label_smoothing) + ctx.cpo_alpha * nll
+    return losses, _pair_metrics(seq[:B], seq[B:], ctx.beta, nll_loss=nll)
+
+
+def _log1mexp(x):
+    """log(1 − exp(x)) for x < 0, stable on both sides of −log 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo(model, batch, ctx):
+    """ORPO (Hong et al. 2024): NLL of the chosen sequences − λ·log σ(log odds(y_w) − log odds(y_l)), odds(y) =
+    p/(1 − p) of the mean response log-prob p, λ = ctx.beta (TRL's). As in TRL's ORPOTrainer, the NLL covers the
+    chosen prompt tokens too (labels are all attended tokens there)."""
+    whole = {**batch, 'response_mask': batch['attention_mask']}  # one forward: every token scored, then split
+    all_logps, all_mask = response_logprobs(model, whole, ctx)
+    mask = batch['response_mask'][:, 1:].bool()
+    seq = sequence_logps(torch.where(mask, all_logps, 0.0), mask, average=True)
+    B = seq.shape[0] // 2
+    log_odds = (seq[:B] - seq[B:]) - (_log1mexp(seq[:B]) - _log1mexp(seq[B:]))
+    ratio = F.logsigmoid(log_odds)
+    nll = _pooled_nll(all_logps, all_mask)
+    return nll - ctx.beta * ratio, _pair_metrics(seq[:B], seq[B:], ctx.beta, nll_loss=nll, log_odds_ratio=ratio,
+                                                  log_odds_chosen=log_odds)
 
 
 def kd(model, batch, ctx, chunk=None):
@@ -228,5 +295,7 @@ def rl(model, batch, ctx):
     return reinforcement_learning.objective(model, batch, ctx)
 
 
-OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl}
-DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt'}  # which kind of split each objective reads
+OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl, 'simpo': simpo, 'cpo': cpo, 'orpo': orpo}
+DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt', 'simpo': 'pref', 'cpo': 'pref',
+             'orpo': 'pref'}  # which kind of split each objective reads
+NEEDS_REFERENCE = ('dpo',)  # the objectives that read ctx.reference (rl's only with rl_kl > 0)

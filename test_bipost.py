@@ -1251,7 +1251,7 @@ def test_kernel_dpo_policy_equals_reference_is_log2(fused):
     losses, _, _ = dpo_losses(policy, policy.detach().clone(), mask, 0.1, "ipo", fused=fused)
     torch.testing.assert_close(losses, torch.full((3,), (1 / 0.2) ** 2), atol=1e-4, rtol=0)  # (0 - 1/(2 beta))^2
     with pytest.raises(ValueError):
-        dpo_losses(policy, policy, mask, 0.1, "hinge", fused=fused)
+        dpo_losses(policy, policy, mask, 0.1, "kto_pair", fused=fused)
 
 @pytest.mark.parametrize("fused", FUSED)
 def test_kernel_dpo_integer_masks(fused):
@@ -1360,8 +1360,8 @@ def test_kernel_dpo_defaults_and_shape_errors():
         with pytest.raises(ValueError) as error:
             dpo_losses(p, r, m, 0.5, fused=False)
         assert f"got {tuple(p.shape)}, {tuple(r.shape)}, {tuple(m.shape)}" in str(error.value)
-    with pytest.raises(ValueError, match="dpo loss_type must be one of .*'hinge'"):
-        dpo_losses(policy, reference, mask, 0.5, "hinge", fused=False)
+    with pytest.raises(ValueError, match="dpo loss_type 'kto_pair': \\['kto_pair'\\] is not one of .*'hinge'"):
+        dpo_losses(policy, reference, mask, 0.5, "kto_pair", fused=False)
 
 
 def test_kernel_dpo_one_token_response_is_its_own_mean():
