@@ -1604,11 +1604,12 @@ def test_selector_optimum_json_round_trip_refuses_other_settings(tmp_path):
     class Val:
         def digest(self):
             return 'abc'
-    config = {'val_splits': {'dpo': 'pref_val'}, 'beta': 5.0, 'dpo_loss': 'sigmoid', 'label_smoothing': 0.0,
-              'length_normalize': True, 'reference_from': ''}
+    config = {'val_splits': {'dpo': 'pref_val'}, 'beta': 5.0, 'dpo_loss': 'sigmoid', 'dpo_loss_weights': [],
+              'discopop_tau': 0.05, 'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
     record = optimum_record('dpo', config, Val(), 300)
     assert record == {'objective': 'dpo', 'val_split': 'pref_val', 'eval_examples': 300, 'val_data': 'abc', 'beta': 5.0,
-                      'dpo_loss': 'sigmoid', 'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
+                      'dpo_loss': 'sigmoid', 'dpo_loss_weights': [], 'discopop_tau': 0.05, 'label_smoothing': 0.0,
+                      'length_normalize': True, 'reference_from': ''}
     write_optimum(str(tmp_path), record, 0.4, 50, resumed=False)
     write_optimum(str(tmp_path), record, 0.5, 100, resumed=True)   # resumed: the earlier, better eval still counts
     assert read_optimum('dpo', str(tmp_path), record) == 0.4 and read_optimum('dpo', 0.25, record) == 0.25
@@ -4547,3 +4548,222 @@ def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeyp
     straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
     assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
     assert [drop(r) for r in straight[0]] == [drop(r) for r in resumed[0]]
+
+
+# ---- preference-loss zoo (issue 23): TRL's DPO loss types, MPO lists, reference-free simpo / cpo / orpo ----
+
+# Every DPO loss type on the hand tensors above (DPO_POLICY / DPO_REFERENCE): summed log-ratios c = [0.5, -1.0],
+# r = [-0.5, 0.5] (z = [1.0, -1.5]); per-token means c = [0.25, -1.0], r = [-1/6, 0.25]. Each loss by hand in plain
+# python from TRL's formulas (trl/trainer/dpo_trainer.py), on pair b's own scalars.
+def _zoo_sequences(average):
+    def seq(row):
+        kept = [x for x in row if x is not None]
+        return sum(kept) / (len(kept) if average else 1)
+    return [seq(r) for r in DPO_POLICY], [seq(r) for r in DPO_REFERENCE]
+
+
+def _zoo_by_hand(loss_type, beta, eps=0.0, tau=0.05, length_normalize=False):
+    log_sigmoid, sigmoid = (lambda x: -math.log1p(math.exp(-x))), (lambda x: 1 / (1 + math.exp(-x)))
+    smoothed = lambda x: -(1 - eps) * log_sigmoid(beta * x) - eps * log_sigmoid(-beta * x)
+    policy, reference = _zoo_sequences(loss_type in ('ipo', 'sigmoid_norm') or length_normalize)
+    c = [policy[b] - reference[b] for b in range(2)]
+    r = [policy[b + 2] - reference[b + 2] for b in range(2)]
+    losses = []
+    for b in range(2):
+        z = c[b] - r[b]
+        losses.append({
+            'sigmoid': lambda: smoothed(z),
+            'hinge': lambda: max(0.0, 1 - beta * z),
+            'ipo': lambda: (z - 1 / (2 * beta)) ** 2,
+            'exo_pair': lambda: (sigmoid(beta * z) * (log_sigmoid(beta * z) - math.log(1 - eps))
+                                 + sigmoid(-beta * z) * (log_sigmoid(-beta * z) - math.log(eps))),
+            'nca_pair': lambda: -log_sigmoid(beta * c[b]) - 0.5 * log_sigmoid(-beta * c[b]) - 0.5 * log_sigmoid(-beta * r[b]),
+            'robust': lambda: (-(1 - eps) * log_sigmoid(beta * z) + eps * log_sigmoid(-beta * z)) / (1 - 2 * eps),
+            'bco_pair': lambda: -log_sigmoid(beta * c[b]) - log_sigmoid(-beta * r[b]),
+            'sppo_hard': lambda: (c[b] - 0.5 / beta) ** 2 + (r[b] + 0.5 / beta) ** 2,
+            'apo_zero': lambda: 1 - sigmoid(beta * c[b]) + sigmoid(beta * r[b]),
+            'apo_down': lambda: sigmoid(beta * c[b]) + 1 - sigmoid(beta * z),
+            'discopop': lambda: (-log_sigmoid(beta * z) * (1 - sigmoid(beta * z / tau))
+                                 + math.exp(-beta * z) * sigmoid(beta * z / tau)),
+            'sigmoid_norm': lambda: -log_sigmoid(beta * z),
+            'sft': lambda: None,
+            'aot': lambda: None, 'aot_unpaired': lambda: None,
+        }[loss_type]())
+    if loss_type == 'sft':  # the chosen rows' tokens pooled: 3.5 nats over 3 tokens, as 2 per-pair shares
+        losses = [1.5 * 2 / 3, 2.0 * 2 / 3]
+    if loss_type == 'aot':  # sorted policy margins [-1.0, 1.5] minus sorted reference margins [0.5, 0.5]
+        margins = sorted(policy[b] - policy[b + 2] for b in range(2))
+        reference_margins = sorted(reference[b] - reference[b + 2] for b in range(2))
+        losses = [smoothed(m - n) for m, n in zip(margins, reference_margins)]
+    if loss_type == 'aot_unpaired':  # sorted c [-1.0, 0.5] minus sorted r [-0.5, 0.5]
+        losses = [smoothed(x - y) for x, y in zip(sorted(c), sorted(r))]
+    return losses
+
+
+ZOO_CASES = [  # loss type, β, ε: every type, ε where it has one
+    ('sigmoid', 0.5, 0.0), ('sigmoid', 0.5, 0.2), ('hinge', 0.5, 0.0), ('ipo', 0.5, 0.0), ('exo_pair', 0.5, 1e-3),
+    ('exo_pair', 2.0, 0.1), ('nca_pair', 0.5, 0.0), ('robust', 0.5, 0.2), ('bco_pair', 0.5, 0.0),
+    ('sppo_hard', 0.5, 0.0), ('aot', 0.5, 0.0), ('aot', 2.0, 0.1), ('aot_unpaired', 0.5, 0.1),
+    ('apo_zero', 0.5, 0.0), ('apo_down', 0.5, 0.0), ('discopop', 0.5, 0.0), ('discopop', 0.05, 0.0),
+    ('sigmoid_norm', 2.0, 0.0), ('sft', 0.5, 0.0)]
+
+
+def test_zoo_every_trl_loss_type_is_covered():
+    assert sorted({c[0] for c in ZOO_CASES}) == sorted(bipost_kernels.dpo.LOSS_TYPES) == sorted(
+        ['sigmoid', 'hinge', 'ipo', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired',
+         'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft'])
+
+
+def test_zoo_hand_numbers_written_out():
+    """A few losses by hand to the last digit, so that _zoo_by_hand itself is checked: β = 0.5 on summed z = [1, −1.5]
+    and means z = [5/12, −1.25]."""
+    assert _zoo_by_hand('hinge', 0.5) == [0.5, 1.75]                             # relu(1 − βz)
+    assert _zoo_by_hand('sppo_hard', 0.5) == [0.25 + 0.25, 4.0 + 2.25]           # (c − 1)² + (r + 1)²
+    assert _zoo_by_hand('ipo', 0.5) == pytest.approx([(7 / 12) ** 2, 2.25 ** 2])  # (z − 1)² on means
+    assert _zoo_by_hand('sft', 0.5) == pytest.approx([1.0, 4 / 3])              # mean 7/6: 3.5 nats / 3 tokens
+    assert _zoo_by_hand('sigmoid', 0.5) == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(0.75))])
+    assert _zoo_by_hand('aot', 0.5) == pytest.approx([math.log(1 + math.exp(0.75)), math.log(1 + math.exp(-0.5))])
+
+
+@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
+@pytest.mark.parametrize('length_normalize', [False, True])
+def test_zoo_twin_hand_numbers_at_nonzero_margins(loss_type, beta, eps, length_normalize):
+    policy, reference, mask = _dpo_tensors()
+    losses, _, _ = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=False)
+    hand = _zoo_by_hand(loss_type, beta, eps, length_normalize=length_normalize)
+    assert losses.tolist() == pytest.approx(hand, rel=1e-5, abs=1e-7)
+    grad, = torch.autograd.grad(losses.sum(), policy)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+def _zoo_trl(loss_type, policy, reference, mask, beta, eps, tau=0.05):
+    """TRL's DPOTrainer._compute_loss re-derived on the same tensors (batch sums, per-type normalization), its own
+    way: chosen/rejected chunks of summed log-probs, a per-type branch, loss = the mean over the batch."""
+    mask = mask.bool()
+    sums = torch.where(mask, policy, 0.0).sum(1)
+    ref_sums = torch.where(mask, reference, 0.0).sum(1)
+    chosen, rejected = sums.chunk(2)
+    ref_chosen, ref_rejected = ref_sums.chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    n_chosen, n_rejected = mask.sum(1).chunk(2)
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type in ('ipo', 'sigmoid_norm'):
+        delta = chosen_ratio / n_chosen - rejected_ratio / n_rejected
+        loss = (delta - 1 / (2 * beta)) ** 2 if loss_type == 'ipo' else -logsig(beta * delta)
+    elif loss_type == 'sigmoid':  # bipost's: conservative DPO when ε > 0 (TRL's ignores ε)
+        loss = -(1 - eps) * logsig(beta * delta) - eps * logsig(-beta * delta)
+    elif loss_type == 'hinge':
+        loss = torch.relu(1 - beta * delta)
+    elif loss_type == 'exo_pair':
+        loss = (torch.sigmoid(beta * delta) * (logsig(beta * delta) - math.log1p(-eps))
+                + torch.sigmoid(-beta * delta) * (logsig(-beta * delta) - math.log(eps)))
+    elif loss_type == 'nca_pair':
+        loss = -logsig(beta * chosen_ratio) - 0.5 * logsig(-beta * chosen_ratio) - 0.5 * logsig(-beta * rejected_ratio)
+    elif loss_type == 'robust':
+        loss = (-(1 - eps) * logsig(beta * delta) + eps * logsig(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == 'bco_pair':
+        loss = -logsig(beta * chosen_ratio) - logsig(-beta * rejected_ratio)
+    elif loss_type == 'sppo_hard':
+        loss = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    elif loss_type in ('aot', 'aot_unpaired'):
+        d = (torch.sort(chosen - rejected, dim=0)[0] - torch.sort(ref_chosen - ref_rejected, dim=0)[0]
+             if loss_type == 'aot' else torch.sort(chosen_ratio, dim=0)[0] - torch.sort(rejected_ratio, dim=0)[0])
+        loss = -logsig(beta * d) * (1 - eps) - logsig(-beta * d) * eps
+    elif loss_type == 'apo_zero':
+        loss = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+    elif loss_type == 'apo_down':
+        loss = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * delta)
+    elif loss_type == 'discopop':
+        x = beta * delta
+        loss = -logsig(x) * (1 - torch.sigmoid(x / tau)) + torch.exp(-x) * torch.sigmoid(x / tau)
+    else:  # 'sft': cross-entropy over every chosen token of the batch
+        B = len(chosen)
+        loss = (-policy[:B][mask[:B]].mean()).expand(B)
+    return loss.mean()
+
+
+@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
+def test_zoo_twin_equals_trl_rederivation_loss_and_gradient(loss_type, beta, eps):
+    """Random per-token log-probs of 5 pairs of different lengths: the mean of bipost's per-pair losses is TRL's batch
+    loss, and so is its gradient."""
+    g = torch.Generator().manual_seed(3)
+    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
+    reference = -3 * torch.rand(10, 7, generator=g)
+    mask = torch.arange(7) < torch.randint(1, 8, (10, 1), generator=g)
+    ours = dpo_losses(policy, reference, mask, beta, loss_type, eps, fused=False)[0].mean()
+    theirs = _zoo_trl(loss_type, policy, reference, mask, beta, eps)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0],
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_zoo_weighted_list_is_the_weighted_sum_mpo():
+    """TRL's list form (MPO): loss_type ['sigmoid', 'bco_pair', 'sft'] with weights: Σ_k w_k · loss_k per pair;
+    a comma-separated string (bipost's config value) is the same list; no weights = 1 each."""
+    policy, reference, mask = _dpo_tensors()
+    weights = [0.8, 0.2, 1.0]
+    hand = [sum(w * _zoo_by_hand(t, 0.5)[b] for t, w in zip(('sigmoid', 'bco_pair', 'sft'), weights)) for b in range(2)]
+    for form in (['sigmoid', 'bco_pair', 'sft'], 'sigmoid,bco_pair,sft', 'sigmoid, bco_pair ,sft'):
+        losses = dpo_losses(policy, reference, mask, 0.5, form, fused=False, loss_weights=weights)[0]
+        assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    unweighted = dpo_losses(policy, reference, mask, 0.5, 'ipo,hinge', fused=False)[0]  # ipo on means, hinge on sums
+    assert unweighted.tolist() == pytest.approx([a + b for a, b in zip(_zoo_by_hand('ipo', 0.5), _zoo_by_hand('hinge', 0.5))])
+
+
+def test_zoo_bad_settings_are_one_line_errors():
+    policy, reference, mask = _dpo_tensors()
+    check = bipost_kernels.dpo.check_settings
+    for loss_type, weights, eps, says in (
+            ('sigmoid,dpo', None, 0.0, r"\['dpo'\] is not one of"),
+            ('sigmoid,sft', [1.0], 0.0, "has 2 terms but 1 weights"),
+            ('hinge', None, 0.1, "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
+            ('ipo', None, 0.1, "label_smoothing=0.1 has no meaning"),
+            ('exo_pair', None, 0.0, "'exo_pair' needs 0 < label_smoothing < 1"),
+            ('robust', None, 0.5, "must lie in \\[0, 0.5\\)")):
+        with pytest.raises(ValueError, match=says):
+            check(loss_type, weights, eps)
+    check('exo_pair', None, 1e-3)
+    check('ipo,sigmoid', [1.0, 0.5], 0.1)  # sigmoid's ε
+    with pytest.raises(ValueError, match="has 2 terms but 3 weights"):
+        dpo_losses(policy, reference, mask, 0.5, 'sigmoid,sft', fused=False, loss_weights=[1, 2, 3])
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_zoo_kernel_covers_sigmoid_and_ipo_the_twin_the_rest(fused, monkeypatch):
+    """The Triton kernel runs for one unweighted 'sigmoid' or 'ipo'; every other type, and any list, runs the twin
+    even with fused=True, and gives the twin's numbers."""
+    calls = []
+    twin = bipost_kernels.dpo.dpo_losses_torch
+    monkeypatch.setattr(bipost_kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(args[4]) or twin(*args))
+    policy, reference, mask = _dpo_tensors()
+    for loss_type, weights in (('sigmoid', None), ('ipo', None), ('hinge', None), ('sigmoid,sft', None),
+                               ('sigmoid', [2.0])):
+        calls.clear()
+        losses = dpo_losses(policy, reference, mask, 0.5, loss_type, fused=fused, loss_weights=weights)[0]
+        expected = twin(policy, reference, mask, 0.5, loss_type, 0.0, False, weights)[0]
+        torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-6)
+        fusable = loss_type in ('sigmoid', 'ipo') and weights is None
+        assert calls == ([] if fused and fusable else [loss_type]), loss_type
+
+
+@pytest.mark.parametrize('loss_type', ['hinge', 'robust', 'apo_down', 'sigmoid,bco_pair,sft'])
+def test_zoo_objective_dpo_metrics_are_trls(monkeypatch, loss_type):
+    """objectives.dpo with any loss type: the loss is the table's, and the metrics keep TRL's definitions (rewards
+    β·(summed log-ratio), accuracies, margins, summed log-probs), whatever the loss averages."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    eps = 0.2 if loss_type == 'robust' else 0.0
+    ctx = _obj_ctx(reference=reference, beta=0.5, dpo_loss=loss_type, label_smoothing=eps, dpo_loss_weights=[1, 0.5, 2]
+                   if ',' in loss_type else [], discopop_tau=0.05)
+    losses, metrics = objectives.dpo(policy, {}, ctx)
+    weights = [1, 0.5, 2] if ',' in loss_type else [1]
+    hand = [sum(w * _zoo_by_hand(t, 0.5, eps)[b] for t, w in zip(loss_type.split(','), weights)) for b in range(2)]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.5 * 0.5, 0.5 * -1.0])
+    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.5, 0.5 * 0.5])
+    assert metrics['rewards/margins'].tolist() == pytest.approx([0.5, -0.75])
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
+    assert metrics['logps/chosen'].tolist() == [-1.5, -2.0] and metrics['logps/rejected'].tolist() == [-3.0, -1.0]
