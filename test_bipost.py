@@ -4767,3 +4767,136 @@ def test_zoo_objective_dpo_metrics_are_trls(monkeypatch, loss_type):
     assert metrics['rewards/margins'].tolist() == pytest.approx([0.5, -0.75])
     assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
     assert metrics['logps/chosen'].tolist() == [-1.5, -2.0] and metrics['logps/rejected'].tolist() == [-3.0, -1.0]
+
+
+def _zoo_trl_reference_free(name, model, batch, beta, eps=0.0, gamma=0.5, alpha=1.0):
+    """TRL's CPOTrainer (loss_type 'sigmoid' = cpo, 'simpo') and ORPOTrainer re-derived from the model's full logits,
+    their way (labels −100 outside what counts, nn.CrossEntropyLoss, get_batch_logps): -> (batch loss, metrics of
+    per-pair values whose means TRL logs)."""
+    ids = batch['input_ids']
+    logits = model(input_ids=ids, attention_mask=batch['attention_mask']).logits.float()
+    labels = torch.where(batch['response_mask'].bool(), ids, -100)[:, 1:]
+    logits = logits[:, :-1]
+    per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    logps = per_token.sum(-1) / ((labels != -100).sum(-1) if name in ('simpo', 'orpo') else 1)
+    B = ids.shape[0] // 2
+    chosen, rejected = logps[:B], logps[B:]
+    ce = torch.nn.CrossEntropyLoss()  # ignore_index −100
+    metrics = {'rewards/chosen': beta * chosen, 'rewards/rejected': beta * rejected,
+               'rewards/margins': beta * (chosen - rejected), 'rewards/accuracies': (chosen > rejected).float(),
+               'logps/chosen': chosen, 'logps/rejected': rejected}
+    if name == 'orpo':
+        whole = torch.where(batch['attention_mask'].bool(), ids, -100)[:B, 1:]  # prompt and response of the chosen
+        nll = ce(logits[:B].reshape(-1, logits.shape[-1]), whole.reshape(-1))
+        log1mexp = lambda x: torch.log(-torch.expm1(x))
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = torch.nn.functional.logsigmoid(log_odds)
+        metrics.update(nll_loss=nll, log_odds_ratio=ratio, log_odds_chosen=log_odds)
+        return nll - (beta * ratio).mean(), metrics
+    x = chosen - rejected - (gamma / beta if name == 'simpo' else 0.0)
+    losses = (-torch.nn.functional.logsigmoid(beta * x) * (1 - eps) - torch.nn.functional.logsigmoid(-beta * x) * eps)
+    if name == 'simpo':
+        return losses.mean(), metrics
+    nll = ce(logits[:B].reshape(-1, logits.shape[-1]), labels[:B].reshape(-1))
+    metrics['nll_loss'] = nll
+    return losses.mean() + alpha * nll, metrics
+
+
+@pytest.mark.parametrize('name, beta, eps', [('simpo', 2.0, 0.0), ('simpo', 2.5, 0.1), ('cpo', 0.1, 0.0),
+                                             ('cpo', 0.5, 0.1), ('orpo', 0.1, 0.0), ('orpo', 1.0, 0.0)])
+def test_zoo_reference_free_equal_trl_rederivation(name, beta, eps):
+    """simpo / cpo / orpo on a tiny random Llama: the mean of the per-pair losses is TRL's batch loss, with its
+    gradient; every metric is TRL's (per pair, or for the pooled ones, the mean TRL logs)."""
+    model, batch = _obj_model(1), _obj_batch(OBJ_PAIRS)
+    ctx = _obj_ctx(beta=beta, label_smoothing=eps, simpo_gamma=0.7, cpo_alpha=0.6)
+    losses, metrics = objectives.OBJECTIVES[name](model, batch, ctx)
+    loss, expected = _zoo_trl_reference_free(name, model, batch, beta, eps, gamma=0.7, alpha=0.6)
+    assert losses.shape == (3,) and objectives.DATA_KIND[name] == 'pref' and name not in objectives.NEEDS_REFERENCE
+    torch.testing.assert_close(losses.mean(), loss, atol=1e-5, rtol=1e-5)
+    assert set(metrics) == set(expected)
+    for key, value in expected.items():
+        if value.dim() == 0:  # TRL's pooled NLL: our per-pair shares average to it
+            torch.testing.assert_close(metrics[key].mean(), value.detach(), atol=1e-5, rtol=1e-5, msg=key)
+        else:
+            torch.testing.assert_close(metrics[key], value.detach(), atol=1e-5, rtol=1e-5, msg=key)
+    assert 0 < expected['rewards/accuracies'].sum() < 3  # margins of both signs
+    torch.testing.assert_close(_obj_grads(model, losses.mean()), _obj_grads(model, loss), atol=1e-5, rtol=1e-4)
+
+
+# ORPO by hand: per-token log-probs after the shift, the first column a prompt token (in the NLL, not in the odds)
+ZOO_ORPO_TOKENS = [[-0.3, -0.5, -1.0], [-0.2, -2.0, 0.0], [-0.3, -1.5, -0.5], [-0.2, -0.25, 0.0]]
+ZOO_ORPO_ATTENDED = [[True, True, True], [True, True, False], [True, True, True], [True, True, False]]
+
+
+def test_zoo_reference_free_hand_numbers(monkeypatch):
+    """simpo and cpo on DPO_POLICY (chosen means [−0.75, −2], rejected [−1, −0.5]; sums [−1.5, −2] and [−3, −1]),
+    orpo on ZOO_ORPO_TOKENS, all by hand with math."""
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))
+    policy_logps, _, mask = _dpo_tensors(masked=0.0)
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (policy_logps * mask, mask))
+    ctx = _obj_ctx(beta=2.0, simpo_gamma=0.3, cpo_alpha=0.5)
+    losses, metrics = objectives.simpo(None, {}, ctx)  # −log σ(β·Δmean − γ): Δ = 0.25 and −1.5
+    assert losses.tolist() == pytest.approx([-log_sigmoid(2 * 0.25 - 0.3), -log_sigmoid(2 * -1.5 - 0.3)], rel=1e-6)
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([-1.5, -4.0]) and metrics['rewards/accuracies'].tolist() == [1, 0]
+    losses, metrics = objectives.cpo(None, {}, _obj_ctx(beta=0.5, cpo_alpha=0.5, label_smoothing=0.1))
+    nll = [1.5 * 2 / 3, 2.0 * 2 / 3]  # 3.5 nats over 3 chosen tokens, as two per-pair shares
+    smoothed = lambda x: -0.9 * log_sigmoid(x) - 0.1 * log_sigmoid(-x)
+    assert losses.tolist() == pytest.approx([smoothed(0.5 * 1.5) + 0.5 * nll[0], smoothed(0.5 * -1.0) + 0.5 * nll[1]], rel=1e-6)
+    assert metrics['nll_loss'].tolist() == pytest.approx(nll) and metrics['rewards/margins'].tolist() == pytest.approx([0.75, -0.5])
+
+    tokens = torch.tensor(ZOO_ORPO_TOKENS, requires_grad=True)
+    attended = torch.tensor(ZOO_ORPO_ATTENDED)
+    response = attended & (torch.arange(3) > 0)
+    leading = torch.ones(4, 1, dtype=torch.bool)
+    batch = {'attention_mask': torch.cat([leading, attended], 1).long(), 'response_mask': torch.cat([~leading, response], 1)}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, b, ctx: (tokens * b['response_mask'][:, 1:],
+                                                                                b['response_mask'][:, 1:].bool()))
+    losses, metrics = objectives.orpo(None, batch, _obj_ctx(beta=0.25))
+    chosen, rejected = [-0.75, -2.0], [-1.0, -0.25]
+    log_odds = [(w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l))) for w, l in zip(chosen, rejected)]
+    nll = [1.8 * 2 / 5, 2.2 * 2 / 5]  # chosen prompt + response tokens: 4.0 nats over 5, as two shares
+    assert losses.tolist() == pytest.approx([n - 0.25 * log_sigmoid(o) for n, o in zip(nll, log_odds)], rel=1e-6)
+    assert metrics['log_odds_chosen'].tolist() == pytest.approx(log_odds, rel=1e-6)
+    assert metrics['log_odds_ratio'].tolist() == pytest.approx([log_sigmoid(o) for o in log_odds], rel=1e-6)
+    assert metrics['logps/chosen'].tolist() == pytest.approx(chosen) and metrics['nll_loss'].tolist() == pytest.approx(nll)
+    grad, = torch.autograd.grad(losses.sum(), tokens)
+    assert torch.isfinite(grad).all() and (grad[~attended] == 0).all()
+    assert (grad[:2][attended[:2]] < 0).all()  # raising a chosen token's log-prob lowers the loss
+    assert (grad[2:][response[2:]] > 0).all() and (grad[2:, 0] == 0).all()  # a rejected one's raises it; prompts: no NLL
+
+
+@pytest.mark.parametrize('objective', ['simpo', 'cpo', 'orpo'])
+def test_zoo_reference_free_run_builds_no_reference(tmp_path, monkeypatch, capsys, objective):
+    """SFT + a reference-free objective through bipost.py: no frozen model is built (the memory plan's frozen weights
+    are 0, where sft + dpo's hold the reference), and its held-out loss falls in a short run."""
+    import model as model_module
+    roles, real = [], model_module.frozen
+    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
+    out = tmp_path / objective
+    args = [f'--objectives=["sft", "{objective}"]', '--strategy=mix', '--weights=[0.2, 0.8]',  # (the demo's SFT fights it)
+            '--beta=2.0' if objective == 'simpo' else '--beta=0.1',
+            '--learning_rate=1e-2', '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert roles == [] and '+ frozen weights 0 GB +' in stdout
+    evals, _ = _train_records(out)
+    assert evals[-1][f'val/{objective}/loss'] < evals[0][f'val/{objective}/loss'] - 0.05
+    if objective == 'simpo':  # (cpo and orpo fall through their NLL first in 12 updates)
+        assert evals[-1]['val/simpo/rewards/accuracies'] > evals[0]['val/simpo/rewards/accuracies']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft", "dpo"]', '--max_iters=1',
+                                       f'--out_dir={tmp_path / "dpo"}')
+    assert code == 0 and roles == ['reference'] and '+ frozen weights 0 GB +' not in stdout
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--objectives=["sft", "orpo"]', '--reference_from=/some/model'],
+     "reference_from='/some/model' is unused: objectives ['sft', 'orpo'] need no reference model"),
+    (['--objectives=["sft", "simpo"]', '--simpo_gamma=-0.5'], "simpo_gamma=-0.5 must be >= 0"),
+    (['--dpo_loss=hinge', '--label_smoothing=0.1'], "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
+    (['--dpo_loss=sigmoid,sft', '--dpo_loss_weights=[1.0]'], "has 2 terms but 1 weights"),
+    (['--dpo_loss=kto_pair'], "['kto_pair'] is not one of"),
+])
+def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, args, says):
+    out = tmp_path / 'out'
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={out}')
+    assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and not out.exists()
