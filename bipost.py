@@ -50,9 +50,9 @@ wandb_run_name = 'demo'
 # data
 dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
 train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train', 'simpo': 'pref_train',
-                'cpo': 'pref_train', 'orpo': 'pref_train'}  # split each objective trains on
+                'cpo': 'pref_train', 'orpo': 'pref_train', 'kto': 'kto_train'}  # split each objective trains on
 val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val', 'simpo': 'pref_val',
-              'cpo': 'pref_val', 'orpo': 'pref_val'}        # held-out split it is judged on
+              'cpo': 'pref_val', 'orpo': 'pref_val', 'kto': 'kto_val'}  # held-out split it is judged on
 keep_list = ''                # a keep.npy from the data selector: train only on those examples
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
@@ -75,6 +75,8 @@ discopop_tau = 0.05           # τ of dpo_loss 'discopop', ~0.05
 label_smoothing = 0.0         # ε of conservative DPO (and of robust, exo_pair, aot, simpo, cpo), 0-0.5
 simpo_gamma = 0.5             # objective simpo: its target margin γ (TRL's simpo_gamma), ~0.5-1.6 with β ~2-2.5
 cpo_alpha = 1.0               # objective cpo: weight of its NLL term on the chosen responses, 0-1
+desirable_weight = 1.0        # objective kto: λ_D on desirable examples; keep λ_D·n_D / (λ_U·n_U) in ~[1, 4/3]
+undesirable_weight = 1.0      # objective kto: λ_U on undesirable examples
 length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
@@ -235,6 +237,9 @@ if simpo_gamma < 0:
     fail(f"simpo_gamma={simpo_gamma} must be >= 0: SimPO's target margin between chosen and rejected (~0.5-1.6)")
 reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_selection and lower_level == 'reference') \
     or ('rl' in objectives and rl_kl > 0)
+if 'kto' in objectives and (batch_size < 2 or reference_logps == 'precompute'):
+    fail(f"objective 'kto' needs batch_size >= 2 (got {batch_size}: its KL pairs are other examples' completions) "
+         f"and reference_logps='live' (got {reference_logps!r}: the pairs change with every batch)")
 if reference_from and not reference_needed:
     fail(f"reference_from={reference_from!r} is unused: objectives {objectives} need no reference model (simpo, cpo "
          f"and orpo are reference-free); remove reference_from")
@@ -403,7 +408,7 @@ if 'kd' in objectives:
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
-                      cpo_alpha=cpo_alpha,
+                      cpo_alpha=cpo_alpha, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
                       reference_cache=None,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
@@ -574,7 +579,7 @@ if master:
     for name in objectives:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
-    longest = max(batch_size * {'pref': 2, 'prompt': rl_group}.get(DATA_KIND[n], 1) *
+    longest = max(batch_size * {'pref': 2, 'unpaired': 2, 'prompt': rl_group}.get(DATA_KIND[n], 1) *
                   (s.longest + (rl_max_new_tokens if n == 'rl' else 0))
                   for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
     print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,

@@ -272,6 +272,33 @@ def orpo(model, batch, ctx):
                                                   log_odds_chosen=log_odds)
 
 
+def kto(model, batch, ctx):
+    """KTO (Ethayarajh et al. 2024) on unpaired data, as TRL's KTOTrainer: rows 0..B-1 are each prompt with its own
+    completion, B..2B-1 each prompt with another example's (data/loader.py), labels [B] (True: desirable). With
+    ρ = β·(log πθ(y|x) − log πref(y|x)) on summed log-probs and the reference point z0 = max(0, mean over the
+    mismatched rows of log πθ − log πref) (no gradient), a desirable example's loss is λ_D·(1 − σ(ρ − β·z0)), an
+    undesirable one's λ_U·(1 − σ(β·z0 − ρ)); their mean is TRL's loss. Metrics: TRL's kl, and rewards / logps of
+    each class as per-example shares whose mean over the micro-batch is TRL's mean over that class."""
+    B = batch['labels'].shape[0]
+    own = {k: batch[k][:B] for k in ('input_ids', 'attention_mask', 'response_mask')}
+    mismatched = {k: batch[k][B:] for k in ('input_ids', 'attention_mask', 'response_mask')}
+    logps, mask = response_logprobs(model, own, ctx)
+    policy = logps.sum(1)
+    with torch.no_grad():
+        reference = response_logprobs(ctx.reference, batch, ctx)[0].sum(1)
+        kl = (response_logprobs(model, mismatched, ctx)[0].sum(1) - reference[B:]).mean().clamp(min=0)
+    logratio = policy - reference[:B]
+    desirable = batch['labels'].bool()
+    losses = torch.where(desirable, ctx.desirable_weight * (1 - torch.sigmoid(ctx.beta * (logratio - kl))),
+                         ctx.undesirable_weight * (1 - torch.sigmoid(ctx.beta * (kl - logratio))))
+    shares = {True: desirable * B / desirable.sum().clamp(min=1), False: ~desirable * B / (~desirable).sum().clamp(min=1)}
+    rewards, policy = ctx.beta * logratio.detach(), policy.detach()
+    metrics = {'kl': kl.expand(B), 'rewards/chosen': rewards * shares[True], 'rewards/rejected': rewards * shares[False],
+               'logps/chosen': policy * shares[True], 'logps/rejected': policy * shares[False]}
+    metrics['rewards/margins'] = metrics['rewards/chosen'] - metrics['rewards/rejected']
+    return losses, metrics
+
+
 def kd(model, batch, ctx, chunk=None):
     """Mean over an example's response positions of −Σ_v p_teacher(v) log p_student(v): the forward KL to the teacher
     up to the teacher's entropy. chunk: rows of logits at a time (Head.cross_entropy; default from the vocab)."""
@@ -295,7 +322,7 @@ def rl(model, batch, ctx):
     return reinforcement_learning.objective(model, batch, ctx)
 
 
-OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl, 'simpo': simpo, 'cpo': cpo, 'orpo': orpo}
+OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl, 'simpo': simpo, 'cpo': cpo, 'orpo': orpo, 'kto': kto}
 DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt', 'simpo': 'pref', 'cpo': 'pref',
-             'orpo': 'pref'}  # which kind of split each objective reads
-NEEDS_REFERENCE = ('dpo',)  # the objectives that read ctx.reference (rl's only with rl_kl > 0)
+             'orpo': 'pref', 'kto': 'unpaired'}  # which kind of split each objective reads
+NEEDS_REFERENCE = ('dpo', 'kto')  # the objectives that read ctx.reference (rl's only with rl_kl > 0)

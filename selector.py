@@ -193,7 +193,7 @@ OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
                       'dpo': ('beta', 'dpo_loss', 'dpo_loss_weights', 'discopop_tau', 'label_smoothing', 'length_normalize',
                               'reference_from'),
                       'simpo': ('beta', 'simpo_gamma', 'label_smoothing'), 'cpo': ('beta', 'cpo_alpha', 'label_smoothing'),
-                      'orpo': ('beta',),
+                      'orpo': ('beta',), 'kto': ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'),
                       'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
 
 
