@@ -4900,3 +4900,175 @@ def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, m
     out = tmp_path / 'out'
     code, _, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={out}')
     assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+# ---- KTO on unpaired data (issue 23) ----
+
+ZOO_UNPAIRED = [{"prompt": "What is 2+2?\n", "completion": "4", "label": True},
+                {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "go"}],
+                 "label": False},
+                {"messages": [{"role": "user", "content": "Reverse: cat"}, {"role": "assistant", "content": "tac"}],
+                 "label": True}]
+
+
+def test_kto_data_unpaired_shapes_and_batches(tmp_path):
+    """TRL's unpaired records (strings, prompt/completion message lists, messages) -> kind 'unpaired'; a batch holds
+    each prompt with its own completion, then with the previous example's (cycled), and the labels."""
+    from data.loader import Split
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_train": ZOO_UNPAIRED}, max_length=64)
+    assert meta["splits"]["kto_train"]["kind"] == "unpaired"
+    assert _data_decode(_data_read(tmp_path, "kto_train")) == [
+        ["What is 2+2?\n", "4<|endoftext|>"], ["user: hi\nassistant: ", "go\n<|endoftext|>"],
+        ["user: Reverse: cat\nassistant: ", "tac\n<|endoftext|>"]]
+    assert [json.loads(line) for line in open(tmp_path / "kto_train_extra.jsonl")] == [
+        {"label": True}, {"label": False}, {"label": True}]
+    split = Split(str(tmp_path), "kto_train", "unpaired", meta, seed=0)
+    batch = split.batch(np.array([2, 0, 1]))
+    enc = data_prep.demo_encoding()
+    rows = [enc.decode([t for t, keep in zip(ids.tolist(), attn.tolist()) if keep])
+            for ids, attn in zip(batch['input_ids'], batch['attention_mask'])]
+    responses = [enc.decode([t for t, keep in zip(ids.tolist(), m.tolist()) if keep])
+                 for ids, m in zip(batch['input_ids'], batch['response_mask'])]
+    assert responses == ["tac\n<|endoftext|>", "4<|endoftext|>", "go\n<|endoftext|>",   # own
+                         "go\n<|endoftext|>", "tac\n<|endoftext|>", "4<|endoftext|>"]   # the previous example's
+    assert rows[3] == "user: Reverse: cat\nassistant: go\n<|endoftext|>" and rows[4] == "What is 2+2?\ntac\n<|endoftext|>"
+    assert batch['labels'].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize('records, says', [
+    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b"}], ':2: missing key label for an unpaired record'),
+    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b", "label": "yes"}], ":2: \"label\" must be true or false"),
+    ([{"prompt": "a", "completion": "b", "label": 1}], ":1: \"label\" must be true or false (JSON booleans), got 1"),
+    ([{"prompt": "a", "label": True}], ":1: missing key(s) completion"),
+])
+def test_kto_data_bad_labels_name_file_and_line(tmp_path, records, says):
+    path = tmp_path / 'kto.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / 'out'), "demo", {"kto_train": str(path)}, max_length=64)
+    assert f"{path}{says}" in str(error.value) and not (tmp_path / 'out').exists()
+
+
+def test_kto_data_one_class_split_is_refused(tmp_path):
+    from data.loader import Split
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_val": [ZOO_UNPAIRED[0], ZOO_UNPAIRED[2]]}, max_length=64)
+    with pytest.raises(data_prep.DataError, match="needs a true or false label on every example and both kinds "
+                                                  r"\(2 true of 2\)"):
+        Split(str(tmp_path), "kto_val", "unpaired", meta, seed=0)
+
+
+# KTO by hand: 4 examples (labels T, F, T, F), per-token log-probs whose sums are, own rows: policy
+# [-1, -2, -1.5, -0.5], reference [-1.5, -1, -1.5, -1] (log-ratios [0.5, -1, 0, 0.5]); mismatched rows: policy
+# [-3, -2, -4, -2.5], reference [-3.5, -2.5, -4, -3] (KL estimate mean [0.5, 0.5, 0, 0.5] = 0.375).
+KTO_POLICY = [-1.0, -2.0, -1.5, -0.5, -3.0, -2.0, -4.0, -2.5]
+KTO_REFERENCE = [-1.5, -1.0, -1.5, -1.0, -3.5, -2.5, -4.0, -3.0]
+
+
+def _kto_patch(monkeypatch, policy_sums, reference_sums):
+    """objectives.response_logprobs replaced by tables: row k (input_ids[:, 0] = k) has two scored tokens, 40 % and
+    60 % of its sum, and a masked NaN. Returns the policy's table (it requires grad), the batch and the models."""
+    policy_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in policy_sums], requires_grad=True)
+    reference_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in reference_sums])
+    policy, reference = object(), object()
+    tables = {id(policy): policy_table, id(reference): reference_table}
+    def logprobs(model, batch, ctx):
+        mask = batch['response_mask'][:, 1:].bool()
+        return torch.where(mask, tables[id(model)][batch['input_ids'][:, 0]], 0.0), mask
+    monkeypatch.setattr(objectives, 'response_logprobs', logprobs)
+    n = len(policy_sums)
+    batch = {'input_ids': torch.arange(n)[:, None].expand(n, 4).contiguous(), 'attention_mask': torch.ones(n, 4),
+             'response_mask': torch.tensor([[False, True, True, False]] * n), 'labels': torch.tensor([True, False] * (n // 4))}
+    return policy_table, batch, policy, reference
+
+
+def test_kto_hand_numbers_and_no_gradient_through_the_kl_point(monkeypatch):
+    table, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY, KTO_REFERENCE)
+    ctx = _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    losses, metrics = objectives.kto(policy, batch, ctx)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    z0 = 0.375
+    hand = [1 - sigmoid(0.5 * (0.5 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 + 1.0))),
+            1 - sigmoid(0.5 * (0.0 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 - 0.5)))]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    assert metrics['kl'].tolist() == pytest.approx([z0] * 4)
+    # per-class means as TRL logs them: chosen rewards β·[0.5, 0] -> 0.125, rejected β·[−1, 0.5] -> −0.125
+    assert metrics['rewards/chosen'].mean().item() == pytest.approx(0.125)
+    assert metrics['rewards/rejected'].mean().item() == pytest.approx(-0.125)
+    assert metrics['rewards/margins'].mean().item() == pytest.approx(0.25)
+    assert metrics['logps/chosen'].mean().item() == pytest.approx(-1.25)
+    assert metrics['logps/rejected'].mean().item() == pytest.approx(-1.25)
+    grad, = torch.autograd.grad(losses.sum(), table)
+    assert (grad[4:] == 0).all() and (grad[:, 2] == 0).all()  # the mismatched rows only set the reference point
+    assert (grad[[0, 2], :2] < 0).all() and (grad[[1, 3], :2] > 0).all()  # desirable up, undesirable down
+    # the reference point is clamped at 0: mismatched completions the policy likes less than the reference does
+    _, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY[:4] + [-4.0, -3.0, -5.0, -3.5], KTO_REFERENCE)
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0,
+                                                             undesirable_weight=1.0))
+    assert metrics['kl'].tolist() == [0.0] * 4
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.25), 1 - sigmoid(0.5), 1 - sigmoid(0.0), 1 - sigmoid(-0.25)])
+
+
+def test_kto_equals_trl_rederivation(monkeypatch):
+    """Random sums and labels for 8 examples: the mean of the per-example losses is TRL's KTOTrainer loss (chosen and
+    rejected losses concatenated, weighted, nanmean), and the logged per-class means are its metrics."""
+    g = torch.Generator().manual_seed(5)
+    reference_sums = (-4 * torch.rand(16, generator=g)).tolist()
+    policy_sums = [r + d for r, d in zip(reference_sums, (2 * torch.rand(16, generator=g) - 0.5).tolist())]  # KL > 0
+    table, batch, policy, reference = _kto_patch(monkeypatch, policy_sums, reference_sums)
+    batch['labels'] = torch.tensor([True, True, False, True, False, False, False, True])
+    beta, dw, uw = 0.3, 1.33, 0.8
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=beta, desirable_weight=dw,
+                                                             undesirable_weight=uw))
+    # TRL's way
+    logps = torch.tensor(policy_sums[:8]); ref = torch.tensor(reference_sums[:8])
+    kl = (torch.tensor(policy_sums[8:]) - torch.tensor(reference_sums[8:])).mean().clamp(min=0)
+    chosen_idx, rejected_idx = batch['labels'].nonzero().view(-1), (~batch['labels']).nonzero().view(-1)
+    chosen_ratio = logps.index_select(0, chosen_idx) - ref.index_select(0, chosen_idx)
+    rejected_ratio = logps.index_select(0, rejected_idx) - ref.index_select(0, rejected_idx)
+    trl = torch.cat((dw * (1 - torch.sigmoid(beta * (chosen_ratio - kl))),
+                     uw * (1 - torch.sigmoid(beta * (kl - rejected_ratio))))).nanmean()
+    assert losses.mean().item() == pytest.approx(trl.item(), rel=1e-5)
+    assert metrics['rewards/chosen'].mean().item() == pytest.approx((beta * chosen_ratio).nansum().item() / 4, rel=1e-5)
+    assert metrics['rewards/rejected'].mean().item() == pytest.approx((beta * rejected_ratio).nansum().item() / 4, rel=1e-5)
+    assert metrics['logps/chosen'].mean().item() == pytest.approx(logps[chosen_idx].sum().item() / 4, rel=1e-5)
+    assert metrics['kl'][0].item() == pytest.approx(kl.item(), rel=1e-5) and kl > 0
+
+
+@pytest.fixture(scope='module')
+def kto_dataset(tmp_path_factory):
+    """The demo's SFT splits, and its preference pairs as unpaired records (chosen: true, rejected: false)."""
+    out = tmp_path_factory.mktemp('kto_data')
+    def unpaired(path, n):
+        pairs = [json.loads(line) for line in open(os.path.join(ROOT, path))][:n]
+        return [{'prompt': p['prompt'], 'completion': p[k], 'label': k == 'chosen'} for p in pairs for k in ('chosen', 'rejected')]
+    data_prep.prepare(str(out), 'demo', {'sft_train': os.path.join(ROOT, 'data/demo/sft_train.jsonl'),
+                                         'sft_val': os.path.join(ROOT, 'data/demo/sft_val.jsonl'),
+                                         'kto_train': unpaired('data/demo/pref_train.jsonl', 1000),
+                                         'kto_val': unpaired('data/demo/pref_val.jsonl', 150)}, max_length=128)
+    return out
+
+
+def test_kto_bipost_sft_plus_kto_learns_with_a_reference(tmp_path, monkeypatch, capsys, kto_dataset):
+    import model as model_module
+    roles, real = [], model_module.frozen
+    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
+    out = tmp_path / 'kto'
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
+                                       '--strategy=mix', '--weights=[0.2, 0.8]', '--beta=1.0', '--learning_rate=1e-2',
+                                       '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}')
+    assert code == 0, err
+    assert roles == ['reference']
+    evals, _ = _train_records(out)
+    assert evals[0]['val/kto/loss'] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 − σ(0) for every example
+    assert evals[-1]['val/kto/loss'] < evals[0]['val/kto/loss'] - 0.02
+    assert evals[-1]['val/kto/rewards/margins'] > 0
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--batch_size=1'], "objective 'kto' needs batch_size >= 2 (got 1"),
+    (['--reference_logps=precompute'], "and reference_logps='live' (got 'precompute'"),
+])
+def test_kto_bipost_bad_settings(tmp_path, monkeypatch, capsys, kto_dataset, args, says):
+    code, _, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]', *args,
+                                  f'--out_dir={tmp_path / "out"}')
+    assert code == 1 and says in err and not (tmp_path / 'out').exists()
