@@ -5072,3 +5072,47 @@ def test_kto_bipost_bad_settings(tmp_path, monkeypatch, capsys, kto_dataset, arg
     code, _, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]', *args,
                                   f'--out_dir={tmp_path / "out"}')
     assert code == 1 and says in err and not (tmp_path / 'out').exists()
+
+
+# ---- the new objectives everywhere the old ones run (issue 23) ----
+
+@pytest.mark.slow
+def test_zoo_every_objective_in_strategies_lora_zero_and_precompute(tmp_path, kto_dataset):
+    """Short runs of each new objective beside SFT across the strategies, LoRA (reference = adapters off), ZeRO-2/3
+    and a precomputed reference: every run finishes, trains the objective it names and evaluates it to finite
+    numbers (maxright on f* given as numbers)."""
+    common = ['--max_iters=4', '--eval_interval=4', '--batch_size=4', '--warmup_iters=1', '--beta=0.5']
+    kto = [f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]']
+    runs = {'alright_simpo': ['--objectives=["sft", "simpo"]', '--strategy=alright', '--weights=[0.1, 0.9]', '--beta=2.0'],
+            'maxright_orpo': ['--objectives=["sft", "orpo"]', '--strategy=maxright', '--optima=[1.0, 1.0]'],
+            'sequential_cpo': ['--objectives=["sft", "cpo"]', '--strategy=sequential'],
+            'mix_hinge_precompute': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=hinge',
+                                     '--reference_logps=precompute'],
+            'mix_mpo_lora': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=sigmoid,bco_pair,sft',
+                             '--dpo_loss_weights=[0.8, 0.2, 1.0]', '--lora_rank=4'],
+            'alright_kto_lora': kto + ['--strategy=alright', '--weights=[0.1, 0.9]', '--lora_rank=4'],
+            'mix_kto_zero3': kto + ['--strategy=mix', '--deepspeed=True', '--zero_stage=3'],
+            'mix_orpo_zero2': ['--objectives=["sft", "orpo"]', '--strategy=mix', '--deepspeed=True', '--zero_stage=2']}
+    dirs = _train_run(tmp_path, {name: common + args for name, args in runs.items()}, timeout=900)
+    for name, out in dirs.items():
+        objective = {'hinge': 'dpo', 'mpo': 'dpo'}.get(name.split('_')[1], name.split('_')[1])
+        evals, steps = _train_records(out)
+        assert [r['iter'] for r in evals] == [0, 4] and len(steps) == 4, name
+        assert any(objective in r['objective'] for r in steps), (name, [r['objective'] for r in steps])
+        assert all(math.isfinite(v) for r in evals for k, v in r.items() if k.startswith('val/')), name
+        assert evals[-1][f'val/{objective}/loss'] != evals[0][f'val/{objective}/loss'], name
+
+
+@pytest.mark.slow
+def test_zoo_killed_kto_run_resumes_exactly(tmp_path, kto_dataset):
+    """KTO's batches (own + mismatched rows) come back in the same order after a kill: the resumed run's per-update
+    losses equal an uninterrupted run's."""
+    args = ['--max_iters=6', '--eval_interval=3', f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
+            '--dpo_loss=sigmoid', '--strategy=alright']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
+    assert _rel_losses(_rel_metrics(tmp_path / 'killed')) == _rel_losses(_rel_metrics(tmp_path / 'full'))
