@@ -72,6 +72,7 @@ dpo_loss = 'sigmoid'          # TRL's loss_type: 'sigmoid' (DPO; label_smoothing
                               # (docs/preference-losses.md), or a weighted sum 'sigmoid,bco_pair,sft' (MPO)
 dpo_loss_weights = []         # one weight per dpo_loss term; [] = 1 each
 discopop_tau = 0.05           # τ of dpo_loss 'discopop', ~0.05
+ld_alpha = 1.0                # LD-DPO: weight of the longer response's tokens past the shorter one's length, 0-1 (1 = off)
 label_smoothing = 0.0         # ε of conservative DPO (and of robust, exo_pair, aot, simpo, cpo), 0-0.5
 simpo_gamma = 0.5             # objective simpo: its target margin γ (TRL's simpo_gamma), ~0.5-1.6 with β ~2-2.5
 cpo_alpha = 1.0               # objective cpo: weight of its NLL term on the chosen responses, 0-1
@@ -237,6 +238,9 @@ if simpo_gamma < 0:
     fail(f"simpo_gamma={simpo_gamma} must be >= 0: SimPO's target margin between chosen and rejected (~0.5-1.6)")
 reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_selection and lower_level == 'reference') \
     or ('rl' in objectives and rl_kl > 0)
+if ld_alpha != 1.0 and ('dpo' not in objectives or reference_logps == 'precompute' or not 0 <= ld_alpha <= 1):
+    fail(f"ld_alpha={ld_alpha} (LD-DPO) weighs the dpo objective's per-token log-ratios: it needs 'dpo' in objectives, "
+         f"reference_logps='live' and 0 <= ld_alpha <= 1; or set ld_alpha=1")
 if 'kto' in objectives and (batch_size < 2 or reference_logps == 'precompute'):
     fail(f"objective 'kto' needs batch_size >= 2 (got {batch_size}: its KL pairs are other examples' completions) "
          f"and reference_logps='live' (got {reference_logps!r}: the pairs change with every batch)")
@@ -407,9 +411,9 @@ if 'kd' in objectives:
     teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
-                      cpo_alpha=cpo_alpha, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                      reference_cache=None,
+                      dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+                      simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, desirable_weight=desirable_weight,
+                      undesirable_weight=undesirable_weight, reference_cache=None,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
     ctx.__dict__.update(rl_context)

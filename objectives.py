@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bipost_kernels.logprob import token_logprobs
-from bipost_kernels.dpo import dpo_losses, sequence_logps
+from bipost_kernels.dpo import dpo_losses, ld_weights, sequence_logps
 import rl as reinforcement_learning  # rl.py uses this module's head path; each reads the other only at call time
 
 
@@ -190,11 +190,15 @@ def dpo(model, batch, ctx):
     losses, _, _ = dpo_losses(  # (the per-sequence values it also returns are the loss's: means where it uses means)
         logps, reference_logps, mask, ctx.beta, loss_type=ctx.dpo_loss, label_smoothing=ctx.label_smoothing,
         length_normalize=ctx.length_normalize, fused=None if ctx.fused_kernels else False,
-        loss_weights=getattr(ctx, 'dpo_loss_weights', None), discopop_tau=getattr(ctx, 'discopop_tau', 0.05))
+        loss_weights=getattr(ctx, 'dpo_loss_weights', None), discopop_tau=getattr(ctx, 'discopop_tau', 0.05),
+        ld_alpha=getattr(ctx, 'ld_alpha', 1.0))
     B = losses.shape[0]
     # logged with TRL's meaning whatever the loss uses (means for IPO and length_normalize): summed response
-    # log-probs, and rewards β·(log πθ(y|x) − log πref(y|x)) of those sums
+    # log-probs (LD-DPO's weighted sums with ld_alpha), and rewards β·(log πθ(y|x) − log πref(y|x)) of those sums
     policy_sum = logps.detach().sum(1)
+    if getattr(ctx, 'ld_alpha', 1.0) != 1.0:  # (a precomputed reference was refused by dpo_losses)
+        weights = ld_weights(mask, ctx.ld_alpha)
+        policy_sum, reference_sum = (logps.detach() * weights).sum(1), (reference_logps * weights).sum(1)
     rewards = ctx.beta * (policy_sum - reference_sum)
     chosen, rejected = rewards[:B], rewards[B:]
     metrics = {'rewards/chosen': chosen, 'rewards/rejected': rejected, 'rewards/margins': chosen - rejected,

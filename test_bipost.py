@@ -1605,11 +1605,12 @@ def test_selector_optimum_json_round_trip_refuses_other_settings(tmp_path):
         def digest(self):
             return 'abc'
     config = {'val_splits': {'dpo': 'pref_val'}, 'beta': 5.0, 'dpo_loss': 'sigmoid', 'dpo_loss_weights': [],
-              'discopop_tau': 0.05, 'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
+              'discopop_tau': 0.05, 'ld_alpha': 1.0, 'label_smoothing': 0.0, 'length_normalize': True,
+              'reference_from': ''}
     record = optimum_record('dpo', config, Val(), 300)
     assert record == {'objective': 'dpo', 'val_split': 'pref_val', 'eval_examples': 300, 'val_data': 'abc', 'beta': 5.0,
-                      'dpo_loss': 'sigmoid', 'dpo_loss_weights': [], 'discopop_tau': 0.05, 'label_smoothing': 0.0,
-                      'length_normalize': True, 'reference_from': ''}
+                      'dpo_loss': 'sigmoid', 'dpo_loss_weights': [], 'discopop_tau': 0.05, 'ld_alpha': 1.0,
+                      'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
     write_optimum(str(tmp_path), record, 0.4, 50, resumed=False)
     write_optimum(str(tmp_path), record, 0.5, 100, resumed=True)   # resumed: the earlier, better eval still counts
     assert read_optimum('dpo', str(tmp_path), record) == 0.4 and read_optimum('dpo', 0.25, record) == 0.25
@@ -4731,19 +4732,19 @@ def test_zoo_bad_settings_are_one_line_errors():
 
 @pytest.mark.parametrize("fused", FUSED)
 def test_zoo_kernel_covers_sigmoid_and_ipo_the_twin_the_rest(fused, monkeypatch):
-    """The Triton kernel runs for one unweighted 'sigmoid' or 'ipo'; every other type, and any list, runs the twin
-    even with fused=True, and gives the twin's numbers."""
+    """The Triton kernel runs for one unweighted 'sigmoid' or 'ipo'; every other type, any list and LD-DPO run the
+    twin even with fused=True, and give the twin's numbers."""
     calls = []
     twin = bipost_kernels.dpo.dpo_losses_torch
     monkeypatch.setattr(bipost_kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(args[4]) or twin(*args))
     policy, reference, mask = _dpo_tensors()
-    for loss_type, weights in (('sigmoid', None), ('ipo', None), ('hinge', None), ('sigmoid,sft', None),
-                               ('sigmoid', [2.0])):
+    for loss_type, weights, ld_alpha in (('sigmoid', None, 1.0), ('ipo', None, 1.0), ('hinge', None, 1.0),
+                                         ('sigmoid,sft', None, 1.0), ('sigmoid', [2.0], 1.0), ('sigmoid', None, 0.5)):
         calls.clear()
-        losses = dpo_losses(policy, reference, mask, 0.5, loss_type, fused=fused, loss_weights=weights)[0]
-        expected = twin(policy, reference, mask, 0.5, loss_type, 0.0, False, weights)[0]
+        losses = dpo_losses(policy, reference, mask, 0.5, loss_type, fused=fused, loss_weights=weights, ld_alpha=ld_alpha)[0]
+        expected = twin(policy, reference, mask, 0.5, loss_type, 0.0, False, weights, 0.05, ld_alpha)[0]
         torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-6)
-        fusable = loss_type in ('sigmoid', 'ipo') and weights is None
+        fusable = loss_type in ('sigmoid', 'ipo') and weights is None and ld_alpha == 1.0
         assert calls == ([] if fused and fusable else [loss_type]), loss_type
 
 
@@ -4895,6 +4896,8 @@ def test_zoo_reference_free_run_builds_no_reference(tmp_path, monkeypatch, capsy
     (['--dpo_loss=hinge', '--label_smoothing=0.1'], "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
     (['--dpo_loss=sigmoid,sft', '--dpo_loss_weights=[1.0]'], "has 2 terms but 1 weights"),
     (['--dpo_loss=kto_pair'], "['kto_pair'] is not one of"),
+    (['--ld_alpha=0.5', '--reference_logps=precompute'], "ld_alpha=0.5 (LD-DPO) weighs the dpo objective's"),
+    (['--ld_alpha=1.5'], "0 <= ld_alpha <= 1"),
 ])
 def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, args, says):
     out = tmp_path / 'out'
@@ -5116,3 +5119,53 @@ def test_zoo_killed_kto_run_resumes_exactly(tmp_path, kto_dataset):
     resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
     assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
     assert _rel_losses(_rel_metrics(tmp_path / 'killed')) == _rel_losses(_rel_metrics(tmp_path / 'full'))
+
+
+def test_zoo_ld_alpha_by_hand_and_in_the_metrics(monkeypatch):
+    """LD-DPO at ld_alpha = 0.5 on the hand tensors: pair 0's rejected row (3 tokens against the chosen's 2) and pair
+    1's (2 against 1) count their tail token at half weight: rejected sums become policy [−2.5, −0.625], reference
+    [−2.25, −1.0], so r = [−0.25, 0.375] and z = [0.75, −1.375]; TRL logs those weighted sums too."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    losses, metrics = objectives.dpo(policy, {}, _obj_ctx(reference=reference, beta=0.5, ld_alpha=0.5))
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.375)), math.log1p(math.exp(0.6875))], rel=1e-6)
+    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.25, 0.5 * 0.375])
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.25, -0.5])  # the shorter responses: unweighted
+    assert metrics['logps/rejected'].tolist() == pytest.approx([-2.5, -0.625])
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
+    grad, = torch.autograd.grad(losses.sum(), policy_logps)
+    assert grad[2, 2] == pytest.approx(0.5 * grad[2, 0].item()) and grad[3, 1] == pytest.approx(0.5 * grad[3, 0].item())
+    with pytest.raises(ValueError, match="ld_alpha needs the reference's per-token log-probs"):
+        dpo_losses(policy_logps, reference_logps.sum(1), mask, 0.5, ld_alpha=0.5)
+
+
+@pytest.mark.parametrize('loss_type', ['sigmoid', 'ipo', 'bco_pair'])
+def test_zoo_ld_alpha_equals_trl_rederivation(loss_type):
+    """TRL's LD-DPO masks (completion positions by cumsum, shared = the pair's shorter length), on random tensors."""
+    g = torch.Generator().manual_seed(7)
+    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
+    reference = -3 * torch.rand(10, 7, generator=g)
+    start = torch.randint(0, 3, (10, 1), generator=g)
+    mask = (torch.arange(7) >= start) & (torch.arange(7) < start + torch.randint(1, 5, (10, 1), generator=g))
+    alpha, beta = 0.3, 0.5
+    position, lengths = mask.long().cumsum(1), mask.sum(1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)[:, None]
+    shared_mask, tail_mask = (position > 0) & (position <= shared), position > shared
+    def ld(x):
+        x = torch.where(mask, x, 0.0)
+        return (x * shared_mask).sum(1) + alpha * (x * tail_mask).sum(1)
+    chosen, rejected = ld(policy).chunk(2)
+    ref_chosen, ref_rejected = ld(reference).chunk(2)
+    c, r = chosen - ref_chosen, rejected - ref_rejected
+    n_chosen, n_rejected = lengths.chunk(2)
+    if loss_type == 'sigmoid':
+        theirs = -torch.nn.functional.logsigmoid(beta * (c - r)).mean()
+    elif loss_type == 'ipo':
+        theirs = ((c / n_chosen - r / n_rejected - 1 / (2 * beta)) ** 2).mean()
+    else:
+        theirs = (-torch.nn.functional.logsigmoid(beta * c) - torch.nn.functional.logsigmoid(-beta * r)).mean()
+    ours = dpo_losses(policy, reference, mask, beta, loss_type, fused=False, ld_alpha=alpha)[0].mean()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0], atol=1e-6, rtol=1e-5)

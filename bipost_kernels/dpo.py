@@ -106,6 +106,16 @@ def sequence_logps(logps, mask, average):
     seq = torch.where(mask, logps, 0.0).sum(-1)
     return seq / mask.sum(-1).clamp(min=1) if average else seq
 
+def ld_weights(mask, ld_alpha):
+    """LD-DPO (Liu et al. 2024), TRL's ld_alpha: [2B, T] token weights, 1 on each pair's first min(|y_w|, |y_l|)
+    response tokens, ld_alpha on the longer response's tail, 0 off the response."""
+    mask = mask.bool()
+    position = mask.cumsum(-1)  # 1, 2, ... along each response
+    lengths = mask.sum(-1)
+    B = mask.shape[0] // 2
+    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2)[:, None]
+    return torch.where(position <= shared, 1.0, float(ld_alpha)) * mask
+
 def sequence_as_tokens(sequence_sums, mask):
     """[2B] per-sequence sums -> [2B, T] whose masked row sums are exactly those sums (see the module docstring)."""
     mask = mask.bool()
@@ -116,7 +126,7 @@ def sequence_as_tokens(sequence_sums, mask):
     return tokens
 
 def dpo_losses_torch(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", label_smoothing=0.0,
-                     length_normalize=False, loss_weights=None, discopop_tau=0.05):
+                     length_normalize=False, loss_weights=None, discopop_tau=0.05, ld_alpha=1.0):
     """The PyTorch twin of dpo_losses: every loss type, and weighted lists of them."""
     terms = loss_terms(loss_type, loss_weights)
     policy_logps, reference_logps = policy_logps.float(), reference_logps.detach().float()
@@ -124,6 +134,10 @@ def dpo_losses_torch(policy_logps, reference_logps, mask, beta, loss_type="sigmo
     chosen_mask = mask[:B].bool()
     # TRL's 'sft' term: cross-entropy pooled over all chosen tokens of the batch, as B per-pair shares of its sum
     nll = -torch.where(chosen_mask, policy_logps[:B], 0.0).sum(-1) * B / chosen_mask.sum().clamp(min=1)
+    if ld_alpha != 1.0:  # the log-ratios (not the sft term) weigh the longer response's tail by ld_alpha
+        weights = ld_weights(mask, ld_alpha)
+        policy_logps = torch.where(mask.bool(), policy_logps, 0.0) * weights
+        reference_logps = torch.where(mask.bool(), reference_logps, 0.0) * weights
     losses, seqs = 0.0, None
     for name, weight in terms:
         average = name in MEAN_LOSS_TYPES or length_normalize
@@ -225,13 +239,17 @@ class _FusedDPO(torch.autograd.Function):
 
 # pragma: no mutate end
 def dpo_losses(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", label_smoothing=0.0,
-               length_normalize=False, fused=None, loss_weights=None, discopop_tau=0.05):
+               length_normalize=False, fused=None, loss_weights=None, discopop_tau=0.05, ld_alpha=1.0):
     """-> (losses [B], policy_seq [2B], reference_seq [2B]); only losses carry gradient (to policy_logps).
     policy_seq/reference_seq: the first term's (means where it uses means). mask: bool or 0/1 of any integer dtype.
     reference_logps: per-token [2B, T], or the summed response log-probs [2B]. loss_type: one of LOSS_TYPES, or a
     list (or comma-separated string) of them with loss_weights (MPO). fused=None: Triton kernel on CUDA, else the
-    twin; True/False force one; loss types the kernel lacks (all but one unweighted FUSED_LOSS_TYPES) take the twin."""
+    twin; True/False force one; loss types the kernel lacks (all but one unweighted FUSED_LOSS_TYPES) take the twin,
+    as does ld_alpha != 1 (LD-DPO: ld_weights), which needs the reference per token."""
     terms = loss_terms(loss_type, loss_weights)
+    if ld_alpha != 1.0 and reference_logps.dim() == 1:
+        raise ValueError("ld_alpha needs the reference's per-token log-probs, not per-sequence sums "
+                         "(reference_logps='precompute'): use reference_logps='live' or ld_alpha=1")
     if reference_logps.dim() == 1 and reference_logps.shape[0] == mask.shape[0]:
         reference_logps = sequence_as_tokens(reference_logps, mask)
     if policy_logps.shape[0] % 2 or policy_logps.shape != reference_logps.shape or mask.shape != policy_logps.shape:
@@ -240,8 +258,8 @@ def dpo_losses(policy_logps, reference_logps, mask, beta, loss_type="sigmoid", l
     if fused is None:
         fused = policy_logps.is_cuda and triton is not None
     (name, weight), = terms if len(terms) == 1 else [(None, None)]
-    if not fused or name not in FUSED_LOSS_TYPES or weight != 1.0:
+    if not fused or name not in FUSED_LOSS_TYPES or weight != 1.0 or ld_alpha != 1.0:
         return dpo_losses_torch(policy_logps, reference_logps, mask, beta, loss_type, label_smoothing, length_normalize,
-                                loss_weights, discopop_tau)
+                                loss_weights, discopop_tau, ld_alpha)
     average = name == "ipo" or length_normalize
     return _FusedDPO.apply(policy_logps, reference_logps.detach(), mask.bool(), beta, name, label_smoothing, average)
