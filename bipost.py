@@ -234,6 +234,9 @@ try:
     check_settings(dpo_loss if 'dpo' in objectives else 'sigmoid', dpo_loss_weights, label_smoothing)
 except ValueError as e:
     fail(str(e))
+if 'aot' in dpo_loss and 'dpo' in ((selection_objective,) * data_selection + (keep_objective,) * bool(example_weights)):
+    fail(f"dpo_loss={dpo_loss!r}: 'aot' and 'aot_unpaired' sort the pairs of a micro-batch, so per-pair weights "
+         f"(data_selection, example_weights) would land on other pairs; use another loss type for weighted pairs")
 if simpo_gamma < 0:
     fail(f"simpo_gamma={simpo_gamma} must be >= 0: SimPO's target margin between chosen and rejected (~0.5-1.6)")
 reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_selection and lower_level == 'reference') \

@@ -4898,6 +4898,8 @@ def test_zoo_reference_free_run_builds_no_reference(tmp_path, monkeypatch, capsy
     (['--dpo_loss=kto_pair'], "['kto_pair'] is not one of"),
     (['--ld_alpha=0.5', '--reference_logps=precompute'], "ld_alpha=0.5 (LD-DPO) weighs the dpo objective's"),
     (['--ld_alpha=1.5'], "0 <= ld_alpha <= 1"),
+    (['--dpo_loss=aot', '--data_selection=True', '--selection_objective=dpo', '--trusted_split=pref_trusted'],
+     "per-pair weights (data_selection, example_weights) would land on other pairs"),
 ])
 def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, args, says):
     out = tmp_path / 'out'
