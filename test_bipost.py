@@ -4954,12 +4954,18 @@ def test_kto_data_bad_labels_name_file_and_line(tmp_path, records, says):
     assert f"{path}{says}" in str(error.value) and not (tmp_path / 'out').exists()
 
 
-def test_kto_data_one_class_split_is_refused(tmp_path):
+def test_kto_data_one_class_split_and_wrong_kind_are_refused(tmp_path):
     from data.loader import Split
-    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_val": [ZOO_UNPAIRED[0], ZOO_UNPAIRED[2]]}, max_length=64)
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_val": [ZOO_UNPAIRED[0], ZOO_UNPAIRED[2]],
+                                                     "sft_val": [{"prompt": "a", "completion": "b"}]}, max_length=64)
     with pytest.raises(data_prep.DataError, match="needs a true or false label on every example and both kinds "
                                                   r"\(2 true of 2\)"):
         Split(str(tmp_path), "kto_val", "unpaired", meta, seed=0)
+    # an unpaired split's index looks like an SFT split's: meta.json's kind keeps them apart, both ways
+    for name, kind, says in (("kto_val", "sft", "holds unpaired data, but k gives it to an objective that reads sft"),
+                             ("sft_val", "unpaired", "holds sft data, but k gives it to an objective that reads unpaired")):
+        with pytest.raises(data_prep.DataError, match=says):
+            Split(str(tmp_path), name, kind, meta, seed=0, key='k')
 
 
 # KTO by hand: 4 examples (labels T, F, T, F), per-token log-probs whose sums are, own rows: policy

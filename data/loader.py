@@ -90,6 +90,10 @@ class Split:
         if os.path.getsize(path + '.bin') == 0:  # (numpy cannot memmap an empty file)
             raise DataError(f"{path}.bin is empty: split '{name}' has no examples; prepare it with data, or set {key} "
                             f"to another split")
+        prepared = meta['splits'].get(name, {}).get('kind')
+        if 'unpaired' in (kind, prepared) and prepared != kind:  # its index looks like SFT's: the kind in meta.json tells
+            raise DataError(f"split '{name}' in {data_dir} holds {prepared} data, but {key} gives it to an objective "
+                            f"that reads {kind} data: set {key} to a {kind} split")
         self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
         self.index = np.load(path + '_index.npy')
         if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:
@@ -118,7 +122,8 @@ class Split:
             self.labels = np.array(labels, dtype=bool)
 
     def _read_extra(self):
-        """Prompt splits: each example's other fields (what the reward function reads), one JSON object a line."""
+        """Prompt splits: each example's other fields (what the reward function reads); unpaired splits: each
+        example's label. One JSON object a line."""
         path = self.path + '_extra.jsonl'
         if not os.path.exists(path):
             raise DataError(f"{path} not found: prompt split '{self.name}' was prepared by an older data/prepare.py or "
