@@ -5177,3 +5177,26 @@ def test_zoo_ld_alpha_equals_trl_rederivation(loss_type):
     ours = dpo_losses(policy, reference, mask, beta, loss_type, fused=False, ld_alpha=alpha)[0].mean()
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_zoo_optima_of_new_objectives_from_single_objective_runs(tmp_path, monkeypatch, capsys, kto_dataset):
+    """simpo and kto alone write optimum.json with the settings that fix their loss; a joint maxright run reads them
+    (the ideal distance uses them), and one with another simpo_gamma is refused with a line naming the key."""
+    common = ['--batch_size=8', '--eval_iters=1', '--eval_interval=2', '--max_iters=2', '--learning_rate=1e-2',
+              '--warmup_iters=0', '--export_hf=False', '--beta=2.0', '--strategy=sequential', '--weights=[1.0]']
+    dirs = _train_run(tmp_path, {'simpo': common + ['--objectives=["simpo"]'],
+                                 'kto': common + ['--objectives=["kto"]', f'--dataset={kto_dataset}']})
+    for name, keys in (('simpo', ('beta', 'simpo_gamma', 'label_smoothing')),
+                       ('kto', ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'))):
+        record = json.load(open(dirs[name] / 'optimum.json'))
+        evals = [r[f'val/{name}/loss'] for r in _train_records(dirs[name])[0]]
+        assert record['objective'] == name and record['best'] == min(evals) and all(k in record for k in keys)
+    joint = ['--objectives=["sft", "simpo"]', '--strategy=maxright', f'--optima=[1.0, "{dirs["simpo"]}"]', '--beta=2.0',
+             '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--batch_size=8']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *joint, f'--out_dir={tmp_path / "joint"}')
+    assert code == 0, err
+    best = json.load(open(dirs['simpo'] / 'optimum.json'))['best']
+    for r in _train_records(tmp_path / 'joint')[0]:
+        assert r['val/ideal_distance'] == pytest.approx(math.hypot(r['val/sft/loss'] - 1.0, r['val/simpo/loss'] - best))
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *joint, '--simpo_gamma=1.0', f'--out_dir={tmp_path / "other"}')
+    assert code == 1 and 'with simpo_gamma=0.5, but this run has simpo_gamma=1.0' in err
