@@ -23,7 +23,7 @@ from configurator import configure, ConfigError
 from config_checks import check_settings, demo_defaults_note
 from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \
     save_checkpoint
-from objectives import OBJECTIVES, DATA_KIND
+from objectives import OBJECTIVES, DATA_KIND, NEEDS_REFERENCE
 import rl
 from reference_cache import fingerprint, load_or_compute, reference_pass
 import memory_plan
@@ -51,8 +51,10 @@ wandb_project = 'bipost'
 wandb_run_name = 'demo'
 # data
 dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
-train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train'}  # split each objective trains on
-val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val'}          # held-out split it is judged on
+train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train', 'simpo': 'pref_train',
+                'cpo': 'pref_train', 'orpo': 'pref_train', 'kto': 'kto_train'}  # split each objective trains on
+val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val', 'simpo': 'pref_val',
+              'cpo': 'pref_val', 'orpo': 'pref_val', 'kto': 'kto_val'}  # held-out split it is judged on
 keep_list = ''                # a keep.npy from the data selector: train only on those examples
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
@@ -68,8 +70,16 @@ disable_dropout = True        # sets every dropout probability of the policy (an
 # objectives
 objectives = ['sft', 'dpo']   # names from objectives.OBJECTIVES; 2 or more
 beta = 5.0                    # DPO temperature: ~0.05-0.5 on summed log-probs, ~2-10 length-normalized
-dpo_loss = 'sigmoid'          # 'sigmoid' (DPO; with label_smoothing > 0 the conservative variant) | 'ipo'
-label_smoothing = 0.0         # ε of conservative DPO, 0-0.5
+dpo_loss = 'sigmoid'          # TRL's loss_type: 'sigmoid' (DPO; label_smoothing > 0: conservative) | 'ipo' | 'hinge' | ...
+                              # (docs/preference-losses.md), or a weighted sum 'sigmoid,bco_pair,sft' (MPO)
+dpo_loss_weights = []         # one weight per dpo_loss term; [] = 1 each
+discopop_tau = 0.05           # τ of dpo_loss 'discopop', ~0.05
+ld_alpha = 1.0                # LD-DPO: weight of the longer response's tokens past the shorter one's length, 0-1 (1 = off)
+label_smoothing = 0.0         # ε of conservative DPO (and of robust, exo_pair, aot, simpo, cpo), 0-0.5
+simpo_gamma = 0.5             # objective simpo: its target margin γ (TRL's simpo_gamma), ~0.5-1.6 with β ~2-2.5
+cpo_alpha = 1.0               # objective cpo: weight of its NLL term on the chosen responses, 0-1
+desirable_weight = 1.0        # objective kto: λ_D on desirable examples; keep λ_D·n_D / (λ_U·n_U) in ~[1, 4/3]
+undesirable_weight = 1.0      # objective kto: λ_U on undesirable examples
 length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
@@ -188,6 +198,8 @@ try:  # every choice and combination of settings, before any data or model is re
 except ValueError as e:
     fail(str(e))
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_selection and lower_level == 'reference') \
+    or ('rl' in objectives and rl_kl > 0)
 
 # -----------------------------------------------------------------------------
 # data: token bins + index arrays written by data/prepare.py; training never tokenizes
@@ -291,14 +303,16 @@ if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
     frozen_setup['zero3_config'] = {'train_micro_batch_size_per_gpu': batch_size, 'bf16': {'enabled': dtype == 'bfloat16'},
                                     'fp16': {'enabled': dtype == 'float16'}, 'zero_optimization': {'stage': 3}}
 reference = None
-if 'dpo' in objectives or (data_selection and lower_level == 'reference') or ('rl' in objectives and rl_kl > 0):
+if reference_needed:
     source = reference_from or policy_source
     reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
 teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup) if 'kd' in objectives else None
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      reference_cache=None,
+                      dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
+                      simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, desirable_weight=desirable_weight,
+                      undesirable_weight=undesirable_weight, reference_cache=None,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
     ctx.__dict__.update(rl_context)
@@ -433,7 +447,7 @@ if master:
     for name in objectives:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
-    longest = max(batch_size * {'pref': 2, 'prompt': rl_group}.get(DATA_KIND[n], 1) *
+    longest = max(batch_size * {'pref': 2, 'unpaired': 2, 'prompt': rl_group}.get(DATA_KIND[n], 1) *
                   (s.longest + (rl_max_new_tokens if n == 'rl' else 0))
                   for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
     print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,

@@ -7,9 +7,10 @@ those are read (data/loader.py, model.py).
 import math
 import os
 
-from objectives import OBJECTIVES, DATA_KIND
+from objectives import OBJECTIVES, DATA_KIND, NEEDS_REFERENCE
+from bipost_kernels.dpo import check_settings as check_dpo_loss
 
-CHOICES = {'dtype': ('float32', 'bfloat16', 'float16'), 'nonfinite': ('stop', 'skip'), 'dpo_loss': ('sigmoid', 'ipo'),
+CHOICES = {'dtype': ('float32', 'bfloat16', 'float16'), 'nonfinite': ('stop', 'skip'),
            'reference_logps': ('live', 'precompute'), 'coreset': ('', 'brief', 'craig', 'random'),
            'coreset_params': ('last', 'trainable')}
 
@@ -35,9 +36,29 @@ def check_settings(c, world_size):
     if not (math.isfinite(lr) and 0 < lr <= 1 and 0 <= min_lr <= lr):
         raise ValueError(f"learning_rate={lr} and min_lr={min_lr}: need 0 < learning_rate <= 1 and 0 <= min_lr <= "
                          f"learning_rate (~1e-6-1e-5 for billion-parameter models, ~1e-3 for the demo)")
-    if c['dpo_loss'] == 'ipo' and c['label_smoothing'] > 0:
-        raise ValueError(f"label_smoothing={c['label_smoothing']} has no meaning for dpo_loss='ipo' (it is conservative "
-                         f"DPO's ε): set one of them")
+    objectives = c['objectives']
+    check_dpo_loss(c['dpo_loss'] if 'dpo' in objectives else 'sigmoid', c['dpo_loss_weights'], c['label_smoothing'])
+    weighted = (c['selection_objective'],) * c['data_selection'] + (c['keep_objective'],) * bool(c['example_weights'])
+    if 'aot' in c['dpo_loss'] and 'dpo' in weighted:
+        raise ValueError(f"dpo_loss={c['dpo_loss']!r}: 'aot' and 'aot_unpaired' sort the pairs of a micro-batch, so "
+                         f"per-pair weights (data_selection, example_weights) would land on other pairs; use another "
+                         f"loss type for weighted pairs")
+    if c['simpo_gamma'] < 0:
+        raise ValueError(f"simpo_gamma={c['simpo_gamma']} must be >= 0: SimPO's target margin between chosen and "
+                         f"rejected (~0.5-1.6)")
+    if c['ld_alpha'] != 1.0 and ('dpo' not in objectives or c['reference_logps'] == 'precompute'
+                                 or not 0 <= c['ld_alpha'] <= 1):
+        raise ValueError(f"ld_alpha={c['ld_alpha']} (LD-DPO) weighs the dpo objective's per-token log-ratios: it needs "
+                         f"'dpo' in objectives, reference_logps='live' and 0 <= ld_alpha <= 1; or set ld_alpha=1")
+    if 'kto' in objectives and (batch_size < 2 or c['reference_logps'] == 'precompute'):
+        raise ValueError(f"objective 'kto' needs batch_size >= 2 (got {batch_size}: its KL pairs are other examples' "
+                         f"completions) and reference_logps='live' (got {c['reference_logps']!r}: the pairs change "
+                         f"with every batch)")
+    reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (
+        c['data_selection'] and c['lower_level'] == 'reference') or ('rl' in objectives and c['rl_kl'] > 0)
+    if c['reference_from'] and not reference_needed:
+        raise ValueError(f"reference_from={c['reference_from']!r} is unused: objectives {objectives} need no reference "
+                         f"model (simpo, cpo and orpo are reference-free); remove reference_from")
     selecting_pairs = DATA_KIND.get(c['selection_objective']) == 'pref'
     if c['data_selection'] and c['lower_level'] == 'reference' and selecting_pairs:
         raise ValueError("data_selection: lower_level='reference' with preference pairs scores every pair against the "

@@ -190,7 +190,10 @@ def save_selection(out_dir, weights, ranking, keep):
 
 # what fixes the value of each objective's held-out loss: an f* is only comparable under the same settings
 OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
-                      'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from'),
+                      'dpo': ('beta', 'dpo_loss', 'dpo_loss_weights', 'discopop_tau', 'ld_alpha', 'label_smoothing',
+                              'length_normalize', 'reference_from'),
+                      'simpo': ('beta', 'simpo_gamma', 'label_smoothing'), 'cpo': ('beta', 'cpo_alpha', 'label_smoothing'),
+                      'orpo': ('beta',), 'kto': ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'),
                       'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
 
 

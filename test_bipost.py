@@ -1065,7 +1065,7 @@ def test_kernel_dpo_policy_equals_reference_is_log2(fused):
     losses, _, _ = dpo_losses(policy, policy.detach().clone(), mask, 0.1, "ipo", fused=fused)
     torch.testing.assert_close(losses, torch.full((3,), (1 / 0.2) ** 2), atol=1e-4, rtol=0)  # (0 - 1/(2 beta))^2
     with pytest.raises(ValueError):
-        dpo_losses(policy, policy, mask, 0.1, "hinge", fused=fused)
+        dpo_losses(policy, policy, mask, 0.1, "kto_pair", fused=fused)
 
 @pytest.mark.parametrize("fused", FUSED)
 def test_kernel_dpo_integer_masks(fused):
@@ -1174,8 +1174,8 @@ def test_kernel_dpo_defaults_and_shape_errors():
         with pytest.raises(ValueError) as error:
             dpo_losses(p, r, m, 0.5, fused=False)
         assert f"got {tuple(p.shape)}, {tuple(r.shape)}, {tuple(m.shape)}" in str(error.value)
-    with pytest.raises(ValueError, match="dpo loss_type must be one of .*'hinge'"):
-        dpo_losses(policy, reference, mask, 0.5, "hinge", fused=False)
+    with pytest.raises(ValueError, match="dpo loss_type 'kto_pair': \\['kto_pair'\\] is not one of .*'hinge'"):
+        dpo_losses(policy, reference, mask, 0.5, "kto_pair", fused=False)
 
 
 def test_kernel_dpo_one_token_response_is_its_own_mean():
@@ -2285,11 +2285,13 @@ def test_selector_optimum_json_round_trip_refuses_other_settings(tmp_path):
     class Val:
         def digest(self):
             return 'abc'
-    config = {'val_splits': {'dpo': 'pref_val'}, 'beta': 5.0, 'dpo_loss': 'sigmoid', 'label_smoothing': 0.0,
-              'length_normalize': True, 'reference_from': ''}
+    config = {'val_splits': {'dpo': 'pref_val'}, 'beta': 5.0, 'dpo_loss': 'sigmoid', 'dpo_loss_weights': [],
+              'discopop_tau': 0.05, 'ld_alpha': 1.0, 'label_smoothing': 0.0, 'length_normalize': True,
+              'reference_from': ''}
     record = optimum_record('dpo', config, Val(), 300)
     assert record == {'objective': 'dpo', 'val_split': 'pref_val', 'eval_examples': 300, 'val_data': 'abc', 'beta': 5.0,
-                      'dpo_loss': 'sigmoid', 'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
+                      'dpo_loss': 'sigmoid', 'dpo_loss_weights': [], 'discopop_tau': 0.05, 'ld_alpha': 1.0,
+                      'label_smoothing': 0.0, 'length_normalize': True, 'reference_from': ''}
     write_optimum(str(tmp_path), record, 0.4, 50, resumed=False)
     write_optimum(str(tmp_path), record, 0.5, 100, resumed=True)   # resumed: the earlier, better eval still counts
     assert read_optimum('dpo', str(tmp_path), record) == 0.4 and read_optimum('dpo', 0.25, record) == 0.25
@@ -5415,3 +5417,654 @@ def test_real_smollm2_from_gguf_is_a_plain_tied_hf_directory(tmp_path):
         gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)(input_ids=ids).logits
         policy = load_model(str(tmp_path / 'smollm2'), None, 0, 0, 0, 0, 0)
         assert torch.equal(policy(input_ids=ids).logits, gguf)
+
+
+# ---- preference-loss zoo (issue 23): TRL's DPO loss types, MPO lists, reference-free simpo / cpo / orpo ----
+
+# Every DPO loss type on the hand tensors above (DPO_POLICY / DPO_REFERENCE): summed log-ratios c = [0.5, -1.0],
+# r = [-0.5, 0.5] (z = [1.0, -1.5]); per-token means c = [0.25, -1.0], r = [-1/6, 0.25]. Each loss by hand in plain
+# python from TRL's formulas (trl/trainer/dpo_trainer.py), on pair b's own scalars.
+def _zoo_sequences(average):
+    def seq(row):
+        kept = [x for x in row if x is not None]
+        return sum(kept) / (len(kept) if average else 1)
+    return [seq(r) for r in DPO_POLICY], [seq(r) for r in DPO_REFERENCE]
+
+
+def _zoo_by_hand(loss_type, beta, eps=0.0, tau=0.05, length_normalize=False):
+    log_sigmoid, sigmoid = (lambda x: -math.log1p(math.exp(-x))), (lambda x: 1 / (1 + math.exp(-x)))
+    smoothed = lambda x: -(1 - eps) * log_sigmoid(beta * x) - eps * log_sigmoid(-beta * x)
+    policy, reference = _zoo_sequences(loss_type in ('ipo', 'sigmoid_norm') or length_normalize)
+    c = [policy[b] - reference[b] for b in range(2)]
+    r = [policy[b + 2] - reference[b + 2] for b in range(2)]
+    losses = []
+    for b in range(2):
+        z = c[b] - r[b]
+        losses.append({
+            'sigmoid': lambda: smoothed(z),
+            'hinge': lambda: max(0.0, 1 - beta * z),
+            'ipo': lambda: (z - 1 / (2 * beta)) ** 2,
+            'exo_pair': lambda: (sigmoid(beta * z) * (log_sigmoid(beta * z) - math.log(1 - eps))
+                                 + sigmoid(-beta * z) * (log_sigmoid(-beta * z) - math.log(eps))),
+            'nca_pair': lambda: -log_sigmoid(beta * c[b]) - 0.5 * log_sigmoid(-beta * c[b]) - 0.5 * log_sigmoid(-beta * r[b]),
+            'robust': lambda: (-(1 - eps) * log_sigmoid(beta * z) + eps * log_sigmoid(-beta * z)) / (1 - 2 * eps),
+            'bco_pair': lambda: -log_sigmoid(beta * c[b]) - log_sigmoid(-beta * r[b]),
+            'sppo_hard': lambda: (c[b] - 0.5 / beta) ** 2 + (r[b] + 0.5 / beta) ** 2,
+            'apo_zero': lambda: 1 - sigmoid(beta * c[b]) + sigmoid(beta * r[b]),
+            'apo_down': lambda: sigmoid(beta * c[b]) + 1 - sigmoid(beta * z),
+            'discopop': lambda: (-log_sigmoid(beta * z) * (1 - sigmoid(beta * z / tau))
+                                 + math.exp(-beta * z) * sigmoid(beta * z / tau)),
+            'sigmoid_norm': lambda: -log_sigmoid(beta * z),
+            'sft': lambda: None,
+            'aot': lambda: None, 'aot_unpaired': lambda: None,
+        }[loss_type]())
+    if loss_type == 'sft':  # the chosen rows' tokens pooled: 3.5 nats over 3 tokens, as 2 per-pair shares
+        losses = [1.5 * 2 / 3, 2.0 * 2 / 3]
+    if loss_type == 'aot':  # sorted policy margins [-1.0, 1.5] minus sorted reference margins [0.5, 0.5]
+        margins = sorted(policy[b] - policy[b + 2] for b in range(2))
+        reference_margins = sorted(reference[b] - reference[b + 2] for b in range(2))
+        losses = [smoothed(m - n) for m, n in zip(margins, reference_margins)]
+    if loss_type == 'aot_unpaired':  # sorted c [-1.0, 0.5] minus sorted r [-0.5, 0.5]
+        losses = [smoothed(x - y) for x, y in zip(sorted(c), sorted(r))]
+    return losses
+
+
+ZOO_CASES = [  # loss type, β, ε: every type, ε where it has one
+    ('sigmoid', 0.5, 0.0), ('sigmoid', 0.5, 0.2), ('hinge', 0.5, 0.0), ('ipo', 0.5, 0.0), ('exo_pair', 0.5, 1e-3),
+    ('exo_pair', 2.0, 0.1), ('nca_pair', 0.5, 0.0), ('robust', 0.5, 0.2), ('bco_pair', 0.5, 0.0),
+    ('sppo_hard', 0.5, 0.0), ('aot', 0.5, 0.0), ('aot', 2.0, 0.1), ('aot_unpaired', 0.5, 0.1),
+    ('apo_zero', 0.5, 0.0), ('apo_down', 0.5, 0.0), ('discopop', 0.5, 0.0), ('discopop', 0.05, 0.0),
+    ('sigmoid_norm', 2.0, 0.0), ('sft', 0.5, 0.0)]
+
+
+def test_zoo_every_trl_loss_type_is_covered():
+    assert sorted({c[0] for c in ZOO_CASES}) == sorted(bipost_kernels.dpo.LOSS_TYPES) == sorted(
+        ['sigmoid', 'hinge', 'ipo', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired',
+         'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft'])
+
+
+def test_zoo_hand_numbers_written_out():
+    """A few losses by hand to the last digit, so that _zoo_by_hand itself is checked: β = 0.5 on summed z = [1, −1.5]
+    and means z = [5/12, −1.25]."""
+    assert _zoo_by_hand('hinge', 0.5) == [0.5, 1.75]                             # relu(1 − βz)
+    assert _zoo_by_hand('sppo_hard', 0.5) == [0.25 + 0.25, 4.0 + 2.25]           # (c − 1)² + (r + 1)²
+    assert _zoo_by_hand('ipo', 0.5) == pytest.approx([(7 / 12) ** 2, 2.25 ** 2])  # (z − 1)² on means
+    assert _zoo_by_hand('sft', 0.5) == pytest.approx([1.0, 4 / 3])              # mean 7/6: 3.5 nats / 3 tokens
+    assert _zoo_by_hand('sigmoid', 0.5) == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(0.75))])
+    assert _zoo_by_hand('aot', 0.5) == pytest.approx([math.log(1 + math.exp(0.75)), math.log(1 + math.exp(-0.5))])
+
+
+@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
+@pytest.mark.parametrize('length_normalize', [False, True])
+def test_zoo_twin_hand_numbers_at_nonzero_margins(loss_type, beta, eps, length_normalize):
+    policy, reference, mask = _dpo_tensors()
+    losses, _, _ = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=False)
+    hand = _zoo_by_hand(loss_type, beta, eps, length_normalize=length_normalize)
+    assert losses.tolist() == pytest.approx(hand, rel=1e-5, abs=1e-7)
+    grad, = torch.autograd.grad(losses.sum(), policy)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+def _zoo_trl(loss_type, policy, reference, mask, beta, eps, tau=0.05):
+    """TRL's DPOTrainer._compute_loss re-derived on the same tensors (batch sums, per-type normalization), its own
+    way: chosen/rejected chunks of summed log-probs, a per-type branch, loss = the mean over the batch."""
+    mask = mask.bool()
+    sums = torch.where(mask, policy, 0.0).sum(1)
+    ref_sums = torch.where(mask, reference, 0.0).sum(1)
+    chosen, rejected = sums.chunk(2)
+    ref_chosen, ref_rejected = ref_sums.chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    n_chosen, n_rejected = mask.sum(1).chunk(2)
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type in ('ipo', 'sigmoid_norm'):
+        delta = chosen_ratio / n_chosen - rejected_ratio / n_rejected
+        loss = (delta - 1 / (2 * beta)) ** 2 if loss_type == 'ipo' else -logsig(beta * delta)
+    elif loss_type == 'sigmoid':  # bipost's: conservative DPO when ε > 0 (TRL's ignores ε)
+        loss = -(1 - eps) * logsig(beta * delta) - eps * logsig(-beta * delta)
+    elif loss_type == 'hinge':
+        loss = torch.relu(1 - beta * delta)
+    elif loss_type == 'exo_pair':
+        loss = (torch.sigmoid(beta * delta) * (logsig(beta * delta) - math.log1p(-eps))
+                + torch.sigmoid(-beta * delta) * (logsig(-beta * delta) - math.log(eps)))
+    elif loss_type == 'nca_pair':
+        loss = -logsig(beta * chosen_ratio) - 0.5 * logsig(-beta * chosen_ratio) - 0.5 * logsig(-beta * rejected_ratio)
+    elif loss_type == 'robust':
+        loss = (-(1 - eps) * logsig(beta * delta) + eps * logsig(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == 'bco_pair':
+        loss = -logsig(beta * chosen_ratio) - logsig(-beta * rejected_ratio)
+    elif loss_type == 'sppo_hard':
+        loss = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    elif loss_type in ('aot', 'aot_unpaired'):
+        d = (torch.sort(chosen - rejected, dim=0)[0] - torch.sort(ref_chosen - ref_rejected, dim=0)[0]
+             if loss_type == 'aot' else torch.sort(chosen_ratio, dim=0)[0] - torch.sort(rejected_ratio, dim=0)[0])
+        loss = -logsig(beta * d) * (1 - eps) - logsig(-beta * d) * eps
+    elif loss_type == 'apo_zero':
+        loss = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+    elif loss_type == 'apo_down':
+        loss = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * delta)
+    elif loss_type == 'discopop':
+        x = beta * delta
+        loss = -logsig(x) * (1 - torch.sigmoid(x / tau)) + torch.exp(-x) * torch.sigmoid(x / tau)
+    else:  # 'sft': cross-entropy over every chosen token of the batch
+        B = len(chosen)
+        loss = (-policy[:B][mask[:B]].mean()).expand(B)
+    return loss.mean()
+
+
+@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
+def test_zoo_twin_equals_trl_rederivation_loss_and_gradient(loss_type, beta, eps):
+    """Random per-token log-probs of 5 pairs of different lengths: the mean of bipost's per-pair losses is TRL's batch
+    loss, and so is its gradient."""
+    g = torch.Generator().manual_seed(3)
+    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
+    reference = -3 * torch.rand(10, 7, generator=g)
+    mask = torch.arange(7) < torch.randint(1, 8, (10, 1), generator=g)
+    ours = dpo_losses(policy, reference, mask, beta, loss_type, eps, fused=False)[0].mean()
+    theirs = _zoo_trl(loss_type, policy, reference, mask, beta, eps)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0],
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_zoo_weighted_list_is_the_weighted_sum_mpo():
+    """TRL's list form (MPO): loss_type ['sigmoid', 'bco_pair', 'sft'] with weights: Σ_k w_k · loss_k per pair;
+    a comma-separated string (bipost's config value) is the same list; no weights = 1 each."""
+    policy, reference, mask = _dpo_tensors()
+    weights = [0.8, 0.2, 1.0]
+    hand = [sum(w * _zoo_by_hand(t, 0.5)[b] for t, w in zip(('sigmoid', 'bco_pair', 'sft'), weights)) for b in range(2)]
+    for form in (['sigmoid', 'bco_pair', 'sft'], 'sigmoid,bco_pair,sft', 'sigmoid, bco_pair ,sft'):
+        losses = dpo_losses(policy, reference, mask, 0.5, form, fused=False, loss_weights=weights)[0]
+        assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    unweighted = dpo_losses(policy, reference, mask, 0.5, 'ipo,hinge', fused=False)[0]  # ipo on means, hinge on sums
+    assert unweighted.tolist() == pytest.approx([a + b for a, b in zip(_zoo_by_hand('ipo', 0.5), _zoo_by_hand('hinge', 0.5))])
+
+
+def test_zoo_bad_settings_are_one_line_errors():
+    policy, reference, mask = _dpo_tensors()
+    check = bipost_kernels.dpo.check_settings
+    for loss_type, weights, eps, says in (
+            ('sigmoid,dpo', None, 0.0, r"\['dpo'\] is not one of"),
+            ('sigmoid,sft', [1.0], 0.0, "has 2 terms but 1 weights"),
+            ('hinge', None, 0.1, "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
+            ('ipo', None, 0.1, "label_smoothing=0.1 has no meaning"),
+            ('exo_pair', None, 0.0, "'exo_pair' needs 0 < label_smoothing < 1"),
+            ('robust', None, 0.5, "must lie in \\[0, 0.5\\)")):
+        with pytest.raises(ValueError, match=says):
+            check(loss_type, weights, eps)
+    check('exo_pair', None, 1e-3)
+    check('ipo,sigmoid', [1.0, 0.5], 0.1)  # sigmoid's ε
+    with pytest.raises(ValueError, match="has 2 terms but 3 weights"):
+        dpo_losses(policy, reference, mask, 0.5, 'sigmoid,sft', fused=False, loss_weights=[1, 2, 3])
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_zoo_kernel_covers_sigmoid_and_ipo_the_twin_the_rest(fused, monkeypatch):
+    """The Triton kernel runs for one unweighted 'sigmoid' or 'ipo'; every other type, any list and LD-DPO run the
+    twin even with fused=True, and give the twin's numbers."""
+    calls = []
+    twin = bipost_kernels.dpo.dpo_losses_torch
+    monkeypatch.setattr(bipost_kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(args[4]) or twin(*args))
+    policy, reference, mask = _dpo_tensors()
+    for loss_type, weights, ld_alpha in (('sigmoid', None, 1.0), ('ipo', None, 1.0), ('hinge', None, 1.0),
+                                         ('sigmoid,sft', None, 1.0), ('sigmoid', [2.0], 1.0), ('sigmoid', None, 0.5)):
+        calls.clear()
+        losses = dpo_losses(policy, reference, mask, 0.5, loss_type, fused=fused, loss_weights=weights, ld_alpha=ld_alpha)[0]
+        expected = twin(policy, reference, mask, 0.5, loss_type, 0.0, False, weights, 0.05, ld_alpha)[0]
+        torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-6)
+        fusable = loss_type in ('sigmoid', 'ipo') and weights is None and ld_alpha == 1.0
+        assert calls == ([] if fused and fusable else [loss_type]), loss_type
+
+
+@pytest.mark.parametrize('loss_type', ['hinge', 'robust', 'apo_down', 'sigmoid,bco_pair,sft'])
+def test_zoo_objective_dpo_metrics_are_trls(monkeypatch, loss_type):
+    """objectives.dpo with any loss type: the loss is the table's, and the metrics keep TRL's definitions (rewards
+    β·(summed log-ratio), accuracies, margins, summed log-probs), whatever the loss averages."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    eps = 0.2 if loss_type == 'robust' else 0.0
+    ctx = _obj_ctx(reference=reference, beta=0.5, dpo_loss=loss_type, label_smoothing=eps, dpo_loss_weights=[1, 0.5, 2]
+                   if ',' in loss_type else [], discopop_tau=0.05)
+    losses, metrics = objectives.dpo(policy, {}, ctx)
+    weights = [1, 0.5, 2] if ',' in loss_type else [1]
+    hand = [sum(w * _zoo_by_hand(t, 0.5, eps)[b] for t, w in zip(loss_type.split(','), weights)) for b in range(2)]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.5 * 0.5, 0.5 * -1.0])
+    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.5, 0.5 * 0.5])
+    assert metrics['rewards/margins'].tolist() == pytest.approx([0.5, -0.75])
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
+    assert metrics['logps/chosen'].tolist() == [-1.5, -2.0] and metrics['logps/rejected'].tolist() == [-3.0, -1.0]
+
+
+def _zoo_trl_reference_free(name, model, batch, beta, eps=0.0, gamma=0.5, alpha=1.0):
+    """TRL's CPOTrainer (loss_type 'sigmoid' = cpo, 'simpo') and ORPOTrainer re-derived from the model's full logits,
+    their way (labels −100 outside what counts, nn.CrossEntropyLoss, get_batch_logps): -> (batch loss, metrics of
+    per-pair values whose means TRL logs)."""
+    ids = batch['input_ids']
+    logits = model(input_ids=ids, attention_mask=batch['attention_mask']).logits.float()
+    labels = torch.where(batch['response_mask'].bool(), ids, -100)[:, 1:]
+    logits = logits[:, :-1]
+    per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    logps = per_token.sum(-1) / ((labels != -100).sum(-1) if name in ('simpo', 'orpo') else 1)
+    B = ids.shape[0] // 2
+    chosen, rejected = logps[:B], logps[B:]
+    ce = torch.nn.CrossEntropyLoss()  # ignore_index −100
+    metrics = {'rewards/chosen': beta * chosen, 'rewards/rejected': beta * rejected,
+               'rewards/margins': beta * (chosen - rejected), 'rewards/accuracies': (chosen > rejected).float(),
+               'logps/chosen': chosen, 'logps/rejected': rejected}
+    if name == 'orpo':
+        whole = torch.where(batch['attention_mask'].bool(), ids, -100)[:B, 1:]  # prompt and response of the chosen
+        nll = ce(logits[:B].reshape(-1, logits.shape[-1]), whole.reshape(-1))
+        log1mexp = lambda x: torch.log(-torch.expm1(x))
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = torch.nn.functional.logsigmoid(log_odds)
+        metrics.update(nll_loss=nll, log_odds_ratio=ratio, log_odds_chosen=log_odds)
+        return nll - (beta * ratio).mean(), metrics
+    x = chosen - rejected - (gamma / beta if name == 'simpo' else 0.0)
+    losses = (-torch.nn.functional.logsigmoid(beta * x) * (1 - eps) - torch.nn.functional.logsigmoid(-beta * x) * eps)
+    if name == 'simpo':
+        return losses.mean(), metrics
+    nll = ce(logits[:B].reshape(-1, logits.shape[-1]), labels[:B].reshape(-1))
+    metrics['nll_loss'] = nll
+    return losses.mean() + alpha * nll, metrics
+
+
+@pytest.mark.parametrize('name, beta, eps', [('simpo', 2.0, 0.0), ('simpo', 2.5, 0.1), ('cpo', 0.1, 0.0),
+                                             ('cpo', 0.5, 0.1), ('orpo', 0.1, 0.0), ('orpo', 1.0, 0.0)])
+def test_zoo_reference_free_equal_trl_rederivation(name, beta, eps):
+    """simpo / cpo / orpo on a tiny random Llama: the mean of the per-pair losses is TRL's batch loss, with its
+    gradient; every metric is TRL's (per pair, or for the pooled ones, the mean TRL logs)."""
+    model, batch = _obj_model(1), _obj_batch(OBJ_PAIRS)
+    ctx = _obj_ctx(beta=beta, label_smoothing=eps, simpo_gamma=0.7, cpo_alpha=0.6)
+    losses, metrics = objectives.OBJECTIVES[name](model, batch, ctx)
+    loss, expected = _zoo_trl_reference_free(name, model, batch, beta, eps, gamma=0.7, alpha=0.6)
+    assert losses.shape == (3,) and objectives.DATA_KIND[name] == 'pref' and name not in objectives.NEEDS_REFERENCE
+    torch.testing.assert_close(losses.mean(), loss, atol=1e-5, rtol=1e-5)
+    assert set(metrics) == set(expected)
+    for key, value in expected.items():
+        if value.dim() == 0:  # TRL's pooled NLL: our per-pair shares average to it
+            torch.testing.assert_close(metrics[key].mean(), value.detach(), atol=1e-5, rtol=1e-5, msg=key)
+        else:
+            torch.testing.assert_close(metrics[key], value.detach(), atol=1e-5, rtol=1e-5, msg=key)
+    assert 0 < expected['rewards/accuracies'].sum() < 3  # margins of both signs
+    torch.testing.assert_close(_obj_grads(model, losses.mean()), _obj_grads(model, loss), atol=1e-5, rtol=1e-4)
+
+
+# ORPO by hand: per-token log-probs after the shift, the first column a prompt token (in the NLL, not in the odds)
+ZOO_ORPO_TOKENS = [[-0.3, -0.5, -1.0], [-0.2, -2.0, 0.0], [-0.3, -1.5, -0.5], [-0.2, -0.25, 0.0]]
+ZOO_ORPO_ATTENDED = [[True, True, True], [True, True, False], [True, True, True], [True, True, False]]
+
+
+def test_zoo_reference_free_hand_numbers(monkeypatch):
+    """simpo and cpo on DPO_POLICY (chosen means [−0.75, −2], rejected [−1, −0.5]; sums [−1.5, −2] and [−3, −1]),
+    orpo on ZOO_ORPO_TOKENS, all by hand with math."""
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))
+    policy_logps, _, mask = _dpo_tensors(masked=0.0)
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (policy_logps * mask, mask))
+    ctx = _obj_ctx(beta=2.0, simpo_gamma=0.3, cpo_alpha=0.5)
+    losses, metrics = objectives.simpo(None, {}, ctx)  # −log σ(β·Δmean − γ): Δ = 0.25 and −1.5
+    assert losses.tolist() == pytest.approx([-log_sigmoid(2 * 0.25 - 0.3), -log_sigmoid(2 * -1.5 - 0.3)], rel=1e-6)
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([-1.5, -4.0]) and metrics['rewards/accuracies'].tolist() == [1, 0]
+    losses, metrics = objectives.cpo(None, {}, _obj_ctx(beta=0.5, cpo_alpha=0.5, label_smoothing=0.1))
+    nll = [1.5 * 2 / 3, 2.0 * 2 / 3]  # 3.5 nats over 3 chosen tokens, as two per-pair shares
+    smoothed = lambda x: -0.9 * log_sigmoid(x) - 0.1 * log_sigmoid(-x)
+    assert losses.tolist() == pytest.approx([smoothed(0.5 * 1.5) + 0.5 * nll[0], smoothed(0.5 * -1.0) + 0.5 * nll[1]], rel=1e-6)
+    assert metrics['nll_loss'].tolist() == pytest.approx(nll) and metrics['rewards/margins'].tolist() == pytest.approx([0.75, -0.5])
+
+    tokens = torch.tensor(ZOO_ORPO_TOKENS, requires_grad=True)
+    attended = torch.tensor(ZOO_ORPO_ATTENDED)
+    response = attended & (torch.arange(3) > 0)
+    leading = torch.ones(4, 1, dtype=torch.bool)
+    batch = {'attention_mask': torch.cat([leading, attended], 1).long(), 'response_mask': torch.cat([~leading, response], 1)}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, b, ctx: (tokens * b['response_mask'][:, 1:],
+                                                                                b['response_mask'][:, 1:].bool()))
+    losses, metrics = objectives.orpo(None, batch, _obj_ctx(beta=0.25))
+    chosen, rejected = [-0.75, -2.0], [-1.0, -0.25]
+    log_odds = [(w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l))) for w, l in zip(chosen, rejected)]
+    nll = [1.8 * 2 / 5, 2.2 * 2 / 5]  # chosen prompt + response tokens: 4.0 nats over 5, as two shares
+    assert losses.tolist() == pytest.approx([n - 0.25 * log_sigmoid(o) for n, o in zip(nll, log_odds)], rel=1e-6)
+    assert metrics['log_odds_chosen'].tolist() == pytest.approx(log_odds, rel=1e-6)
+    assert metrics['log_odds_ratio'].tolist() == pytest.approx([log_sigmoid(o) for o in log_odds], rel=1e-6)
+    assert metrics['logps/chosen'].tolist() == pytest.approx(chosen) and metrics['nll_loss'].tolist() == pytest.approx(nll)
+    grad, = torch.autograd.grad(losses.sum(), tokens)
+    assert torch.isfinite(grad).all() and (grad[~attended] == 0).all()
+    assert (grad[:2][attended[:2]] < 0).all()  # raising a chosen token's log-prob lowers the loss
+    assert (grad[2:][response[2:]] > 0).all() and (grad[2:, 0] == 0).all()  # a rejected one's raises it; prompts: no NLL
+
+
+@pytest.mark.parametrize('objective', ['simpo', 'cpo', 'orpo'])
+def test_zoo_reference_free_run_builds_no_reference(tmp_path, monkeypatch, capsys, objective):
+    """SFT + a reference-free objective through bipost.py: no frozen model is built (the memory plan's frozen weights
+    are 0, where sft + dpo's hold the reference), and its held-out loss falls in a short run."""
+    import model as model_module
+    roles, real = [], model_module.frozen
+    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
+    out = tmp_path / objective
+    args = [f'--objectives=["sft", "{objective}"]', '--strategy=mix', '--weights=[0.2, 0.8]',  # (the demo's SFT fights it)
+            '--beta=2.0' if objective == 'simpo' else '--beta=0.1',
+            '--learning_rate=1e-2', '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert roles == [] and '+ frozen weights 0 GB +' in stdout
+    evals, _ = _train_records(out)
+    assert evals[-1][f'val/{objective}/loss'] < evals[0][f'val/{objective}/loss'] - 0.05
+    if objective == 'simpo':  # (cpo and orpo fall through their NLL first in 12 updates)
+        assert evals[-1]['val/simpo/rewards/accuracies'] > evals[0]['val/simpo/rewards/accuracies']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft", "dpo"]', '--max_iters=1',
+                                       f'--out_dir={tmp_path / "dpo"}')
+    assert code == 0 and roles == ['reference'] and '+ frozen weights 0 GB +' not in stdout
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--objectives=["sft", "orpo"]', '--reference_from=/some/model'],
+     "reference_from='/some/model' is unused: objectives ['sft', 'orpo'] need no reference model"),
+    (['--objectives=["sft", "simpo"]', '--simpo_gamma=-0.5'], "simpo_gamma=-0.5 must be >= 0"),
+    (['--dpo_loss=hinge', '--label_smoothing=0.1'], "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
+    (['--dpo_loss=sigmoid,sft', '--dpo_loss_weights=[1.0]'], "has 2 terms but 1 weights"),
+    (['--dpo_loss=kto_pair'], "['kto_pair'] is not one of"),
+    (['--ld_alpha=0.5', '--reference_logps=precompute'], "ld_alpha=0.5 (LD-DPO) weighs the dpo objective's"),
+    (['--ld_alpha=1.5'], "0 <= ld_alpha <= 1"),
+    (['--dpo_loss=aot', '--data_selection=True', '--selection_objective=dpo', '--trusted_split=pref_trusted'],
+     "per-pair weights (data_selection, example_weights) would land on other pairs"),
+])
+def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, args, says):
+    out = tmp_path / 'out'
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={out}')
+    assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+# ---- KTO on unpaired data (issue 23) ----
+
+ZOO_UNPAIRED = [{"prompt": "What is 2+2?\n", "completion": "4", "label": True},
+                {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "go"}],
+                 "label": False},
+                {"messages": [{"role": "user", "content": "Reverse: cat"}, {"role": "assistant", "content": "tac"}],
+                 "label": True}]
+
+
+def test_kto_data_unpaired_shapes_and_batches(tmp_path):
+    """TRL's unpaired records (strings, prompt/completion message lists, messages) -> kind 'unpaired'; a batch holds
+    each prompt with its own completion, then with the previous example's (cycled), and the labels."""
+    from data.loader import Split
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_train": ZOO_UNPAIRED}, max_length=64)
+    assert meta["splits"]["kto_train"]["kind"] == "unpaired"
+    assert _data_decode(_data_read(tmp_path, "kto_train")) == [
+        ["What is 2+2?\n", "4<|endoftext|>"], ["user: hi\nassistant: ", "go\n<|endoftext|>"],
+        ["user: Reverse: cat\nassistant: ", "tac\n<|endoftext|>"]]
+    assert [json.loads(line) for line in open(tmp_path / "kto_train_extra.jsonl")] == [
+        {"label": True}, {"label": False}, {"label": True}]
+    split = Split(str(tmp_path), "kto_train", "unpaired", meta, seed=0)
+    batch = split.batch(np.array([2, 0, 1]))
+    enc = data_prep.demo_encoding()
+    rows = [enc.decode([t for t, keep in zip(ids.tolist(), attn.tolist()) if keep])
+            for ids, attn in zip(batch['input_ids'], batch['attention_mask'])]
+    responses = [enc.decode([t for t, keep in zip(ids.tolist(), m.tolist()) if keep])
+                 for ids, m in zip(batch['input_ids'], batch['response_mask'])]
+    assert responses == ["tac\n<|endoftext|>", "4<|endoftext|>", "go\n<|endoftext|>",   # own
+                         "go\n<|endoftext|>", "tac\n<|endoftext|>", "4<|endoftext|>"]   # the previous example's
+    assert rows[3] == "user: Reverse: cat\nassistant: go\n<|endoftext|>" and rows[4] == "What is 2+2?\ntac\n<|endoftext|>"
+    assert batch['labels'].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize('records, says', [
+    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b"}], ':2: missing key label for an unpaired record'),
+    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b", "label": "yes"}], ":2: \"label\" must be true or false"),
+    ([{"prompt": "a", "completion": "b", "label": 1}], ":1: \"label\" must be true or false (JSON booleans), got 1"),
+    ([{"prompt": "a", "label": True}], ":1: missing key(s) completion"),
+])
+def test_kto_data_bad_labels_name_file_and_line(tmp_path, records, says):
+    path = tmp_path / 'kto.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / 'out'), "demo", {"kto_train": str(path)}, max_length=64)
+    assert f"{path}{says}" in str(error.value) and not (tmp_path / 'out').exists()
+
+
+def test_kto_data_one_class_split_and_wrong_kind_are_refused(tmp_path):
+    from data.loader import Split
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_val": [ZOO_UNPAIRED[0], ZOO_UNPAIRED[2]],
+                                                     "sft_val": [{"prompt": "a", "completion": "b"}]}, max_length=64)
+    with pytest.raises(data_prep.DataError, match="needs a true or false label on every example and both kinds "
+                                                  r"\(2 true of 2\)"):
+        Split(str(tmp_path), "kto_val", "unpaired", meta, seed=0)
+    # an unpaired split's index looks like an SFT split's: meta.json's kind keeps them apart, both ways
+    for name, kind, says in (("kto_val", "sft", "holds unpaired data, but k gives it to an objective that reads sft"),
+                             ("sft_val", "unpaired", "holds sft data, but k gives it to an objective that reads unpaired")):
+        with pytest.raises(data_prep.DataError, match=says):
+            Split(str(tmp_path), name, kind, meta, seed=0, key='k')
+
+
+# KTO by hand: 4 examples (labels T, F, T, F), per-token log-probs whose sums are, own rows: policy
+# [-1, -2, -1.5, -0.5], reference [-1.5, -1, -1.5, -1] (log-ratios [0.5, -1, 0, 0.5]); mismatched rows: policy
+# [-3, -2, -4, -2.5], reference [-3.5, -2.5, -4, -3] (KL estimate mean [0.5, 0.5, 0, 0.5] = 0.375).
+KTO_POLICY = [-1.0, -2.0, -1.5, -0.5, -3.0, -2.0, -4.0, -2.5]
+KTO_REFERENCE = [-1.5, -1.0, -1.5, -1.0, -3.5, -2.5, -4.0, -3.0]
+
+
+def _kto_patch(monkeypatch, policy_sums, reference_sums):
+    """objectives.response_logprobs replaced by tables: row k (input_ids[:, 0] = k) has two scored tokens, 40 % and
+    60 % of its sum, and a masked NaN. Returns the policy's table (it requires grad), the batch and the models."""
+    policy_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in policy_sums], requires_grad=True)
+    reference_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in reference_sums])
+    policy, reference = object(), object()
+    tables = {id(policy): policy_table, id(reference): reference_table}
+    def logprobs(model, batch, ctx):
+        mask = batch['response_mask'][:, 1:].bool()
+        return torch.where(mask, tables[id(model)][batch['input_ids'][:, 0]], 0.0), mask
+    monkeypatch.setattr(objectives, 'response_logprobs', logprobs)
+    n = len(policy_sums)
+    batch = {'input_ids': torch.arange(n)[:, None].expand(n, 4).contiguous(), 'attention_mask': torch.ones(n, 4),
+             'response_mask': torch.tensor([[False, True, True, False]] * n), 'labels': torch.tensor([True, False] * (n // 4))}
+    return policy_table, batch, policy, reference
+
+
+def test_kto_hand_numbers_and_no_gradient_through_the_kl_point(monkeypatch):
+    table, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY, KTO_REFERENCE)
+    ctx = _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    losses, metrics = objectives.kto(policy, batch, ctx)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    z0 = 0.375
+    hand = [1 - sigmoid(0.5 * (0.5 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 + 1.0))),
+            1 - sigmoid(0.5 * (0.0 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 - 0.5)))]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    assert metrics['kl'].tolist() == pytest.approx([z0] * 4)
+    # per-class means as TRL logs them: chosen rewards β·[0.5, 0] -> 0.125, rejected β·[−1, 0.5] -> −0.125
+    assert metrics['rewards/chosen'].mean().item() == pytest.approx(0.125)
+    assert metrics['rewards/rejected'].mean().item() == pytest.approx(-0.125)
+    assert metrics['rewards/margins'].mean().item() == pytest.approx(0.25)
+    assert metrics['logps/chosen'].mean().item() == pytest.approx(-1.25)
+    assert metrics['logps/rejected'].mean().item() == pytest.approx(-1.25)
+    grad, = torch.autograd.grad(losses.sum(), table)
+    assert (grad[4:] == 0).all() and (grad[:, 2] == 0).all()  # the mismatched rows only set the reference point
+    assert (grad[[0, 2], :2] < 0).all() and (grad[[1, 3], :2] > 0).all()  # desirable up, undesirable down
+    # the reference point is clamped at 0: mismatched completions the policy likes less than the reference does
+    _, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY[:4] + [-4.0, -3.0, -5.0, -3.5], KTO_REFERENCE)
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0,
+                                                             undesirable_weight=1.0))
+    assert metrics['kl'].tolist() == [0.0] * 4
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.25), 1 - sigmoid(0.5), 1 - sigmoid(0.0), 1 - sigmoid(-0.25)])
+
+
+def test_kto_equals_trl_rederivation(monkeypatch):
+    """Random sums and labels for 8 examples: the mean of the per-example losses is TRL's KTOTrainer loss (chosen and
+    rejected losses concatenated, weighted, nanmean), and the logged per-class means are its metrics."""
+    g = torch.Generator().manual_seed(5)
+    reference_sums = (-4 * torch.rand(16, generator=g)).tolist()
+    policy_sums = [r + d for r, d in zip(reference_sums, (2 * torch.rand(16, generator=g) - 0.5).tolist())]  # KL > 0
+    table, batch, policy, reference = _kto_patch(monkeypatch, policy_sums, reference_sums)
+    batch['labels'] = torch.tensor([True, True, False, True, False, False, False, True])
+    beta, dw, uw = 0.3, 1.33, 0.8
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=beta, desirable_weight=dw,
+                                                             undesirable_weight=uw))
+    # TRL's way
+    logps = torch.tensor(policy_sums[:8]); ref = torch.tensor(reference_sums[:8])
+    kl = (torch.tensor(policy_sums[8:]) - torch.tensor(reference_sums[8:])).mean().clamp(min=0)
+    chosen_idx, rejected_idx = batch['labels'].nonzero().view(-1), (~batch['labels']).nonzero().view(-1)
+    chosen_ratio = logps.index_select(0, chosen_idx) - ref.index_select(0, chosen_idx)
+    rejected_ratio = logps.index_select(0, rejected_idx) - ref.index_select(0, rejected_idx)
+    trl = torch.cat((dw * (1 - torch.sigmoid(beta * (chosen_ratio - kl))),
+                     uw * (1 - torch.sigmoid(beta * (kl - rejected_ratio))))).nanmean()
+    assert losses.mean().item() == pytest.approx(trl.item(), rel=1e-5)
+    assert metrics['rewards/chosen'].mean().item() == pytest.approx((beta * chosen_ratio).nansum().item() / 4, rel=1e-5)
+    assert metrics['rewards/rejected'].mean().item() == pytest.approx((beta * rejected_ratio).nansum().item() / 4, rel=1e-5)
+    assert metrics['logps/chosen'].mean().item() == pytest.approx(logps[chosen_idx].sum().item() / 4, rel=1e-5)
+    assert metrics['kl'][0].item() == pytest.approx(kl.item(), rel=1e-5) and kl > 0
+
+
+@pytest.fixture(scope='module')
+def kto_dataset(tmp_path_factory):
+    """The demo's SFT splits, and its preference pairs as unpaired records (chosen: true, rejected: false)."""
+    out = tmp_path_factory.mktemp('kto_data')
+    def unpaired(path, n):
+        pairs = [json.loads(line) for line in open(os.path.join(ROOT, path))][:n]
+        return [{'prompt': p['prompt'], 'completion': p[k], 'label': k == 'chosen'} for p in pairs for k in ('chosen', 'rejected')]
+    data_prep.prepare(str(out), 'demo', {'sft_train': os.path.join(ROOT, 'data/demo/sft_train.jsonl'),
+                                         'sft_val': os.path.join(ROOT, 'data/demo/sft_val.jsonl'),
+                                         'kto_train': unpaired('data/demo/pref_train.jsonl', 1000),
+                                         'kto_val': unpaired('data/demo/pref_val.jsonl', 150)}, max_length=128)
+    return out
+
+
+def test_kto_bipost_sft_plus_kto_learns_with_a_reference(tmp_path, monkeypatch, capsys, kto_dataset):
+    import model as model_module
+    roles, real = [], model_module.frozen
+    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
+    out = tmp_path / 'kto'
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
+                                       '--strategy=mix', '--weights=[0.2, 0.8]', '--beta=1.0', '--learning_rate=1e-2',
+                                       '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}')
+    assert code == 0, err
+    assert roles == ['reference']
+    evals, _ = _train_records(out)
+    assert evals[0]['val/kto/loss'] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 − σ(0) for every example
+    assert evals[-1]['val/kto/loss'] < evals[0]['val/kto/loss'] - 0.02
+    assert evals[-1]['val/kto/rewards/margins'] > 0
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--batch_size=1'], "objective 'kto' needs batch_size >= 2 (got 1"),
+    (['--reference_logps=precompute'], "and reference_logps='live' (got 'precompute'"),
+])
+def test_kto_bipost_bad_settings(tmp_path, monkeypatch, capsys, kto_dataset, args, says):
+    code, _, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]', *args,
+                                  f'--out_dir={tmp_path / "out"}')
+    assert code == 1 and says in err and not (tmp_path / 'out').exists()
+
+
+# ---- the new objectives everywhere the old ones run (issue 23) ----
+
+@pytest.mark.slow
+def test_zoo_every_objective_in_strategies_lora_zero_and_precompute(tmp_path, kto_dataset):
+    """Short runs of each new objective beside SFT across the strategies, LoRA (reference = adapters off), ZeRO-2/3
+    and a precomputed reference: every run finishes, trains the objective it names and evaluates it to finite
+    numbers (maxright on f* given as numbers)."""
+    common = ['--max_iters=4', '--eval_interval=4', '--batch_size=4', '--warmup_iters=1', '--beta=0.5']
+    kto = [f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]']
+    runs = {'alright_simpo': ['--objectives=["sft", "simpo"]', '--strategy=alright', '--weights=[0.1, 0.9]', '--beta=2.0'],
+            'maxright_orpo': ['--objectives=["sft", "orpo"]', '--strategy=maxright', '--optima=[1.0, 1.0]'],
+            'sequential_cpo': ['--objectives=["sft", "cpo"]', '--strategy=sequential'],
+            'mix_hinge_precompute': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=hinge',
+                                     '--reference_logps=precompute'],
+            'mix_mpo_lora': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=sigmoid,bco_pair,sft',
+                             '--dpo_loss_weights=[0.8, 0.2, 1.0]', '--lora_rank=4'],
+            'alright_kto_lora': kto + ['--strategy=alright', '--weights=[0.1, 0.9]', '--lora_rank=4'],
+            'mix_kto_zero3': kto + ['--strategy=mix', '--deepspeed=True', '--zero_stage=3'],
+            'mix_orpo_zero2': ['--objectives=["sft", "orpo"]', '--strategy=mix', '--deepspeed=True', '--zero_stage=2']}
+    dirs = _train_run(tmp_path, {name: common + args for name, args in runs.items()}, timeout=900)
+    for name, out in dirs.items():
+        objective = {'hinge': 'dpo', 'mpo': 'dpo'}.get(name.split('_')[1], name.split('_')[1])
+        evals, steps = _train_records(out)
+        assert [r['iter'] for r in evals] == [0, 4] and len(steps) == 4, name
+        assert any(objective in r['objective'] for r in steps), (name, [r['objective'] for r in steps])
+        assert all(math.isfinite(v) for r in evals for k, v in r.items() if k.startswith('val/')), name
+        assert evals[-1][f'val/{objective}/loss'] != evals[0][f'val/{objective}/loss'], name
+
+
+@pytest.mark.slow
+def test_zoo_killed_kto_run_resumes_exactly(tmp_path, kto_dataset):
+    """KTO's batches (own + mismatched rows) come back in the same order after a kill: the resumed run's per-update
+    losses equal an uninterrupted run's."""
+    args = ['--max_iters=6', '--eval_interval=3', f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
+            '--dpo_loss=sigmoid', '--strategy=alright']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
+    assert _rel_losses(_rel_metrics(tmp_path / 'killed')) == _rel_losses(_rel_metrics(tmp_path / 'full'))
+
+
+def test_zoo_ld_alpha_by_hand_and_in_the_metrics(monkeypatch):
+    """LD-DPO at ld_alpha = 0.5 on the hand tensors: pair 0's rejected row (3 tokens against the chosen's 2) and pair
+    1's (2 against 1) count their tail token at half weight: rejected sums become policy [−2.5, −0.625], reference
+    [−2.25, −1.0], so r = [−0.25, 0.375] and z = [0.75, −1.375]; TRL logs those weighted sums too."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    losses, metrics = objectives.dpo(policy, {}, _obj_ctx(reference=reference, beta=0.5, ld_alpha=0.5))
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.375)), math.log1p(math.exp(0.6875))], rel=1e-6)
+    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.25, 0.5 * 0.375])
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.25, -0.5])  # the shorter responses: unweighted
+    assert metrics['logps/rejected'].tolist() == pytest.approx([-2.5, -0.625])
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
+    grad, = torch.autograd.grad(losses.sum(), policy_logps)
+    assert grad[2, 2] == pytest.approx(0.5 * grad[2, 0].item()) and grad[3, 1] == pytest.approx(0.5 * grad[3, 0].item())
+    with pytest.raises(ValueError, match="ld_alpha needs the reference's per-token log-probs"):
+        dpo_losses(policy_logps, reference_logps.sum(1), mask, 0.5, ld_alpha=0.5)
+
+
+@pytest.mark.parametrize('loss_type', ['sigmoid', 'ipo', 'bco_pair'])
+def test_zoo_ld_alpha_equals_trl_rederivation(loss_type):
+    """TRL's LD-DPO masks (completion positions by cumsum, shared = the pair's shorter length), on random tensors."""
+    g = torch.Generator().manual_seed(7)
+    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
+    reference = -3 * torch.rand(10, 7, generator=g)
+    start = torch.randint(0, 3, (10, 1), generator=g)
+    mask = (torch.arange(7) >= start) & (torch.arange(7) < start + torch.randint(1, 5, (10, 1), generator=g))
+    alpha, beta = 0.3, 0.5
+    position, lengths = mask.long().cumsum(1), mask.sum(1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)[:, None]
+    shared_mask, tail_mask = (position > 0) & (position <= shared), position > shared
+    def ld(x):
+        x = torch.where(mask, x, 0.0)
+        return (x * shared_mask).sum(1) + alpha * (x * tail_mask).sum(1)
+    chosen, rejected = ld(policy).chunk(2)
+    ref_chosen, ref_rejected = ld(reference).chunk(2)
+    c, r = chosen - ref_chosen, rejected - ref_rejected
+    n_chosen, n_rejected = lengths.chunk(2)
+    if loss_type == 'sigmoid':
+        theirs = -torch.nn.functional.logsigmoid(beta * (c - r)).mean()
+    elif loss_type == 'ipo':
+        theirs = ((c / n_chosen - r / n_rejected - 1 / (2 * beta)) ** 2).mean()
+    else:
+        theirs = (-torch.nn.functional.logsigmoid(beta * c) - torch.nn.functional.logsigmoid(-beta * r)).mean()
+    ours = dpo_losses(policy, reference, mask, beta, loss_type, fused=False, ld_alpha=alpha)[0].mean()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_zoo_optima_of_new_objectives_from_single_objective_runs(tmp_path, monkeypatch, capsys, kto_dataset):
+    """simpo and kto alone write optimum.json with the settings that fix their loss; a joint maxright run reads them
+    (the ideal distance uses them), and one with another simpo_gamma is refused with a line naming the key."""
+    common = ['--batch_size=8', '--eval_iters=1', '--eval_interval=2', '--max_iters=2', '--learning_rate=1e-2',
+              '--warmup_iters=0', '--export_hf=False', '--beta=2.0', '--strategy=sequential', '--weights=[1.0]']
+    dirs = _train_run(tmp_path, {'simpo': common + ['--objectives=["simpo"]'],
+                                 'kto': common + ['--objectives=["kto"]', f'--dataset={kto_dataset}']})
+    for name, keys in (('simpo', ('beta', 'simpo_gamma', 'label_smoothing')),
+                       ('kto', ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'))):
+        record = json.load(open(dirs[name] / 'optimum.json'))
+        evals = [r[f'val/{name}/loss'] for r in _train_records(dirs[name])[0]]
+        assert record['objective'] == name and record['best'] == min(evals) and all(k in record for k in keys)
+    joint = ['--objectives=["sft", "simpo"]', '--strategy=maxright', f'--optima=[1.0, "{dirs["simpo"]}"]', '--beta=2.0',
+             '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--batch_size=8']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *joint, f'--out_dir={tmp_path / "joint"}')
+    assert code == 0, err
+    best = json.load(open(dirs['simpo'] / 'optimum.json'))['best']
+    for r in _train_records(tmp_path / 'joint')[0]:
+        assert r['val/ideal_distance'] == pytest.approx(math.hypot(r['val/sft/loss'] - 1.0, r['val/simpo/loss'] - best))
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *joint, '--simpo_gamma=1.0', f'--out_dir={tmp_path / "other"}')
+    assert code == 1 and 'with simpo_gamma=0.5, but this run has simpo_gamma=1.0' in err

@@ -15,7 +15,7 @@ import torch
 
 from data.prepare import DataError
 
-COLUMNS = {'sft': 3, 'pref': 4, 'prompt': 2}  # index columns: offset, prompt_len, then one length per response
+COLUMNS = {'sft': 3, 'pref': 4, 'prompt': 2, 'unpaired': 3}  # index columns: offset, prompt_len, one length per response
 KINDS = {3: 'an SFT', 4: 'a preference', 2: 'a prompt (RL)'}  # what a split with that many columns is
 
 
@@ -90,6 +90,10 @@ class Split:
         if os.path.getsize(path + '.bin') == 0:  # (numpy cannot memmap an empty file)
             raise DataError(f"{path}.bin is empty: split '{name}' has no examples; prepare it with data, or set {key} "
                             f"to another split")
+        prepared = meta['splits'].get(name, {}).get('kind')
+        if 'unpaired' in (kind, prepared) and prepared != kind:  # its index looks like SFT's: the kind in meta.json tells
+            raise DataError(f"split '{name}' in {data_dir} holds {prepared} data, but {key} gives it to an objective "
+                            f"that reads {kind} data: set {key} to a {kind} split")
         self.tokens = np.memmap(path + '.bin', dtype=np.uint32, mode='r')
         self.index = np.load(path + '_index.npy')
         if self.index.ndim != 2 or self.index.shape[1] != COLUMNS[kind]:
@@ -108,10 +112,18 @@ class Split:
         # tokens of the longest row (prompt + its longer response): checked against the model's positions
         self.longest = int((self.index[:, 1] + self.index[:, 2:].max(1, initial=0)).max()) if len(self.index) else 0
         self._digest = None
-        self.extra = self._read_extra() if kind == 'prompt' else None
+        self.extra = self._read_extra() if kind in ('prompt', 'unpaired') else None
+        if kind == 'unpaired':  # KTO: each example's label (desirable or not), both kinds needed in every split
+            labels = [e.get('label') for e in self.extra]
+            if not all(isinstance(x, bool) for x in labels) or len(set(labels)) < 2:
+                raise DataError(f"{path}_extra.jsonl: unpaired split '{name}' needs a true or false label on every "
+                                f"example and both kinds ({sum(x is True for x in labels)} true of {len(labels)}): "
+                                f"KTO weighs desirable against undesirable completions; add the missing kind")
+            self.labels = np.array(labels, dtype=bool)
 
     def _read_extra(self):
-        """Prompt splits: each example's other fields (what the reward function reads), one JSON object a line."""
+        """Prompt splits: each example's other fields (what the reward function reads); unpaired splits: each
+        example's label. One JSON object a line."""
         path = self.path + '_extra.jsonl'
         if not os.path.exists(path):
             raise DataError(f"{path} not found: prompt split '{self.name}' was prepared by an older data/prepare.py or "
@@ -127,7 +139,7 @@ class Split:
         """sha256 of the split's two files: what f* and the cached reference log-probs were measured on (by content,
         so a moved or copied dataset still matches). Computed once."""
         if self._digest is None:
-            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.kind == 'prompt' else ())  # answers count too
+            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.extra is not None else ())  # answers, labels too
             self._digest = [file_digest(self.path + suffix) for suffix in suffixes]
         return self._digest
 
@@ -160,6 +172,8 @@ class Split:
         Prompt splits give the prompts left-padded (what generate continues) and each example's extra fields."""
         if self.kind == 'prompt':
             return self._prompts(ids)
+        if self.kind == 'unpaired':
+            return self._unpaired(ids)
         rows, masks = [], []
         for i in ids:
             offset, prompt, *responses = (int(x) for x in self.index[i])
@@ -170,6 +184,9 @@ class Split:
                 start += length
         if self.kind == 'pref':
             rows, masks = rows[0::2] + rows[1::2], masks[0::2] + masks[1::2]
+        return self._padded(rows, masks, ids)
+
+    def _padded(self, rows, masks, ids):
         lengths = np.array([len(r) for r in rows])
         input_ids = np.full((len(rows), lengths.max()), self.meta['pad_id'], np.int64)
         response_mask = np.zeros(input_ids.shape, bool)
@@ -179,6 +196,23 @@ class Split:
         to = lambda a: torch.from_numpy(a).to(self.device)
         return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
                 'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
+
+    def _unpaired(self, ids):
+        """2·len(ids) rows: each prompt with its own completion, then each prompt with the previous example's
+        completion (cycled within the batch, as TRL's KTO builds its KL pairs; cut to the split's longest row), and
+        the labels [len(ids)] (bool)."""
+        prompts, completions = [], []
+        for i in ids:
+            offset, prompt, length = (int(x) for x in self.index[i])
+            prompts.append(self.tokens[offset:offset + prompt])
+            completions.append(self.tokens[offset + prompt:offset + prompt + length])
+        limit = self.longest  # a prompt with another's completion stays within what the split was prepared to
+        mismatched = [c[:max(1, limit - len(p))] for p, c in zip(prompts, completions[-1:] + completions[:-1])]
+        rows = [np.concatenate([p, c]) for p, c in zip(prompts + prompts, completions + mismatched)]
+        masks = [np.r_[np.zeros(len(p), bool), np.ones(len(c), bool)] for p, c in zip(prompts + prompts, completions + mismatched)]
+        batch = self._padded(rows, masks, ids)
+        batch['labels'] = torch.as_tensor(self.labels[np.asarray(ids)].astype(bool), device=self.device)
+        return batch
 
     def _prompts(self, ids):
         prompts = [self.tokens[int(o):int(o) + int(n)] for o, n in (self.index[i] for i in ids)]

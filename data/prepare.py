@@ -11,7 +11,10 @@ datasets' JSON loader reads them (a UTF-8 BOM and CRLF line ends are fine):
   preference  {"prompt": str, "chosen": str, "rejected": str}, or prompt/chosen/rejected each a message list
   prompt (RL) {"prompt": str or a message list, ...any other fields}   or   {"messages": [...], ...}  (TRL's GRPO
               shape): the other fields (e.g. "answer") are kept for the reward function, in <split>_extra.jsonl
-Split kind rule: a split is a preference split if its first record has "chosen" or "rejected"; a prompt split if
+  unpaired    {"prompt": str, "completion": str, "label": true/false}, prompt/completion message lists, or
+              {"messages": [...], "label": ...} (TRL's KTO shape: label true = desirable), kind 'unpaired'
+Split kind rule: a split is unpaired if its first record has "label"; a preference split if it has "chosen" or
+"rejected"; a prompt split if
 its name starts with "rl" or "prompt", or its first record has "prompt" but no "completion"; else SFT. A split
 name starting with "sft", "pref", "rl" or "prompt" must agree with that.
 
@@ -25,7 +28,8 @@ template the messages are rendered as "role: content\\n" lines followed by "assi
 Output in --out_dir: <split>.bin (flat uint32 ids: prompt, then response(s)), <split>_index.npy
 (int64 [n, 3] offset, prompt_len, response_len for SFT; [n, 4] offset, prompt_len, chosen_len,
 rejected_len for preferences; [n, 2] offset, prompt_len for prompts, whose other fields go to
-<split>_extra.jsonl, one JSON object per kept example) and meta.json (merged when splits are added later).
+<split>_extra.jsonl, one JSON object per kept example; [n, 3] for unpaired, the labels in <split>_extra.jsonl as
+{"label": bool}) and meta.json (merged when splits are added later).
 Prompt tokens are never scored by the trainer, so masking is by construction.
 --truncation=truncate: cut the prompt from the left (down to 1 token), then the response's end;
 --truncation=drop: drop examples longer than max_length. Pairs whose chosen and rejected tokens are
@@ -209,6 +213,8 @@ def build_split(name, source, tok, max_length, truncation):
     if not records:
         raise DataError(f"<{name}>: no records")
     first, words = records[0][1], {"sft": "an SFT", "pref": "a preference", "prompt": "a prompt (RL)"}
+    if isinstance(first, dict) and "label" in first:  # TRL's unpaired (KTO) shape
+        return build_unpaired_split(name, records, tok, max_length, truncation)
     kind = "sft"
     if isinstance(first, dict) and ("chosen" in first or "rejected" in first):
         kind = "pref"
@@ -244,6 +250,33 @@ def build_split(name, source, tok, max_length, truncation):
                         "raise --max_length or use --truncation=truncate")
     return kind, np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats, extra
 
+def build_unpaired_split(name, records, tok, max_length, truncation):
+    """TRL's unpaired shape: an SFT record (prompt + completion, or messages) with a boolean "label" (true: a
+    desirable completion); returns build_split's tuple, each label as {"label": bool} in extra."""
+    tokens, index, stats, extra = [], [], dict(examples=0, tokens=0, truncated=0, dropped=0), []
+    for where, record in records:
+        if not isinstance(record, dict) or "label" not in record:
+            raise DataError(f'{where}: missing key label for an unpaired record (split {name!r}: its first record has '
+                            f'one); give every record "label": true (desirable) or false (undesirable). {SHAPES}')
+        if not isinstance(record["label"], bool):
+            raise DataError(f'{where}: "label" must be true or false (JSON booleans), got {record["label"]!r}; write '
+                            f'true for a desirable completion, false for an undesirable one')
+        fitted = fit(*encode(*fields({k: v for k, v in record.items() if k != "label"}, "sft", where), tok, where),
+                     max_length, truncation)
+        if fitted is None:
+            stats["dropped"] += 1
+            continue
+        prompt, (completion,), truncated = fitted
+        index.append([stats["tokens"], len(prompt), len(completion)])
+        extra.append({"label": record["label"]})
+        tokens.extend(prompt + completion)
+        stats["tokens"] += len(prompt) + len(completion)
+        stats["examples"] += 1
+        stats["truncated"] += truncated
+    if not index:
+        raise DataError(f"every example of split {name!r} was dropped; raise --max_length or use --truncation=truncate")
+    return "unpaired", np.array(tokens, dtype=np.uint32), np.array(index, dtype=np.int64), stats, extra
+
 def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
     """Tokenizes splits {name: JSON Lines / JSON array path, or list of records} into out_dir; returns meta.
     Nothing is written on error."""
@@ -273,7 +306,7 @@ def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
         with open(index_path + ".tmp", "wb") as f:
             np.save(f, index)
         renames += [bin_path, index_path]
-        if kind == "prompt":
+        if kind in ("prompt", "unpaired"):
             extra_path = os.path.join(out_dir, f"{name}_extra.jsonl")
             with open(extra_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(e) + "\n" for e in extra)
