@@ -24,6 +24,7 @@ from checkpoint import resume_config, finish_publish, read_checkpoint, resume, r
     save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND
 import rl
+import reward_model
 from reference_cache import load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
@@ -48,8 +49,8 @@ wandb_project = 'bipost'
 wandb_run_name = 'demo'
 # data
 dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
-train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train'}  # split each objective trains on
-val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val'}          # held-out split it is judged on
+train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train', 'rm': 'pref_train'}  # split each objective trains on
+val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val', 'rm': 'pref_val'}          # held-out split it is judged on
 keep_list = ''                # a keep.npy from the data selector: train only on those examples
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
@@ -69,6 +70,7 @@ dpo_loss = 'sigmoid'          # 'sigmoid' (DPO; with label_smoothing > 0 the con
 label_smoothing = 0.0         # ε of conservative DPO, 0-0.5
 length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
+rm_center_coefficient = 0.0   # rm: + c·(r_chosen + r_rejected)² per pair (TRL's center_rewards_coefficient), ~0.01; 0 = off
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
 reference_logps = 'live'      # 'live': the reference runs beside the policy | 'precompute': once over the preference
                               # splits before training, cached in out_dir/reference_logps.npz, then freed (Tulu 3)
@@ -335,7 +337,7 @@ def load(source):
 if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
     if checkpoint['format'] == 'torch':
-        model.load_state_dict({k: v for k, v in state['model'].items() if not k.startswith('value_head.')})  # rl: below
+        model.load_state_dict({k: v for k, v in state['model'].items() if not k.startswith(('value_head.', 'reward_head.'))})  # below
 else:  # LoRA resumes its frozen base from its source, as the reference is loaded, and the adapters from the checkpoint
     model = load(policy_source)
 if disable_dropout:
@@ -365,6 +367,8 @@ if lora_rank:  # the checkpoints hold the adapters alone
                         digest=reference_logps == 'precompute')
     if checkpoint and checkpoint['format'] == 'torch':
         model.load_state_dict(state['model'], strict=False)
+if 'rm' in objectives:  # the reward head (reward_model.py), trained beside the body or its adapters
+    built(reward_model.attach, model, state, export_hf)
 if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
@@ -385,7 +389,7 @@ if 'kd' in objectives:
     teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup)
 ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      reference_cache=None,
+                      reference_cache=None, pad_id=meta['pad_id'], rm_center_coefficient=rm_center_coefficient,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
     ctx.__dict__.update(rl_context)
@@ -581,6 +585,7 @@ while True:
             f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
             (f" | rl acc {results['val/rl/accuracy']:.3f}" if 'val/rl/accuracy' in results else '') +
+            (f" | rm acc {results['val/rm/accuracy']:.2f}" if 'rm' in objectives else '') +
             (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
         if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
             fail(f"non-finite held-out loss at update {iter_num}: the weights diverged and were not saved (the last "

@@ -178,8 +178,11 @@ def save_checkpoint(run, iter_num, skipped):
         torch.save({'model': adapter_state(run.raw_model) if run.lora else run.raw_model.state_dict(),
                     'optimizer': run.optimizer.state_dict(), 'model_config': run.raw_model.config.to_dict(),
                     **train_state(run, iter_num, skipped)}, os.path.join(stage, 'ckpt.pt'))
-    if run.export_hf:
+    if run.export_hf and run.config['objectives'] != ['rm']:
         export(run, os.path.join(stage, 'hf'))
+    if run.export_hf and 'rm' in run.config['objectives']:  # the reward model: hf/ alone, hf_rm/ beside an LM
+        from reward_model import export as export_reward_model
+        export_reward_model(run, os.path.join(stage, 'hf' if run.config['objectives'] == ['rm'] else 'hf_rm'))
     if run.data_selector and run.master:
         run.data_selector.save(stage, run.keep_fraction)
     if run.deepspeed:
@@ -202,7 +205,7 @@ def export(run, path):
     with gathered:
         state, adapter = export_state(raw_model, copy=run.zero3) if run.master else (None, None)
     if run.master:
-        state = {k: v for k, v in state.items() if not k.startswith('value_head.')}  # rl's PPO value head: not HF's
+        state = {k: v for k, v in state.items() if not k.startswith(('value_head.', 'reward_head.'))}  # rl's, rm's heads
         (raw_model.get_base_model() if run.lora else raw_model).save_pretrained(path, state_dict=state)
         if adapter:
             raw_model.save_pretrained(os.path.join(path, 'adapter'), state_dict=adapter)

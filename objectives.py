@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from bipost_kernels.logprob import token_logprobs
 from bipost_kernels.dpo import dpo_losses
 import rl as reinforcement_learning  # rl.py uses this module's head path; each reads the other only at call time
+import reward_model  # the same: it reads body_and_head at call time
 
 
 class Head(NamedTuple):
@@ -228,5 +229,10 @@ def rl(model, batch, ctx):
     return reinforcement_learning.objective(model, batch, ctx)
 
 
-OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl}
-DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt'}  # which kind of split each objective reads
+def rm(model, batch, ctx):
+    """The reward model: a scalar head on the policy's body, TRL's pairwise loss on preference pairs (reward_model.py)."""
+    return reward_model.objective(model, batch, ctx)
+
+
+OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl, 'rm': rm}
+DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt', 'rm': 'pref'}  # which kind of split each objective reads

@@ -191,7 +191,7 @@ def save_selection(out_dir, weights, ranking, keep):
 # what fixes the value of each objective's held-out loss: an f* is only comparable under the same settings
 OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
                       'dpo': ('beta', 'dpo_loss', 'label_smoothing', 'length_normalize', 'reference_from'),
-                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
+                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens'), 'rm': ('rm_center_coefficient',)}
 
 
 def optimum_record(name, config, val_split, eval_examples):
