@@ -4548,3 +4548,190 @@ def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeyp
     straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
     assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
     assert [drop(r) for r in straight[0]] == [drop(r) for r in resumed[0]]
+
+
+# ---- reward model (reward_model.py: objective 'rm') ----
+
+import reward_model
+
+
+def _rm_model(seed=0, pad_id=0):
+    """A tiny Llama with a random reward head (attach makes it zero: every score would be 0)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=OBJ_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=pad_id))
+    reward_model.attach(model, None, export_hf=False)
+    assert model.reward_head.weight.abs().sum() == 0
+    torch.nn.init.normal_(model.reward_head.weight)
+    return model.eval()
+
+
+def test_rm_pairwise_loss_centering_and_metrics_match_trl_by_hand():
+    """TRL 1.16's RewardTrainer.compute_loss on fixed rewards: −mean log σ(r_c − r_r − margin) + c·mean((r_c + r_r)²),
+    and its metrics (accuracy counts a tie as wrong), the values written out by hand."""
+    chosen, rejected = torch.tensor([1.0, -0.5, 0.2]), torch.tensor([0.0, 0.5, 0.2])
+    margin = torch.tensor([0.5, 0.0, -1.0])
+    softplus = lambda x: math.log(1 + math.exp(x))  # −log σ(z) = log(1 + e^−z)
+    # z = r_c − r_r − margin: 1 − 0 − 0.5 = 0.5; −0.5 − 0.5 − 0 = −1; 0.2 − 0.2 + 1 = 1
+    pairwise = [softplus(-0.5), softplus(1.0), softplus(-1.0)]
+    centered = [1.0 ** 2, 0.0 ** 2, 0.4 ** 2]  # (r_c + r_r)²
+    losses, metrics = reward_model.pairwise_losses(chosen, rejected, margin, center=0.01)
+    assert losses.tolist() == pytest.approx([p + 0.01 * c for p, c in zip(pairwise, centered)], abs=1e-6)
+    assert float(losses.mean()) == pytest.approx(sum(pairwise) / 3 + 0.01 * sum(centered) / 3, abs=1e-6)  # TRL's loss
+    assert metrics['accuracy'].tolist() == [1.0, 0.0, 0.0]
+    assert metrics['margin'].tolist() == pytest.approx([1.0, -1.0, 0.0])
+    assert metrics['mean_reward'].tolist() == pytest.approx([0.5, 0.0, 0.2])  # their mean: that of all 6 rewards
+    assert metrics['min_reward'].tolist() == [-0.5] * 3 and metrics['max_reward'].tolist() == [1.0] * 3
+    assert metrics['rewards/chosen'].tolist() == chosen.tolist() and metrics['rewards/rejected'].tolist() == rejected.tolist()
+    # no margin column, no centering: the plain Bradley-Terry loss (z = 1, −1, 0)
+    plain, _ = reward_model.pairwise_losses(chosen, rejected)
+    assert plain.tolist() == pytest.approx([softplus(-1.0), softplus(1.0), math.log(2)], abs=1e-6)
+
+
+def test_rm_score_is_read_at_the_last_non_pad_token_left_and_right_padded():
+    """A row scores as it does alone, padded on the right (bipost's batches) or on the left, and the token read is
+    its last non-pad one: the EOS when the pad id is another token, the token before it when the pad id is the EOS."""
+    eos, pad = 7, 0
+    model = _rm_model(pad_id=pad)
+    alone = lambda ids: float(reward_model.scores(model, {'input_ids': torch.tensor([ids]),
+                                                          'attention_mask': torch.ones(1, len(ids), dtype=torch.long)}, pad))
+    with torch.no_grad():
+        body_hidden = model.model(input_ids=torch.tensor([[3, 4, 5, eos]])).last_hidden_state[0]
+        by_hand = [float(model.reward_head(body_hidden[i])) for i in range(4)]  # the head on each position's state
+        assert alone([3, 4, 5, eos]) == pytest.approx(by_hand[3], abs=1e-6)  # no padding: the last token
+        mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+        ids = torch.tensor([[3, 4, 5, eos, pad, pad], [pad, pad, 3, 4, 5, eos]])
+        assert reward_model.last_tokens(ids, pad).tolist() == [3, 5]
+        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, pad).tolist()
+        assert got == pytest.approx([by_hand[3]] * 2, abs=1e-5)  # right- and left-padded: the EOS's score
+        # pad id = EOS (the demo, TRL's fallback): the closing EOS counts as padding, the score is the token before
+        ids = torch.tensor([[3, 4, 5, eos, eos, eos], [eos, eos, 3, 4, 5, eos]])
+        assert reward_model.last_tokens(ids, eos).tolist() == [2, 4]
+        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, eos).tolist()
+        assert got == pytest.approx([by_hand[2]] * 2, abs=1e-5) and abs(by_hand[2] - by_hand[3]) > 1e-3
+
+
+def test_rm_objective_is_the_pairwise_loss_of_the_scores_with_the_batch_margin():
+    """objectives.OBJECTIVES['rm'] on a preference batch (chosen rows first): the pairwise loss of the rows' scores,
+    with the batch's margins and the centering term; its gradient reaches the head and the body."""
+    model = _rm_model(pad_id=0)
+    batch = _obj_batch(OBJ_PAIRS)
+    batch['margin'] = torch.tensor([0.3, -0.2, 1.0])
+    ctx = types.SimpleNamespace(pad_id=0, rm_center_coefficient=0.05)
+    assert objectives.DATA_KIND['rm'] == 'pref'
+    losses, metrics = objectives.OBJECTIVES['rm'](model, batch, ctx)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
+        last = [int(torch.nonzero(row != 0).max()) for row in batch['input_ids']]  # rightmost non-pad id, by hand
+        r = torch.stack([model.reward_head(hidden[i, j]).squeeze() for i, j in enumerate(last)])
+    c, rj = r[:3], r[3:]
+    expected = -torch.nn.functional.logsigmoid(c - rj - batch['margin']) + 0.05 * (c + rj) ** 2
+    torch.testing.assert_close(losses.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics['accuracy'].tolist() == (c > rj).float().tolist()
+    losses.mean().backward()
+    assert model.reward_head.weight.grad.abs().sum() > 0 and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_rm_margins_are_prepared_and_batched_per_pair(tmp_path):
+    """data/prepare.py keeps TRL's "margin" column as <split>_margin.npy (dropped pairs drop theirs), the loader puts
+    each pair's margin in its batch, and a split prepared again without margins loses the old file."""
+    from data.prepare import prepare
+    from data.loader import Split
+    records = [{'prompt': 'q', 'chosen': 'a', 'rejected': 'b', 'margin': 0.5},
+               {'prompt': 'q', 'chosen': 'a', 'rejected': 'a', 'margin': 9},  # identical: dropped, with its margin
+               {'prompt': 'r', 'chosen': 'cc', 'rejected': 'd', 'margin': -2}]
+    meta = prepare(str(tmp_path), 'demo', {'pref_train': records})
+    assert np.load(tmp_path / 'pref_train_margin.npy').tolist() == [0.5, -2.0]
+    split = Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0)
+    assert split.batch(np.array([1, 0]))['margin'].tolist() == [-2.0, 0.5]
+    prepare(str(tmp_path), 'demo', {'pref_train': [{k: v for k, v in r.items() if k != 'margin'} for r in records]})
+    assert not (tmp_path / 'pref_train_margin.npy').exists()
+    assert 'margin' not in Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0).batch(np.array([0]))
+
+
+@pytest.mark.parametrize('margin, says', [('"0.5"', "got '0.5'"), ('null', 'got None'), ('true', 'got True'),
+                                          ('NaN', 'got nan'), (None, '"margin" is missing here but present in the first')])
+def test_rm_bad_margin_names_file_and_line_and_writes_nothing(tmp_path, margin, says):
+    from data.prepare import prepare, DataError
+    second = '{"prompt": "q", "chosen": "a", "rejected": "b"' + ('}' if margin is None else f', "margin": {margin}}}')
+    (tmp_path / 'prefs.jsonl').write_text('{"prompt": "q", "chosen": "a", "rejected": "c", "margin": 1}\n' + second + '\n')
+    with pytest.raises(DataError) as e:
+        prepare(str(tmp_path / 'out'), 'demo', {'pref_train': str(tmp_path / 'prefs.jsonl')})
+    assert str(e.value).startswith(f"{tmp_path / 'prefs.jsonl'}:2: ") and says in str(e.value), str(e.value)
+    assert not (tmp_path / 'out').exists()
+
+
+RM_TINY = ['--strategy=mix', '--learning_rate=1e-2', '--decay_lr=False', '--batch_size=8']
+
+
+def _rm_val_batch(namespace, n=8):
+    split = namespace['val_data']['rm']
+    return split.batch(np.arange(n))
+
+
+def test_rm_export_is_a_sequence_classifier_scoring_as_trained_and_a_reward_for_rl(tmp_path, monkeypatch, capsys):
+    """rm alone: out_dir/hf is an AutoModelForSequenceClassification (num_labels 1, pad token set, with the data's
+    tokenizer) whose scores are the trained model's, and rewards.load (rl_reward=out_dir/hf) scores prompt + completion
+    text as the model scored those tokens; the head is in the checkpoint. rm + sft: hf/ the LM, hf_rm/ the classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import rewards
+    trained = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm"]', '--strategy=sequential',
+                                  '--weights=[1.0]', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "rm"}',
+                                  namespace=trained)
+    assert code == 0, err
+    model, batch = trained['raw_model'].eval(), _rm_val_batch(trained)
+    assert model.reward_head.weight.abs().sum() > 0  # zero at first, then trained
+    with torch.no_grad():
+        ours = reward_model.scores(model, batch, 256)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm' / 'hf').eval()
+    assert classifier.config.num_labels == 1 and classifier.config.pad_token_id == 256
+    with torch.no_grad():
+        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert ours.std() > 1e-3  # not a constant
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'rm' / 'hf')
+    assert tokenizer.pad_token_id == 256 and tokenizer('Hi\n')['input_ids'] == list(b'Hi\n')
+    assert torch.equal(torch.load(tmp_path / 'rm' / 'ckpt.pt', weights_only=False)['model']['reward_head.weight'],
+                       model.reward_head.weight.detach())
+    # RL's reward: text in, the score of those tokens out (the demo's pad is the EOS: the scored token is the last text one)
+    score = rewards.load(str(tmp_path / 'rm' / 'hf'))
+    rows = [ids[m.bool()].tolist() for ids, m in zip(batch['input_ids'], batch['attention_mask'])]
+    texts = [bytes(i for i in row if i < 256).decode() for row in rows]
+    got = score(prompts=[t[:3] for t in texts], completions=[t[3:] for t in texts])
+    assert got == pytest.approx(ours.tolist(), abs=1e-5)
+    # beside a generative objective: both exports
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=2',
+                                  '--eval_interval=2', f'--out_dir={tmp_path / "both"}')
+    assert code == 0, err
+    AutoModelForCausalLM.from_pretrained(tmp_path / 'both' / 'hf')
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(str(tmp_path / 'both' / 'hf' / 'model.safetensors')) if 'reward_head' in k or 'score' in k]
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / 'both' / 'hf_rm').config.num_labels == 1
+
+
+@pytest.mark.parametrize('case, args, says', [
+    ('lm', ['--objectives=["sft", "rl"]', '--rl_reward={lm}'],
+     ['holds LlamaForCausalLM, not a reward model', "objectives ['rm']", 'hf_rm']),
+    ('labels', ['--objectives=["sft", "rl"]', '--rl_reward={labels}'], ['with 3 labels, not a reward model']),
+    ('no_pad', ['--objectives=["rm", "sft"]'], ['meta.json: pad_id=None is outside the vocabulary', 'set pad_id']),
+])
+def test_rm_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, case, args, says):
+    """rl_reward at a directory that is not a one-label sequence classifier (an LM would load with a random score
+    layer and no error), and rm on data without a pad token (which rm's batches need): one line, nothing written."""
+    from transformers import LlamaForSequenceClassification
+    config = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / 'lm')
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'labels')
+    args = [a.replace('{lm}', str(tmp_path / 'lm')).replace('{labels}', str(tmp_path / 'labels')) for a in args]
+    if case == 'no_pad':
+        args.append(f"--dataset={_rel_dataset(tmp_path, '')}")
+        meta = json.load(open(tmp_path / 'data' / 'meta.json'))
+        json.dump({**meta, 'pad_id': None}, open(tmp_path / 'data' / 'meta.json', 'w'))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, *args, '--max_iters=2', f'--out_dir={tmp_path / "out"}')
+    assert code == 1, (out, err)
+    message = err.strip().splitlines()[-1]
+    assert message.startswith('bipost: error: ') and all(s in message for s in says), message
+    assert not (tmp_path / 'out').exists()

@@ -109,6 +109,7 @@ class Split:
         self.longest = int((self.index[:, 1] + self.index[:, 2:].max(1, initial=0)).max()) if len(self.index) else 0
         self._digest = None
         self.extra = self._read_extra() if kind == 'prompt' else None
+        self.margin = self._read_margin() if kind == 'pref' and os.path.exists(path + '_margin.npy') else None
 
     def _read_extra(self):
         """Prompt splits: each example's other fields (what the reward function reads), one JSON object a line."""
@@ -123,11 +124,21 @@ class Split:
                             f"files from different runs; prepare the split again")
         return extra
 
+    def _read_margin(self):
+        """Preference splits: each pair's margin (TRL's column, data/prepare.py), float32 [n], if the records had one."""
+        margin = np.load(self.path + '_margin.npy')
+        if margin.shape != (len(self.index),):
+            raise DataError(f"{self.path}_margin.npy holds {margin.shape} margins, not one for each of the "
+                            f"{len(self.index)} pairs of {self.path}_index.npy: files from different runs; prepare the "
+                            f"split again")
+        return margin
+
     def digest(self):
         """sha256 of the split's two files: what f* and the cached reference log-probs were measured on (by content,
         so a moved or copied dataset still matches). Computed once."""
         if self._digest is None:
-            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.kind == 'prompt' else ())  # answers count too
+            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.kind == 'prompt' else ()) + \
+                (('_margin.npy',) if self.margin is not None else ())  # answers and margins count too
             self._digest = [file_digest(self.path + suffix) for suffix in suffixes]
         return self._digest
 
@@ -177,8 +188,11 @@ class Split:
             input_ids[j, :len(r)], response_mask[j, :len(m)] = r, m
         attention_mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         to = lambda a: torch.from_numpy(a).to(self.device)
-        return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
-                'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
+        batch = {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
+                 'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
+        if self.margin is not None:  # per pair, in the order of ids
+            batch['margin'] = to(self.margin[np.asarray(ids, dtype=np.int64)])
+        return batch
 
     def _prompts(self, ids):
         prompts = [self.tokens[int(o):int(o) + int(n)] for o, n in (self.index[i] for i in ids)]
