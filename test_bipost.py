@@ -4735,3 +4735,67 @@ def test_rm_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, case, args, 
     message = err.strip().splitlines()[-1]
     assert message.startswith('bipost: error: ') and all(s in message for s in says), message
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_rm_and_sft_in_one_stage_both_improve_on_held_out_data(tmp_path, monkeypatch, capsys):
+    """The demo's preference pairs (rm) and SFT split together (mix), 30 updates from a scratch model: the held-out
+    reward-model loss falls and its accuracy rises well past chance, while the held-out SFT loss falls too."""
+    out = tmp_path / 'out'
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=30',
+                                       '--eval_interval=15', '--eval_iters=0', '--warmup_iters=2', f'--out_dir={out}')
+    assert code == 0, err
+    evals, updates = _train_records(out)
+    first, last = evals[0], evals[-1]
+    assert first['val/rm/loss'] == pytest.approx(math.log(2)) and first['val/rm/accuracy'] == 0  # the zero head: ties
+    assert last['val/rm/loss'] < first['val/rm/loss'] - 0.2 and last['val/rm/accuracy'] > 0.75, last
+    assert last['val/sft/loss'] < first['val/sft/loss'] - 0.5, (first, last)
+    assert {'train/rm/accuracy', 'train/rm/margin', 'train/rm/mean_reward', 'train/rm/min_reward', 'train/rm/max_reward',
+            'train/rm/rewards/chosen', 'train/rm/rewards/rejected'} <= set(updates[-1])
+    assert 'rm acc' in stdout
+
+
+@pytest.mark.slow
+def test_rm_and_sft_killed_run_resumes_exactly(tmp_path):
+    """rm + sft killed after update 5 and resumed from the checkpoint of update 3: the per-update losses and metrics and
+    the evals are those of the run that was never stopped (the head's weights and Adam state are in the checkpoint)."""
+    args = ['--objectives=["rm", "sft"]', '--strategy=alright', '--max_iters=6', '--eval_interval=3', '--learning_rate=1e-2']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9 and json.load(open(tmp_path / 'killed' / 'ckpt.json'))['iter_num'] == 3
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('full', 'killed'))
+    assert got == expected and {r['objective'] for k, r in got.items() if k[0] == 'iter'} == {'rm', 'sft'}
+    assert any(r['train/rm/accuracy'] not in (0.0, 1.0) or r['train/rm/margin'] != 0 for k, r in got.items()
+               if k[0] == 'iter' and k[1] > 3 and r['objective'] == 'rm')  # the resumed head was not zero again
+
+
+def test_rm_with_lora_trains_the_head_beside_the_adapters(tmp_path, monkeypatch, capsys):
+    """LoRA: the adapters and the reward head train, the base stays; the LoRA checkpoint holds the head, a resumed run
+    gets it back, and hf_rm/ (beside sft's hf/) is the merged body with the head, scoring as the peft model does."""
+    pytest.importorskip('peft')
+    from transformers import AutoModelForSequenceClassification
+    args = [*RM_TINY, '--objectives=["rm", "sft"]', '--lora_rank=4', '--eval_interval=3', f'--out_dir={tmp_path / "out"}']
+    trained = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', namespace=trained)
+    assert code == 0, err
+    model = trained['raw_model'].eval()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert 'reward_head.weight' in names and all('lora_' in n for n in names - {'reward_head.weight'})
+    head = model.reward_head.weight.detach().clone()
+    assert head.abs().sum() > 0
+    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)['model']
+    assert torch.equal(saved['reward_head.weight'], head) and all('lora_' in k for k in set(saved) - {'reward_head.weight'})
+    batch = _rm_val_batch(trained)
+    with torch.no_grad():
+        ours = reward_model.scores(model, batch, 256)
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out' / 'hf_rm').eval()
+        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    resumed = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', '--init_from=resume', '--eval_only=True',
+                                  namespace=resumed)
+    assert code == 0, err
+    assert torch.equal(resumed['raw_model'].reward_head.weight.detach(), head)
