@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,7 @@ def export(run, path):
     tokenizer = data_tokenizer(meta)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    shutil.copy(run.meta_path, os.path.join(path, 'bipost_data_meta.json'))  # as the LM's export: what it was trained on
 
 
 def data_tokenizer(meta):

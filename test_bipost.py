@@ -4684,8 +4684,12 @@ def test_rm_export_is_a_sequence_classifier_scoring_as_trained_and_a_reward_for_
     assert model.reward_head.weight.abs().sum() > 0  # zero at first, then trained
     with torch.no_grad():
         ours = reward_model.scores(model, batch, 256)
+    assert sorted(os.listdir(tmp_path / 'rm' / 'hf')) == ['bipost_data_meta.json', 'config.json', 'model.safetensors',
+                                                          'tokenizer.json', 'tokenizer_config.json']  # no LM export
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm' / 'hf').eval()
     assert classifier.config.num_labels == 1 and classifier.config.pad_token_id == 256
+    no_pad = LlamaConfig(**{**model.config.to_dict(), 'pad_token_id': None})  # a policy whose config names no pad
+    assert reward_model.classifier_for(no_pad, model, pad_id=256).config.pad_token_id == 256
     with torch.no_grad():
         theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
