@@ -93,6 +93,7 @@ rl_advantage = 'group_std'    # 'group' (r − group mean) | 'group_std' (/ grou
 rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch's completion tokens (usual with ppo)
 rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3
 rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)
+rl_kl_in_reward = False       # ppo: the KL as per-token rewards −β_kl·(log π − log π_ref) (InstructGPT), not k3 in the loss
 rl_loss_norm = 'bnpo'         # 'bnpo'/'dapo' token mean | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
 rl_epochs = 1                 # updates per rollout batch (PPO's inner epochs), 1-4
 rl_ema = 0.0                  # 0: fixed reference; α in (0, 1): π_ref ← α·π_ref + (1−α)·π after every update (~0.99)

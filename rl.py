@@ -12,7 +12,8 @@ One RL micro-step, on a batch of prompts from a 'prompt' split:
      reference's (no grad, for the KL) and, for PPO, the value head's V(s_t) on the same hidden states.
   4. advantages, per completion token: group-relative (r − mean_g r; 'group_std' divides by the group's std,
      'loo' subtracts the mean of the other G−1), or 'ppo': GAE(γ, λ) over the value head's values with the
-     sequence reward at the completion's last token. rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
+     sequence reward at the completion's last token (rl_kl_in_reward: plus −β_kl·(logp − ref) at every token, and no
+     k3 below). rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
   5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β_kl·k3, ρ = exp(logp − logp_old), k3 = exp(ref − logp) −
      (ref − logp) − 1, plus for PPO ½·max((V − R)², (V_clipped − R)²). logp_old: the same forward detached on a
      rollout's first update (ρ = 1, so the gradient is REINFORCE's), the stored one on the rl_epochs − 1 updates
@@ -58,6 +59,9 @@ def settings(config, meta, rank, device, synced_gpus, splits):
     if config['rl_ema'] and (config['rl_kl'] == 0 or config['deepspeed'] and config['zero_stage'] == 3):
         raise ValueError(f"rl_ema={config['rl_ema']} updates the reference of the KL penalty in place: it needs rl_kl > 0 "
                          f"and whole (not ZeRO-3-partitioned) parameters; set rl_ema=0, or zero_stage <= 2")
+    if config['rl_kl_in_reward'] and (config['rl_advantage'] != 'ppo' or config['rl_kl'] <= 0):
+        raise ValueError(f"rl_kl_in_reward=True puts rl_kl·KL into PPO's per-token rewards: it needs rl_advantage='ppo' "
+                         f"(got {config['rl_advantage']!r}) and rl_kl > 0 (got {config['rl_kl']})")
     if config.get('lora_rank', 0) and (config['rl_ema'] or config['rl_advantage'] == 'ppo'):
         raise ValueError(f"lora_rank={config['lora_rank']} trains the adapters alone and its reference is the policy with "
                          f"them off: rl_ema (it would move the base) and rl_advantage='ppo' (its value head is no "
@@ -113,6 +117,17 @@ def gae(rewards, values, mask, gamma, lam):
         next_value = torch.where(m, values[:, t], next_value)
         next_advantage = torch.where(m, advantage, next_advantage)
     return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def token_rewards(rewards, mask, logps=None, reference_logps=None, beta=0.0):
+    """PPO's per-token rewards [N, T]: the sequence reward at each completion's last token and, with the KL in the
+    reward (InstructGPT, OpenRLHF), −β·(log π − log π_ref) at every completion token (the sampled tokens' log-ratio,
+    an unbiased estimate of the KL's contribution); 0 outside the mask."""
+    last = mask.cumsum(1) == mask.sum(1, keepdim=True)
+    per_token = torch.where(mask & last, rewards[:, None], 0.0)
+    if logps is not None:
+        per_token = per_token - beta * torch.where(mask, logps - reference_logps, 0.0)
+    return per_token
 
 
 def k3(logps, reference_logps):
@@ -235,9 +250,9 @@ def loss(model, roll, ctx):
         roll['old_logps'] = logps.detach()
         if ppo:
             roll['old_values'] = values.detach()
-            last = mask.cumsum(1) == mask.sum(1, keepdim=True)  # the reward arrives at the completion's last token
-            token_rewards = torch.where(mask & last, roll['rewards'][:, None], 0.0)
-            advantages, roll['returns'] = gae(token_rewards, roll['old_values'], mask, ctx.rl_gamma, ctx.rl_lam)
+            kl = (roll['old_logps'], roll['reference_logps'], ctx.rl_kl) if getattr(ctx, 'rl_kl_in_reward', False) else ()
+            advantages, roll['returns'] = gae(token_rewards(roll['rewards'], mask, *kl), roll['old_values'], mask,
+                                              ctx.rl_gamma, ctx.rl_lam)
         else:
             advantages = group_advantages(roll['rewards'], group, ctx.rl_advantage)[:, None] * mask
         roll['advantages'] = whiten(advantages, mask) if ctx.rl_whiten else advantages
@@ -245,7 +260,8 @@ def loss(model, roll, ctx):
     metrics = {}
     if roll['reference_logps'] is not None:
         kl = k3(logps, roll['reference_logps']) * mask
-        token_losses = token_losses + ctx.rl_kl * kl
+        if not getattr(ctx, 'rl_kl_in_reward', False):  # (in the reward, the KL is already in the advantages)
+            token_losses = token_losses + ctx.rl_kl * kl
         metrics['kl'] = per_prompt(kl.detach().sum(1), group) / per_prompt(mask.sum(1).float(), group)
     if ppo:
         v_clipped = roll['old_values'] + (values - roll['old_values']).clamp(-ctx.rl_clip, ctx.rl_clip)

@@ -4803,3 +4803,43 @@ def test_rm_with_lora_trains_the_head_beside_the_adapters(tmp_path, monkeypatch,
                                   namespace=resumed)
     assert code == 0, err
     assert torch.equal(resumed['raw_model'].reward_head.weight.detach(), head)
+
+
+def test_rm_ppo_kl_in_the_reward_matches_a_hand_rolled_loop():
+    """rl_kl_in_reward (PPO as InstructGPT / OpenRLHF run it): per-token rewards −β·(log π − log π_ref), plus the
+    sequence reward at the completion's last token, then GAE over the value head's values, written out token by token;
+    the loss is the surrogate + value loss without the k3 term (the KL is already in the advantages)."""
+    model, reference = _obj_model(0), _obj_model(1)
+    model.value_head = rl.value_head(model)
+    torch.nn.init.normal_(model.value_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    rows = _rl_rows(RL_SPANS)
+    rewards_ = torch.tensor([10.0, 0.0, 3.0, 10.0])
+    with torch.no_grad():
+        reference_logps, _ = _obj_hand_logprobs(reference, rows)
+        logps, mask = _obj_hand_logprobs(model, rows)
+    roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_, 'lengths': torch.tensor([4, 2, 5, 1]),
+            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
+    gamma, lam, beta = 0.9, 0.8, 0.3
+    losses, metrics = rl.loss(model, roll, _rl_ctx(rl_advantage='ppo', rl_gamma=gamma, rl_lam=lam, rl_kl=beta,
+                                                    rl_kl_in_reward=True))
+    hidden = model.model(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
+    values = model.value_head(hidden).squeeze(-1).detach()
+    hand, tokens = 0.0, 0
+    for i in range(4):
+        positions = mask[i].nonzero().squeeze(-1).tolist()
+        v = [float(values[i, t]) for t in positions]
+        r = [-beta * float(logps[i, t] - reference_logps[i, t]) for t in positions]
+        r[-1] += float(rewards_[i])
+        advantage, running = [0.0] * len(v), 0.0
+        for k in reversed(range(len(v))):
+            running = r[k] + gamma * (v[k + 1] if k + 1 < len(v) else 0.0) - v[k] + gamma * lam * running
+            advantage[k] = running
+        hand += sum(-a + 0.5 * a ** 2 for a in advantage)  # ρ = 1; R − V = A; no k3
+        tokens += len(v)
+    assert float(losses.detach().mean()) == pytest.approx(hand / tokens, rel=1e-4)
+    assert metrics['kl'].abs().sum() > 0  # the KL is still logged
+    with pytest.raises(ValueError, match="rl_kl_in_reward=True .* needs rl_advantage='ppo'"):
+        rl.settings({**{k: v for k, v in _rl_ctx().__dict__.items() if k.startswith('rl_')}, 'rl_kl_in_reward': True,
+                     'rl_kl': 0.1, 'reference_logps': 'live', 'deepspeed': False, 'zero_stage': 0,
+                     'gradient_accumulation_steps': 1}, {'eos_id': 0, 'pad_id': 0, 'tokenizer': 'bipost-demo-bytes'},
+                    0, 'cpu', False, [])
