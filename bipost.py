@@ -94,6 +94,7 @@ rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch
 rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3
 rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)
 rl_kl_in_reward = False       # ppo: the KL as per-token rewards −β_kl·(log π − log π_ref) (InstructGPT), not k3 in the loss
+rl_reward_norm = False        # advantages from (reward − running mean) / running std of every reward so far (reward models' scales vary)
 rl_loss_norm = 'bnpo'         # 'bnpo'/'dapo' token mean | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
 rl_epochs = 1                 # updates per rollout batch (PPO's inner epochs), 1-4
 rl_ema = 0.0                  # 0: fixed reference; α in (0, 1): π_ref ← α·π_ref + (1−α)·π after every update (~0.99)
@@ -468,7 +469,8 @@ else:
 run = SimpleNamespace(out_dir=out_dir, master=master, config=config, policy_source=policy_source, meta_path=meta_path,
                       deepspeed=deepspeed, zero3=deepspeed and zero_stage == 3, lora=lora_rank > 0, export_hf=export_hf,
                       engine=engine, optimizer=optimizer, raw_model=raw_model, selector=selector,
-                      data_selector=data_selector, keep_fraction=keep_fraction, train_data=train_data, device=device)
+                      data_selector=data_selector, keep_fraction=keep_fraction, train_data=train_data, device=device,
+                      rl_reward_stats=getattr(ctx, 'rl_reward_stats', None))
 iter_num, skipped = resume(run, checkpoint, state) if checkpoint else (0, 0)  # updates taken, micro-batches skipped
 del state  # plain torch: ckpt.pt's tensors, loaded into the model and optimizer
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')

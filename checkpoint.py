@@ -118,7 +118,8 @@ def train_state(run, iter_num, skipped):
     return {'iter_num': iter_num, 'skipped': skipped, 'selector': run.selector.state_dict(),
             'data_selector': run.data_selector.state_dict() if run.data_selector else None,
             'data': {n: s.state_dict() for n, s in run.train_data.items()}, 'torch_rng': torch.get_rng_state(),
-            'cuda_rng': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None, 'config': run.config}
+            'cuda_rng': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None, 'config': run.config,
+            'rl_reward_stats': run.rl_reward_stats}  # rl_reward_norm's running moments (rl.py), else None
 
 
 def load_train_state(run, state):
@@ -128,6 +129,8 @@ def load_train_state(run, state):
         run.data_selector.load_state_dict(state['data_selector'])
     for n, s in run.train_data.items():
         s.load_state_dict(state['data'][n])
+    if run.rl_reward_stats is not None:
+        run.rl_reward_stats.copy_(state['rl_reward_stats'])
     torch.set_rng_state(state['torch_rng'])
     if state['cuda_rng'] is not None and run.device.startswith('cuda'):
         torch.cuda.set_rng_state(state['cuda_rng'])

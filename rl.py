@@ -78,7 +78,8 @@ def settings(config, meta, rank, device, synced_gpus, splits):
                 verifier=config['rl_reward'] in reward_functions.VERIFIERS,  # accuracy = share of verified answers
                 decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
                 synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
-                rl_replay={'calls': 0, 'rollouts': []})
+                rl_replay={'calls': 0, 'rollouts': []},
+                rl_reward_stats=torch.zeros(3, dtype=torch.float64) if config['rl_reward_norm'] else None)
 
 
 # ---- the math, pure functions ----
@@ -128,6 +129,20 @@ def token_rewards(rewards, mask, logps=None, reference_logps=None, beta=0.0):
     if logps is not None:
         per_token = per_token - beta * torch.where(mask, logps - reference_logps, 0.0)
     return per_token
+
+
+def normalize_rewards(rewards, stats, eps=1e-8):
+    """rl_reward_norm: (r − mean) / (std + eps) with the running mean and std of every training reward so far, this
+    batch's included, over all ranks (each batch's count, Σr and Σr² are summed over ranks, so the moments agree
+    everywhere). stats: float64 [count, Σr, Σr²], updated in place (checkpointed: a resumed run continues them)."""
+    batch = torch.stack([torch.tensor(float(rewards.numel()), device=rewards.device), rewards.sum(), (rewards ** 2).sum()])
+    batch = batch.double()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(batch)
+    stats += batch.cpu()
+    mean = stats[1] / stats[0]
+    std = (stats[2] / stats[0] - mean ** 2).clamp(min=0).sqrt()
+    return ((rewards.double() - mean.to(rewards.device)) / (std.to(rewards.device) + eps)).float()
 
 
 def k3(logps, reference_logps):
@@ -248,13 +263,16 @@ def loss(model, roll, ctx):
     logps, mask, values = forward(model, roll['rows'], ctx, ppo)
     if 'old_logps' not in roll:  # the rollout's own update: the policy that sampled is this very forward
         roll['old_logps'] = logps.detach()
+        rewards = roll['rewards']  # (logged as they are; the advantages may see them normalized)
+        if getattr(ctx, 'rl_reward_stats', None) is not None:
+            rewards = normalize_rewards(rewards, ctx.rl_reward_stats)
         if ppo:
             roll['old_values'] = values.detach()
             kl = (roll['old_logps'], roll['reference_logps'], ctx.rl_kl) if getattr(ctx, 'rl_kl_in_reward', False) else ()
-            advantages, roll['returns'] = gae(token_rewards(roll['rewards'], mask, *kl), roll['old_values'], mask,
+            advantages, roll['returns'] = gae(token_rewards(rewards, mask, *kl), roll['old_values'], mask,
                                               ctx.rl_gamma, ctx.rl_lam)
         else:
-            advantages = group_advantages(roll['rewards'], group, ctx.rl_advantage)[:, None] * mask
+            advantages = group_advantages(rewards, group, ctx.rl_advantage)[:, None] * mask
         roll['advantages'] = whiten(advantages, mask) if ctx.rl_whiten else advantages
     token_losses, clipped = clipped_surrogate(logps, roll['old_logps'], roll['advantages'], ctx.rl_clip)
     metrics = {}

@@ -4843,3 +4843,34 @@ def test_rm_ppo_kl_in_the_reward_matches_a_hand_rolled_loop():
                      'rl_kl': 0.1, 'reference_logps': 'live', 'deepspeed': False, 'zero_stage': 0,
                      'gradient_accumulation_steps': 1}, {'eos_id': 0, 'pad_id': 0, 'tokenizer': 'bipost-demo-bytes'},
                     0, 'cpu', False, [])
+
+
+def test_rm_ppo_reward_normalization_uses_running_moments_by_hand():
+    """rl_reward_norm: each batch is normalized with the mean and (population) std of every reward so far, its own
+    included; the moments carry over from batch to batch."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    first = rl.normalize_rewards(torch.tensor([1.0, 3.0]), stats)
+    assert first.tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)  # mean 2, std 1
+    second = rl.normalize_rewards(torch.tensor([8.0]), stats)  # all so far: 1, 3, 8: mean 4, var (9 + 1 + 16) / 3
+    assert second.tolist() == pytest.approx([4.0 / math.sqrt(26 / 3)], abs=1e-6)
+    assert stats.tolist() == [3.0, 12.0, 74.0]
+
+
+def test_rm_ppo_reward_normalization_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """PPO with rl_reward_norm and the KL in the reward: 2 updates, a checkpoint, 2 more after a resume log exactly the
+    numbers of 4 updates in one go (the running moments are in the checkpoint: restarting them changes the
+    advantages, hence the surrogate)."""
+    (tmp_path / 'my_rewards.py').write_text("def chars(prompts, completions, answer, **columns):\n"
+                                            "    return [len(c) / (1 + len(a)) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False',
+              '--rl_advantage=ppo', '--rl_reward=my_rewards:chars', '--rl_reward_scale=1.0', '--rl_reward_norm=True',
+              '--rl_kl_in_reward=True']
+    for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
+        for args in runs:
+            code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
+            assert code == 0, err
+    drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
+    straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
+    assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
+    assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=False)['rl_reward_stats'][0] > 0
