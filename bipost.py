@@ -94,7 +94,7 @@ rl_whiten = False             # advantages to mean 0, std 1 over the micro-batch
 rl_clip = 0.2                 # ε of the clipped ratio (and of ppo's value clip), 0.1-0.3
 rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)
 rl_kl_in_reward = False       # ppo: the KL as per-token rewards −β_kl·(log π − log π_ref) (InstructGPT), not k3 in the loss
-rl_reward_norm = False        # advantages from (reward − running mean) / running std of every reward so far (reward models' scales vary)
+rl_reward_norm = False        # advantages from (reward − running mean) / running std of all rewards so far (a reward model's scale)
 rl_loss_norm = 'bnpo'         # 'bnpo'/'dapo' token mean | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
 rl_epochs = 1                 # updates per rollout batch (PPO's inner epochs), 1-4
 rl_ema = 0.0                  # 0: fixed reference; α in (0, 1): π_ref ← α·π_ref + (1−α)·π after every update (~0.99)
@@ -339,7 +339,8 @@ def load(source):
 if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
     if checkpoint['format'] == 'torch':
-        model.load_state_dict({k: v for k, v in state['model'].items() if not k.startswith(('value_head.', 'reward_head.'))})  # below
+        model.load_state_dict({k: v for k, v in state['model'].items()  # the heads of rl (ppo) and rm: below
+                               if not k.startswith(('value_head.', 'reward_head.'))})
 else:  # LoRA resumes its frozen base from its source, as the reference is loaded, and the adapters from the checkpoint
     model = load(policy_source)
 if disable_dropout:

@@ -135,8 +135,8 @@ def normalize_rewards(rewards, stats, eps=1e-8):
     """rl_reward_norm: (r − mean) / (std + eps) with the running mean and std of every training reward so far, this
     batch's included, over all ranks (each batch's count, Σr and Σr² are summed over ranks, so the moments agree
     everywhere). stats: float64 [count, Σr, Σr²], updated in place (checkpointed: a resumed run continues them)."""
-    batch = torch.stack([torch.tensor(float(rewards.numel()), device=rewards.device), rewards.sum(), (rewards ** 2).sum()])
-    batch = batch.double()
+    count = torch.tensor(float(rewards.numel()), device=rewards.device)
+    batch = torch.stack([count, rewards.sum(), (rewards ** 2).sum()]).double()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(batch)
     stats += batch.cpu()

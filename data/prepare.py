@@ -144,11 +144,13 @@ def fields(record, kind, where):
 def pair_margin(record, where, expected):
     """A preference record's "margin" as a float (None without one); expected: whether the split's first record has one."""
     if ("margin" in record) != expected:
-        raise DataError(f'{where}: "margin" is {"missing" if expected else "present"} here but {"present" if expected else "missing"} '
-                        'in the first record: TRL\'s margin column holds a number for every pair; add it everywhere or nowhere')
+        here, first = ("missing", "present") if expected else ("present", "missing")
+        raise DataError(f'{where}: "margin" is {here} here but {first} in the first record: TRL\'s margin column holds a '
+                        'number for every pair; add it everywhere or nowhere')
     value = record.get("margin")
-    if expected and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf")):
-        raise DataError(f'{where}: "margin" must be a finite number (how much more the chosen response is preferred), got {value!r}')
+    if expected and (isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)):
+        raise DataError(f'{where}: "margin" must be a finite number (how much more the chosen response is preferred), '
+                        f'got {value!r}')
     return float(value) if expected else None
 
 def encode(prompt, responses, tok, where):
