@@ -25,6 +25,7 @@ from checkpoint import resume_config, finish_publish, read_checkpoint, resume, r
     save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND, NEEDS_REFERENCE
 import rl
+import reward_model
 from reference_cache import fingerprint, load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
@@ -52,9 +53,9 @@ wandb_run_name = 'demo'
 # data
 dataset = 'demo'              # data/<dataset>/ as written by data/prepare.py
 train_splits = {'sft': 'sft_train', 'dpo': 'pref_train', 'kd': 'sft_train', 'rl': 'rl_train', 'simpo': 'pref_train',
-                'cpo': 'pref_train', 'orpo': 'pref_train', 'kto': 'kto_train'}  # split each objective trains on
+                'cpo': 'pref_train', 'orpo': 'pref_train', 'kto': 'kto_train', 'rm': 'pref_train'}  # split each objective trains on
 val_splits = {'sft': 'sft_val', 'dpo': 'pref_val', 'kd': 'sft_val', 'rl': 'rl_val', 'simpo': 'pref_val',
-              'cpo': 'pref_val', 'orpo': 'pref_val', 'kto': 'kto_val'}  # held-out split it is judged on
+              'cpo': 'pref_val', 'orpo': 'pref_val', 'kto': 'kto_val', 'rm': 'pref_val'}  # held-out split it is judged on
 keep_list = ''                # a keep.npy from the data selector: train only on those examples
 keep_objective = 'sft'        # the objective whose train split keep_list indexes
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
@@ -82,6 +83,7 @@ desirable_weight = 1.0        # objective kto: λ_D on desirable examples; keep 
 undesirable_weight = 1.0      # objective kto: λ_U on undesirable examples
 length_normalize = True       # mean instead of sum of response log-probs (Tulu 3); see config/demo.py
 dpo_nll_weight = 0.0          # weight of an NLL term on the chosen response (RPO), 0-1
+rm_center_coefficient = 0.0   # rm: + c·(r_chosen + r_rejected)² per pair (TRL's center_rewards_coefficient), ~0.01; 0 = off
 reference_from = ''           # '' = the initial policy, loaded again from init_from; or a local HF dir
 reference_logps = 'live'      # 'live': the reference runs beside the policy | 'precompute': once over the preference
                               # splits before training, cached in out_dir/reference_logps.npz, then freed (Tulu 3)
@@ -109,6 +111,8 @@ rl_overlong_cache = 0         # DAPO's soft overlong punishment: the reward fall
 rl_mask_truncated_completions = False  # DAPO's overlong filtering: a completion without EOS in rl_max_new_tokens gets no loss
 rl_use_bias_correction_kl = False  # TRL's k3 × importance ratio (unbiased off-policy: rl_epochs > 1); off as in TRL
 rl_kl = 0.04                  # β_kl of the k3 KL penalty to the reference, 0-0.1 (0: no reference loaded)
+rl_kl_in_reward = False       # ppo: the KL as per-token rewards −β_kl·(log π − log π_ref) (InstructGPT), not k3 in the loss
+rl_reward_norm = False        # advantages from (reward − running mean) / running std of all rewards so far (a reward model's scale)
 rl_loss_norm = 'bnpo'         # 'bnpo' micro-batch token mean | 'dapo' token mean over the update, all ranks | 'grpo' per-completion mean, then mean | 'dr_grpo' token sum / (G·B·max_new_tokens)
 rl_epochs = 1                 # updates per rollout batch (PPO's inner epochs), 1-4
 rl_ema = 0.0                  # 0: fixed reference; α in (0, 1): π_ref ← α·π_ref + (1−α)·π after every update (~0.99)
@@ -270,7 +274,8 @@ def load(source):
 if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
     if checkpoint['format'] == 'torch':
-        model.load_state_dict({k: v for k, v in state['model'].items() if not k.startswith('value_head.')})  # rl: below
+        model.load_state_dict({k: v for k, v in state['model'].items()  # the heads of rl (ppo) and rm: below
+                               if not k.startswith(('value_head.', 'reward_head.'))})
 else:  # LoRA resumes its frozen base from its source, as the reference is loaded, and the adapters from the checkpoint
     model = load(policy_source)
 if disable_dropout:
@@ -294,6 +299,8 @@ if lora_rank:  # the checkpoints hold the adapters alone
                         digest=reference_logps == 'precompute')
     if checkpoint and checkpoint['format'] == 'torch':
         model.load_state_dict(state['model'], strict=False)
+if 'rm' in objectives:  # the reward head (reward_model.py), trained beside the body or its adapters
+    built(reward_model.attach, model, state, export_hf)
 if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
@@ -312,7 +319,8 @@ ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=
                       length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
                       dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
                       simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, desirable_weight=desirable_weight,
-                      undesirable_weight=undesirable_weight, reference_cache=None,
+                      undesirable_weight=undesirable_weight, reference_cache=None, pad_id=meta['pad_id'],
+                      rm_center_coefficient=rm_center_coefficient,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
     ctx.__dict__.update(rl_context)
@@ -386,7 +394,7 @@ run = SimpleNamespace(out_dir=out_dir, master=master, config=config, policy_sour
                       deepspeed=deepspeed, zero3=deepspeed and zero_stage == 3, lora=lora_rank > 0, export_hf=export_hf,
                       engine=engine, optimizer=optimizer, raw_model=raw_model, selector=selector,
                       data_selector=data_selector, keep_fraction=keep_fraction, train_data=train_data, device=device,
-                      world_size=world_size)
+                      world_size=world_size, rl_reward_stats=getattr(ctx, 'rl_reward_stats', None))
 iter_num, skipped = resume(run, checkpoint, state) if checkpoint else (0, 0)  # updates taken, micro-batches skipped
 del state  # plain torch: ckpt.pt's tensors, loaded into the model and optimizer
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
@@ -475,6 +483,7 @@ while True:
             f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
             (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
             (f" | rl acc {results['val/rl/accuracy']:.3f}" if 'val/rl/accuracy' in results else '') +
+            (f" | rm acc {results['val/rm/accuracy']:.2f}" if 'rm' in objectives else '') +
             (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
         if master and 'rl' in objectives:  # a few greedy held-out completions a user can read
             rl.write_samples(ctx, os.path.join(out_dir, rl.SAMPLES_FILE), iter_num)

@@ -127,7 +127,8 @@ def train_state(run, iter_num, skipped):
     return {'iter_num': iter_num, 'skipped': skipped, 'selector': run.selector.state_dict(),
             'data_selector': run.data_selector.state_dict() if run.data_selector else None,
             'data': {n: s.state_dict() for n, s in run.train_data.items()}, 'torch_rng': torch.get_rng_state(),
-            'cuda_rng': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None, 'config': run.config}
+            'cuda_rng': torch.cuda.get_rng_state() if run.device.startswith('cuda') else None, 'config': run.config,
+            'rl_reward_stats': run.rl_reward_stats}  # rl_reward_norm's running moments (rl.py), else None
 
 
 def load_train_state(run, state):
@@ -137,6 +138,8 @@ def load_train_state(run, state):
         run.data_selector.load_state_dict(state['data_selector'])
     for n, s in run.train_data.items():
         s.load_state_dict(state['data'][n])
+    if run.rl_reward_stats is not None:
+        run.rl_reward_stats.copy_(state['rl_reward_stats'])
     torch.set_rng_state(state['torch_rng'])
     if state['cuda_rng'] is not None and run.device.startswith('cuda'):
         torch.cuda.set_rng_state(state['cuda_rng'])
@@ -188,8 +191,11 @@ def save_checkpoint(run, iter_num, skipped):
         torch.save({'model': adapter_state(run.raw_model) if run.lora else run.raw_model.state_dict(),
                     'optimizer': run.optimizer.state_dict(), 'model_config': run.raw_model.config.to_dict(),
                     **train_state(run, iter_num, skipped)}, os.path.join(stage, 'ckpt.pt'))
-    if run.export_hf:
+    if run.export_hf and run.config['objectives'] != ['rm']:
         export(run, os.path.join(stage, 'hf'))
+    if run.export_hf and 'rm' in run.config['objectives']:  # the reward model: hf/ alone, hf_rm/ beside an LM
+        from reward_model import export as export_reward_model
+        export_reward_model(run, os.path.join(stage, 'hf' if run.config['objectives'] == ['rm'] else 'hf_rm'))
     if run.data_selector and run.master:
         run.data_selector.save(stage, run.keep_fraction)
     if run.deepspeed:
@@ -212,7 +218,7 @@ def export(run, path):
     with gathered:
         state, adapter = export_state(raw_model, copy=run.zero3) if run.master else (None, None)
     if run.master:
-        state = {k: v for k, v in state.items() if not k.startswith('value_head.')}  # rl's PPO value head: not HF's
+        state = {k: v for k, v in state.items() if not k.startswith(('value_head.', 'reward_head.'))}  # rl's, rm's heads
         base = raw_model.get_base_model() if run.lora else raw_model
         training_use_cache, base.config.use_cache = base.config.use_cache, own_use_cache(run.policy_source)
         try:  # config.json says what the model came with, not the training setting

@@ -154,8 +154,10 @@ def cpu_copies(state):
 
 
 def adapter_state(model):
-    """The LoRA adapters' weights (what a LoRA checkpoint holds: the base stays as loaded from its source)."""
-    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items() if 'lora_' in k}
+    """The LoRA adapters' weights and rm's reward head trained beside them (what a LoRA checkpoint holds: the base
+    stays as loaded from its source)."""
+    return {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()
+            if 'lora_' in k or k.startswith('reward_head.')}
 
 
 def export_state(model, copy=False):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bipost_kernels.dpo import dpo_losses, ld_weights, sequence_logps
 from lm_head import body_and_head, response_logprobs  # the head path every objective shares (lm_head.py)
 import rl as reinforcement_learning  # the RL objective's rollouts and surrogate; rl.py reads lm_head.py, never this file
+import reward_model  # the rm objective's scalar head and pairwise loss; it reads lm_head.py, never this file
 
 
 def sft(model, batch, ctx):
@@ -184,7 +185,12 @@ def rl(model, batch, ctx):
     return reinforcement_learning.objective(model, batch, ctx)
 
 
-OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl, 'simpo': simpo, 'cpo': cpo, 'orpo': orpo, 'kto': kto}
+def rm(model, batch, ctx):
+    """The reward model: a scalar head on the policy's body, TRL's pairwise loss on preference pairs (reward_model.py)."""
+    return reward_model.objective(model, batch, ctx)
+
+
+OBJECTIVES = {'sft': sft, 'dpo': dpo, 'kd': kd, 'rl': rl, 'simpo': simpo, 'cpo': cpo, 'orpo': orpo, 'kto': kto, 'rm': rm}
 DATA_KIND = {'sft': 'sft', 'dpo': 'pref', 'kd': 'sft', 'rl': 'prompt', 'simpo': 'pref', 'cpo': 'pref',
-             'orpo': 'pref', 'kto': 'unpaired'}  # which kind of split each objective reads
+             'orpo': 'pref', 'kto': 'unpaired', 'rm': 'pref'}  # which kind of split each objective reads
 NEEDS_REFERENCE = ('dpo', 'kto')  # the objectives that read ctx.reference (rl's only with rl_kl > 0)

@@ -23,6 +23,7 @@ one label), which scores prompt + completion text as its own tokenizer reads it 
 A function of your own: 'module:function' (module importable from the working directory), same signature.
 """
 import importlib
+import json
 import os
 import re
 import sys
@@ -148,6 +149,16 @@ def load(spec, device='cpu'):
         if not os.path.exists(os.path.join(spec, 'config.json')):
             raise ValueError(f"rl_reward={spec!r} is a directory without config.json: pass a reward model written by "
                              f"save_pretrained (AutoModelForSequenceClassification)")
+        with open(os.path.join(spec, 'config.json')) as f:
+            config = json.load(f)
+        architecture = (config.get('architectures') or ['a model of no named architecture'])[0]
+        labels = len(config.get('id2label') or [0, 1])  # (transformers' default: 2)
+        if not architecture.endswith('ForSequenceClassification') or labels != 1:
+            # a causal LM would load with a new, random score layer: random rewards, and no error
+            what = f"{architecture} with {labels} labels" if architecture.endswith('ForSequenceClassification') else architecture
+            raise ValueError(f"rl_reward={spec!r} holds {what}, not a reward model (a "
+                             f"sequence classifier with 1 label): pass the out_dir/hf of a run with objectives ['rm'] "
+                             f"(out_dir/hf_rm beside another objective), or a reward model from TRL's RewardTrainer")
         return RewardModel(spec, device)
     if ':' in spec:
         module, name = spec.split(':', 1)

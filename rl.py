@@ -12,7 +12,8 @@ One RL micro-step, on a batch of prompts from a 'prompt' split:
      reference's (no grad, for the KL) and, for PPO, the value head's V(s_t) on the same hidden states.
   4. advantages, per completion token: group-relative (r − mean_g r; 'group_std' divides by the group's std,
      'loo' subtracts the mean of the other G−1), or 'ppo': GAE(γ, λ) over the value head's values with the
-     sequence reward at the completion's last token. rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
+     sequence reward at the completion's last token (rl_kl_in_reward: plus −β_kl·(logp − ref) at every token, and no
+     k3 below). rl_whiten: then mean 0 / std 1 over the micro-batch's tokens.
   5. loss per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β_kl·k3, ρ = exp(logp − logp_old) per token, or per
      completion with rl_importance_sampling_level='sequence' (GSPO: exp of the mean log-ratio), k3 = exp(ref − logp)
      − (ref − logp) − 1 (× ρ with rl_use_bias_correction_kl), plus for PPO ½·max((V − R)², (V_clipped − R)²).
@@ -77,6 +78,12 @@ def settings(config, meta, rank, device, synced_gpus, splits):
     if config['rl_ema'] and (config['rl_kl'] == 0 or config['deepspeed'] and config['zero_stage'] == 3):
         raise ValueError(f"rl_ema={config['rl_ema']} updates the reference of the KL penalty in place: it needs rl_kl > 0 "
                          f"and whole (not ZeRO-3-partitioned) parameters; set rl_ema=0, or zero_stage <= 2")
+    if config['rl_reward_norm'] and config['rl_advantage'] == 'batch_std':
+        raise ValueError("rl_reward_norm=True already scales rewards by their running std; rl_advantage='batch_std' "
+                         "would divide by the raw batch's std too: use one of them")
+    if config['rl_kl_in_reward'] and (config['rl_advantage'] != 'ppo' or config['rl_kl'] <= 0):
+        raise ValueError(f"rl_kl_in_reward=True puts rl_kl·KL into PPO's per-token rewards: it needs rl_advantage='ppo' "
+                         f"(got {config['rl_advantage']!r}) and rl_kl > 0 (got {config['rl_kl']})")
     if config.get('lora_rank', 0) and (config['rl_ema'] or config['rl_advantage'] == 'ppo'):
         raise ValueError(f"lora_rank={config['lora_rank']} trains the adapters alone and its reference is the policy with "
                          f"them off: rl_ema (it would move the base) and rl_advantage='ppo' (its value head is no "
@@ -96,7 +103,8 @@ def settings(config, meta, rank, device, synced_gpus, splits):
                 verifier=config['rl_reward'] in FIELDS,  # accuracy = share of verified answers
                 decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
                 synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
-                rl_replay={'calls': 0, 'rollouts': []}, eval_samples=[], val_split_name=splits[1].name)
+                rl_replay={'calls': 0, 'rollouts': []}, eval_samples=[], val_split_name=splits[1].name,
+                rl_reward_stats=torch.zeros(3, dtype=torch.float64) if config['rl_reward_norm'] else None)
 
 
 # ---- the math, pure functions ----
@@ -145,6 +153,31 @@ def overlong_punishment(lengths, max_new_tokens, cache):
     """DAPO's soft overlong punishment (TRL's get_soft_overlong_punishment): 0 for a completion of up to
     max_new_tokens − cache tokens, then falling linearly to −1 at max_new_tokens."""
     return ((max_new_tokens - cache - lengths.float()) / cache).clamp(-1, 0)
+
+
+def token_rewards(rewards, mask, logps=None, reference_logps=None, beta=0.0):
+    """PPO's per-token rewards [N, T]: the sequence reward at each completion's last token and, with the KL in the
+    reward (InstructGPT, OpenRLHF), −β·(log π − log π_ref) at every completion token (the sampled tokens' log-ratio,
+    an unbiased estimate of the KL's contribution); 0 outside the mask."""
+    last = mask.cumsum(1) == mask.sum(1, keepdim=True)
+    per_token = torch.where(mask & last, rewards[:, None], 0.0)
+    if logps is not None:
+        per_token = per_token - beta * torch.where(mask, logps - reference_logps, 0.0)
+    return per_token
+
+
+def normalize_rewards(rewards, stats, eps=1e-8):
+    """rl_reward_norm: (r − mean) / (std + eps) with the running mean and std of every training reward so far, this
+    batch's included, over all ranks (each batch's count, Σr and Σr² are summed over ranks, so the moments agree
+    everywhere). stats: float64 [count, Σr, Σr²], updated in place (checkpointed: a resumed run continues them)."""
+    count = torch.tensor(float(rewards.numel()), device=rewards.device)
+    batch = torch.stack([count, rewards.sum(), (rewards ** 2).sum()]).double()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(batch)
+    stats += batch.cpu()
+    mean = stats[1] / stats[0]
+    std = (stats[2] / stats[0] - mean ** 2).clamp(min=0).sqrt()
+    return ((rewards.double() - mean.to(rewards.device)) / (std.to(rewards.device) + eps)).float()
 
 
 def k3(logps, reference_logps):
@@ -305,13 +338,16 @@ def loss(model, roll, ctx):
     mask = mask & kept(roll, ctx).bool()[:, None]  # DAPO's overlong filtering: a truncated completion gets no loss
     if 'old_logps' not in roll:  # the rollout's own update: the policy that sampled is this very forward
         roll['old_logps'] = logps.detach()
+        rewards = roll['rewards']  # (logged as they are; the advantages may see them normalized)
+        if getattr(ctx, 'rl_reward_stats', None) is not None:
+            rewards = normalize_rewards(rewards, ctx.rl_reward_stats)
         if ppo:
             roll['old_values'] = values.detach()
-            last = mask.cumsum(1) == mask.sum(1, keepdim=True)  # the reward arrives at the completion's last token
-            token_rewards = torch.where(mask & last, roll['rewards'][:, None], 0.0)
-            advantages, roll['returns'] = gae(token_rewards, roll['old_values'], mask, ctx.rl_gamma, ctx.rl_lam)
+            kl = (roll['old_logps'], roll['reference_logps'], ctx.rl_kl) if getattr(ctx, 'rl_kl_in_reward', False) else ()
+            advantages, roll['returns'] = gae(token_rewards(rewards, mask, *kl), roll['old_values'], mask,
+                                              ctx.rl_gamma, ctx.rl_lam)
         else:
-            advantages = group_advantages(roll['rewards'], group, ctx.rl_advantage,
+            advantages = group_advantages(rewards, group, ctx.rl_advantage,
                                           batch_std=roll.get('batch_std'))[:, None] * mask
         roll['advantages'] = whiten(advantages, mask) if ctx.rl_whiten else advantages
     new, old = logps, roll['old_logps']
@@ -324,7 +360,8 @@ def loss(model, roll, ctx):
         kl = k3(logps, roll['reference_logps']) * mask
         if ctx.rl_use_bias_correction_kl:  # TRL: the KL of samples from π_old, reweighted to π (gradient through ρ too)
             kl = kl * torch.exp(new - old)
-        token_losses = token_losses + ctx.rl_kl * kl
+        if not getattr(ctx, 'rl_kl_in_reward', False):  # (in the reward, the KL is already in the advantages)
+            token_losses = token_losses + ctx.rl_kl * kl
         metrics['kl'] = per_prompt(kl.detach().sum(1), group) / per_prompt(mask.sum(1).float(), group)
     if ppo:
         v_clipped = roll['old_values'] + (values - roll['old_values']).clamp(-ctx.rl_clip, ctx.rl_clip)

@@ -194,7 +194,7 @@ OBJECTIVE_SETTINGS = {'sft': (), 'kd': ('teacher_from',),
                               'length_normalize', 'reference_from'),
                       'simpo': ('beta', 'simpo_gamma', 'label_smoothing'), 'cpo': ('beta', 'cpo_alpha', 'label_smoothing'),
                       'orpo': ('beta',), 'kto': ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'),
-                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens')}
+                      'rl': ('rl_reward', 'rl_reward_scale', 'rl_max_new_tokens'), 'rm': ('rm_center_coefficient',)}
 
 
 def optimum_record(name, config, val_split, eval_examples):

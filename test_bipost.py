@@ -3029,7 +3029,7 @@ def _rl_ctx(**overrides):
     """ctx as bipost builds it for 'rl' (rl.settings), with a byte-free decoder: ids as space-separated numbers."""
     settings = dict(rl_group=2, rl_max_new_tokens=5, rl_temperature=1.0, rl_top_p=1.0, rl_reward='exact',
                     rl_reward_scale=10.0, rl_advantage='group', rl_whiten=False, rl_clip=0.2, rl_kl=0.0,
-                    rl_loss_norm='bnpo', rl_epochs=1, rl_ema=0.0, rl_gamma=1.0, rl_lam=0.95, rl_epsilon_high=0.0,
+                    rl_loss_norm='bnpo', rl_epochs=1, rl_ema=0.0, rl_gamma=1.0, rl_lam=0.95, rl_epsilon_high=0.0, rl_reward_norm=False,
                     rl_importance_sampling_level='token', rl_mask_truncated_completions=False,
                     rl_use_bias_correction_kl=False, rl_overlong_cache=0)
     settings.update(reward=rewards.exact, verifier=True, decode=lambda ids: ' '.join(map(str, ids)), eos_id=RL_EOS,
@@ -6068,3 +6068,329 @@ def test_zoo_optima_of_new_objectives_from_single_objective_runs(tmp_path, monke
         assert r['val/ideal_distance'] == pytest.approx(math.hypot(r['val/sft/loss'] - 1.0, r['val/simpo/loss'] - best))
     code, _, err = _rel_inprocess(monkeypatch, capsys, *joint, '--simpo_gamma=1.0', f'--out_dir={tmp_path / "other"}')
     assert code == 1 and 'with simpo_gamma=0.5, but this run has simpo_gamma=1.0' in err
+
+
+# ---- reward model (reward_model.py: objective 'rm') ----
+
+import reward_model
+
+
+def _rm_model(seed=0, pad_id=0):
+    """A tiny Llama with a random reward head (attach makes it zero: every score would be 0)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=OBJ_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=pad_id))
+    reward_model.attach(model, None, export_hf=False)
+    assert model.reward_head.weight.abs().sum() == 0
+    torch.nn.init.normal_(model.reward_head.weight)
+    return model.eval()
+
+
+def test_rm_pairwise_loss_centering_and_metrics_match_trl_by_hand():
+    """TRL 1.16's RewardTrainer.compute_loss on fixed rewards: −mean log σ(r_c − r_r − margin) + c·mean((r_c + r_r)²),
+    and its metrics (accuracy counts a tie as wrong), the values written out by hand."""
+    chosen, rejected = torch.tensor([1.0, -0.5, 0.2]), torch.tensor([0.0, 0.5, 0.2])
+    margin = torch.tensor([0.5, 0.0, -1.0])
+    softplus = lambda x: math.log(1 + math.exp(x))  # −log σ(z) = log(1 + e^−z)
+    # z = r_c − r_r − margin: 1 − 0 − 0.5 = 0.5; −0.5 − 0.5 − 0 = −1; 0.2 − 0.2 + 1 = 1
+    pairwise = [softplus(-0.5), softplus(1.0), softplus(-1.0)]
+    centered = [1.0 ** 2, 0.0 ** 2, 0.4 ** 2]  # (r_c + r_r)²
+    losses, metrics = reward_model.pairwise_losses(chosen, rejected, margin, center=0.01)
+    assert losses.tolist() == pytest.approx([p + 0.01 * c for p, c in zip(pairwise, centered)], abs=1e-6)
+    assert float(losses.mean()) == pytest.approx(sum(pairwise) / 3 + 0.01 * sum(centered) / 3, abs=1e-6)  # TRL's loss
+    assert metrics['accuracy'].tolist() == [1.0, 0.0, 0.0]
+    assert metrics['margin'].tolist() == pytest.approx([1.0, -1.0, 0.0])
+    assert metrics['mean_reward'].tolist() == pytest.approx([0.5, 0.0, 0.2])  # their mean: that of all 6 rewards
+    assert metrics['min_reward'].tolist() == [-0.5] * 3 and metrics['max_reward'].tolist() == [1.0] * 3
+    assert metrics['rewards/chosen'].tolist() == chosen.tolist() and metrics['rewards/rejected'].tolist() == rejected.tolist()
+    # no margin column, no centering: the plain Bradley-Terry loss (z = 1, −1, 0)
+    plain, _ = reward_model.pairwise_losses(chosen, rejected)
+    assert plain.tolist() == pytest.approx([softplus(-1.0), softplus(1.0), math.log(2)], abs=1e-6)
+
+
+def test_rm_score_is_read_at_the_last_non_pad_token_left_and_right_padded():
+    """A row scores as it does alone, padded on the right (bipost's batches) or on the left, and the token read is
+    its last non-pad one: the EOS when the pad id is another token, the token before it when the pad id is the EOS."""
+    eos, pad = 7, 0
+    model = _rm_model(pad_id=pad)
+    alone = lambda ids: float(reward_model.scores(model, {'input_ids': torch.tensor([ids]),
+                                                          'attention_mask': torch.ones(1, len(ids), dtype=torch.long)}, pad))
+    with torch.no_grad():
+        body_hidden = model.model(input_ids=torch.tensor([[3, 4, 5, eos]])).last_hidden_state[0]
+        by_hand = [float(model.reward_head(body_hidden[i])) for i in range(4)]  # the head on each position's state
+        assert alone([3, 4, 5, eos]) == pytest.approx(by_hand[3], abs=1e-6)  # no padding: the last token
+        mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+        ids = torch.tensor([[3, 4, 5, eos, pad, pad], [pad, pad, 3, 4, 5, eos]])
+        assert reward_model.last_tokens(ids, pad).tolist() == [3, 5]
+        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, pad).tolist()
+        assert got == pytest.approx([by_hand[3]] * 2, abs=1e-5)  # right- and left-padded: the EOS's score
+        # pad id = EOS (the demo, TRL's fallback): the closing EOS counts as padding, the score is the token before
+        ids = torch.tensor([[3, 4, 5, eos, eos, eos], [eos, eos, 3, 4, 5, eos]])
+        assert reward_model.last_tokens(ids, eos).tolist() == [2, 4]
+        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, eos).tolist()
+        assert got == pytest.approx([by_hand[2]] * 2, abs=1e-5) and abs(by_hand[2] - by_hand[3]) > 1e-3
+
+
+def test_rm_objective_is_the_pairwise_loss_of_the_scores_with_the_batch_margin():
+    """objectives.OBJECTIVES['rm'] on a preference batch (chosen rows first): the pairwise loss of the rows' scores,
+    with the batch's margins and the centering term; its gradient reaches the head and the body."""
+    model = _rm_model(pad_id=0)
+    batch = _obj_batch(OBJ_PAIRS)
+    batch['margin'] = torch.tensor([0.3, -0.2, 1.0])
+    ctx = types.SimpleNamespace(pad_id=0, rm_center_coefficient=0.05)
+    assert objectives.DATA_KIND['rm'] == 'pref'
+    losses, metrics = objectives.OBJECTIVES['rm'](model, batch, ctx)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
+        last = [int(torch.nonzero(row != 0).max()) for row in batch['input_ids']]  # rightmost non-pad id, by hand
+        r = torch.stack([model.reward_head(hidden[i, j]).squeeze() for i, j in enumerate(last)])
+    c, rj = r[:3], r[3:]
+    expected = -torch.nn.functional.logsigmoid(c - rj - batch['margin']) + 0.05 * (c + rj) ** 2
+    torch.testing.assert_close(losses.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics['accuracy'].tolist() == (c > rj).float().tolist()
+    losses.mean().backward()
+    assert model.reward_head.weight.grad.abs().sum() > 0 and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_rm_margins_are_prepared_and_batched_per_pair(tmp_path):
+    """data/prepare.py keeps TRL's "margin" column as <split>_margin.npy (dropped pairs drop theirs), the loader puts
+    each pair's margin in its batch, and a split prepared again without margins loses the old file."""
+    from data.prepare import prepare
+    from data.loader import Split
+    records = [{'prompt': 'q', 'chosen': 'a', 'rejected': 'b', 'margin': 0.5},
+               {'prompt': 'q', 'chosen': 'a', 'rejected': 'a', 'margin': 9},  # identical: dropped, with its margin
+               {'prompt': 'r', 'chosen': 'cc', 'rejected': 'd', 'margin': -2}]
+    meta = prepare(str(tmp_path), 'demo', {'pref_train': records})
+    assert np.load(tmp_path / 'pref_train_margin.npy').tolist() == [0.5, -2.0]
+    split = Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0)
+    assert split.batch(np.array([1, 0]))['margin'].tolist() == [-2.0, 0.5]
+    prepare(str(tmp_path), 'demo', {'pref_train': [{k: v for k, v in r.items() if k != 'margin'} for r in records]})
+    assert not (tmp_path / 'pref_train_margin.npy').exists()
+    assert 'margin' not in Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0).batch(np.array([0]))
+
+
+@pytest.mark.parametrize('margin, says', [('"0.5"', "got '0.5'"), ('null', 'got None'), ('true', 'got True'),
+                                          ('NaN', 'got nan'), (None, '"margin" is missing here but present in the first')])
+def test_rm_bad_margin_names_file_and_line_and_writes_nothing(tmp_path, margin, says):
+    from data.prepare import prepare, DataError
+    second = '{"prompt": "q", "chosen": "a", "rejected": "b"' + ('}' if margin is None else f', "margin": {margin}}}')
+    (tmp_path / 'prefs.jsonl').write_text('{"prompt": "q", "chosen": "a", "rejected": "c", "margin": 1}\n' + second + '\n')
+    with pytest.raises(DataError) as e:
+        prepare(str(tmp_path / 'out'), 'demo', {'pref_train': str(tmp_path / 'prefs.jsonl')})
+    assert str(e.value).startswith(f"{tmp_path / 'prefs.jsonl'}:2: ") and says in str(e.value), str(e.value)
+    assert not (tmp_path / 'out').exists()
+
+
+RM_TINY = ['--strategy=mix', '--learning_rate=1e-2', '--decay_lr=False', '--batch_size=8']
+
+
+def _rm_val_batch(namespace, n=8):
+    split = namespace['val_data']['rm']
+    return split.batch(np.arange(n))
+
+
+def test_rm_export_is_a_sequence_classifier_scoring_as_trained_and_a_reward_for_rl(tmp_path, monkeypatch, capsys):
+    """rm alone: out_dir/hf is an AutoModelForSequenceClassification (num_labels 1, pad token set, with the data's
+    tokenizer) whose scores are the trained model's, and rewards.load (rl_reward=out_dir/hf) scores prompt + completion
+    text as the model scored those tokens; the head is in the checkpoint. rm + sft: hf/ the LM, hf_rm/ the classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import rewards
+    trained = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm"]', '--strategy=sequential',
+                                  '--weights=[1.0]', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "rm"}',
+                                  namespace=trained)
+    assert code == 0, err
+    model, batch = trained['raw_model'].eval(), _rm_val_batch(trained)
+    assert model.reward_head.weight.abs().sum() > 0  # zero at first, then trained
+    with torch.no_grad():
+        ours = reward_model.scores(model, batch, 256)
+    assert sorted(os.listdir(tmp_path / 'rm' / 'hf')) == ['bipost_data_meta.json', 'config.json', 'model.safetensors',
+                                                          'tokenizer.json', 'tokenizer_config.json']  # no LM export
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm' / 'hf').eval()
+    assert classifier.config.num_labels == 1 and classifier.config.pad_token_id == 256
+    no_pad = LlamaConfig(**{**model.config.to_dict(), 'pad_token_id': None})  # a policy whose config names no pad
+    assert reward_model.classifier_for(no_pad, model, pad_id=256).config.pad_token_id == 256
+    with torch.no_grad():
+        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert ours.std() > 1e-3  # not a constant
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'rm' / 'hf')
+    assert tokenizer.pad_token_id == 256 and tokenizer('Hi\n')['input_ids'] == list(b'Hi\n')
+    assert torch.equal(torch.load(tmp_path / 'rm' / 'ckpt.pt', weights_only=False)['model']['reward_head.weight'],
+                       model.reward_head.weight.detach())
+    # RL's reward: text in, the score of those tokens out (the demo's pad is the EOS: the scored token is the last text one)
+    score = rewards.load(str(tmp_path / 'rm' / 'hf'))
+    rows = [ids[m.bool()].tolist() for ids, m in zip(batch['input_ids'], batch['attention_mask'])]
+    texts = [bytes(i for i in row if i < 256).decode() for row in rows]
+    got = score(prompts=[t[:3] for t in texts], completions=[t[3:] for t in texts])
+    assert got == pytest.approx(ours.tolist(), abs=1e-5)
+    # beside a generative objective: both exports
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=2',
+                                  '--eval_interval=2', f'--out_dir={tmp_path / "both"}')
+    assert code == 0, err
+    AutoModelForCausalLM.from_pretrained(tmp_path / 'both' / 'hf')
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(str(tmp_path / 'both' / 'hf' / 'model.safetensors')) if 'reward_head' in k or 'score' in k]
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / 'both' / 'hf_rm').config.num_labels == 1
+
+
+@pytest.mark.parametrize('case, args, says', [
+    ('lm', ['--objectives=["sft", "rl"]', '--rl_reward={lm}'],
+     ['holds LlamaForCausalLM, not a reward model', "objectives ['rm']", 'hf_rm']),
+    ('labels', ['--objectives=["sft", "rl"]', '--rl_reward={labels}'], ['with 3 labels, not a reward model']),
+    ('no_pad', ['--objectives=["rm", "sft"]'], ['meta.json: pad_id=None is outside the vocabulary', 'set pad_id']),
+])
+def test_rm_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, case, args, says):
+    """rl_reward at a directory that is not a one-label sequence classifier (an LM would load with a random score
+    layer and no error), and rm on data without a pad token (which rm's batches need): one line, nothing written."""
+    from transformers import LlamaForSequenceClassification
+    config = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / 'lm')
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'labels')
+    args = [a.replace('{lm}', str(tmp_path / 'lm')).replace('{labels}', str(tmp_path / 'labels')) for a in args]
+    if case == 'no_pad':
+        args.append(f"--dataset={_rel_dataset(tmp_path, '')}")
+        meta = json.load(open(tmp_path / 'data' / 'meta.json'))
+        json.dump({**meta, 'pad_id': None}, open(tmp_path / 'data' / 'meta.json', 'w'))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, *args, '--max_iters=2', f'--out_dir={tmp_path / "out"}')
+    assert code == 1, (out, err)
+    message = err.strip().splitlines()[-1]
+    assert message.startswith('bipost: error: ') and all(s in message for s in says), message
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_rm_and_sft_in_one_stage_both_improve_on_held_out_data(tmp_path, monkeypatch, capsys):
+    """The demo's preference pairs (rm) and SFT split together (mix), 30 updates from a scratch model: the held-out
+    reward-model loss falls and its accuracy rises well past chance, while the held-out SFT loss falls too."""
+    out = tmp_path / 'out'
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=30',
+                                       '--eval_interval=15', '--eval_iters=0', '--warmup_iters=2', f'--out_dir={out}')
+    assert code == 0, err
+    evals, updates = _train_records(out)
+    first, last = evals[0], evals[-1]
+    assert first['val/rm/loss'] == pytest.approx(math.log(2)) and first['val/rm/accuracy'] == 0  # the zero head: ties
+    assert last['val/rm/loss'] < first['val/rm/loss'] - 0.2 and last['val/rm/accuracy'] > 0.75, last
+    assert last['val/sft/loss'] < first['val/sft/loss'] - 0.5, (first, last)
+    assert {'train/rm/accuracy', 'train/rm/margin', 'train/rm/mean_reward', 'train/rm/min_reward', 'train/rm/max_reward',
+            'train/rm/rewards/chosen', 'train/rm/rewards/rejected'} <= set(updates[-1])
+    assert 'rm acc' in stdout
+
+
+@pytest.mark.slow
+def test_rm_and_sft_killed_run_resumes_exactly(tmp_path):
+    """rm + sft killed after update 5 and resumed from the checkpoint of update 3: the per-update losses and metrics and
+    the evals are those of the run that was never stopped (the head's weights and Adam state are in the checkpoint)."""
+    args = ['--objectives=["rm", "sft"]', '--strategy=alright', '--max_iters=6', '--eval_interval=3', '--learning_rate=1e-2']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9 and json.load(open(tmp_path / 'killed' / 'ckpt.json'))['iter_num'] == 3
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('full', 'killed'))
+    assert got == expected and {r['objective'] for k, r in got.items() if k[0] == 'iter'} == {'rm', 'sft'}
+    assert any(r['train/rm/accuracy'] not in (0.0, 1.0) or r['train/rm/margin'] != 0 for k, r in got.items()
+               if k[0] == 'iter' and k[1] > 3 and r['objective'] == 'rm')  # the resumed head was not zero again
+
+
+def test_rm_with_lora_trains_the_head_beside_the_adapters(tmp_path, monkeypatch, capsys):
+    """LoRA: the adapters and the reward head train, the base stays; the LoRA checkpoint holds the head, a resumed run
+    gets it back, and hf_rm/ (beside sft's hf/) is the merged body with the head, scoring as the peft model does."""
+    pytest.importorskip('peft')
+    from transformers import AutoModelForSequenceClassification
+    args = [*RM_TINY, '--objectives=["rm", "sft"]', '--lora_rank=4', '--eval_interval=3', f'--out_dir={tmp_path / "out"}']
+    trained = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', namespace=trained)
+    assert code == 0, err
+    model = trained['raw_model'].eval()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert 'reward_head.weight' in names and all('lora_' in n for n in names - {'reward_head.weight'})
+    head = model.reward_head.weight.detach().clone()
+    assert head.abs().sum() > 0
+    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)['model']
+    assert torch.equal(saved['reward_head.weight'], head) and all('lora_' in k for k in set(saved) - {'reward_head.weight'})
+    batch = _rm_val_batch(trained)
+    with torch.no_grad():
+        ours = reward_model.scores(model, batch, 256)
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out' / 'hf_rm').eval()
+        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    resumed = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', '--init_from=resume', '--eval_only=True',
+                                  namespace=resumed)
+    assert code == 0, err
+    assert torch.equal(resumed['raw_model'].reward_head.weight.detach(), head)
+
+
+def test_rm_ppo_kl_in_the_reward_matches_a_hand_rolled_loop():
+    """rl_kl_in_reward (PPO as InstructGPT / OpenRLHF run it): per-token rewards −β·(log π − log π_ref), plus the
+    sequence reward at the completion's last token, then GAE over the value head's values, written out token by token;
+    the loss is the surrogate + value loss without the k3 term (the KL is already in the advantages)."""
+    model, reference = _obj_model(0), _obj_model(1)
+    model.value_head = rl.value_head(model)
+    torch.nn.init.normal_(model.value_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    rows = _rl_rows(RL_SPANS)
+    rewards_ = torch.tensor([10.0, 0.0, 3.0, 10.0])
+    with torch.no_grad():
+        reference_logps, _ = _obj_hand_logprobs(reference, rows)
+        logps, mask = _obj_hand_logprobs(model, rows)
+    roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_, 'lengths': torch.tensor([4, 2, 5, 1]),
+            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
+    gamma, lam, beta = 0.9, 0.8, 0.3
+    losses, metrics = rl.loss(model, roll, _rl_ctx(rl_advantage='ppo', rl_gamma=gamma, rl_lam=lam, rl_kl=beta,
+                                                    rl_kl_in_reward=True))
+    hidden = model.model(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
+    values = model.value_head(hidden).squeeze(-1).detach()
+    hand, tokens = 0.0, 0
+    for i in range(4):
+        positions = mask[i].nonzero().squeeze(-1).tolist()
+        v = [float(values[i, t]) for t in positions]
+        r = [-beta * float(logps[i, t] - reference_logps[i, t]) for t in positions]
+        r[-1] += float(rewards_[i])
+        advantage, running = [0.0] * len(v), 0.0
+        for k in reversed(range(len(v))):
+            running = r[k] + gamma * (v[k + 1] if k + 1 < len(v) else 0.0) - v[k] + gamma * lam * running
+            advantage[k] = running
+        hand += sum(-a + 0.5 * a ** 2 for a in advantage)  # ρ = 1; R − V = A; no k3
+        tokens += len(v)
+    assert float(losses.detach().mean()) == pytest.approx(hand / tokens, rel=1e-4)
+    assert metrics['kl'].abs().sum() > 0  # the KL is still logged
+    with pytest.raises(ValueError, match="rl_kl_in_reward=True .* needs rl_advantage='ppo'"):
+        rl.settings({**{k: v for k, v in _rl_ctx().__dict__.items() if k.startswith('rl_')}, 'rl_kl_in_reward': True,
+                     'rl_kl': 0.1, 'reference_logps': 'live', 'deepspeed': False, 'zero_stage': 0,
+                     'gradient_accumulation_steps': 1}, {'eos_id': 0, 'pad_id': 0, 'tokenizer': 'bipost-demo-bytes'},
+                    0, 'cpu', False, [])
+
+
+def test_rm_ppo_reward_normalization_uses_running_moments_by_hand():
+    """rl_reward_norm: each batch is normalized with the mean and (population) std of every reward so far, its own
+    included; the moments carry over from batch to batch."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    first = rl.normalize_rewards(torch.tensor([1.0, 3.0]), stats)
+    assert first.tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)  # mean 2, std 1
+    second = rl.normalize_rewards(torch.tensor([8.0]), stats)  # all so far: 1, 3, 8: mean 4, var (9 + 1 + 16) / 3
+    assert second.tolist() == pytest.approx([4.0 / math.sqrt(26 / 3)], abs=1e-6)
+    assert stats.tolist() == [3.0, 12.0, 74.0]
+
+
+def test_rm_ppo_reward_normalization_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """PPO with rl_reward_norm and the KL in the reward: 2 updates, a checkpoint, 2 more after a resume log exactly the
+    numbers of 4 updates in one go (the running moments are in the checkpoint: restarting them changes the
+    advantages, hence the surrogate)."""
+    (tmp_path / 'my_rewards.py').write_text("def chars(prompts, completions, answer, **columns):\n"
+                                            "    return [len(c) / (1 + len(a)) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False',
+              '--rl_advantage=ppo', '--rl_reward=my_rewards:chars', '--rl_reward_scale=1.0', '--rl_reward_norm=True',
+              '--rl_kl_in_reward=True']
+    for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
+        for args in runs:
+            code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
+            assert code == 0, err
+    drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
+    straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
+    assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
+    assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=False)['rl_reward_stats'][0] > 0

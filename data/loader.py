@@ -120,6 +120,7 @@ class Split:
                                 f"example and both kinds ({sum(x is True for x in labels)} true of {len(labels)}): "
                                 f"KTO weighs desirable against undesirable completions; add the missing kind")
             self.labels = np.array(labels, dtype=bool)
+        self.margin = self._read_margin() if kind == 'pref' and os.path.exists(path + '_margin.npy') else None
 
     def _read_extra(self):
         """Prompt splits: each example's other fields (what the reward function reads); unpaired splits: each
@@ -135,11 +136,21 @@ class Split:
                             f"files from different runs; prepare the split again")
         return extra
 
+    def _read_margin(self):
+        """Preference splits: each pair's margin (TRL's column, data/prepare.py), float32 [n], if the records had one."""
+        margin = np.load(self.path + '_margin.npy')
+        if margin.shape != (len(self.index),):
+            raise DataError(f"{self.path}_margin.npy holds {margin.shape} margins, not one for each of the "
+                            f"{len(self.index)} pairs of {self.path}_index.npy: files from different runs; prepare the "
+                            f"split again")
+        return margin
+
     def digest(self):
         """sha256 of the split's two files: what f* and the cached reference log-probs were measured on (by content,
         so a moved or copied dataset still matches). Computed once."""
         if self._digest is None:
-            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.extra is not None else ())  # answers, labels too
+            suffixes = ('.bin', '_index.npy') + (('_extra.jsonl',) if self.extra is not None else ()) + \
+                (('_margin.npy',) if self.margin is not None else ())  # answers, labels and margins count too
             self._digest = [file_digest(self.path + suffix) for suffix in suffixes]
         return self._digest
 
@@ -194,8 +205,11 @@ class Split:
             input_ids[j, :len(r)], response_mask[j, :len(m)] = r, m
         attention_mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         to = lambda a: torch.from_numpy(a).to(self.device)
-        return {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
-                'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
+        batch = {'input_ids': to(input_ids), 'attention_mask': to(attention_mask), 'response_mask': to(response_mask),
+                 'index': torch.as_tensor(np.asarray(ids), device=self.device), 'split': self.name}
+        if self.margin is not None:  # per pair, in the order of ids
+            batch['margin'] = to(self.margin[np.asarray(ids, dtype=np.int64)])
+        return batch
 
     def _unpaired(self, ids):
         """2·len(ids) rows: each prompt with its own completion, then each prompt with the previous example's

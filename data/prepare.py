@@ -8,7 +8,8 @@ Records (the shapes TRL uses), one JSON object per line (JSON Lines) or all in o
 datasets' JSON loader reads them (a UTF-8 BOM and CRLF line ends are fine):
   SFT         {"prompt": str, "completion": str}   or   {"messages": [{"role": .., "content": ..}, ...]}
               (messages: the last message must be the assistant's; it is the response, the rest the prompt)
-  preference  {"prompt": str, "chosen": str, "rejected": str}, or prompt/chosen/rejected each a message list
+  preference  {"prompt": str, "chosen": str, "rejected": str}, or prompt/chosen/rejected each a message list;
+              optional "margin": a number per pair (TRL's column, read by the reward model), in every record or none
   prompt (RL) {"prompt": str or a message list, ...any other fields}   or   {"messages": [...], ...}  (TRL's GRPO
               shape): the other fields (e.g. "answer") are kept for the reward function, in <split>_extra.jsonl
   unpaired    {"prompt": str, "completion": str, "label": true/false}, prompt/completion message lists, or
@@ -27,9 +28,9 @@ template the messages are rendered as "role: content\\n" lines followed by "assi
 
 Output in --out_dir: <split>.bin (flat uint32 ids: prompt, then response(s)), <split>_index.npy
 (int64 [n, 3] offset, prompt_len, response_len for SFT; [n, 4] offset, prompt_len, chosen_len,
-rejected_len for preferences; [n, 2] offset, prompt_len for prompts, whose other fields go to
-<split>_extra.jsonl, one JSON object per kept example; [n, 3] for unpaired, the labels in <split>_extra.jsonl as
-{"label": bool}) and meta.json (merged when splits are added later).
+rejected_len for preferences, their margins, if any, in <split>_margin.npy (float32 [n]); [n, 2] offset, prompt_len
+for prompts, whose other fields go to <split>_extra.jsonl, one JSON object per kept example; [n, 3] for unpaired, the
+labels in <split>_extra.jsonl as {"label": bool}) and meta.json (merged when splits are added later).
 Prompt tokens are never scored by the trainer, so masking is by construction.
 --truncation=truncate: cut the prompt from the left (down to 1 token), then the response's end;
 --truncation=drop: drop examples longer than max_length. Pairs whose chosen and rejected tokens are
@@ -143,6 +144,18 @@ def fields(record, kind, where):
             raise DataError(f'{where}: "{k}" is empty; fill it in or remove the record')
     return record["prompt"], [record[k] for k in keys[1:]]
 
+def pair_margin(record, where, expected):
+    """A preference record's "margin" as a float (None without one); expected: whether the split's first record has one."""
+    if ("margin" in record) != expected:
+        here, first = ("missing", "present") if expected else ("present", "missing")
+        raise DataError(f'{where}: "margin" is {here} here but {first} in the first record: TRL\'s margin column holds a '
+                        'number for every pair; add it everywhere or nowhere')
+    value = record.get("margin")
+    if expected and (isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)):
+        raise DataError(f'{where}: "margin" must be a finite number (how much more the chosen response is preferred), '
+                        f'got {value!r}')
+    return float(value) if expected else None
+
 def encode(prompt, responses, tok, where):
     """Token ids of the prompt and of each response; stored back to back, so the prompt is a prefix by construction."""
     if isinstance(prompt, str):
@@ -226,7 +239,9 @@ def build_split(name, source, tok, max_length, truncation):
         raise DataError(f"{records[0][0]}: split {name!r} is named like {words[named]} split but "
                         f"its first record is {words[kind]} record. {SHAPES}")
     tokens, index, stats, identical, extra = [], [], dict(examples=0, tokens=0, truncated=0, dropped=0), [], []
+    margins = kind == "pref" and isinstance(first, dict) and "margin" in first
     for where, record in records:
+        margin = pair_margin(record, where, margins) if kind == "pref" and isinstance(record, dict) else None
         fitted = fit(*encode(*fields(record, kind, where), tok, where), max_length, truncation)
         if fitted and kind == "pref" and fitted[1][0] == fitted[1][1]:
             identical.append(where)
@@ -237,6 +252,8 @@ def build_split(name, source, tok, max_length, truncation):
         prompt, responses, truncated = fitted
         if kind == "prompt":  # what the reward function reads (e.g. "answer"), aligned with the index rows
             extra.append({k: v for k, v in record.items() if k not in ("prompt", "messages")})
+        elif margins:  # a preference split's margins, aligned with the index rows too
+            extra.append(margin)
         index.append([stats["tokens"], len(prompt)] + [len(r) for r in responses])
         for ids in [prompt] + responses:
             tokens.extend(ids)
@@ -311,6 +328,13 @@ def prepare(out_dir, tokenizer, splits, max_length=1024, truncation="truncate"):
             with open(extra_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(e) + "\n" for e in extra)
             renames.append(extra_path)
+        margin_path = os.path.join(out_dir, f"{name}_margin.npy")
+        if kind == "pref" and extra:
+            with open(margin_path + ".tmp", "wb") as f:
+                np.save(f, np.array(extra, dtype=np.float32))
+            renames.append(margin_path)
+        elif os.path.exists(margin_path):  # an earlier preparation's margins would be read with these pairs
+            os.remove(margin_path)
         meta["splits"][name] = dict(kind=kind, **stats, max_length=max_length)
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
