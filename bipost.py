@@ -28,7 +28,7 @@ from reference_cache import load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
 import coreset as coresets  # `coreset` is a config key
-from data.loader import Split, check_meta, load_meta, resolve_dataset
+from data.loader import Split, check_meta, check_tokenizer, load_meta, resolve_dataset
 from data.prepare import DataError
 
 # -----------------------------------------------------------------------------
@@ -242,6 +242,8 @@ try:
     meta_path = os.path.join(data_dir, 'meta.json')
     meta = load_meta(data_dir)
     check_meta(meta, meta['vocab_size'], meta_path)  # ids < the data's vocab <= the model's (check_vocab below)
+    if (note := check_tokenizer(meta, meta_path, init_from)) and master:  # the policy's tokenizer made the data
+        print(note)
     keep = None
     if keep_list:
         if not os.path.exists(keep_list):

@@ -190,12 +190,12 @@ def test_data_hf_tokenizer_chat_template(tmp_path):
 
 def test_data_truncation_and_drop(tmp_path):
     records = [{"prompt": "abcdefgh", "completion": "xyz"},       # 8 + 4 tokens: cut the prompt's start
-               {"prompt": "ab", "completion": "0123456789abc"},   # 2 + 14: prompt down to 1, then the response's end
-               {"prompt": "ok", "completion": "fine"}]            # 2 + 5: fits
+               {"prompt": "ab", "completion": "0123456789abc"},   # 2 + 14: the response alone is too long: dropped,
+               {"prompt": "ok", "completion": "fine"}]            # 2 + 5: fits                 never cut (its EOS)
     meta = data_prep.prepare(str(tmp_path / "t"), "demo", {"sft_train": records}, max_length=10)
-    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (2, 0)
+    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (1, 1)
     assert _data_decode(_data_read(tmp_path / "t", "sft_train")) == [
-        ["cdefgh", "xyz<|endoftext|>"], ["b", "012345678"], ["ok", "fine<|endoftext|>"]]
+        ["cdefgh", "xyz<|endoftext|>"], ["ok", "fine<|endoftext|>"]]
     meta = data_prep.prepare(str(tmp_path / "d"), "demo", {"sft_train": records}, max_length=10, truncation="drop")
     assert meta["splits"]["sft_train"] == dict(kind="sft", examples=1, tokens=7, truncated=0, dropped=2, max_length=10)
     pairs = [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "good", "rejected": "bad"}]
