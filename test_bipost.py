@@ -4768,6 +4768,9 @@ def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
     assert check_tokenizer(demo, "m.json", str(tmp_path / "weights")) == ""
     with pytest.raises(data_prep.DataError, match="the text of its ids"):
         check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
+    _d21_tokenizer(tmp_path / "tok", swap=True)  # another tokenizer saved over the same directory: same name, vocab, ids
+    with pytest.raises(data_prep.DataError, match="one directory holds one tokenizer"):  # no split added to the data
+        data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_val": [{"text": "The sky is blue."}]}, 32)
 
 
 def test_data21_bipost_refuses_other_tokenizer_trains_on_its_own(tmp_path, monkeypatch, capsys):

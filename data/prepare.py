@@ -4,46 +4,31 @@ Generic JSONL (or JSON array) -> token bins for bipost. Training never tokenizes
     python data/prepare.py --out_dir=data/mydata --tokenizer=/path/to/hf_model_dir --max_length=1024 \
         --truncation=truncate sft_train=train.jsonl pref_train=prefs.jsonl pref_val=prefs_val.jsonl
 
-Records: every shape TRL's SFT and DPO trainers read, one JSON object per line (JSON Lines) or all in one JSON array,
-as Hugging Face datasets' JSON loader reads them (a UTF-8 BOM and CRLF line ends are fine). docs/data.md has an
-example of each.
-  SFT         {"text": str} (language modeling: all of it is the response)  or  {"prompt": str, "completion": str}
-              (or both message lists)  or  {"messages": [{"role": .., "content": ..}, ...]} (the last message, the
-              assistant's, is the response; the rest the prompt)
-  preference  {"prompt", "chosen", "rejected"}: each a string, or each a message list (explicit prompt);
-              {"chosen", "rejected"}: whole texts or whole conversations, their shared start is the prompt (implicit
-              prompt; in text the space before the answer goes with the answer, as TRL's extract_prompt does);
-              a "prompt" string beside chosen/rejected message lists that repeat the user turn (UltraFeedback-
-              binarized) is read as implicit too, as TRL does
-  prompt (RL) {"prompt": str or a message list, ...any other fields}   or   {"messages": [...], ...}  (TRL's GRPO
-              shape): the other fields (e.g. "answer") are kept for the reward function, in <split>_extra.jsonl
-Roles: system, user, assistant, tool, or a role the chat template names; human -> user and gpt, bot, model ->
-assistant (ShareGPT, Gemma) are renamed, said once per split; any other role is refused.
-Split kind rule: a split is a preference split if its first record has "chosen" or "rejected"; a prompt split if
-its name starts with "rl" or "prompt", or its first record has "prompt" but no "completion"; else SFT. A split
-name starting with "sft", "pref", "rl" or "prompt" must agree with that.
+Records: every shape TRL's SFT and DPO trainers read (docs/data.md has an example of each), one JSON object per line
+or all in one JSON array (a UTF-8 BOM and CRLF line ends are fine):
+  SFT         {"text"}, {"prompt", "completion"} (strings or message lists), {"messages"} (the last, assistant's
+              message is the response)
+  preference  {"prompt", "chosen", "rejected"} (strings or message lists); {"chosen", "rejected"} alone, or beside
+              a "prompt" string (UltraFeedback-binarized): the shared start of chosen and rejected is the prompt
+  prompt (RL) {"prompt"} or {"messages"}, plus any other fields (e.g. "answer"), kept in <split>_extra.jsonl
+Roles: system, user, assistant, tool, or one the chat template names; human -> user and gpt, bot, model ->
+assistant are renamed (said once per split); any other role is refused.
+A split is a preference split if its first record has "chosen" or "rejected"; a prompt split if its name starts
+with "rl" or "prompt", or its first record has "prompt" but no "completion"; else SFT (a name must agree).
 
-Tokenizer (--tokenizer): 'demo' (the byte-level encoding below, built in code), a local Hugging Face
-tokenizer directory, or a tiktoken built-in name that is already cached. Nothing is downloaded: a Hub name
-(org/model) needs `huggingface-cli download` first, where there is network. String records: prompt = [BOS if the
-tokenizer adds one] + prompt, response = completion + EOS. Message records: the chat template renders the prompt
-(with the generation prompt) and prompt+response; the response is the rendered text after the prompt up to and
-including the template's end-of-turn token (ChatML's <|im_end|>), which is what generation produces: what the
-template writes after it (ChatML's newline) is not stored, so not trained. A template without an end-of-turn special
-token gets EOS appended. Without a chat template the messages are rendered as "role: content\\n" lines followed
-by "assistant: ".
+--tokenizer: 'demo' (the byte-level encoding below), a local Hugging Face tokenizer directory, or a cached tiktoken
+name; nothing is downloaded. Trained tokens: string records are prompt = [BOS] + prompt, response = completion + EOS;
+message records are rendered by the chat template, the response being the text after the prompt up to and including
+the template's end-of-turn token (ChatML's <|im_end|>, where generation stops; the newline after it is not trained),
+or + EOS for a template without one. No template: "role: content\n" lines, then "assistant: ".
+--truncation=truncate cuts the prompt's start, never a response (its EOS would go): an example whose response alone
+does not fit beside 1 prompt token is dropped, with a warning; --truncation=drop drops every example too long.
+Pairs whose chosen and rejected are identical are dropped, with a warning.
 
-Output in --out_dir: <split>.bin (flat uint32 ids: prompt, then response(s)), <split>_index.npy
-(int64 [n, 3] offset, prompt_len, response_len for SFT; [n, 4] offset, prompt_len, chosen_len,
-rejected_len for preferences; [n, 2] offset, prompt_len for prompts, whose other fields go to
-<split>_extra.jsonl, one JSON object per kept example) and meta.json (merged when splits are added later),
-which holds the tokenizer's identity (the text of every id, hashed, and its special ids): the trainer refuses a
-model whose tokenizer differs. Prompt tokens are never scored by the trainer, so masking is by construction.
---truncation=truncate: cut the prompt's start (its end, next to the answer, stays; at least 1 token); a response is
-never cut, since without its EOS / end of turn the model would learn not to stop: an example whose response alone
-leaves no room for 1 prompt token is dropped, with a warning. --truncation=drop: drop examples longer than
-max_length. Pairs whose chosen and rejected are identical carry no preference signal: they are dropped with a
-warning.
+Output in --out_dir: <split>.bin (flat uint32 ids: prompt, then response(s)), <split>_index.npy (int64 [n, 3]
+offset, prompt_len, response_len for SFT; [n, 4] offset, prompt_len, chosen_len, rejected_len for preferences;
+[n, 2] offset, prompt_len for prompts), <split>_extra.jsonl for prompts, and meta.json (merged when splits are
+added later), which holds the tokenizer's identity: the trainer refuses a model whose tokenizer differs.
 """
 import os, re, sys, json, hashlib, argparse
 import numpy as np
@@ -57,7 +42,7 @@ SHAPES = ('SFT records need {"text": str}, {"prompt": str, "completion": str} (o
           'records need {"prompt": str or a list of messages} or {"messages": [...]}, plus any other fields')
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}  # ShareGPT, Gemma
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # a dir holds one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one: a tokenizer
 
 def demo_encoding():
     """Byte-level tiktoken encoding built in code: ids 0-255 are the bytes, 256 is <|endoftext|> (EOS and pad)."""
@@ -105,7 +90,8 @@ class Tokenizer:
             config = os.path.join(spec, "config.json")
             if os.path.isfile(config):
                 with open(config) as f:
-                    self.positions = json.load(f).get("max_position_embeddings")
+                    config = json.load(f)
+                self.positions = config.get("max_position_embeddings") or config.get("n_positions")  # (GPT-2's name)
             return
         if os.path.isfile(spec):
             raise DataError(f"tokenizer {spec} is a file; pass the directory that holds it (with tokenizer.json or the files "
@@ -131,7 +117,7 @@ class Tokenizer:
 
     def find_end_of_turn(self, special_ids):
         """The special token that closes an assistant turn in the template (ChatML's <|im_end|>, Llama 3's <|eot_id|>),
-        or None: a responses ends there, as generation does."""
+        or None: a response ends there, as generation does."""
         try:
             text = self.template([{"role": "user", "content": "1"}, {"role": "assistant", "content": "bipost"}], False)
         except Exception:  # a template with other demands (roles, system): no end of turn known, EOS is appended
@@ -179,8 +165,8 @@ def check_messages(messages, where, key, tok, renamed):
 
 def text_field(record, key, where):
     if not isinstance(record[key], str):
-        raise DataError(f'{where}: "{key}" must be a string like "prompt" (or every field a message list), '
-                        f"got {type(record[key]).__name__}")
+        raise DataError(f'{where}: "{key}" must be a string like the other fields (or all of them message '
+                        f"lists), got {type(record[key]).__name__}")
     if not record[key].strip():
         raise DataError(f'{where}: "{key}" is empty; fill it in or remove the record')
     return record[key]
