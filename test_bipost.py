@@ -4765,6 +4765,9 @@ def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
     assert "has no tokenizer_identity" in check_tokenizer(old, "m.json", str(tmp_path / "swapped"))
     (tmp_path / "weights").mkdir()
     assert "has no tokenizer files" in check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    assert "could not load a Hugging Face tokenizer" in check_tokenizer(meta, "m.json", str(tmp_path / "broken"))
     json.dump(demo, open(tmp_path / "weights" / "bipost_data_meta.json", "w"))  # an export of a scratch demo model
     assert check_tokenizer(demo, "m.json", str(tmp_path / "weights")) == ""
     with pytest.raises(data_prep.DataError, match="the text of its ids"):
