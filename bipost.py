@@ -30,7 +30,7 @@ from reference_cache import fingerprint, load_or_compute, reference_pass
 import memory_plan
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
 import coreset as coresets  # `coreset` is a config key
-from data.loader import check_fits, run_splits
+from data.loader import check_fits, check_tokenizer, run_splits
 from data.prepare import DataError
 from held_out import estimate, evaluate
 import ranks
@@ -211,6 +211,8 @@ reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_select
 try:
     data_dir, meta, train_data, val_data = run_splits(config, DATA_KIND, rank, world_size, device)
     meta_path = os.path.join(data_dir, 'meta.json')
+    if (note := check_tokenizer(meta, meta_path, init_from)) and master:  # the policy's tokenizer made the data
+        print(note)
     example_weight = coresets.load_example_weights(example_weights, train_data[keep_objective], device) \
         if example_weights else None  # mean 1 over the examples trained on (the keep_list's, if any)
 except DataError as e:

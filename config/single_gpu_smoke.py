@@ -2,10 +2,13 @@
 # DeepSpeed, 50 updates, a few minutes for a 1B model.
 #   python bipost.py config/single_gpu_smoke.py --init_from=/models/Llama-3.2-1B --dataset=mydata
 # Batch arithmetic: 4 examples (pairs for dpo) × 2 accum × 1 GPU = 8 per update.
-# On a laptop CPU: keep init_from='scratch' and dataset='demo', and add --learning_rate=1e-3.
+# Prepare the data with the model's own tokenizer first (data/prepare.py --tokenizer=/models/Llama-3.2-1B): the
+# run refuses data from another tokenizer. dataset has no default here, so a forgotten --dataset is an error, not a
+# silent run on the demo's byte-level data.
+# On a laptop CPU: keep init_from='scratch', and add --dataset=demo --learning_rate=1e-3.
 out_dir = 'out-smoke'
 init_from = 'scratch'
-dataset = 'demo'
+dataset = ''
 objectives = ['sft', 'dpo']
 strategy = 'alright'
 beta = 0.1

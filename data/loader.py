@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from data.prepare import DataError
+from data.prepare import TOKENIZER_FILES, DataError, Tokenizer
 
 COLUMNS = {'sft': 3, 'pref': 4, 'prompt': 2, 'unpaired': 3}  # index columns: offset, prompt_len, one length per response
 KINDS = {3: 'an SFT', 4: 'a preference', 2: 'a prompt (RL)'}  # what a split with that many columns is
@@ -22,6 +22,10 @@ KINDS = {3: 'an SFT', 4: 'a preference', 2: 'a prompt (RL)'}  # what a split wit
 def resolve_dataset(dataset, root='data'):
     """The directory of config key `dataset`: a name under data/ ('demo'), or a directory path holding meta.json
     ('data/demo', 'data/demo/', '/abs/dir', even '.../meta.json'), so a path typed by shell completion works too."""
+    if not dataset:  # a recipe for a user's model leaves it unset rather than train on the demo's byte-level data
+        raise DataError("dataset is not set: pass --dataset=DIR, a directory written by python data/prepare.py "
+                        "--tokenizer=<your model dir> --out_dir=DIR ... (or --dataset=demo for the demo, with "
+                        "init_from='scratch')")
     path = os.path.normpath(os.path.expanduser(dataset))  # the shell leaves --dataset=~/x as it is
     if os.path.basename(path) == 'meta.json' and os.path.isfile(path):
         path = os.path.dirname(path) or '.'
@@ -63,6 +67,39 @@ def check_meta(meta, vocab_size, path):
             raise DataError(f"{path}: {key}={value!r} is outside the vocabulary 0..{vocab_size - 1}: set {key} to the "
                             f"tokenizer's id (its {'eos' if key == 'eos_id' else 'pad (or eos)'} token), or prepare the "
                             f"data again with the model's tokenizer")
+
+
+def check_tokenizer(meta, meta_path, init_from):
+    """The data must come from the policy's own tokenizer: from another one it trains without any error as long as the
+    ids fit the vocabulary, on text the model reads as noise. A scratch model is built for the data's tokenizer and a
+    resumed run was checked when it started: nothing to check. Returns a warning where the check cannot be made."""
+    if init_from in ('scratch', 'resume') or not os.path.isdir(init_from):  # (a missing dir: the model loader says so)
+        return ''
+    data = meta.get('tokenizer_identity')
+    if data is None:  # refusing would strand every dataset prepared before the identity existed
+        return (f"warning: {meta_path} has no tokenizer_identity (an older data/prepare.py wrote it): only its vocabulary "
+                f"size is checked against {init_from}; prepare the data again to check its tokenizer")
+    exported = os.path.join(init_from, 'bipost_data_meta.json')  # a bipost export of a scratch model: its data's tokenizer
+    if any(os.path.isfile(os.path.join(init_from, name)) for name in TOKENIZER_FILES):
+        try:
+            model = Tokenizer(init_from).identity()
+        except DataError as e:  # the model itself may still load: the trainer never tokenizes
+            return f"warning: {e}; so the data's tokenizer is checked against {init_from} by vocabulary size only"
+    elif os.path.isfile(exported):
+        with open(exported) as f:
+            model = json.load(f).get('tokenizer_identity')
+    else:
+        model = None
+    if model is None:
+        return (f"warning: {init_from} has no tokenizer files: the data's tokenizer ({meta['tokenizer']}) is checked "
+                f"against it by vocabulary size only")
+    differs = ['the text of its ids' if key == 'vocab_sha256' else f"{key} {data[key]} vs {model.get(key)}"
+               for key in data if data[key] != model.get(key)]
+    if differs:
+        raise DataError(f"{meta_path}: the data was prepared with tokenizer {meta['tokenizer']}, not with {init_from}'s "
+                        f"({', '.join(differs)} differ): re-run python data/prepare.py --tokenizer={init_from} with a new "
+                        f"--out_dir=DIR, and train with --dataset=DIR")
+    return ''
 
 
 def file_digest(path):
