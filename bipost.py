@@ -28,6 +28,7 @@ import rl
 import reward_model
 from reference_cache import fingerprint, load_or_compute, reference_pass
 import memory_plan
+import run_log
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
 import coreset as coresets  # `coreset` is a config key
 from data.loader import check_fits, check_tokenizer, run_splits
@@ -447,24 +448,9 @@ n_params = sum(memory_plan.numel(p) for p in raw_model.parameters())  # ZeRO-3 l
 peak = memory_plan.peak_flops(torch.cuda.get_device_name(device), peak_flops) if device.startswith('cuda') else None
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {dtype}" + (
-          f" | LoRA rank {lora_rank}: {sum(memory_plan.numel(p) for p in trained) / 1e6:.3g}M trained" if lora_rank else ''))
-    print(f"objectives: {objectives} | strategy {strategy} | weights {weights} | "
-          f"f* {[round(v, 4) for v in optimum_values] if optimum_values else 'unknown (optima = [])'}")
-    print(f"world {world_size} | {'deepspeed ZeRO-' + str(zero_stage) if deepspeed else 'plain torch'} | device {device} | "
-          f"{batch_size} x {gradient_accumulation_steps} accum x {world_size} ranks = "
-          f"{batch_size * gradient_accumulation_steps * world_size} examples (pairs for dpo) per update")
-    for name in objectives:
-        print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
-              f"val {val_data[name].name} ({len(val_data[name].index)})")
-    longest = max(batch_size * {'pref': 2, 'unpaired': 2, 'prompt': rl_group}.get(DATA_KIND[n], 1) *
-                  (s.longest + (rl_max_new_tokens if n == 'rl' else 0))
-                  for n, s in train_data.items() if n in objectives)  # tokens of the largest micro-batch
-    print(memory_plan.plan(raw_model, [m for m in (reference, teacher) if m is not None], deepspeed, zero_stage, world_size,
-                           offload, torch.finfo(ptdtype).bits // 8, longest, gradient_checkpointing,
-                           device.startswith('cuda')))
-    if device.startswith('cuda') and peak is None:
-        print(f"note: no peak FLOP/s known for {torch.cuda.get_device_name(device)}: set peak_flops for an MFU in the log")
+    run_log.startup_facts(config, raw_model, trained, [m for m in (reference, teacher) if m is not None], train_data,
+                          val_data, DATA_KIND, policy_source, vocab_size, world_size, device,
+                          gradient_accumulation_steps, optimum_values, n_params, peak)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -481,12 +467,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         results = evaluate(raw_model, val_data, {n: eval_examples(n) for n in objectives}, batch_size, ctx, autocast,
                            optimum_values)
-        log({'iter': iter_num, **results}, f"eval {iter_num} | " + " | ".join(
-            f"{n} {results[f'val/{n}/loss']:.4f}" for n in objectives) +
-            (f" | dpo acc {results['val/dpo/rewards/accuracies']:.2f}" if 'dpo' in objectives else '') +
-            (f" | rl acc {results['val/rl/accuracy']:.3f}" if 'val/rl/accuracy' in results else '') +
-            (f" | rm acc {results['val/rm/accuracy']:.2f}" if 'rm' in objectives else '') +
-            (f" | ideal {results['val/ideal_distance']:.4f}" if optimum_values else ''))
+        log({'iter': iter_num, **results}, run_log.eval_line(iter_num, results, objectives, optimum_values))
         if master and 'rl' in objectives:  # a few greedy held-out completions a user can read
             rl.write_samples(ctx, os.path.join(out_dir, rl.SAMPLES_FILE), iter_num)
         if not all(map(math.isfinite, results.values())):  # diverged weights never overwrite a good checkpoint
@@ -568,19 +549,8 @@ while True:
     iter_num += 1
     if iter_num % log_interval == 0:
         names = '+'.join(n for n, _ in chosen)
-        line = f"iter {iter_num} | {names} | " + " | ".join(
-            f"{k.split('/', 1)[0]} loss {v:.4f}" for k, v in totals.items() if k.endswith('/loss'))
-        if 'dpo/rewards/accuracies' in totals:
-            line += f" | acc {totals['dpo/rewards/accuracies']:.2f} | margin {totals['dpo/rewards/margins']:.3f}"
-        if 'rl/reward' in totals:
-            line += (f" | reward {totals['rl/reward']:.2f} | kl {totals.get('rl/kl', 0):.4f} | "
-                     f"{memory_plan.per_second(totals['rl/gen_tokens_per_s'])} gen tok/s")
-        line += f" | lr {lr:.2e} | {dt * 1000:.0f}ms | {memory_plan.per_second(tokens / dt)} tok/s"
-        speed = {}
-        if peak:  # 6P per trained token, +2P per token through a frozen reference/teacher; rank 0's peak memory
-            flops = tokens * (6 + 2 * any(n in ('dpo', 'kd') or n == 'rl' and rl_kl > 0 for n, _ in chosen)) * n_params
-            speed = {'mfu': flops / dt / (peak * world_size), 'peak_gib': torch.cuda.max_memory_allocated() / 2**30}
-            line += f" | mfu {100 * speed['mfu']:.0f}% | {speed['peak_gib']:.1f} GiB"
+        line, speed = run_log.update_line(iter_num, names, totals, lr, dt, tokens, n_params, peak, world_size, any(
+            n in ('dpo', 'kd', 'kto') or n == 'rl' and rl_kl > 0 for n, _ in chosen))
         log({'iter': iter_num, 'objective': names, 'lr': lr, 'ms': dt * 1000, 'tokens': tokens, 'skipped': skipped,
              **speed, **{f'train/{k}': v for k, v in totals.items()}}, line)
 
