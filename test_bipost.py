@@ -6713,6 +6713,7 @@ IFEVAL_LANGUAGE_CASES = [  # (id, kwargs, response, hand verdict as IFEval gives
     ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG, said the teacher.', False),  # en
     ('change_case:english_capital', {}, 'DER HUND SCHLÄFT IM GARTEN UND TRÄUMT VON KNOCHEN.', False),  # German
     ('change_case:english_capital', {}, 'ME@EXAMPLE.COM', True),  # upper case; an address alone: nothing to detect
+    ('change_case:english_capital', {}, 'LE CHAT EST SUR LA TABLE ET IL DORT.', True),  # French, but read as 'en' in caps
     ('change_case:english_lowercase', {}, 'the quick brown fox jumps over the lazy dog.', True),
     ('change_case:english_lowercase', {}, 'The quick brown fox jumps over the lazy dog.', False),  # one capital
     ('change_case:english_lowercase', {}, 'il cane dorme nel giardino e sogna le ossa.', False),  # Italian
