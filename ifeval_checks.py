@@ -10,7 +10,7 @@ A prompt record carries the instructions in one of two shapes; data/prepare.py k
   Tulu 3 / open-instruct RLVR          "ground_truth": "[{'instruction_id': [...], 'kwargs': [...]}]" (a Python or
                                        JSON literal: a list holding one such dict, or the dict itself)
 
-22 of IFEval's 25 instruction types, with IFEval's semantics: 'less than' is <, 'at least' is >=; keywords are
+All 25 of IFEval's instruction types, with IFEval's semantics: 'less than' is <, 'at least' is >=; keywords are
 regular expressions searched case-insensitively (forbidden words as whole words); words are runs of \\w characters
 (IFEval's nltk RegexpTokenizer(r'\\w+')); paragraphs are separated by *** (number_paragraphs) or by a blank line
 (nth_paragraph_first_word); bullets are lines starting with '* ' or '-'; a highlight is *text* or **text** on one
@@ -18,10 +18,13 @@ line; a placeholder is [anything]; a title is <<text>>; JSON is the whole answer
 Where IFEval needs nltk's punkt data (downloaded at run time, so not offline): sentences are split here at . ! ?
 followed by a space, a quote or the end, except after common abbreviations, initials and decimals, which agrees
 with punkt on ordinary prose; capital words are words (hyphens and apostrophes inside) that are all upper case.
-Not supported (they need language detection, langdetect): language:response_language, change_case:english_capital,
-change_case:english_lowercase; records that use them, or any other id, are refused with the record named.
+Three types need IFEval's language detector, langdetect (an optional extra: pip install langdetect, imported only
+when a record uses them): language:response_language, change_case:english_capital / english_lowercase (all upper
+or all lower case, str.isupper / islower, and English). As IFEval, a text langdetect finds nothing in (no letters
+once URLs and e-mail addresses are dropped) counts as in the language. Unknown ids are refused with the record named.
 """
 import ast
+import importlib.util
 import json
 import re
 
@@ -132,6 +135,29 @@ def capital_words(text):
     return sum(1 for w in re.findall(r"[^\W_]+(?:[-'][^\W_]+)*", text) if w.isupper())
 
 
+LANGUAGE_IDS = ('language:response_language', 'change_case:english_capital', 'change_case:english_lowercase')
+_detector_factory = None
+
+
+def detected_language(text):
+    """langdetect's ISO 639-1 code for the text ('zh-cn' / 'zh-tw' for Chinese), or None when it finds nothing to go
+    on. Seeded with 0 (as DetectorFactory.seed = 0 would, without changing it for other users in the process):
+    langdetect samples n-grams at random, and unseeded a short text can change language from one call to the next."""
+    global _detector_factory
+    from langdetect import DetectorFactory, LangDetectException
+    from langdetect.detector_factory import PROFILES_DIRECTORY
+    if _detector_factory is None:
+        _detector_factory = DetectorFactory()
+        _detector_factory.load_profile(PROFILES_DIRECTORY)  # 55 languages, about 0.3 s once
+        _detector_factory.set_seed(0)
+    detector = _detector_factory.create()
+    try:
+        detector.append(text)
+        return detector.detect()
+    except LangDetectException:
+        return None
+
+
 CHECKS = {  # id -> (check(text, **kwargs) -> bool, the kwargs it needs)
     'keywords:existence': (lambda t, keywords: all(re.search(k, t, flags=re.IGNORECASE) for k in keywords),
                            ('keywords',)),
@@ -168,8 +194,11 @@ CHECKS = {  # id -> (check(text, **kwargs) -> bool, the kwargs it needs)
     'change_case:capital_word_frequency': (lambda t, capital_frequency, capital_relation: compare(
         capital_words(t), capital_relation, capital_frequency), ('capital_frequency', 'capital_relation')),
     'punctuation:no_comma': (lambda t: ',' not in t, ()),
+    # detected None (nothing to detect): IFEval catches langdetect's error and counts the instruction as followed
+    'language:response_language': (lambda t, language: detected_language(t) in (None, language), ('language',)),
+    'change_case:english_capital': (lambda t: t.isupper() and detected_language(t) in (None, 'en'), ()),
+    'change_case:english_lowercase': (lambda t: t.islower() and detected_language(t) in (None, 'en'), ()),
 }
-UNSUPPORTED = ('language:response_language', 'change_case:english_capital', 'change_case:english_lowercase')
 
 
 def instructions(record):
@@ -195,8 +224,9 @@ def instructions(record):
     out = []
     for name, args in zip(ids, kwargs):
         if name not in CHECKS:
-            why = 'needs language detection, which bipost does not ship' if name in UNSUPPORTED else 'is unknown'
-            raise ValueError(f'instruction id {name!r} {why}: use one of {sorted(CHECKS)}, or drop the record')
+            raise ValueError(f'instruction id {name!r} is unknown: use one of {sorted(CHECKS)}, or drop the record')
+        if name in LANGUAGE_IDS and importlib.util.find_spec('langdetect') is None:
+            raise ValueError(f"instruction id {name!r} needs IFEval's language detector: pip install langdetect")
         args = {k: v for k, v in (args or {}).items() if v is not None}
         missing = [k for k in CHECKS[name][1] if k not in args]
         if missing:

@@ -480,7 +480,8 @@ def rel_models(tmp_path_factory):
 # repo's folder first, so a repo module with one of these names breaks that package's users (it happened to
 # `kernels/`).
 NEIGHBOUR_IMPORT_NAMES = {'kernels', 'triton_kernels', 'fused', 'ops', 'peft', 'accelerate', 'trl', 'datasets',
-                          'vllm', 'flash_attn', 'liger_kernel', 'wandb', 'gguf', 'math_verify', 'cut_cross_entropy'}
+                          'vllm', 'flash_attn', 'liger_kernel', 'wandb', 'gguf', 'math_verify', 'cut_cross_entropy',
+                          'langdetect'}
 
 
 def test_install_no_repo_module_has_the_import_name_of_a_package():
@@ -4588,8 +4589,10 @@ def test_rlvr_ifeval_each_instruction_held_and_broken(name, kwargs, text, right)
     assert ifeval_checks.follows(text, record) is right
 
 
-def test_rlvr_ifeval_covers_22_types_prompt_level_strict_both_record_shapes_and_refusals():
-    assert {c[0] for c in IFEVAL_CASES} == set(ifeval_checks.CHECKS) and len(ifeval_checks.CHECKS) == 22
+def test_rlvr_ifeval_covers_25_types_prompt_level_strict_both_record_shapes_and_refusals():
+    """The 22 types above here; the 3 that need langdetect in their own section (skipped without it)."""
+    assert {c[0] for c in IFEVAL_CASES} == set(ifeval_checks.CHECKS) - set(ifeval_checks.LANGUAGE_IDS)
+    assert len(ifeval_checks.CHECKS) == 25 and len(ifeval_checks.LANGUAGE_IDS) == 3
     ids = ['punctuation:no_comma', 'detectable_format:title']
     kwargs = [{}, {}]
     tulu = {'ground_truth': str([{'instruction_id': ids, 'kwargs': [None, None]}])}  # a Python literal, as in Tulu 3
@@ -4599,9 +4602,7 @@ def test_rlvr_ifeval_covers_22_types_prompt_level_strict_both_record_shapes_and_
     assert ifeval_checks.follows(' \n', {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}) is False
     assert rewards.load('ifeval') is ifeval_checks.follows_instructions
     good = {'instruction_id_list': ids, 'kwargs': kwargs}
-    for bad, says in [({'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'en'}]},
-                       'needs language detection'),
-                      ({'instruction_id_list': ['keywords:nope'], 'kwargs': [{}]}, "'keywords:nope' is unknown"),
+    for bad, says in [({'instruction_id_list': ['keywords:nope'], 'kwargs': [{}]}, "'keywords:nope' is unknown"),
                       ({'instruction_id_list': ['keywords:existence'], 'kwargs': [{'keywords': None}]},
                        "needs the kwargs ['keywords']"),
                       ({'instruction_id_list': ids, 'kwargs': [{}]}, '2 instruction ids but 1 kwargs'),
@@ -6697,3 +6698,61 @@ def test_config_checks_total_batch_and_refusals():
                          ({'optima': [0.5]}, 'must hold one f* per objective')]:
         with pytest.raises(ValueError, match=re.escape(says)):
             check_settings(dict(config, **change), 1)
+
+
+# ---- IFEval's language instructions: langdetect (ifeval_checks.py) ----
+
+needs_langdetect = pytest.mark.skipif(importlib.util.find_spec('langdetect') is None,
+                                      reason='langdetect is an optional extra (pip install langdetect); CI installs it')
+
+IFEVAL_LANGUAGE_CASES = [  # (id, kwargs, response, hand verdict as IFEval gives it)
+    ('language:response_language', {'language': 'fr'}, 'Le chat est sur la table et il dort.', True),
+    ('language:response_language', {'language': 'fr'}, 'The cat is on the table and it sleeps.', False),
+    ('language:response_language', {'language': 'de'}, '12345 !!!', True),  # nothing to detect: counted as followed
+    ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.', True),
+    ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG, said the teacher.', False),  # en
+    ('change_case:english_capital', {}, 'DER HUND SCHLÄFT IM GARTEN UND TRÄUMT VON KNOCHEN.', False),  # German
+    ('change_case:english_capital', {}, 'ME@EXAMPLE.COM', True),  # upper case; an address alone: nothing to detect
+    ('change_case:english_capital', {}, 'LE CHAT EST SUR LA TABLE ET IL DORT.', True),  # French, but read as 'en' in caps
+    ('change_case:english_lowercase', {}, 'the quick brown fox jumps over the lazy dog.', True),
+    ('change_case:english_lowercase', {}, 'The quick brown fox jumps over the lazy dog.', False),  # one capital
+    ('change_case:english_lowercase', {}, 'il cane dorme nel giardino e sogna le ossa.', False),  # Italian
+    ('change_case:english_lowercase', {}, 'me@example.com', True),  # lower case; nothing to detect
+    ('change_case:english_lowercase', {}, '12345 !!!', False)]  # no letters: not lower case (str.islower), undetected
+
+
+@needs_langdetect
+@pytest.mark.parametrize('name, kwargs, text, right', IFEVAL_LANGUAGE_CASES)
+def test_rlvr_ifeval_language_each_instruction_held_and_broken(name, kwargs, text, right):
+    record = {'instruction_id_list': [name], 'kwargs': [dict(kwargs, unused_but_null=None)]}
+    assert ifeval_checks.follows(text, record) is right
+    tulu = {'ground_truth': json.dumps({'instruction_id': [name, 'punctuation:no_comma'], 'kwargs': [kwargs, None]})}
+    assert ifeval_checks.follows_instructions(None, [text], ground_truth=[tulu['ground_truth']]) == [float(right)]
+
+
+@needs_langdetect
+def test_rlvr_ifeval_language_detection_is_seeded():
+    """langdetect samples n-grams at random: unseeded, 'auto' comes out French or Lithuanian about half the time
+    each, so 30 calls all agreeing would happen about once in 10^8 runs; seeded with 0 it is French every time."""
+    assert {ifeval_checks.detected_language('auto') for _ in range(30)} == {'fr'}
+    record = {'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'fr'}]}
+    assert all(ifeval_checks.follows('auto', record) for _ in range(30))
+
+
+def test_rlvr_ifeval_language_without_langdetect_is_one_line_with_the_pip_command(monkeypatch):
+    """Simulated absence: each of the 3 ids stops the record check with the record named and the pip command;
+    records without them still pass (langdetect is imported only when a record needs it)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'langdetect' else real(name, *a))
+    good = {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}
+    ifeval_checks.check_records([good], 'rl_train_extra.jsonl')
+    probe = "import sys, ifeval_checks; ifeval_checks.follows('a', {'instruction_id_list': ['punctuation:no_comma']}); " \
+            "print('langdetect' in sys.modules)"
+    assert subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True).stdout == 'False\n'
+    for name, kwargs in [('language:response_language', {'language': 'en'}), ('change_case:english_capital', {}),
+                         ('change_case:english_lowercase', {})]:
+        bad = {'instruction_id_list': ['punctuation:no_comma', name], 'kwargs': [{}, kwargs]}
+        with pytest.raises(ValueError, match=re.escape(f"{name!r} needs IFEval's language detector: pip install "
+                                                       "langdetect")) as error:
+            ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
+        assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
