@@ -4889,6 +4889,64 @@ def test_rlvr_generation_batch_over_two_real_gloo_ranks(tmp_path):
         assert tokens == hand_tokens and std == pytest.approx(hand_std, rel=1e-6) and shares == 4
 
 
+# ---- IFEval's language instructions: langdetect (ifeval_checks.py) ----
+
+needs_langdetect = pytest.mark.skipif(importlib.util.find_spec('langdetect') is None,
+                                      reason='langdetect is an optional extra (pip install langdetect); CI installs it')
+
+IFEVAL_LANGUAGE_CASES = [  # (id, kwargs, response, hand verdict as IFEval gives it)
+    ('language:response_language', {'language': 'fr'}, 'Le chat est sur la table et il dort.', True),
+    ('language:response_language', {'language': 'fr'}, 'The cat is on the table and it sleeps.', False),
+    ('language:response_language', {'language': 'de'}, '12345 !!!', True),  # nothing to detect: counted as followed
+    ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.', True),
+    ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG, said the teacher.', False),  # en
+    ('change_case:english_capital', {}, 'DER HUND SCHLÄFT IM GARTEN UND TRÄUMT VON KNOCHEN.', False),  # German
+    ('change_case:english_capital', {}, 'ME@EXAMPLE.COM', True),  # upper case; an address alone: nothing to detect
+    ('change_case:english_capital', {}, 'LE CHAT EST SUR LA TABLE ET IL DORT.', True),  # French, but read as 'en' in caps
+    ('change_case:english_lowercase', {}, 'the quick brown fox jumps over the lazy dog.', True),
+    ('change_case:english_lowercase', {}, 'The quick brown fox jumps over the lazy dog.', False),  # one capital
+    ('change_case:english_lowercase', {}, 'il cane dorme nel giardino e sogna le ossa.', False),  # Italian
+    ('change_case:english_lowercase', {}, 'me@example.com', True),  # lower case; nothing to detect
+    ('change_case:english_lowercase', {}, '12345 !!!', False)]  # no letters: not lower case (str.islower), undetected
+
+
+@needs_langdetect
+@pytest.mark.parametrize('name, kwargs, text, right', IFEVAL_LANGUAGE_CASES)
+def test_rlvr_ifeval_language_each_instruction_held_and_broken(name, kwargs, text, right):
+    record = {'instruction_id_list': [name], 'kwargs': [dict(kwargs, unused_but_null=None)]}
+    assert ifeval_checks.follows(text, record) is right
+    tulu = {'ground_truth': json.dumps({'instruction_id': [name, 'punctuation:no_comma'], 'kwargs': [kwargs, None]})}
+    assert ifeval_checks.follows_instructions(None, [text], ground_truth=[tulu['ground_truth']]) == [float(right)]
+
+
+@needs_langdetect
+def test_rlvr_ifeval_language_detection_is_seeded():
+    """langdetect samples n-grams at random: unseeded, 'auto' comes out French or Lithuanian about half the time
+    each, so 30 calls all agreeing would happen about once in 10^8 runs; seeded with 0 it is French every time."""
+    assert {ifeval_checks.detected_language('auto') for _ in range(30)} == {'fr'}
+    record = {'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'fr'}]}
+    assert all(ifeval_checks.follows('auto', record) for _ in range(30))
+
+
+def test_rlvr_ifeval_language_without_langdetect_is_one_line_with_the_pip_command(monkeypatch):
+    """Simulated absence: each of the 3 ids stops the record check with the record named and the pip command;
+    records without them still pass (langdetect is imported only when a record needs it)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'langdetect' else real(name, *a))
+    good = {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}
+    ifeval_checks.check_records([good], 'rl_train_extra.jsonl')
+    probe = "import sys, ifeval_checks; ifeval_checks.follows('a', {'instruction_id_list': ['punctuation:no_comma']}); " \
+            "print('langdetect' in sys.modules)"
+    assert subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True).stdout == 'False\n'
+    for name, kwargs in [('language:response_language', {'language': 'en'}), ('change_case:english_capital', {}),
+                         ('change_case:english_lowercase', {})]:
+        bad = {'instruction_id_list': ['punctuation:no_comma', name], 'kwargs': [{}, kwargs]}
+        with pytest.raises(ValueError, match=re.escape(f"{name!r} needs IFEval's language detector: pip install "
+                                                       "langdetect")) as error:
+            ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
+        assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
+
+
 # ---- reward model (reward_model.py: objective 'rm') ----
 
 import reward_model
@@ -6698,61 +6756,3 @@ def test_config_checks_total_batch_and_refusals():
                          ({'optima': [0.5]}, 'must hold one f* per objective')]:
         with pytest.raises(ValueError, match=re.escape(says)):
             check_settings(dict(config, **change), 1)
-
-
-# ---- IFEval's language instructions: langdetect (ifeval_checks.py) ----
-
-needs_langdetect = pytest.mark.skipif(importlib.util.find_spec('langdetect') is None,
-                                      reason='langdetect is an optional extra (pip install langdetect); CI installs it')
-
-IFEVAL_LANGUAGE_CASES = [  # (id, kwargs, response, hand verdict as IFEval gives it)
-    ('language:response_language', {'language': 'fr'}, 'Le chat est sur la table et il dort.', True),
-    ('language:response_language', {'language': 'fr'}, 'The cat is on the table and it sleeps.', False),
-    ('language:response_language', {'language': 'de'}, '12345 !!!', True),  # nothing to detect: counted as followed
-    ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.', True),
-    ('change_case:english_capital', {}, 'THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG, said the teacher.', False),  # en
-    ('change_case:english_capital', {}, 'DER HUND SCHLÄFT IM GARTEN UND TRÄUMT VON KNOCHEN.', False),  # German
-    ('change_case:english_capital', {}, 'ME@EXAMPLE.COM', True),  # upper case; an address alone: nothing to detect
-    ('change_case:english_capital', {}, 'LE CHAT EST SUR LA TABLE ET IL DORT.', True),  # French, but read as 'en' in caps
-    ('change_case:english_lowercase', {}, 'the quick brown fox jumps over the lazy dog.', True),
-    ('change_case:english_lowercase', {}, 'The quick brown fox jumps over the lazy dog.', False),  # one capital
-    ('change_case:english_lowercase', {}, 'il cane dorme nel giardino e sogna le ossa.', False),  # Italian
-    ('change_case:english_lowercase', {}, 'me@example.com', True),  # lower case; nothing to detect
-    ('change_case:english_lowercase', {}, '12345 !!!', False)]  # no letters: not lower case (str.islower), undetected
-
-
-@needs_langdetect
-@pytest.mark.parametrize('name, kwargs, text, right', IFEVAL_LANGUAGE_CASES)
-def test_rlvr_ifeval_language_each_instruction_held_and_broken(name, kwargs, text, right):
-    record = {'instruction_id_list': [name], 'kwargs': [dict(kwargs, unused_but_null=None)]}
-    assert ifeval_checks.follows(text, record) is right
-    tulu = {'ground_truth': json.dumps({'instruction_id': [name, 'punctuation:no_comma'], 'kwargs': [kwargs, None]})}
-    assert ifeval_checks.follows_instructions(None, [text], ground_truth=[tulu['ground_truth']]) == [float(right)]
-
-
-@needs_langdetect
-def test_rlvr_ifeval_language_detection_is_seeded():
-    """langdetect samples n-grams at random: unseeded, 'auto' comes out French or Lithuanian about half the time
-    each, so 30 calls all agreeing would happen about once in 10^8 runs; seeded with 0 it is French every time."""
-    assert {ifeval_checks.detected_language('auto') for _ in range(30)} == {'fr'}
-    record = {'instruction_id_list': ['language:response_language'], 'kwargs': [{'language': 'fr'}]}
-    assert all(ifeval_checks.follows('auto', record) for _ in range(30))
-
-
-def test_rlvr_ifeval_language_without_langdetect_is_one_line_with_the_pip_command(monkeypatch):
-    """Simulated absence: each of the 3 ids stops the record check with the record named and the pip command;
-    records without them still pass (langdetect is imported only when a record needs it)."""
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'langdetect' else real(name, *a))
-    good = {'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}
-    ifeval_checks.check_records([good], 'rl_train_extra.jsonl')
-    probe = "import sys, ifeval_checks; ifeval_checks.follows('a', {'instruction_id_list': ['punctuation:no_comma']}); " \
-            "print('langdetect' in sys.modules)"
-    assert subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True).stdout == 'False\n'
-    for name, kwargs in [('language:response_language', {'language': 'en'}), ('change_case:english_capital', {}),
-                         ('change_case:english_lowercase', {})]:
-        bad = {'instruction_id_list': ['punctuation:no_comma', name], 'kwargs': [{}, kwargs]}
-        with pytest.raises(ValueError, match=re.escape(f"{name!r} needs IFEval's language detector: pip install "
-                                                       "langdetect")) as error:
-            ifeval_checks.check_records([good, bad], 'rl_train_extra.jsonl')
-        assert str(error.value).startswith('rl_train_extra.jsonl: record 2 ') and '\n' not in str(error.value)
