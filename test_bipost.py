@@ -6754,9 +6754,12 @@ def test_golden_baselines_ideal_distance_recomputed_from_the_json():
             assert row[key] == pytest.approx(mean, rel=1e-12) and row[key + '_std'] == pytest.approx(spread, rel=1e-9)
 
 
-def test_golden_baselines_methods_refused_with_one_line():
-    """tradeoff.py --methods names a strategy or a baseline; anything else is one line naming the choices, before any run."""
-    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'tradeoff.py'), '--methods=ORPO,KTO',
-                           '--out_root=/nonexistent/never-written'], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "unknown ['KTO']" in done.stderr and 'ORPO,CPO,SimPO' in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+def test_golden_baselines_methods_refused_with_one_line(tmp_path):
+    """tradeoff.py --methods names a strategy or a baseline; anything else is one line naming the choices, before any
+    run; baselines alone need a JSON of the strategies to merge into, and say so."""
+    tradeoff = [sys.executable, os.path.join('data', 'demo', 'tradeoff.py'), f'--out_root={tmp_path / "runs"}']
+    for flags, says in [(['--methods=ORPO,KTO'], "unknown ['KTO']; choose from sequential SFT→DPO,"),
+                        (['--methods=SimPO', f'--json={tmp_path / "none.json"}'], 'run the strategies first')]:
+        done = subprocess.run(tradeoff + flags, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / 'runs').exists()
