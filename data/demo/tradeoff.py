@@ -6,9 +6,10 @@ The headline experiment: SFT + DPO on the demo data with every strategy, measure
 Per seed: SFT alone and DPO alone give each optimum f* (the lowest held-out loss any eval of that
 run saw); then sequential SFT→DPO and DPO→SFT, mix, alright and maxright at λ ∈ {0.25, 0.5, 0.75}
 (λ is always the weight of SFT), each with the same number of updates, the same seed and those f*
-as optima. Then the one-stage baselines ORPO, CPO and SimPO, each alone at its own paper's β from the same initial
-model, then measured on the held-out SFT and DPO splits at the demo's DPO settings by an eval_only run (see BASELINES). Every run is a plain `python bipost.py config/demo.py --key=value ...` subprocess, waited
-for with os.wait4 so that its own peak RSS is measured. Writes data/demo/tradeoff.json (every
+as optima. Then the one-stage baselines ORPO, CPO and SimPO, each alone at its own paper's β from the
+same initial model, measured on the held-out SFT and DPO splits at the demo's DPO settings by an
+eval_only run (see BASELINES). Every run is a plain `python bipost.py config/demo.py --key=value ...`
+subprocess, waited for with os.wait4 so that its own peak RSS is measured. Writes data/demo/tradeoff.json (every
 number, every trajectory) and prints the README table (--table: only print it, from the JSON). A run already finished in --out_root is
 reused, so an interrupted experiment continues where it stopped. --methods=ORPO,CPO,SimPO runs only those
 baselines and merges them into the existing --json (its f* and every other run kept).
@@ -120,8 +121,9 @@ def baseline(method, seed):
     objective, own = BASELINES[method]
     initial = os.path.join(args.out_root, f'seed{seed}', 'initial')
     if not os.path.exists(os.path.join(initial, 'hf', 'model.safetensors')):
-        # one update at lr 1e-30 moves no fp32 weight: the export is the seed's scratch model, bit for bit the one
-        # every strategy starts from and uses as its DPO reference (its held-out losses are their iter-0 evals)
+        # one update at lr 1e-30 moves no fp32 weight (it is far below any weight's rounding step): the export is the
+        # seed's scratch model, the one every strategy starts from and uses as its DPO reference (its held-out losses
+        # match their iter-0 evals to 1e-9)
         launch(initial, ['config/demo.py', *args.extra.split(), f'--seed={seed}', '--max_iters=1',
                          '--learning_rate=1e-30', '--min_lr=0.0', '--always_save_checkpoint=False'],
                f'seed {seed} initial model')
