@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 #   real models      tied exports, use_cache, log rates, RL samples, resume on other ranks -k real_
 #   golden           the README's numbers against data/demo/golden.json                  -k golden
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
+#   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -6635,6 +6636,71 @@ def test_golden_demo_run_and_readme(tmp_path):
     assert printed == [_golden_eval_line(r) for r in golden], 'README expected output != data/demo/golden.json'
 
 
+# ---- baselines: the one-stage ORPO / CPO / SimPO rows of the results table (data/demo/tradeoff.py) ----
+
+def _tradeoff_json():
+    with open(os.path.join(ROOT, 'data', 'demo', 'tradeoff.json'), encoding='utf-8') as f:
+        return json.load(f)
+
+
+def test_golden_baselines_rows_have_every_seed_and_the_same_budget():
+    """ORPO, CPO and SimPO each ran at every seed of the strategies, for the same number of updates and the same batch,
+    their own objective alone at their own β, and were measured by an eval_only run at the demo's DPO settings with
+    the seed's initial model as the reference (so that f_DPO means what it means in the strategies' rows)."""
+    result = _tradeoff_json()
+    setup = result['setup']
+    assert setup['seeds'] == [1337, 1338, 1339] and setup['methods'][-3:] == ['ORPO', 'CPO', 'SimPO']
+    own = {'ORPO': ('orpo', '--beta=0.1'), 'CPO': ('cpo', '--beta=0.1'), 'SimPO': ('simpo', '--beta=2.0')}
+    strategy_runs = [r for r in result['runs'] if r['method'] == 'mix']
+    for method, (objective, beta) in own.items():
+        runs = [r for r in result['runs'] if r['method'] == method]
+        assert sorted(r['seed'] for r in runs) == setup['seeds'], method
+        for r in runs:
+            assert r['objectives'] == [objective] and r['updates'] == setup['max_iters'] == strategy_runs[0]['updates']
+            trained = r['command'].split()
+            assert beta in trained and f'--max_iters={setup["max_iters"]}' in trained and 'config/demo.py' in trained
+            assert not any(a.startswith(('--batch_size', '--gradient_accumulation_steps')) for a in trained)  # the demo's
+            measured = r['eval_command'].split()
+            assert '--eval_only=True' in measured and f'--seed={r["seed"]}' in measured
+            assert not any(a.startswith(('--beta', '--length_normalize')) for a in measured)  # the demo's β = 5, means
+            assert any(a.startswith('--reference_from=') and a.endswith(os.path.join(f'seed{r["seed"]}', 'initial', 'hf'))
+                       for a in measured)
+        row = next(row for row in result['table'] if row['method'] == method)
+        assert row['lam'] is None and row['sft_share'] is None and row['seeds'] == 3
+
+
+def test_golden_baselines_ideal_distance_recomputed_from_the_json():
+    """Each baseline run's ideal distance is √((f_SFT − f*_SFT)² + (f_DPO − f*_DPO)²) with its seed's f* from the same
+    JSON, and each row's mean ± sample std over the three seeds is what those runs give (computed here by hand)."""
+    result = _tradeoff_json()
+    for method in ('ORPO', 'CPO', 'SimPO'):
+        runs = [r for r in result['runs'] if r['method'] == method]
+        row = next(row for row in result['table'] if row['method'] == method)
+        distances = []
+        for r in runs:
+            final, optimum = r['final'], result['optima'][str(r['seed'])]
+            assert final == r['trajectory'][-1] and final['iter'] == result['setup']['max_iters']
+            distance = ((final['sft'] - optimum['sft']) ** 2 + (final['dpo'] - optimum['dpo']) ** 2) ** 0.5
+            assert final['ideal'] == pytest.approx(distance, rel=1e-12)
+            distances.append(distance)
+        for key, values in (('ideal', distances), ('sft', [r['final']['sft'] for r in runs]),
+                            ('dpo', [r['final']['dpo'] for r in runs])):
+            mean = sum(values) / 3
+            spread = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+            assert row[key] == pytest.approx(mean, rel=1e-12) and row[key + '_std'] == pytest.approx(spread, rel=1e-9)
+
+
+def test_golden_baselines_methods_refused_with_one_line(tmp_path):
+    """tradeoff.py --methods names a strategy or a baseline; anything else is one line naming the choices, before any
+    run; baselines alone need a JSON of the strategies to merge into, and say so."""
+    tradeoff = [sys.executable, os.path.join('data', 'demo', 'tradeoff.py'), f'--out_root={tmp_path / "runs"}']
+    for flags, says in [(['--methods=ORPO,KTO'], "unknown ['KTO']; choose from sequential SFT→DPO,"),
+                        (['--methods=SimPO', f'--json={tmp_path / "none.json"}'], 'run the strategies first')]:
+        done = subprocess.run(tradeoff + flags, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / 'runs').exists()
+
+
 # ---- readability: the docs' links, the README's results table, the direction of imports, the startup checks ----
 
 def _markdown_anchors(path):
@@ -6676,7 +6742,7 @@ def test_docs_readme_results_table_is_tradeoff_json():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     printed = [line for line in done.stdout.splitlines() if line.startswith('|')]
-    assert len(printed) == 19 and 'ms' not in printed[0] and 'ideal distance' in printed[0]
+    assert len(printed) == 22 and 'ms' not in printed[0] and 'ideal distance' in printed[0]
     readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read().splitlines()
     start = readme.index(printed[0])
     assert readme[start:start + len(printed)] == printed
