@@ -58,7 +58,8 @@ def check_settings(c, world_size):
         c['data_selection'] and c['lower_level'] == 'reference') or ('rl' in objectives and c['rl_kl'] > 0)
     if c['reference_from'] and not reference_needed:
         raise ValueError(f"reference_from={c['reference_from']!r} is unused: objectives {objectives} need no reference "
-                         f"model (simpo, cpo and orpo are reference-free); remove reference_from")
+                         f"model (only dpo, kto, rl with rl_kl > 0 and the data selector's lower_level='reference' "
+                         f"read one); remove reference_from")
     selecting_pairs = DATA_KIND.get(c['selection_objective']) == 'pref'
     if c['data_selection'] and c['lower_level'] == 'reference' and selecting_pairs:
         raise ValueError("data_selection: lower_level='reference' with preference pairs scores every pair against the "
