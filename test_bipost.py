@@ -4392,16 +4392,23 @@ def test_rl_bipost_with_lora_samples_from_the_adapted_policy_against_the_base(tm
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-6, kl
 
 
-def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeypatch, capsys):
-    """The sampling seeds come from the checkpointed RNG: 2 updates, a checkpoint, 2 more after a resume log exactly
-    the numbers of 4 updates in one go (rewards, KL, lengths: the same completions)."""
-    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False']
+def _rl_straight_and_resumed(tmp_path, monkeypatch, capsys, common):
+    """4 updates in one run ('straight') and 2 + 2 across a resume ('resumed'), in-process; their (eval, train) records
+    and a function dropping the fields that depend on time."""
     for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
         for args in runs:
             code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
             assert code == 0, err
     drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
     straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
+    return straight, resumed, drop
+
+
+def test_rl_resumed_run_samples_what_the_uninterrupted_one_did(tmp_path, monkeypatch, capsys):
+    """The sampling seeds come from the checkpointed RNG: 2 updates, a checkpoint, 2 more after a resume log exactly
+    the numbers of 4 updates in one go (rewards, KL, lengths: the same completions)."""
+    common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False']
+    straight, resumed, drop = _rl_straight_and_resumed(tmp_path, monkeypatch, capsys, common)
     assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
     assert [drop(r) for r in straight[0]] == [drop(r) for r in resumed[0]]
 
@@ -5264,12 +5271,7 @@ def test_rm_ppo_reward_normalization_resumes_exactly(tmp_path, monkeypatch, caps
     common = [*RL_TINY, '--objectives=["sft", "rl"]', '--strategy=mix', '--eval_interval=2', '--export_hf=False',
               '--rl_advantage=ppo', '--rl_reward=my_rewards:chars', '--rl_reward_scale=1.0', '--rl_reward_norm=True',
               '--rl_kl_in_reward=True']
-    for name, runs in [('straight', [['--max_iters=4']]), ('resumed', [['--max_iters=2'], ['--max_iters=4', '--init_from=resume']])]:
-        for args in runs:
-            code, _, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
-            assert code == 0, err
-    drop = lambda r: {k: v for k, v in r.items() if k not in ('ms', 'train/rl/gen_tokens_per_s', 'val/rl/gen_tokens_per_s')}
-    straight, resumed = (_train_records(tmp_path / name) for name in ('straight', 'resumed'))
+    straight, resumed, drop = _rl_straight_and_resumed(tmp_path, monkeypatch, capsys, common)
     assert [drop(r) for r in straight[1]] == [drop(r) for r in resumed[1]] and len(straight[1]) == 4
     assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=False)['rl_reward_stats'][0] > 0
 
