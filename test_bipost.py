@@ -4868,7 +4868,9 @@ ctx = types.SimpleNamespace(rl_mask_truncated_completions=True)
 rolls = [{'rewards': torch.tensor([1.0, 2.0]) * (rank + 1) + k, 'lengths': torch.tensor([3, 4 + rank]),
           'truncated': torch.tensor([False, k == 1])} for k in range(2)]
 rl.generation_batch(rolls, ctx)
-print(json.dumps([float(rolls[1]['batch_tokens']), float(rolls[0]['batch_std']), rolls[0]['shares']]))
+print(json.dumps([float(rolls[1]['batch_tokens']), float(rolls[0]['batch_std']), rolls[0]['shares']]), flush=True)
+dist.barrier()
+dist.destroy_process_group()  # without it gloo's threads can abort the exit ('terminate called ...')
 '''
 
 
