@@ -6956,3 +6956,36 @@ def test_tokens_bad_budget_is_one_line_and_writes_nothing(tmp_path, monkeypatch,
     code, out, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={tmp_path / "out"}', *args)
     assert code == 1 and says[0] in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / 'out').exists()
+
+
+def test_tokens_evals_count_every_example_once_on_every_rank_count():
+    """Held-out batches by tokens: over 3 ranks the 150 examples come once each with weight 1, every rank runs as many
+    batches (weight-0 fillers: ZeRO-3's forwards are collective), each within the budget; and on one rank the held-out
+    SFT loss by tokens is the one by batch_size (the per-example mean, test_trust_eval_counts_every_example_once)."""
+    from held_out import estimate
+    budget, ranks = 200, [_tokens_split('sft', 'sft_val', r, 3, 200) for r in range(3)]
+    for n in (150, 4):  # 4: a rank's share of a single example is a batch too
+        dealt = [s.round_robin(n, 16) for s in ranks]
+        assert len({len(batches) for batches in dealt}) == 1
+        ids = sorted(int(i) for batches in dealt for ids, w in batches for i, x in zip(ids, w) if x > 0)
+        assert ids == list(range(n)) and all(ranks[0].tokens_of(i) <= budget for batches in dealt for i, _ in batches)
+    assert len(ranks[0].round_robin(150, 16)) > 150 / 3 / 16  # batches of fewer than 16 examples: the budget cut them
+    model, ctx, off = _trust_initial_model(), _obj_ctx(), torch.autocast('cpu', enabled=False)
+    by_tokens, by_examples = (estimate(model, 'sft', split, split.round_robin(150, 16), ctx, off)
+                              for split in (_tokens_split('sft', 'sft_val', budget=budget), _tokens_split('sft', 'sft_val')))
+    assert by_tokens['loss'] == pytest.approx(by_examples['loss'], rel=1e-6)
+
+
+def test_tokens_counted_are_the_rows_batch_builds(tmp_path):
+    """Split.tokens_of is the real tokens of Split.batch's rows, in any order: for unpaired data each prompt also
+    with the previous example's completion, cut to the split's longest row (a long prompt after a long completion)."""
+    records = {'kto_train': [{'prompt': 'p' * 20, 'completion': 'ab', 'label': True},
+                             {'prompt': 'q', 'completion': 'c' * 20, 'label': False},
+                             {'prompt': 'r', 'completion': 'de', 'label': True}]}
+    meta = data_prep.prepare(str(tmp_path), 'demo', records, max_length=64)
+    from data.loader import Split
+    split = Split(str(tmp_path), 'kto_train', 'unpaired', meta, seed=0)
+    demo = [_tokens_split(kind, name) for kind, name in (('sft', 'sft_train'), ('pref', 'pref_train'))]
+    import itertools
+    for s, ids in [(split, list(p)) for p in itertools.permutations(range(3))] + [(d, [5, 9, 2, 7]) for d in demo]:
+        assert s.tokens_of(ids) == int(s.batch(np.array(ids))['attention_mask'].sum()), (s.name, ids)
