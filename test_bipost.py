@@ -6989,3 +6989,23 @@ def test_tokens_counted_are_the_rows_batch_builds(tmp_path):
     import itertools
     for s, ids in [(split, list(p)) for p in itertools.permutations(range(3))] + [(d, [5, 9, 2, 7]) for d in demo]:
         assert s.tokens_of(ids) == int(s.batch(np.array(ids))['attention_mask'].sum()), (s.name, ids)
+
+
+@pytest.mark.slow
+def test_tokens_killed_run_resumes_exactly_across_epochs(tmp_path):
+    """SFT (cut to 40 examples by a keep list: an epoch lasts about two updates) + DPO mixed, 2 micro-batches of up to
+    300 tokens an update, killed after update 5 and resumed from the checkpoint of update 3: the per-update losses and
+    the evals are those of the run never stopped, through the epoch ends (the data cursors are in the checkpoint)."""
+    np.save(tmp_path / 'keep.npy', np.arange(40))
+    args = ['--max_iters=6', '--eval_interval=3', '--strategy=mix', '--max_tokens_per_batch=300',
+            '--gradient_accumulation_steps=2', f'--keep_list={tmp_path / "keep.npy"}']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9 and json.load(open(tmp_path / 'killed' / 'ckpt.json'))['iter_num'] == 3
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
+    expected, got = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('full', 'killed'))
+    assert got == expected and len([k for k in got if k[0] == 'iter']) == 6
+    cursors = torch.load(tmp_path / 'killed' / 'ckpt.pt', weights_only=False)['data']
+    assert cursors['sft']['epoch'] >= 2 and cursors['dpo']['epoch'] == 0  # SFT went through epoch ends, DPO did not
