@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 #   golden           the README's numbers against data/demo/golden.json                  -k golden
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
 #   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
+#   tokens           max_tokens_per_batch: micro-batches by tokens, the loss per example, resume -k tokens_
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
