@@ -7010,3 +7010,23 @@ def test_tokens_killed_run_resumes_exactly_across_epochs(tmp_path):
     assert got == expected and len([k for k in got if k[0] == 'iter']) == 6
     cursors = torch.load(tmp_path / 'killed' / 'ckpt.pt', weights_only=False)['data']
     assert cursors['sft']['epoch'] >= 2 and cursors['dpo']['epoch'] == 0  # SFT went through epoch ends, DPO did not
+
+
+@pytest.mark.slow
+def test_tokens_two_ranks_update_gradient_is_the_one_big_batch_gradient(tmp_path):
+    """Two gloo ranks, 2 micro-batches of up to 170 tokens each (4 of unequal sizes in the update): the gradient applied
+    is that of the update's N examples as one batch of N on one rank — each micro-batch's losses are summed and divided
+    by the update's mean micro-batch size, and the ranks' gradients averaged."""
+    ranks = [_tokens_split('sft', 'sft_train', r, 2, 170) for r in (0, 1)]
+    dealt = [s.next_update(16, 2) for s in ranks]
+    n = dealt[0][1]
+    assert len({len(ids) for micro_batches, _ in dealt for ids in micro_batches}) > 1  # unequal: a mean of means differs
+    single = ['--objectives=["sft"]', '--strategy=sequential', '--weights=[1.0]', '--max_iters=1', '--eval_iters=1',
+              '--grad_clip=0', '--export_hf=False', '--save_checkpoints=False']
+    (tmp_path / 'two').mkdir(), (tmp_path / 'one').mkdir()
+    two = _train_run(tmp_path / 'two', {'tokens': single + ['--max_tokens_per_batch=170', '--gradient_accumulation_steps=2']},
+                     nproc=2)
+    one = _train_run(tmp_path / 'one', {'batch': single + [f'--batch_size={n}', '--gradient_accumulation_steps=1']})
+    by_tokens, one_batch = _train_recorded(two['tokens'])['grads'], _train_recorded(one['batch'])['grads']
+    assert len(by_tokens) == len(one_batch) == 1
+    torch.testing.assert_close(by_tokens, one_batch, rtol=1e-4, atol=1e-7)
