@@ -7,7 +7,6 @@ killed run would have seen. Bad files raise DataError with the path and the fix.
 """
 import hashlib
 import json
-import math
 import os
 
 import numpy as np
