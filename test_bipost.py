@@ -6926,6 +6926,11 @@ def test_tokens_update_gradient_is_the_one_big_batch_gradient(tmp_path, monkeypa
         torch.testing.assert_close(exact, one_batch, rtol=1e-4, atol=1e-7)  # the hand model is bipost's
         naive = sum(gradient(losses(ids).mean()) for ids in micro_batches) / 3
         assert (naive - exact).abs().max() > 100 * (1e-7 + 1e-4 * exact.abs().max())
+        # the logged train loss is the update's per-example mean too, not the mean of the micro-batch means
+        logged = _train_records(tmp_path / 'tokens')[1][0]['train/sft/loss']
+        per_example = [losses(ids).detach() for ids in micro_batches]
+        mean, naive_mean = torch.cat(per_example).mean().item(), np.mean([x.mean().item() for x in per_example])
+        assert logged == pytest.approx(mean, abs=1e-6) and abs(naive_mean - mean) > 1e-5
 
 
 def _tokens_demo_costs(name):
