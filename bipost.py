@@ -62,7 +62,7 @@ keep_objective = 'sft'        # the objective whose train split keep_list indexe
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
 gradient_accumulation_steps = 1  # micro-batches per update per rank
 total_batch_size = 0          # if > 0: examples per update over all ranks; sets gradient_accumulation_steps for any world size
-max_tokens_per_batch = 0      # if > 0: micro-batches filled up to this many tokens (prompt + responses), not batch_size examples (docs/packing.md)
+max_tokens_per_batch = 0      # > 0: micro-batches filled up to this many tokens, not batch_size examples (docs/packing.md)
 # model ('scratch' only; HF dirs bring their own config)
 n_layer = 2
 n_head = 4
