@@ -62,6 +62,7 @@ keep_objective = 'sft'        # the objective whose train split keep_list indexe
 batch_size = 16               # micro-batch per rank: sequences for sft/kd, pairs for dpo, prompts for rl
 gradient_accumulation_steps = 1  # micro-batches per update per rank
 total_batch_size = 0          # if > 0: examples per update over all ranks; sets gradient_accumulation_steps for any world size
+max_tokens_per_batch = 0      # > 0: micro-batches filled up to this many tokens, not batch_size examples (docs/packing.md)
 # model ('scratch' only; HF dirs bring their own config)
 n_layer = 2
 n_head = 4
@@ -496,7 +497,9 @@ while True:
     totals, tokens = {}, 0
     for name, weight in chosen:
         split = train_data[name]
-        ctx.update_batches = [split.batch(split.next_ids(batch_size)) for _ in range(gradient_accumulation_steps)]
+        micro_batches, examples = split.next_update(batch_size, gradient_accumulation_steps)  # examples: over all ranks
+        share = examples / (gradient_accumulation_steps * world_size)  # losses are summed / share: each example counts once
+        ctx.update_batches = [split.batch(ids) for ids in micro_batches]
         for batch in ctx.update_batches:  # drawn first: rl's generation batch (dapo, batch_std) spans the update
             if deepspeed and zero_stage == 3:  # ZeRO-3 adds this micro-step's gradient to the partitions (not copies it
                 # over them) only if told a new forward began, which engine.forward does and the objectives bypass
@@ -505,7 +508,7 @@ while True:
                 batch['weights'] = example_weight[batch['index']]          # sft, whose head then has its gradient early
             with autocast:
                 losses, metrics = OBJECTIVES[name](raw_model, batch, ctx)
-                loss = losses.mean() if 'weights' not in batch else (batch['weights'] * losses).mean()
+                loss = (losses if 'weights' not in batch else batch['weights'] * losses).sum() / share
                 if data_selector and name == selection_objective:  # weighted + trusted loss; also steps ω and θ̂
                     trusted = train_data['trusted'].batch(train_data['trusted'].next_ids(batch_size))
                     loss = data_selector.step(losses, batch, trusted, raw_model, ctx, split.epoch)
@@ -525,7 +528,8 @@ while True:
             tokens += int(batch['attention_mask'].sum()) if split.kind != 'prompt' else \
                 round(rl_group * float(batch['attention_mask'].sum() + metrics['length'].sum()))  # G x (prompt + answer)
             for k, v in {'loss': losses.detach(), **metrics}.items():
-                totals[f'{name}/{k}'] = totals.get(f'{name}/{k}', 0.0) + v.float().mean().item() / gradient_accumulation_steps
+                totals[f'{name}/{k}'] = totals.get(f'{name}/{k}', 0.0) + \
+                    v.float().mean().item() * len(batch['index']) / share / gradient_accumulation_steps
     if not deepspeed:
         if distributed:  # plain torch across ranks: average the accumulated gradients by hand
             for p in model.parameters():

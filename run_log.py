@@ -17,14 +17,19 @@ def startup_facts(c, raw_model, trained, frozen_models, train_data, val_data, ki
     print(f"objectives: {c['objectives']} | strategy {c['strategy']} | weights {c['weights']} | "
           f"f* {[round(v, 4) for v in optimum_values] if optimum_values else 'unknown (optima = [])'}")
     engine = f"deepspeed ZeRO-{c['zero_stage']}" if c['deepspeed'] else 'plain torch'
-    print(f"world {world_size} | {engine} | device {device} | {c['batch_size']} x {accumulation} accum x {world_size} "
-          f"ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update")
+    if c['max_tokens_per_batch']:  # RL's prompts keep batch_size
+        print(f"world {world_size} | {engine} | device {device} | micro-batches of up to {c['max_tokens_per_batch']} "
+              f"tokens x {accumulation} accum x {world_size} ranks per update")
+    else:
+        print(f"world {world_size} | {engine} | device {device} | {c['batch_size']} x {accumulation} accum x "
+              f"{world_size} ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update")
     for name in c['objectives']:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
     rows = {'pref': 2, 'unpaired': 2, 'prompt': c['rl_group']}  # sequences per example of each kind of split
-    longest = max(c['batch_size'] * rows.get(kinds[n], 1) * (s.longest + (c['rl_max_new_tokens'] if n == 'rl' else 0))
-                  for n, s in train_data.items() if n in c['objectives'])  # tokens of the largest micro-batch
+    longest = max(s.max_tokens or  # tokens of the largest micro-batch (by tokens: its real ones, without the padding)
+                  c['batch_size'] * rows.get(kinds[n], 1) * (s.longest + (c['rl_max_new_tokens'] if n == 'rl' else 0))
+                  for n, s in train_data.items() if n in c['objectives'])
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[c['dtype']]
     print(memory_plan.plan(raw_model, frozen_models, c['deepspeed'], c['zero_stage'], world_size, c['offload'],
                            torch.finfo(dtype).bits // 8, longest, c['gradient_checkpointing'], device.startswith('cuda')))

@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 #   golden           the README's numbers against data/demo/golden.json                  -k golden
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
 #   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
+#   tokens           max_tokens_per_batch: micro-batches by tokens, the loss per example, resume -k tokens_
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -6826,3 +6827,211 @@ def test_config_checks_total_batch_and_refusals():
                          ({'optima': [0.5]}, 'must hold one f* per objective')]:
         with pytest.raises(ValueError, match=re.escape(says)):
             check_settings(dict(config, **change), 1)
+
+
+# ---- batching by tokens: max_tokens_per_batch (data/loader.py Split.next_update, the loop's loss normalization) ----
+
+def _tokens_split(kind, name, rank=0, world_size=1, budget=0, data_dir=os.path.join(ROOT, 'data', 'demo'), keep=None):
+    from data.loader import Split, load_meta
+    split = Split(data_dir, name, kind, load_meta(data_dir), 1337, rank, world_size, keep=keep)
+    split.max_tokens = budget
+    return split
+
+
+@pytest.mark.parametrize('kind, name, budget, keep', [('sft', 'sft_train', 300, 200), ('pref', 'pref_train', 400, 200),
+                                                      ('unpaired', 'kto_train', 500, 300)])
+def test_tokens_batches_cover_each_example_once_per_epoch(kto_dataset, kind, name, budget, keep):
+    """Two ranks, 3 micro-steps an update, over two epochs: both ranks agree on the update's size without talking; the
+    update's 6 micro-batches (rank r's step m is micro-batch m·world_size + r) are consecutive pieces of
+    the epoch's permutation, each within the budget and as full as the next example allows (KTO: 2 examples at
+    least); every example comes once per epoch but a tail too short for one more update; the tokens counted are
+    those of the rows Split.batch builds; and a split restored from a state mid-epoch deals the same next update."""
+    data_dir = str(kto_dataset) if kind == 'unpaired' else os.path.join(ROOT, 'data', 'demo')
+    ranks = [_tokens_split(kind, name, r, 2, budget, data_dir, keep=np.arange(keep)) for r in (0, 1)]
+    least, seen, epochs = 1 + (kind == 'unpaired'), {0: [], 1: []}, []
+    while ranks[0].epoch < 2:
+        start = (ranks[0].epoch, ranks[0].cursor)
+        (mine, n0), (theirs, n1) = (s.next_update(16, 3) for s in ranks)
+        epoch = ranks[0].epoch
+        assert n0 == n1 and len(mine) == len(theirs) == 3 and (epoch, ranks[0].cursor) == (ranks[1].epoch, ranks[1].cursor)
+        if epoch == 2:
+            break
+        update = [ids for step in zip(mine, theirs) for ids in step]  # in the update's order: m·world_size + r
+        order, cursor = ranks[0]._permutation(epoch), start[1] if start[0] == epoch else 0
+        assert np.array_equal(np.concatenate(update), order[cursor:cursor + n0]) and ranks[0].cursor == cursor + n0
+        for ids in update:
+            batch = ranks[0].batch(ids)
+            assert ranks[0].tokens_of(ids) == int(batch['attention_mask'].sum()) <= budget and len(ids) >= least
+            following = order[cursor + len(ids)] if cursor + len(ids) < len(order) else None
+            if following is not None:  # greedy: the next example would not have fitted
+                assert ranks[0].tokens_of(np.r_[ids, following]) > budget
+            cursor += len(ids)
+        seen[epoch] += list(np.concatenate(update))
+        epochs.append(epoch)
+    assert epochs.count(0) > 3 and epochs.count(1) > 3  # several updates each epoch, and an epoch change between
+    for epoch in (0, 1):
+        order = ranks[0]._permutation(epoch)
+        assert seen[epoch] == list(order[:len(seen[epoch])])  # once each, in the permutation's order
+        assert len(ranks[0]._cut(order, len(seen[epoch]), len(order), budget, 6, least)) <= 6  # too short for an update
+    # resume: a fresh split given a mid-epoch state deals exactly what the running one deals next
+    running = _tokens_split(kind, name, 1, 2, budget, data_dir, keep=np.arange(keep))
+    for _ in range(3):
+        running.next_update(16, 3)
+    restored = _tokens_split(kind, name, 1, 2, budget, data_dir, keep=np.arange(keep))
+    restored.load_state_dict(running.state_dict())
+    a, b = running.next_update(16, 3), restored.next_update(16, 3)
+    assert a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def _tokens_first_update_gradient(monkeypatch, capsys, out_dir, *args):
+    """The gradient the optimizer receives at the one update of bipost.py run in this process with args, flattened in
+    the optimizer's order (its groups: weight decay, then none). Unclipped, so that a wrong scale shows."""
+    grads = []
+    def keep(optimizer, _args, _kwargs):
+        grads.append(torch.cat([p.grad.flatten() for group in optimizer.param_groups for p in group['params']]))
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(keep)
+    try:
+        code, _, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={out_dir}', '--max_iters=1', '--eval_iters=1',
+                                      '--grad_clip=0', '--save_checkpoints=False', '--export_hf=False', *args)
+    finally:
+        handle.remove()
+    assert code == 0 and len(grads) == 1, err
+    return grads[0]
+
+
+@pytest.mark.parametrize('objective, kind, split, budget', [('sft', 'sft', 'sft_train', 170),
+                                                            ('dpo', 'pref', 'pref_train', 400)])
+def test_tokens_update_gradient_is_the_one_big_batch_gradient(tmp_path, monkeypatch, capsys, objective, kind, split, budget):
+    """One update of 3 micro-batches filled up to a token budget (of unequal sizes) applies the gradient of its N
+    examples taken as one batch of N (the same first N of the epoch's permutation), to fp32 rounding: each example
+    counts once, not 1/(its micro-batch's size). For SFT the naive mean of the micro-batch means is computed by hand
+    on the initial model: it is far from that gradient, so the tolerance can tell the two apart."""
+    single = [f'--objectives=["{objective}"]', '--strategy=sequential', '--weights=[1.0]']
+    micro_batches, n = _tokens_split(kind, split, budget=budget).next_update(16, 3)
+    assert len({len(ids) for ids in micro_batches}) > 1 and n == sum(map(len, micro_batches))
+    by_tokens = _tokens_first_update_gradient(monkeypatch, capsys, tmp_path / 'tokens', *single,
+                                              f'--max_tokens_per_batch={budget}', '--gradient_accumulation_steps=3')
+    one_batch = _tokens_first_update_gradient(monkeypatch, capsys, tmp_path / 'one', *single, f'--batch_size={n}',
+                                              '--gradient_accumulation_steps=1')
+    torch.testing.assert_close(by_tokens, one_batch, rtol=1e-4, atol=1e-7)
+    if objective == 'sft':
+        model, data = _trust_initial_model().train(), _tokens_split(kind, split)
+        params = [p for p in model.parameters() if p.dim() >= 2] + [p for p in model.parameters() if p.dim() < 2]
+        def gradient(loss):
+            return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        def losses(ids):
+            return objectives.sft(model, data.batch(ids), _obj_ctx())[0]
+        exact = gradient(losses(np.concatenate(micro_batches)).mean())
+        torch.testing.assert_close(exact, one_batch, rtol=1e-4, atol=1e-7)  # the hand model is bipost's
+        naive = sum(gradient(losses(ids).mean()) for ids in micro_batches) / 3
+        assert (naive - exact).abs().max() > 100 * (1e-7 + 1e-4 * exact.abs().max())
+        # the logged train loss is the update's per-example mean too, not the mean of the micro-batch means
+        logged = _train_records(tmp_path / 'tokens')[1][0]['train/sft/loss']
+        per_example = [losses(ids).detach() for ids in micro_batches]
+        mean, naive_mean = torch.cat(per_example).mean().item(), np.mean([x.mean().item() for x in per_example])
+        assert logged == pytest.approx(mean, abs=1e-6) and abs(naive_mean - mean) > 1e-5
+
+
+def _tokens_demo_costs(name):
+    """Each example's tokens in a demo split, from its index: prompt + response(s), a pair's prompt twice."""
+    index = np.load(os.path.join(ROOT, 'data', 'demo', f'{name}_index.npy'))
+    return index[:, 1] * (index.shape[1] - 2) + index[:, 2:].sum(1)
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--max_tokens_per_batch=SFT-1'], "max_tokens_per_batch=SFT-1 is smaller than split 'sft_train''s longest example "
+                                       "(SFT tokens): raise max_tokens_per_batch to at least SFT"),
+    (['--max_tokens_per_batch=PREF-1'], "split 'pref_train''s longest example (PREF tokens, both rows of a pair): raise "
+                                        "max_tokens_per_batch to at least PREF"),
+    (['--max_tokens_per_batch=TEN', '--keep_list=KEEP', '--gradient_accumulation_steps=2'],
+     "split 'sft_train' holds TEN tokens, fewer than one update of 2 micro-batches x 1 ranks of max_tokens_per_batch=TEN"),
+    (['--max_tokens_per_batch=-5'], 'max_tokens_per_batch=-5 fills micro-batches by tokens: it must be > 0'),
+    (['--max_tokens_per_batch=500', '--total_batch_size=32'], 'total_batch_size (a count of examples) and data_selection'),
+    (['--max_tokens_per_batch=500', '--data_selection=True'], 'total_batch_size (a count of examples) and data_selection'),
+])
+def test_tokens_bad_budget_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, says):
+    """A budget below a split's longest example (a pair: both rows), or a split (here cut to 10 examples by a keep
+    list) that cannot fill one update even with full micro-batches, or a setting that counts examples: one line."""
+    np.save(tmp_path / 'keep.npy', np.arange(10))
+    sft, pref = _tokens_demo_costs('sft_train'), _tokens_demo_costs('pref_train')
+    assert sft.max() < pref.max()  # so that a budget of PREF-1 passes the SFT split and stops at the pairs
+    values = {'SFT-1': sft.max() - 1, 'PREF-1': pref.max() - 1, 'SFT': sft.max(), 'PREF': pref.max(), 'TEN': sft[:10].sum(),
+              'KEEP': tmp_path / 'keep.npy'}
+    args, says = ([re.sub('|'.join(map(re.escape, values)), lambda m: str(values[m[0]]), a) for a in x] for x in (args, [says]))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={tmp_path / "out"}', *args)
+    assert code == 1 and says[0] in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_tokens_evals_count_every_example_once_on_every_rank_count():
+    """Held-out batches by tokens: over 3 ranks the 150 examples come once each with weight 1, every rank runs as many
+    batches (weight-0 fillers: ZeRO-3's forwards are collective), each within the budget; and on one rank the held-out
+    SFT loss by tokens is the one by batch_size (the per-example mean, test_trust_eval_counts_every_example_once)."""
+    from held_out import estimate
+    budget, ranks = 200, [_tokens_split('sft', 'sft_val', r, 3, 200) for r in range(3)]
+    for n in (150, 4):  # 4: a rank's share of a single example is a batch too
+        dealt = [s.round_robin(n, 16) for s in ranks]
+        assert len({len(batches) for batches in dealt}) == 1
+        ids = sorted(int(i) for batches in dealt for ids, w in batches for i, x in zip(ids, w) if x > 0)
+        assert ids == list(range(n)) and all(ranks[0].tokens_of(i) <= budget for batches in dealt for i, _ in batches)
+    assert len(ranks[0].round_robin(150, 16)) > 150 / 3 / 16  # batches of fewer than 16 examples: the budget cut them
+    model, ctx, off = _trust_initial_model(), _obj_ctx(), torch.autocast('cpu', enabled=False)
+    by_tokens, by_examples = (estimate(model, 'sft', split, split.round_robin(150, 16), ctx, off)
+                              for split in (_tokens_split('sft', 'sft_val', budget=budget), _tokens_split('sft', 'sft_val')))
+    assert by_tokens['loss'] == pytest.approx(by_examples['loss'], rel=1e-6)
+
+
+def test_tokens_counted_are_the_rows_batch_builds(tmp_path):
+    """Split.tokens_of is the real tokens of Split.batch's rows, in any order: for unpaired data each prompt also
+    with the previous example's completion, cut to the split's longest row (a long prompt after a long completion)."""
+    records = {'kto_train': [{'prompt': 'p' * 20, 'completion': 'ab', 'label': True},
+                             {'prompt': 'q', 'completion': 'c' * 20, 'label': False},
+                             {'prompt': 'r', 'completion': 'de', 'label': True}]}
+    meta = data_prep.prepare(str(tmp_path), 'demo', records, max_length=64)
+    from data.loader import Split
+    split = Split(str(tmp_path), 'kto_train', 'unpaired', meta, seed=0)
+    demo = [_tokens_split(kind, name) for kind, name in (('sft', 'sft_train'), ('pref', 'pref_train'))]
+    import itertools
+    for s, ids in [(split, list(p)) for p in itertools.permutations(range(3))] + [(d, [5, 9, 2, 7]) for d in demo]:
+        assert s.tokens_of(ids) == int(s.batch(np.array(ids))['attention_mask'].sum()), (s.name, ids)
+
+
+@pytest.mark.slow
+def test_tokens_killed_run_resumes_exactly_across_epochs(tmp_path):
+    """SFT (cut to 40 examples by a keep list: an epoch lasts about two updates) + DPO mixed, 2 micro-batches of up to
+    300 tokens an update, killed after update 5 and resumed from the checkpoint of update 3: the per-update losses and
+    the evals are those of the run never stopped, through the epoch ends (the data cursors are in the checkpoint)."""
+    np.save(tmp_path / 'keep.npy', np.arange(40))
+    args = ['--max_iters=6', '--eval_interval=3', '--strategy=mix', '--max_tokens_per_batch=300',
+            '--gradient_accumulation_steps=2', f'--keep_list={tmp_path / "keep.npy"}']
+    full = _rel_run(tmp_path / 'full', *args)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _rel_run(tmp_path / 'killed', *args, kill=('print', 'iter 5 |', 1))
+    assert killed.returncode == -9 and json.load(open(tmp_path / 'killed' / 'ckpt.json'))['iter_num'] == 3
+    resumed = _rel_run(tmp_path / 'killed', *args, '--init_from=resume')
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stderr[-2000:]
+    expected, got = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('full', 'killed'))
+    assert got == expected and len([k for k in got if k[0] == 'iter']) == 6
+    cursors = torch.load(tmp_path / 'killed' / 'ckpt.pt', weights_only=False)['data']
+    assert cursors['sft']['epoch'] >= 2 and cursors['dpo']['epoch'] == 0  # SFT went through epoch ends, DPO did not
+
+
+@pytest.mark.slow
+def test_tokens_two_ranks_update_gradient_is_the_one_big_batch_gradient(tmp_path):
+    """Two gloo ranks, 2 micro-batches of up to 170 tokens each (4 of unequal sizes in the update): the gradient applied
+    is that of the update's N examples as one batch of N on one rank — each micro-batch's losses are summed and divided
+    by the update's mean micro-batch size, and the ranks' gradients averaged."""
+    ranks = [_tokens_split('sft', 'sft_train', r, 2, 170) for r in (0, 1)]
+    dealt = [s.next_update(16, 2) for s in ranks]
+    n = dealt[0][1]
+    assert len({len(ids) for micro_batches, _ in dealt for ids in micro_batches}) > 1  # unequal: a mean of means differs
+    single = ['--objectives=["sft"]', '--strategy=sequential', '--weights=[1.0]', '--max_iters=1', '--eval_iters=1',
+              '--grad_clip=0', '--export_hf=False', '--save_checkpoints=False']
+    (tmp_path / 'two').mkdir(), (tmp_path / 'one').mkdir()
+    two = _train_run(tmp_path / 'two', {'tokens': single + ['--max_tokens_per_batch=170', '--gradient_accumulation_steps=2']},
+                     nproc=2)
+    one = _train_run(tmp_path / 'one', {'batch': single + [f'--batch_size={n}', '--gradient_accumulation_steps=1']})
+    by_tokens, one_batch = _train_recorded(two['tokens'])['grads'], _train_recorded(one['batch'])['grads']
+    assert len(by_tokens) == len(one_batch) == 1
+    torch.testing.assert_close(by_tokens, one_batch, rtol=1e-4, atol=1e-7)

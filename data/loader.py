@@ -7,7 +7,6 @@ killed run would have seen. Bad files raise DataError with the path and the fix.
 """
 import hashlib
 import json
-import math
 import os
 
 import numpy as np
@@ -145,6 +144,7 @@ class Split:
             raise DataError(f"keep_list {keep_source} holds ids outside 0..{len(self.index) - 1} of split '{name}': "
                             f"it was made for another split; set keep_objective or run the data selector again")
         self.epoch, self.cursor, self._epoch = 0, 0, None
+        self.max_tokens = 0  # > 0 (max_tokens_per_batch, set by run_splits): micro-batches filled up to this many tokens
         self.path = path
         # tokens of the longest row (prompt + its longer response): checked against the model's positions
         self.longest = int((self.index[:, 1] + self.index[:, 2:].max(1, initial=0)).max()) if len(self.index) else 0
@@ -193,10 +193,17 @@ class Split:
 
     def round_robin(self, n, batch_size):
         """This rank's share of the split's first n examples, each on exactly one rank (i % world_size == rank), as
-        [(ids, weights)] batches, as many on every rank (ZeRO-3's forwards are collective): a rank out of examples
+        [(ids, weights)] batches of batch_size (of up to max_tokens tokens, if set), as many on every rank (ZeRO-3's
+        forwards are collective; every rank cuts every rank's share, so no rank needs to ask): a rank out of examples
         gets example 0 with weight 0."""
-        mine = np.arange(self.rank, n, self.world_size)
-        chunks = [mine[b * batch_size:(b + 1) * batch_size] for b in range(math.ceil(math.ceil(n / self.world_size) / batch_size))]
+        shares = [np.arange(r, n, self.world_size) for r in range(self.world_size)]
+        if self.max_tokens:
+            cuts = [self._cut(share, 0, len(share), self.max_tokens) for share in shares]
+        else:
+            cuts = [list(range(0, len(share), batch_size)) + [len(share)] for share in shares]
+        mine, bounds = shares[self.rank], cuts[self.rank]
+        chunks = [mine[a:b] for a, b in zip(bounds, bounds[1:])]
+        chunks += [mine[:0]] * (max(len(c) for c in cuts) - len(bounds))
         return [(ids, np.ones(len(ids))) if len(ids) else (np.zeros(1, np.int64), np.zeros(1)) for ids in chunks]
 
     def check_batch(self, n):
@@ -208,11 +215,74 @@ class Split:
         """The next n examples of this rank; every rank's cursor moves by n·world_size."""
         step = n * self.world_size
         epoch, cursor = (self.epoch + 1, 0) if self.cursor + step > len(self.ids) else (self.epoch, self.cursor)
-        if self._epoch != epoch:  # one permutation per epoch, the same on every rank
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.ids)
+        order = self._permutation(epoch)
         if advance:
             self.epoch, self.cursor = epoch, cursor + step
-        return self._order[cursor + self.rank * n:cursor + (self.rank + 1) * n]
+        return order[cursor + self.rank * n:cursor + (self.rank + 1) * n]
+
+    def tokens_of(self, ids):
+        """The real (unpadded) tokens of the rows batch(ids) builds: an example's prompt + response, both rows of a pair,
+        and for unpaired data also each prompt's row with the previous example's completion (cut as _unpaired cuts it)."""
+        rows = self.index[np.asarray(ids, dtype=np.int64)]
+        prompt, responses = rows[:, 1], rows[:, 2:]
+        if self.kind == 'unpaired':
+            own = responses[:, 0]
+            return int((2 * prompt + own + np.minimum(np.roll(own, 1), np.maximum(1, self.longest - prompt))).sum())
+        return int((prompt * responses.shape[1] + responses.sum(1)).sum())
+
+    def _cut(self, order, start, stop, budget, count=None, least=1):
+        """Bounds [start, b1, b2, ...] of micro-batches of order[start:stop], each filled greedily up to budget tokens
+        (as many examples as fit, in order, at least `least`), until count micro-batches or too few examples are left."""
+        bounds = [start]
+        while (count is None or len(bounds) <= count) and stop - bounds[-1] >= least:
+            end = bounds[-1] + least
+            while end < stop and self.tokens_of(order[bounds[-1]:end + 1]) <= budget:
+                end += 1
+            bounds.append(end)
+        return bounds
+
+    def _permutation(self, epoch):
+        if self._epoch != epoch:  # one permutation per epoch, the same on every rank
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.ids)
+        return self._order
+
+    def next_update(self, batch_size, steps):
+        """This rank's micro-batches of the next update (steps arrays of example ids) and the number of examples the
+        update holds over all ranks. Without max_tokens: batch_size examples each. With it: the update's
+        steps·world_size micro-batches are cut from the epoch's permutation, each filled up to max_tokens tokens, by
+        every rank alike (the same permutation and lengths: no communication), and rank r's micro-step m is the
+        update's micro-batch m·world_size + r, as next_ids deals fixed batches. An update the rest of the epoch cannot
+        fill starts the next epoch (the rest is skipped, as next_ids skips a remainder smaller than one batch).
+        Unpaired data (KTO) takes 2 examples or more a micro-batch: its KL rows pair an example with another's completion."""
+        if not self.max_tokens:
+            return [self.next_ids(batch_size) for _ in range(steps)], batch_size * steps * self.world_size
+        count = steps * self.world_size
+        for epoch, cursor in ((self.epoch, self.cursor), (self.epoch + 1, 0)):  # (check_tokens: a fresh epoch fills one)
+            order = self._permutation(epoch)
+            bounds = self._cut(order, cursor, len(order), self.max_tokens, count, least=1 + (self.kind == 'unpaired'))
+            if len(bounds) > count:
+                break
+        self.epoch, self.cursor = epoch, bounds[-1]
+        chunks = [order[a:b] for a, b in zip(bounds, bounds[1:])]
+        return chunks[self.rank::self.world_size], bounds[-1] - bounds[0]
+
+    def check_tokens(self, steps):
+        """max_tokens must hold the split's largest micro-batch (its longest example; unpaired data: two, with their KL
+        rows) and the split enough tokens for one update in any order (each micro-batch holds at most max_tokens)."""
+        rows = self.index
+        own = rows[:, 1] * (rows.shape[1] - 2) + rows[:, 2:].sum(1)  # the tokens an example costs on its own
+        least, largest = (2, own + np.maximum(self.longest, rows[:, 1] + 1)) if self.kind == 'unpaired' else (1, own)
+        need = int(np.sort(largest)[-least:].sum())
+        if self.max_tokens < need:
+            raise DataError(f"max_tokens_per_batch={self.max_tokens} is smaller than split '{self.name}''s "
+                            f"{'two longest examples with their KL rows' if least == 2 else 'longest example'} ({need} "
+                            f"tokens{', both rows of a pair' * (self.kind == 'pref')}): raise max_tokens_per_batch to at "
+                            f"least {need}")
+        mine = np.sort(own[self.ids])  # a fresh epoch's micro-batches leave out fewer than `least` examples at its end
+        if int(mine[:len(mine) - least + 1].sum()) < self.max_tokens * steps * self.world_size:
+            raise DataError(f"split '{self.name}' holds {int(mine.sum())} tokens, fewer than one update of {steps} "
+                            f"micro-batches x {self.world_size} ranks of max_tokens_per_batch={self.max_tokens}: lower "
+                            f"max_tokens_per_batch or gradient_accumulation_steps, or add data")
 
     def batch(self, ids):
         """input_ids, attention_mask, response_mask [rows, L] (right-padded), the example ids and the split's name.
@@ -313,8 +383,16 @@ def run_splits(c, kinds, rank, world_size, device):
                             f"ZeRO-3 the policy cannot be copied: set lower_level='reference' (or zero_stage <= 2)")
         train['trusted'] = Split(data_dir, c['trusted_split'], kinds[selected], meta, c['seed'], rank, world_size, device,
                                  key='trusted_split')
+    for s in [*train.values(), *val.values()]:  # max_tokens_per_batch: RL's prompt splits keep batch_size
+        s.max_tokens = c['max_tokens_per_batch'] if s.kind != 'prompt' else 0
     for s in train.values():
-        s.check_batch(c['batch_size'])
+        if s.max_tokens:
+            s.check_tokens(c['gradient_accumulation_steps'])
+        else:
+            s.check_batch(c['batch_size'])
+    for s in val.values():
+        if s.max_tokens:
+            s.check_tokens(0)
     if (c['example_weights'] or c['coreset']) and c['keep_objective'] not in objectives:
         raise DataError(f"example_weights/coreset index keep_objective's train split, but '{c['keep_objective']}' is "
                         f"not one of objectives={objectives}: set keep_objective")
