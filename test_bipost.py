@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 #   golden           the README's numbers against data/demo/golden.json                  -k golden
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
 #   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
+#   DPO or PPO?      data/demo/rlhf_table.py: pairs from the warm-up's samples, its golden table -k rlhf_table
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -6826,3 +6827,34 @@ def test_config_checks_total_batch_and_refusals():
                          ({'optima': [0.5]}, 'must hold one f* per objective')]:
         with pytest.raises(ValueError, match=re.escape(says)):
             check_settings(dict(config, **change), 1)
+
+
+# ---- DPO or PPO? on the demo: data/demo/rlhf_table.py (pairs from the warm-up's samples; its golden table) ----
+
+def test_rlhf_table_pairs_from_own_samples():
+    """One pair per prompt: its most frequent verified-right completion over its most frequent wrong one (a tie goes to
+    the one sampled first); a prompt whose samples are all right or all wrong gives none."""
+    from data.demo.rlhf_table import preference_pairs
+    prompts = ['1+1=', '2+2=', '3+3=', '4+4=']
+    samples = [['2', '3', '2', '4', '3', '3'], ['4', '4'], ['5', '7'], ['9', '7', '8', '7x']]
+    verdicts = [[True, False, True, False, False, False], [True, True], [False, False], [False, False, True, False]]
+    assert preference_pairs(prompts, samples, verdicts) == [
+        {'prompt': '1+1=', 'chosen': '2', 'rejected': '3'},  # '3' twice, '4' once
+        {'prompt': '4+4=', 'chosen': '8', 'rejected': '9'}]  # '9', '7', '7x' once each: the first sampled
+
+
+def test_rlhf_table_docs_table_is_golden_json():
+    """docs/reward-model.md's DPO-or-PPO table is what `python data/demo/rlhf_table.py --print_only --out=data/demo`
+    prints from the golden data/demo/rlhf_table.json, its caption and every row, in order; the json holds every seed's
+    result for every run."""
+    with open(os.path.join(ROOT, 'data', 'demo', 'rlhf_table.json'), encoding='utf-8') as f:
+        saved = json.load(f)
+    assert all(len(runs) == saved['seeds'] for runs in saved['results'].values()) and len(saved['pairs']) == saved['seeds']
+    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'rlhf_table.py'), '--print_only',
+                           '--out=data/demo'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(printed) == 3 + len(saved['results']) and 'ms / update' in printed[1]
+    docs = open(os.path.join(ROOT, 'docs', 'reward-model.md'), encoding='utf-8').read().splitlines()
+    start = docs.index(printed[0])
+    assert [line for line in docs[start:start + len(printed) + 1] if line.strip()] == printed
