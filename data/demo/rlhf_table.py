@@ -11,8 +11,8 @@ every final model (and the warm-up) judged as rl_table.py does: greedy accuracy 
 (200 held-out problems); the reward model and DPO by their pair accuracy on pairs from held-out prompts; time per
 update (mean ms of the run's updates).
 
-    python data/demo/rlhf_table.py                    # 3 seeds, 300 updates each run
-    python data/demo/rlhf_table.py --seeds=1 --iters=20   # a quick look
+    python data/demo/rlhf_table.py                    # 3 seeds, 300 updates each run: ~30 min on 2 shared cores
+    python data/demo/rlhf_table.py --seeds=1 --iters=10   # a smoke run, ~3 min
 
 Writes <out>/rlhf_table.json (every number) and prints the markdown table docs/reward-model.md shows (--print_only:
 again, from that file). data/demo/rlhf_table.json is the run the docs quote: --print_only --out=data/demo.
