@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
 #   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
 #   tokens           max_tokens_per_batch: micro-batches by tokens, the loss per example, resume -k tokens_
+#   DPO or PPO?      data/demo/rlhf_table.py: pairs from the warm-up's samples, its golden table -k rlhf_table
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -7035,3 +7036,34 @@ def test_tokens_two_ranks_update_gradient_is_the_one_big_batch_gradient(tmp_path
     by_tokens, one_batch = _train_recorded(two['tokens'])['grads'], _train_recorded(one['batch'])['grads']
     assert len(by_tokens) == len(one_batch) == 1
     torch.testing.assert_close(by_tokens, one_batch, rtol=1e-4, atol=1e-7)
+
+
+# ---- DPO or PPO? on the demo: data/demo/rlhf_table.py (pairs from the warm-up's samples; its golden table) ----
+
+def test_rlhf_table_pairs_from_own_samples():
+    """One pair per prompt: its most frequent verified-right completion over its most frequent wrong one (a tie goes to
+    the one sampled first); a prompt whose samples are all right or all wrong gives none."""
+    from data.demo.rlhf_table import preference_pairs
+    prompts = ['1+1=', '2+2=', '3+3=', '4+4=']
+    samples = [['2', '3', '2', '4', '3', '3'], ['4', '4'], ['5', '7'], ['9', '7', '8', '7x']]
+    verdicts = [[True, False, True, False, False, False], [True, True], [False, False], [False, False, True, False]]
+    assert preference_pairs(prompts, samples, verdicts) == [
+        {'prompt': '1+1=', 'chosen': '2', 'rejected': '3'},  # '3' twice, '4' once
+        {'prompt': '4+4=', 'chosen': '8', 'rejected': '9'}]  # '9', '7', '7x' once each: the first sampled
+
+
+def test_rlhf_table_docs_table_is_golden_json():
+    """docs/reward-model.md's DPO-or-PPO table is what `python data/demo/rlhf_table.py --print_only --out=data/demo`
+    prints from the golden data/demo/rlhf_table.json, its caption and every row, in order; the json holds every seed's
+    result for every run."""
+    with open(os.path.join(ROOT, 'data', 'demo', 'rlhf_table.json'), encoding='utf-8') as f:
+        saved = json.load(f)
+    assert all(len(runs) == saved['seeds'] for runs in saved['results'].values()) and len(saved['pairs']) == saved['seeds']
+    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'rlhf_table.py'), '--print_only',
+                           '--out=data/demo'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(printed) == 3 + len(saved['results']) and 'ms / update' in printed[1]
+    docs = open(os.path.join(ROOT, 'docs', 'reward-model.md'), encoding='utf-8').read().splitlines()
+    start = docs.index(printed[0])
+    assert [line for line in docs[start:start + len(printed) + 1] if line.strip()] == printed
