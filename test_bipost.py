@@ -6826,3 +6826,213 @@ def test_config_checks_total_batch_and_refusals():
                          ({'optima': [0.5]}, 'must hold one f* per objective')]:
         with pytest.raises(ValueError, match=re.escape(says)):
             check_settings(dict(config, **change), 1)
+
+
+# ---- packing: padding-free packed rows (packing.py) against the padded path ----
+
+import packing
+import reward_model
+
+# families whose attention reads packed position ids (transformers' masking_utils); sliding windows shorter than the
+# rows, so that a window computed over the packed row instead of per example would show; Gemma 2 with its soft caps
+PACK_FAMILIES = {'llama': ('llama', {}), 'llama_eager': ('llama', {'attn_implementation': 'eager'}),
+                 'qwen2': ('qwen2', {'sliding_window': 3, 'use_sliding_window': True, 'max_window_layers': 0}),
+                 'mistral': ('mistral', {'sliding_window': 3}),
+                 'gemma2': ('gemma2', {'sliding_window': 3, 'attn_implementation': 'eager'})}
+
+
+def _pack_model(family, seed=0):
+    """A tiny random model of HEAD_FAMILIES' family (head x20: sharp log-probs), with PACK_FAMILIES' changes."""
+    import transformers
+    name, changes = PACK_FAMILIES[family]
+    config_class, kwargs, _, _ = HEAD_FAMILIES[name]
+    changes = dict(changes)
+    attention = changes.pop('attn_implementation', 'sdpa')
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{**kwargs, **changes})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+def _pack_batch(spans, pad_id=None, seed=0):
+    """_obj_batch's rows on the families' vocab (64), padding = pad_id where given."""
+    g = torch.Generator().manual_seed(seed)
+    batch = _obj_batch(spans, seed)
+    batch['input_ids'] = torch.randint(0, 63, batch['input_ids'].shape, generator=g)
+    if pad_id is not None:
+        batch['input_ids'][batch['attention_mask'] == 0] = pad_id
+    return batch
+
+
+def _pack_both(run, model):
+    """run(packing) -> (losses, metrics) with packing off and on: each with the gradients of losses.mean()."""
+    results = []
+    for on in (False, True):
+        model.zero_grad()
+        losses, metrics = run(on)
+        grads = torch.autograd.grad(losses.mean(), list(model.parameters()), allow_unused=True, materialize_grads=True)
+        results.append((losses, metrics, grads))  # (rm leaves the LM head unused)
+    return results
+
+
+def _pack_assert_equal(results, what):
+    (losses, metrics, grads), (p_losses, p_metrics, p_grads) = results
+    torch.testing.assert_close(p_losses, losses, atol=1e-5, rtol=1e-5, msg=what)
+    assert metrics.keys() == p_metrics.keys()
+    for key in metrics:
+        torch.testing.assert_close(p_metrics[key], metrics[key], atol=1e-5, rtol=1e-5, msg=f'{what}: {key}')
+    for a, b in zip(p_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=what)
+
+
+def test_packing_layout_by_hand():
+    """pack(): right- and left-padded rows become one row of their real tokens, positions restarting at 0 for every
+    example, cu_seqlens at the example boundaries (an empty row is an empty segment); next_token_rows drops each
+    example's last token and maps the others to their place in the [B, L-1] layout."""
+    ids = torch.tensor([[1, 2, 3, 0], [0, 0, 4, 5], [0, 0, 0, 0], [6, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    packed = packing.pack(ids, mask)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 5, 9]
+    assert packed.index.tolist() == [0, 1, 2, 6, 7, 12, 13, 14, 15]
+    rows, layout = packing.next_token_rows(packed)
+    assert rows.tolist() == [0, 1, 3, 5, 6, 7]                # not 2, 4, 8: the last token of each example
+    assert layout.tolist() == [0, 1, 3 + 2, 9 + 0, 9 + 1, 9 + 2]  # row b, column t -> b·(L-1) + t
+    assert packing.packed_rows(packed, torch.tensor([2, 3, 0, 3])).tolist()[:2] == [2, 4]
+    values = torch.arange(1.0, 7.0)
+    assert packing.spread(values, layout, (4, 3)).tolist() == [[1, 2, 0], [0, 0, 3], [0, 0, 0], [4, 5, 6]]
+    assert packing.gather(torch.arange(12).view(4, 3), layout).tolist() == layout.tolist()
+
+
+@pytest.mark.parametrize('family', list(PACK_FAMILIES))
+def test_packing_logprobs_and_gradients_equal_padded(family):
+    """Per-token log-probs of every response token (and their gradients) from packed rows equal the padded path's to
+    1e-5 (fp32), per family and attention implementation; the padded path is the model's own (check_packing passes)."""
+    model = _pack_model(family)
+    lm_head.check_packing(model, family)
+    batch = _pack_batch([(3, 4), (1, 6), (5, 2), (2, 1)])
+    runs = _pack_both(lambda on: (lambda lp: (lp[0].sum(1), {'logps': lp[0]}))(
+        lm_head.response_logprobs(model, batch, _obj_ctx(packing=on))), model)
+    _pack_assert_equal(runs, family)
+    padded = runs[0][1]['logps']
+    mine, _ = _obj_hand_logprobs(model, batch)
+    torch.testing.assert_close(padded, mine, atol=1e-5, rtol=1e-5)
+    assert (padded != 0).sum() == batch['response_mask'][:, 1:].sum()  # every response token scored
+
+
+def _pack_objective_ctx(name, family):
+    reference, teacher = _pack_model(family, seed=1), _pack_model('qwen2', seed=2)  # a teacher of another family
+    return dict(reference=reference, teacher=teacher, beta=0.5, simpo_gamma=0.3, cpo_alpha=0.7, desirable_weight=1.0,
+                undesirable_weight=1.3, dpo_nll_weight=0.2 if name == 'dpo' else 0.0, label_smoothing=0.1,
+                grads_in_forward=name == 'sft', pad_id=63, rm_center_coefficient=0.01)
+
+
+@pytest.mark.parametrize('family', ['llama', 'gemma2'])
+@pytest.mark.parametrize('name', ['sft', 'dpo', 'simpo', 'cpo', 'orpo', 'kto', 'kd', 'rm'])
+def test_packing_objectives_equal_padded(name, family):
+    """Each objective's per-example losses, metrics and gradients with packed rows equal the padded path's (1e-5):
+    sft (gradients in the forward), dpo (+ NLL, reference on packed rows), the reference-free zoo, kto (own and
+    mismatched rows), kd (student and a teacher of another family, both packed), rm (the score at each row's last
+    token, padding = pad_id)."""
+    model = _pack_model(family)
+    spans = OBJ_PAIRS if objectives.DATA_KIND[name] in ('pref', 'unpaired') else [(3, 4), (1, 6), (5, 2)]
+    batch = _pack_batch(spans, pad_id=63)
+    if name == 'kto':
+        batch['labels'] = torch.tensor([True, False, True])
+    if name == 'rm':
+        torch.manual_seed(3)
+        model.reward_head = torch.nn.Linear(32, 1, bias=False)
+    settings = _pack_objective_ctx(name, family)
+    runs = _pack_both(lambda on: objectives.OBJECTIVES[name](model, batch, _obj_ctx(**settings, packing=on)), model)
+    _pack_assert_equal(runs, f'{name} {family}')
+    assert any(g.abs().sum() > 0 for g in runs[1][2])  # the packed path really trains the model
+
+
+def test_packing_rl_loss_forward_equals_padded():
+    """RL's loss forward (rl.loss on a fixed rollout: PPO's value head, the k3 KL to a reference whose log-probs are
+    packed too) gives the padded path's losses, metrics and gradients (1e-5)."""
+    model, reference = _pack_model('llama'), _pack_model('llama', seed=1)
+    model.value_head = torch.nn.Linear(32, 1)  # random, not rl.value_head's zeros: the values must come out right
+    rows = _pack_batch(RL_SPANS)
+    rows = {k: rows[k] for k in ('input_ids', 'attention_mask', 'response_mask')}
+    rewards_ = torch.tensor([10.0, 0.0, 0.0, 10.0])
+
+    def run(on):
+        ctx = _rl_ctx(rl_advantage='ppo', rl_kl=0.1, packing=on)
+        with torch.no_grad():
+            reference_logps, _ = lm_head.response_logprobs(reference, rows, ctx)
+        roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_ / 10, 'lengths': torch.tensor([4, 2, 5, 1]),
+                'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0, 'truncated': torch.zeros(4, dtype=torch.bool)}
+        return rl.loss(model, roll, ctx)
+
+    _pack_assert_equal(_pack_both(run, model), 'rl')
+
+
+@pytest.mark.skipif(not _triton_runs, reason="Triton cannot run here (see FUSED)")
+def test_packing_kernels_under_the_interpreter_equal_the_padded_twins(monkeypatch):
+    """sft and dpo on packed rows through the Triton kernels (interpreter, tiny shapes, fp32) equal the padded twins."""
+    policy, reference = _pack_model('gemma2'), _pack_model('gemma2', seed=1)
+    for name, spans in (('sft', [(3, 4), (1, 6), (5, 2)]), ('dpo', OBJ_PAIRS)):
+        batch = _pack_batch(spans)
+        padded = _pack_both(lambda on: objectives.OBJECTIVES[name](
+            policy, batch, _obj_ctx(reference=reference, beta=0.5, packing=False)), policy)[0]
+        with monkeypatch.context() as patch:
+            calls = _force_kernels(patch)
+            packed = _pack_both(lambda on: objectives.OBJECTIVES[name](
+                policy, batch, _obj_ctx(reference=reference, beta=0.5, packing=True, fused_kernels=True)), policy)[0]
+        assert '_triton_forward' in calls and (name == 'sft' or '_dpo_forward_kernel' in calls), calls
+        _pack_assert_equal([padded, packed], name)
+
+
+def _pack_leaky(body, packed):
+    """A wrong packing: positions that run on across examples (0..T-1), so that nothing separates them."""
+    positions = torch.arange(packed.input_ids.shape[1])[None]
+    return body(input_ids=packed.input_ids, position_ids=positions, attention_mask=None, use_cache=False).last_hidden_state[0]
+
+
+def _pack_cached(body, packed):
+    """Another: restarting positions, but with a KV cache, where transformers never reads them as packed."""
+    return body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                use_cache=True).last_hidden_state[0]
+
+
+@pytest.mark.parametrize('wrong', [_pack_leaky, _pack_cached])
+@pytest.mark.parametrize('family', ['llama', 'mistral', 'gemma2'])
+def test_packing_probe_refuses_a_packing_that_leaks(monkeypatch, capsys, family, wrong):
+    """A packed forward whose attention crosses examples (positions that do not restart; or a cache, under which the
+    packed format is not detected) gives other log-probs: check_packing refuses it in one line, the policy falls
+    back to padded rows with one printed line, and a teacher is refused (frozen)."""
+    import model as model_module
+    model = _pack_model(family)
+    assert model_module.packing_checked(model, 'm', master=True) and capsys.readouterr().out == ''
+    monkeypatch.setattr(packing, 'forward', wrong)
+    with pytest.raises(ValueError, match=r"packed rows give log-probs that differ .* set packing=False"):
+        lm_head.check_packing(model, family)
+    assert not model_module.packing_checked(model, 'm', master=True)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith('packing off: ') and 'set packing=False' in out[0], out
+    with pytest.raises(ValueError, match=r"teacher 't'.*set packing=False"):
+        model_module.frozen(model, 't', 'teacher', 64, 'cpu', torch.float32, packing=True)
+    model_module.frozen(model, 't', 'teacher', 64, 'cpu', torch.float32, packing=False)  # padded: no probe
+
+
+def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path):
+    """bipost.py on the demo data (sft + dpo, mix; a 1-layer scratch Llama): packing=True (the default) and False give
+    the same training and held-out numbers to ~1e-5, and a packed run stopped after update 2 and resumed continues
+    exactly as the uninterrupted packed run."""
+    common = ['--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=4', '--eval_interval=2',
+              '--eval_iters=2', '--warmup_iters=0', '--decay_lr=False', '--export_hf=False']  # lr: not from max_iters
+    dirs = _train_run(tmp_path, {'padded': common + ['--packing=False', '--max_iters=4'],
+                                 'packed': common + ['--max_iters=4'], 'part': common + ['--max_iters=2']})
+    _train_run(tmp_path, {'part': common + ['--max_iters=4', "--init_from='resume'"]})
+    padded, packed, resumed = (_rel_losses(_rel_metrics(dirs[name])) for name in ('padded', 'packed', 'part'))
+    assert padded.keys() == packed.keys() and len(padded) == 7  # evals 0, 2, 4; updates 1-4
+    for key, record in padded.items():
+        assert record.keys() == packed[key].keys()
+        for k, v in record.items():  # losses to 1e-5; summed log-probs (~100) and β·their differences to fp32 rounding
+            tolerance = 1e-5 if k.endswith('/loss') else 1e-4
+            assert packed[key][k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=tolerance)), (key, k)
+    assert resumed == packed  # exactly
