@@ -290,7 +290,7 @@ if 'rl' in objectives and rl_advantage == 'ppo':  # PPO's value head: a submodul
         model.value_head.load_state_dict({k[len('value_head.'):]: v for k, v in state['model'].items()
                                           if k.startswith('value_head.')})
 vocab_size = built(check_vocab, model, policy_source, meta, meta_path)
-packing = packing and packing_checked(model, policy_source, master)  # fp32, before LoRA / DeepSpeed
+packing = config['packing'] = packing and packing_checked(model, policy_source, master)  # fp32, before LoRA / DeepSpeed
 try:
     check_fits([*train_data.values(), *val_data.values()], getattr(model.config, 'max_position_embeddings', None),
                vocab_size, data_dir, rl_max_new_tokens)

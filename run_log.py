@@ -18,7 +18,8 @@ def startup_facts(c, raw_model, trained, frozen_models, train_data, val_data, ki
           f"f* {[round(v, 4) for v in optimum_values] if optimum_values else 'unknown (optima = [])'}")
     engine = f"deepspeed ZeRO-{c['zero_stage']}" if c['deepspeed'] else 'plain torch'
     print(f"world {world_size} | {engine} | device {device} | {c['batch_size']} x {accumulation} accum x {world_size} "
-          f"ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update")
+          f"ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update | "
+          f"{'packed' if c['packing'] else 'padded'} rows")
     for name in c['objectives']:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")

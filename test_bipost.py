@@ -7019,6 +7019,12 @@ def test_packing_probe_refuses_a_packing_that_leaks(monkeypatch, capsys, family,
     model_module.frozen(model, 't', 'teacher', 64, 'cpu', torch.float32, packing=False)  # padded: no probe
 
 
+def _pack_was_on(out_dir):
+    """Whether a run trained on packed rows: its checkpoint's config holds packing as the load-time probe left it."""
+    with open(os.path.join(out_dir, 'ckpt.json')) as f:
+        return json.load(f)['config']['packing']
+
+
 def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path):
     """bipost.py on the demo data (sft + dpo, mix; a 1-layer scratch Llama): packing=True (the default) and False give
     the same training and held-out numbers to ~1e-5, and a packed run stopped after update 2 and resumed continues
@@ -7028,6 +7034,7 @@ def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path):
     dirs = _train_run(tmp_path, {'padded': common + ['--packing=False', '--max_iters=4'],
                                  'packed': common + ['--max_iters=4'], 'part': common + ['--max_iters=2']})
     _train_run(tmp_path, {'part': common + ['--max_iters=4', "--init_from='resume'"]})
+    assert [_pack_was_on(dirs[name]) for name in ('padded', 'packed', 'part')] == [False, True, True]
     padded, packed, resumed = (_rel_losses(_rel_metrics(dirs[name])) for name in ('padded', 'packed', 'part'))
     assert padded.keys() == packed.keys() and len(padded) == 7  # evals 0, 2, 4; updates 1-4
     for key, record in padded.items():
@@ -7036,3 +7043,20 @@ def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path):
             tolerance = 1e-5 if k.endswith('/loss') else 1e-4
             assert packed[key][k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=tolerance)), (key, k)
     assert resumed == packed  # exactly
+
+
+@pytest.mark.slow
+def test_packing_zero3_equals_padded(tmp_path):
+    """Under DeepSpeed ZeRO-3 (one process, gloo; n_embd=400: the attention matrices and the head are partitioned,
+    and so is the reference), packed rows give the padded run's per-update and held-out sft / dpo numbers."""
+    common = ['--n_embd=400', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3',
+              '--eval_interval=3', '--eval_iters=1', '--warmup_iters=0', '--decay_lr=False', '--beta=1.0',
+              '--length_normalize=False', '--export_hf=False', '--deepspeed=True', '--zero_stage=3']
+    dirs = _train_run(tmp_path, {'padded': common + ['--packing=False'], 'packed': common})
+    assert [_pack_was_on(dirs[name]) for name in ('padded', 'packed')] == [False, True]
+    padded, packed = (_rel_losses(_rel_metrics(dirs[name])) for name in ('padded', 'packed'))
+    assert padded.keys() == packed.keys() and len(padded) == 5  # evals 0, 3; updates 1-3
+    for key, record in padded.items():
+        for k, v in record.items():
+            tolerance = 1e-5 if k.endswith('/loss') else 1e-4  # as in test_packing_training_runs_equal_padded_...
+            assert packed[key][k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=tolerance)), (key, k)
