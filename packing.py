@@ -3,7 +3,8 @@ Padding-free packed rows: a micro-batch's real tokens run through the transforme
 the examples' lengths), position ids restarting at 0 for every example, attention_mask None. transformers (5.x,
 masking_utils.find_packed_sequence_indices) then sees the packed format from the position ids alone (a new example
 wherever a position does not follow its predecessor by 1) and confines attention to each example: the block-diagonal
-causal mask of sdpa and eager, flash-attention's varlen path on a GPU. No FLOP goes to padding.
+causal mask of sdpa and eager, flash-attention's varlen path on a GPU. The linear layers and the head see no padding;
+sdpa and eager still score a masked [T, T] attention matrix (flash-attention's varlen kernel only each example's).
 
 The loader still writes padded rows [B, L] (right-padded; RL's loss rows too, rl.sequences); pack() reads their
 attention_mask, and the results go back to the padded layout the objectives read: one float per position

@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 #   golden           the README's numbers against data/demo/golden.json                  -k golden
 #   readability      docs/ links, the results table, the direction of imports, config_checks.py  -k "docs_ or imports_"
 #   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
+#   packing          packing.py: packed rows against the padded path, per family and objective -k packing
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -7060,3 +7061,11 @@ def test_packing_zero3_equals_padded(tmp_path):
         for k, v in record.items():
             tolerance = 1e-5 if k.endswith('/loss') else 1e-4  # as in test_packing_training_runs_equal_padded_...
             assert packed[key][k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=tolerance)), (key, k)
+
+
+def test_packing_bench_padding_share_by_hand():
+    """bench_packing.padding_share on rows of 2 and 4 real tokens padded to 4: linear 1 - 6/8, attention (causal
+    pairs) 1 - (3 + 10)/(2·10), sdpa's scores for the packed row 6²/(2·4²)."""
+    from bipost_kernels import bench_packing
+    batch = {'attention_mask': torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}
+    assert bench_packing.padding_share(batch) == pytest.approx((0.25, 0.35, 36 / 32))
