@@ -147,11 +147,11 @@ def check_head(model, tolerance=1e-3):
 
 def check_packing(model, name, tolerance=1e-4):
     """Raise ValueError unless the model's packed per-token log-probs equal its padded ones on a short random probe:
-    two rows of different lengths (the shorter first, so that attention leaking from one example into the next
-    shows). For an fp32 model on the CPU, before any cast, LoRA or ZeRO-3 partitioning."""
+    rows of 4, 9 and 5 tokens (packed: the 9 alone, then the 5 and the 4 in one row, so that attention leaking from
+    one example into the next shows). For an fp32 model on the CPU, before any cast, LoRA or ZeRO-3 partitioning."""
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0)).to(model.device)
-    mask = (torch.arange(9) < torch.tensor([[5], [9]])).long().to(model.device)
+    ids = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(0)).to(model.device)
+    mask = (torch.arange(9) < torch.tensor([[4], [9], [5]])).long().to(model.device)
     batch = {'input_ids': ids, 'attention_mask': mask, 'response_mask': mask}
     training = model.training
     model.eval()  # no dropout: both forwards must run the same network

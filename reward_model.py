@@ -43,8 +43,8 @@ def scores(model, batch, pad_id, packed=False):
     body, _ = body_and_head(model)
     last = last_tokens(batch['input_ids'], pad_id)
     if packed:
-        rows = packing.pack(batch['input_ids'], batch['attention_mask'])
-        hidden = packing.forward(body, rows)[packing.packed_rows(rows, last)]
+        rows = packing.pack(batch['input_ids'], batch['attention_mask'], packing.one_row(body))
+        hidden = packing.forward(body, rows)[packing.token_at(rows, last)]
     else:
         hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

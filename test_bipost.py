@@ -6889,32 +6889,48 @@ def _pack_assert_equal(results, what):
 
 
 def test_packing_layout_by_hand():
-    """pack(): right- and left-padded rows become one row of their real tokens, positions restarting at 0 for every
-    example, cu_seqlens at the example boundaries (an empty row is an empty segment); next_token_rows drops each
-    example's last token and maps the others to their place in the [B, L-1] layout."""
-    ids = torch.tensor([[1, 2, 3, 0], [0, 0, 4, 5], [0, 0, 0, 0], [6, 7, 8, 9]])
-    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    """pack(): right- and left-padded rows become their real tokens example after example, positions restarting at 0
+    for every example, cu_seqlens at the example boundaries (an empty row is an empty segment); the rows the body runs
+    on hold them first fit, longest first, in the longest example's length (one_row: all in one), a row's end a run of
+    its own from 0; next_token_rows drops each example's last token and maps the others into the [B, L-1] layout."""
+    ids = torch.tensor([[1, 2, 3, 0], [0, 0, 4, 5], [0, 0, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     packed = packing.pack(ids, mask)
-    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert packed.cu_seqlens.tolist() == [0, 3, 5, 5, 9]
-    assert packed.index.tolist() == [0, 1, 2, 6, 7, 12, 13, 14, 15]
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 5, 9, 10]
+    assert packed.index.tolist() == [0, 1, 2, 6, 7, 12, 13, 14, 15, 16]
+    # longest first into rows of 4: [6 7 8 9], [1 2 3 | 10], [4 5 | pad pad]
+    assert packed.input_ids.tolist() == [[6, 7, 8, 9], [1, 2, 3, 10], [4, 5, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert packed.slots.tolist() == [4, 5, 6, 8, 9, 0, 1, 2, 3, 7]
+    one = packing.pack(ids, mask, one_row=True)
+    assert one.input_ids.tolist() == [[6, 7, 8, 9, 1, 2, 3, 4, 5, 10]]
+    assert one.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0]]
+    for p in (packed, one):
+        assert p.input_ids.reshape(-1)[p.slots].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # example after example
     rows, layout = packing.next_token_rows(packed)
-    assert rows.tolist() == [0, 1, 3, 5, 6, 7]                # not 2, 4, 8: the last token of each example
+    assert rows.tolist() == [0, 1, 3, 5, 6, 7]  # not 2, 4, 8, 9: the last token of each example
     assert layout.tolist() == [0, 1, 3 + 2, 9 + 0, 9 + 1, 9 + 2]  # row b, column t -> b·(L-1) + t
-    assert packing.packed_rows(packed, torch.tensor([2, 3, 0, 3])).tolist()[:2] == [2, 4]
+    assert packing.token_at(packed, torch.tensor([2, 3, 0, 3, 0])).tolist() == [2, 4, 5, 8, 9]
     values = torch.arange(1.0, 7.0)
-    assert packing.spread(values, layout, (4, 3)).tolist() == [[1, 2, 0], [0, 0, 3], [0, 0, 0], [4, 5, 6]]
-    assert packing.gather(torch.arange(12).view(4, 3), layout).tolist() == layout.tolist()
+    assert packing.spread(values, layout, (5, 3)).tolist() == [[1, 2, 0], [0, 0, 3], [0, 0, 0], [4, 5, 6], [0, 0, 0]]
+    assert packing.gather(torch.arange(15).view(5, 3), layout).tolist() == layout.tolist()
 
 
+PACK_SPANS = [(3, 4), (1, 6), (5, 2), (2, 1), (1, 2)]  # 7, 7, 7, 3, 3 tokens: packed, the two 3s share a row
+
+
+@pytest.mark.parametrize('one_row', [False, True])
 @pytest.mark.parametrize('family', list(PACK_FAMILIES))
-def test_packing_logprobs_and_gradients_equal_padded(family):
+def test_packing_logprobs_and_gradients_equal_padded(monkeypatch, family, one_row):
     """Per-token log-probs of every response token (and their gradients) from packed rows equal the padded path's to
-    1e-5 (fp32), per family and attention implementation; the padded path is the model's own (check_packing passes)."""
+    1e-5 (fp32), per family and attention implementation, in rows of the longest example's length (sdpa, eager) and
+    in one row (flash-attention's layout); the padded path is the model's own (check_packing passes)."""
     model = _pack_model(family)
+    monkeypatch.setattr(packing, 'one_row', lambda body: one_row)
     lm_head.check_packing(model, family)
-    batch = _pack_batch([(3, 4), (1, 6), (5, 2), (2, 1)])
+    batch = _pack_batch(PACK_SPANS)
+    rows = packing.pack(batch['input_ids'], batch['attention_mask'], one_row).input_ids.shape[0]
+    assert rows == (1 if one_row else 4)  # examples share rows
     runs = _pack_both(lambda on: (lambda lp: (lp[0].sum(1), {'logps': lp[0]}))(
         lm_head.response_logprobs(model, batch, _obj_ctx(packing=on))), model)
     _pack_assert_equal(runs, family)
@@ -6939,10 +6955,10 @@ def test_packing_objectives_equal_padded(name, family):
     mismatched rows), kd (student and a teacher of another family, both packed), rm (the score at each row's last
     token, padding = pad_id)."""
     model = _pack_model(family)
-    spans = OBJ_PAIRS if objectives.DATA_KIND[name] in ('pref', 'unpaired') else [(3, 4), (1, 6), (5, 2)]
+    spans = OBJ_PAIRS if objectives.DATA_KIND[name] in ('pref', 'unpaired') else PACK_SPANS
     batch = _pack_batch(spans, pad_id=63)
     if name == 'kto':
-        batch['labels'] = torch.tensor([True, False, True])
+        batch['labels'] = torch.tensor([True, False, True])  # (OBJ_PAIRS: its 5- and 4-token rows share a row)
     if name == 'rm':
         torch.manual_seed(3)
         model.reward_head = torch.nn.Linear(32, 1, bias=False)
@@ -6976,7 +6992,7 @@ def test_packing_rl_loss_forward_equals_padded():
 def test_packing_kernels_under_the_interpreter_equal_the_padded_twins(monkeypatch):
     """sft and dpo on packed rows through the Triton kernels (interpreter, tiny shapes, fp32) equal the padded twins."""
     policy, reference = _pack_model('gemma2'), _pack_model('gemma2', seed=1)
-    for name, spans in (('sft', [(3, 4), (1, 6), (5, 2)]), ('dpo', OBJ_PAIRS)):
+    for name, spans in (('sft', PACK_SPANS), ('dpo', OBJ_PAIRS)):
         batch = _pack_batch(spans)
         padded = _pack_both(lambda on: objectives.OBJECTIVES[name](
             policy, batch, _obj_ctx(reference=reference, beta=0.5, packing=False)), policy)[0]
@@ -6989,15 +7005,16 @@ def test_packing_kernels_under_the_interpreter_equal_the_padded_twins(monkeypatc
 
 
 def _pack_leaky(body, packed):
-    """A wrong packing: positions that run on across examples (0..T-1), so that nothing separates them."""
-    positions = torch.arange(packed.input_ids.shape[1])[None]
-    return body(input_ids=packed.input_ids, position_ids=positions, attention_mask=None, use_cache=False).last_hidden_state[0]
+    """A wrong packing: positions that run on across the examples of a row (0..W-1), so that nothing separates them."""
+    positions = torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids)
+    hidden = body(input_ids=packed.input_ids, position_ids=positions, attention_mask=None, use_cache=False)
+    return hidden.last_hidden_state.reshape(-1, hidden.last_hidden_state.shape[-1])[packed.slots]
 
 
 def _pack_cached(body, packed):
     """Another: restarting positions, but with a KV cache, where transformers never reads them as packed."""
-    return body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
-                use_cache=True).last_hidden_state[0]
+    hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=True)
+    return hidden.last_hidden_state.reshape(-1, hidden.last_hidden_state.shape[-1])[packed.slots]
 
 
 @pytest.mark.parametrize('wrong', [_pack_leaky, _pack_cached])
