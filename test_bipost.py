@@ -7081,8 +7081,9 @@ def test_packing_zero3_equals_padded(tmp_path):
 
 
 def test_packing_bench_padding_share_by_hand():
-    """bench_packing.padding_share on rows of 2 and 4 real tokens padded to 4: linear 1 - 6/8, attention (causal
-    pairs) 1 - (3 + 10)/(2·10), sdpa's scores for the packed row 6²/(2·4²)."""
+    """bench_packing.padding_share on rows of 2, 4 and 1 real tokens padded to 4: linear 1 - 7/12, attention (causal
+    pairs) 1 - (3 + 10 + 1)/(3·10); packed in 2 rows of 4: positions 8/12, scores 2·4²/(3·4²)."""
     from bipost_kernels import bench_packing
-    batch = {'attention_mask': torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}
-    assert bench_packing.padding_share(batch) == pytest.approx((0.25, 0.35, 36 / 32))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    shares = bench_packing.padding_share({'input_ids': torch.zeros_like(mask), 'attention_mask': mask})
+    assert shares == pytest.approx((5 / 12, 16 / 30, 8 / 12, 2 / 3))

@@ -11,8 +11,8 @@ Two workloads:
 Reported per workload: real tokens/s, the activations saved for the backward (bytes of the tensors autograd keeps:
 what padding inflates; the process's peak RSS is printed too, for both modes together), and the share of the padded
 step's FLOPs that went to padding: linear layers (every position of the rectangle) and attention (causal scores per
-row), from the batch's shape; and the attention scores sdpa computes for a packed row on the CPU (a masked T x T
-matrix, T the micro-batch's real tokens) over the padded rows' B x L x L. CPU: run it with OMP_NUM_THREADS=1 on a quiet machine and say how loaded it was.
+row), from the batch's shape; and the positions and attention scores of the packed rows [R, W] (packing.py; sdpa
+scores every pair of a row) over the padded rows' B x L and B x L x L. CPU: run it with OMP_NUM_THREADS=1 on a quiet machine and say how loaded it was.
     OMP_NUM_THREADS=1 python bipost_kernels/bench_packing.py                 # both workloads (~3 min on one core)
     OMP_NUM_THREADS=1 python bipost_kernels/bench_packing.py --repeats 3 --batches 2 --only demo
 """
@@ -24,7 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import objectives  # noqa: E402  (the repo root is on the path first)
+import objectives, packing  # noqa: E402  (the repo root is on the path first)
 
 
 def llama(vocab, hidden, layers, heads, seed=0):
@@ -71,13 +71,14 @@ def lognormal_batches(n, batch_size=8, vocab=8192, seed=0):
 
 def padding_share(batch):
     """Share of the padded step's FLOPs spent on padding: (linear layers, attention scores), from the shapes; and
-    the attention scores a packed row makes sdpa compute on the CPU (a masked T x T matrix) over the padded B x L x L."""
+    the packed rows' positions and attention scores (sdpa scores every pair of a row [R, W]) over the padded ones."""
     mask = batch['attention_mask']
     B, L = mask.shape
     real = mask.sum(1).double()
     linear = 1 - float(real.sum()) / (B * L)
     attention = 1 - float((real * (real + 1) / 2).sum()) / (B * L * (L + 1) / 2)  # causal score pairs per row
-    return linear, attention, float(real.sum()) ** 2 / (B * L * L)
+    R, W = packing.pack(batch['input_ids'], mask).input_ids.shape
+    return linear, attention, R * W / (B * L), R * W * W / (B * L * L)
 
 
 def saved_bytes(step):
@@ -117,7 +118,7 @@ def measure(batches, model, repeats):
     speed = {mode: tokens / statistics.median(t) for mode, t in times.items()}
     shares = np.mean([padding_share(b) for b in batches], 0)
     return dict(tokens=tokens, speed=speed, memory=memory, times=times, linear=shares[0], attention=shares[1],
-                scores=shares[2])
+                positions=shares[2], scores=shares[3])
 
 
 def main():
@@ -130,8 +131,9 @@ def main():
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} | {args.repeats} repeats x {args.batches} micro-batches")
     print("| workload | real tokens | padded tok/s | packed tok/s | packed / padded speed | saved activations padded "
-          "| packed | packed / padded | padding share of linear FLOPs | of attention FLOPs | sdpa scores packed / padded |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| packed | packed / padded | padding share of linear FLOPs | of attention FLOPs | packed / padded positions "
+          "| scores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, make in (('demo', demo_batches), ('lognormal', lognormal_batches)):
         if args.only and name != args.only:
             continue
@@ -140,7 +142,7 @@ def main():
         mib = {mode: r['memory'][mode] / 2**20 for mode in r['memory']}
         print(f"| {name} | {r['tokens']} | {r['speed']['padded']:.0f} | {r['speed']['packed']:.0f} | "
               f"{r['speed']['packed'] / r['speed']['padded']:.2f} | {mib['padded']:.1f} MiB | {mib['packed']:.1f} MiB | "
-              f"{mib['packed'] / mib['padded']:.2f} | {100 * r['linear']:.0f} % | {100 * r['attention']:.0f} % | {r['scores']:.2f} |")
+              f"{mib['packed'] / mib['padded']:.2f} | {100 * r['linear']:.0f} % | {100 * r['attention']:.0f} % | {r['positions']:.2f} | {r['scores']:.2f} |")
     print(f"peak RSS of this process (both modes): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 
