@@ -90,7 +90,7 @@ reference_logps = 'live'      # 'live': the reference runs beside the policy | '
                               # splits before training, cached in out_dir/reference_logps.npz, then freed (Tulu 3)
 teacher_from = ''             # local HF dir of the frozen KD teacher
 fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
-packing = True                # each micro-batch's examples as one row, no padding (docs/packing.md); off with one line where inexact
+packing = True                # each micro-batch's examples laid end to end, no padding, the same numbers (docs/packing.md); off with one line where inexact
 sft_grads_in_forward = True   # SFT: the LM head's gradients computed in its forward pass (3 GEMMs, not 4; as exact)
 gradient_checkpointing = False # True: each layer's activations recomputed in backward (non-reentrant): ~1/3 more compute, far less activation memory
 lora_rank = 0                 # > 0: train LoRA adapters of this rank (~8-64; needs peft), the reference is the model with them off; 0 = full fine-tuning
