@@ -7087,3 +7087,23 @@ def test_packing_bench_padding_share_by_hand():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     shares = bench_packing.padding_share({'input_ids': torch.zeros_like(mask), 'attention_mask': mask})
     assert shares == pytest.approx((5 / 12, 16 / 30, 8 / 12, 2 / 3))
+
+
+def test_packing_bipost_falls_back_with_one_line_and_refuses_such_a_teacher(tmp_path, monkeypatch, capsys, rel_models):
+    """bipost.py with a packing that leaks (positions that do not restart): one 'packing off:' line at startup, the
+    run trains on padded rows (its startup line and checkpoint say so); a KD teacher loaded then is refused in one
+    line with the fix, nothing written."""
+    exact = packing.forward
+    monkeypatch.setattr(packing, 'forward', _pack_leaky)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    assert code == 0, err
+    off = [line for line in out.splitlines() if line.startswith('packing off: ')]
+    assert len(off) == 1 and 'set packing=False' in off[0] and '| padded rows' in out, out
+    assert not _pack_was_on(tmp_path / 'out')
+    teacher = lambda body: body.config.max_position_embeddings == 256  # rel_models' (the scratch policy's: 128)
+    monkeypatch.setattr(packing, 'forward', lambda body, packed: (_pack_leaky if teacher(body) else exact)(body, packed))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft", "kd"]', '--max_iters=1',
+                                    f'--teacher_from={rel_models["init"]}', f'--out_dir={tmp_path / "kd"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith(f"bipost: error: teacher '{rel_models['init']}'"), message
+    assert 'set packing=False' in message and not (tmp_path / 'kd').exists()
