@@ -79,7 +79,7 @@ def packing_checked(model, source, master):
         return True
     except ValueError as e:
         if master:
-            print(f"packing off: {e} (bipost falls back to padded rows; set packing=False to silence this)")
+            print(f"packing off: {e} (training on padded rows)")
         return False
 
 
