@@ -7043,17 +7043,18 @@ def _pack_was_on(out_dir):
         return json.load(f)['config']['packing']
 
 
-def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path):
-    """bipost.py on the demo data (sft + dpo, mix; a 1-layer scratch Llama): packing=True (the default) and False give
-    the same training and held-out numbers to ~1e-5, and a packed run stopped after update 2 and resumed continues
-    exactly as the uninterrupted packed run."""
-    common = ['--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=4', '--eval_interval=2',
-              '--eval_iters=2', '--warmup_iters=0', '--decay_lr=False', '--export_hf=False']  # lr: not from max_iters
-    dirs = _train_run(tmp_path, {'padded': common + ['--packing=False', '--max_iters=4'],
-                                 'packed': common + ['--max_iters=4'], 'part': common + ['--max_iters=2']})
-    _train_run(tmp_path, {'part': common + ['--max_iters=4', "--init_from='resume'"]})
-    assert [_pack_was_on(dirs[name]) for name in ('padded', 'packed', 'part')] == [False, True, True]
-    padded, packed, resumed = (_rel_losses(_rel_metrics(dirs[name])) for name in ('padded', 'packed', 'part'))
+def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path, monkeypatch, capsys):
+    """bipost.py on the demo data (sft + dpo, mix; a 1-layer scratch Llama; in this process): packing=True (the
+    default) and False give the same training and held-out numbers to ~1e-5, and a packed run stopped after update 2
+    and resumed continues exactly as the uninterrupted packed run."""
+    common = ['--objectives=["sft", "dpo"]', '--strategy=mix', '--eval_interval=2', '--decay_lr=False',
+              '--export_hf=False']  # lr: not from max_iters
+    for name, args in (('padded', ['--packing=False', '--max_iters=4']), ('packed', ['--max_iters=4']),
+                       ('part', ['--max_iters=2']), ('part', ['--max_iters=4', "--init_from='resume'"])):
+        code, out, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
+        assert code == 0 and ('| padded rows' if name == 'padded' else '| packed rows') in out, err
+    assert [_pack_was_on(tmp_path / name) for name in ('padded', 'packed', 'part')] == [False, True, True]
+    padded, packed, resumed = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('padded', 'packed', 'part'))
     assert padded.keys() == packed.keys() and len(padded) == 7  # evals 0, 2, 4; updates 1-4
     for key, record in padded.items():
         assert record.keys() == packed[key].keys()
