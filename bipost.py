@@ -91,6 +91,7 @@ reference_logps = 'live'      # 'live': the reference runs beside the policy | '
                               # splits before training, cached in out_dir/reference_logps.npz, then freed (Tulu 3)
 teacher_from = ''             # local HF dir of the frozen KD teacher
 fused_kernels = True          # Triton log-prob/DPO kernels on GPU; CPU always uses the PyTorch twins
+packing = True                # each micro-batch's examples laid end to end, no padding, the same numbers (docs/packing.md); off with one line where inexact
 sft_grads_in_forward = True   # SFT: the LM head's gradients computed in its forward pass (3 GEMMs, not 4; as exact)
 gradient_checkpointing = False # True: each layer's activations recomputed in backward (non-reentrant): ~1/3 more compute, far less activation memory
 lora_rank = 0                 # > 0: train LoRA adapters of this rank (~8-64; needs peft), the reference is the model with them off; 0 = full fine-tuning
@@ -249,7 +250,7 @@ except ValueError as e:
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
 
 from transformers import AutoConfig, AutoModelForCausalLM
-from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora
+from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora, packing_checked
 
 checkpoint, state = None, None  # the pointer ckpt.json, and plain torch's ckpt.pt (checkpoint.py)
 if master:
@@ -290,6 +291,7 @@ if 'rl' in objectives and rl_advantage == 'ppo':  # PPO's value head: a submodul
         model.value_head.load_state_dict({k[len('value_head.'):]: v for k, v in state['model'].items()
                                           if k.startswith('value_head.')})
 vocab_size = built(check_vocab, model, policy_source, meta, meta_path)
+packing = config['packing'] = packing and packing_checked(model, policy_source, master)  # fp32, before LoRA / DeepSpeed
 try:
     check_fits([*train_data.values(), *val_data.values()], getattr(model.config, 'max_position_embeddings', None),
                vocab_size, data_dir, rl_max_new_tokens)
@@ -309,7 +311,8 @@ if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
 # DeepSpeed the engine holds the policy in the training dtype; plain torch keeps fp32 weights under autocast
-frozen_setup = dict(vocab_size=vocab_size, device=device, dtype=ptdtype if deepspeed else torch.float32, zero3_config=None)
+frozen_setup = dict(vocab_size=vocab_size, device=device, dtype=ptdtype if deepspeed else torch.float32, zero3_config=None,
+                    packing=packing)
 if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
     frozen_setup['zero3_config'] = {'train_micro_batch_size_per_gpu': batch_size, 'bf16': {'enabled': dtype == 'bfloat16'},
                                     'fp16': {'enabled': dtype == 'float16'}, 'zero_optimization': {'stage': 3}}
@@ -324,7 +327,7 @@ ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=
                       dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
                       simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, desirable_weight=desirable_weight,
                       undesirable_weight=undesirable_weight, reference_cache=None, pad_id=meta['pad_id'],
-                      rm_center_coefficient=rm_center_coefficient,
+                      rm_center_coefficient=rm_center_coefficient, packing=packing,
                       grads_in_forward=sft_grads_in_forward and not data_selection)
 if 'rl' in objectives:
     ctx.__dict__.update(rl_context)

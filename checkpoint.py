@@ -25,7 +25,7 @@ from configurator import configure, ConfigError
 RESUME_MAY_CHANGE = ['max_iters', 'eval_interval', 'eval_iters', 'log_interval', 'eval_only', 'always_save_checkpoint',
                      'export_hf', 'wandb_log', 'wandb_project', 'wandb_run_name', 'nonfinite', 'out_dir', 'init_from',
                      'overwrite', 'device', 'gradient_checkpointing',  # the same gradients, other memory
-                     'save_checkpoints', 'peak_flops', 'sft_grads_in_forward']
+                     'save_checkpoints', 'peak_flops', 'sft_grads_in_forward', 'packing']  # (packing: the same numbers)
 
 
 def resume_config(out_dir, defaults, argv):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bipost_kernels.logprob import token_logprobs
+import packing  # padding-free rows: one [1, T] row per micro-batch (packing.py)
 
 
 class Head(NamedTuple):
@@ -144,10 +145,35 @@ def check_head(model, tolerance=1e-3):
                          f"a final soft cap); add this family to head_of, or use another model")
 
 
+def check_packing(model, name, tolerance=1e-4):
+    """Raise ValueError unless the model's packed per-token log-probs equal its padded ones on a short random probe:
+    rows of 4, 9 and 5 tokens (packed: the 9 alone, then the 5 and the 4 in one row, so that attention leaking from
+    one example into the next shows). For an fp32 model on the CPU, before any cast, LoRA or ZeRO-3 partitioning."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(0)).to(model.device)
+    mask = (torch.arange(9) < torch.tensor([[4], [9], [5]])).long().to(model.device)
+    batch = {'input_ids': ids, 'attention_mask': mask, 'response_mask': mask}
+    training = model.training
+    model.eval()  # no dropout: both forwards must run the same network
+    with torch.no_grad():
+        padded, _ = response_logprobs(model, batch, SimpleNamespace(fused_kernels=False, packing=False))
+        packed, _ = response_logprobs(model, batch, SimpleNamespace(fused_kernels=False, packing=True))
+    model.train(training)
+    if not torch.allclose(packed, padded, rtol=tolerance, atol=tolerance):
+        raise ValueError(f"{name} ({type(model).__name__}, attn_implementation "
+                         f"'{model.config._attn_implementation}'): packed rows give log-probs that differ from padded "
+                         f"ones by up to {(packed - padded).abs().max():.3g} (its attention does not confine itself to "
+                         f"each example from restarting position ids); set packing=False")
+
+
 def response_logprobs(model, batch, ctx, grad_hint=None):
     """Per-token log-probs [B, L-1] (fp32) of the response tokens, 0 elsewhere, and the mask [B, L-1] (bool).
-    grad_hint: d loss / d log-prob up to a scalar, if known now (bipost_kernels/logprob.py: the head's gradients in the forward)."""
+    grad_hint: d loss / d log-prob up to a scalar, if known now (bipost_kernels/logprob.py: the head's gradients in the forward).
+    ctx.packing: the body runs on packed rows (packing.py), the head on their [S, H] hidden states; the same numbers."""
     body, head = body_and_head(model)
-    hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
+    hidden, layout = packing.scoring_hidden(body, batch, getattr(ctx, 'packing', False))  # packed: [S, H], no padding
     targets, mask = batch['input_ids'][:, 1:], batch['response_mask'][:, 1:].bool()
-    return head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False, grad_hint=grad_hint), mask
+    logps = head.logprobs(hidden, packing.gather(targets, layout), packing.gather(mask, layout),
+                          fused=None if ctx.fused_kernels else False,
+                          grad_hint=None if grad_hint is None else packing.gather(grad_hint, layout))
+    return packing.spread(logps, layout, mask.shape), mask

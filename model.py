@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from lm_head import check_head
+from lm_head import check_head, check_packing
 from reference_cache import weights_digest
 
 hf_logging.disable_progress_bar()
@@ -71,13 +71,28 @@ def enable_checkpointing(model, source):
         raise ValueError(f"gradient_checkpointing=True: {e} (model '{source}'); set gradient_checkpointing=False") from None
 
 
-def frozen(m, source, role, vocab_size, device, dtype, digest=False, zero3_config=None):
+def packing_checked(model, source, master):
+    """Whether the policy's packed rows give its padded numbers (lm_head.check_packing); if not, packing is turned off
+    with one line saying why (rank 0 prints it). fp32 on the CPU, before LoRA, casts or DeepSpeed."""
+    try:
+        check_packing(model, f"model '{source}'")
+        return True
+    except ValueError as e:
+        if master:
+            print(f"packing off: {e} (training on padded rows)")
+        return False
+
+
+def frozen(m, source, role, vocab_size, device, dtype, digest=False, zero3_config=None, packing=False):
     """A loaded model as the frozen reference/teacher: the policy's vocab, no gradients, eval mode. digest: its
     weights_digest as m.bipost_weights (the precomputed reference's fingerprint), taken before ZeRO-3 partitions it.
-    zero3_config: partitioned like the policy by a forward-only DeepSpeed engine; else on device in dtype."""
+    zero3_config: partitioned like the policy by a forward-only DeepSpeed engine; else on device in dtype. packing:
+    its packed rows must give its padded numbers, as the policy's did (a teacher of another family may not)."""
     if m.get_output_embeddings().weight.shape[0] != vocab_size:
         raise ValueError(f"{role} '{source}' has vocab {m.get_output_embeddings().weight.shape[0]} but the policy has "
                          f"{vocab_size}: the {role} must share the policy's tokenizer")
+    if packing:
+        check_packing(m, f"{role} '{source}'")
     m.requires_grad_(False).eval()
     if digest:
         m.bipost_weights = weights_digest(m)

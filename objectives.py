@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bipost_kernels.dpo import dpo_losses, ld_weights, sequence_logps
 from lm_head import body_and_head, response_logprobs  # the head path every objective shares (lm_head.py)
 import rl as reinforcement_learning  # the RL objective's rollouts and surrogate; rl.py reads lm_head.py, never this file
+import packing  # padding-free packed rows (packing.py): kd's student and teacher
 import reward_model  # the rm objective's scalar head and pairwise loss; it reads lm_head.py, never this file
 
 
@@ -166,15 +167,17 @@ def kd(model, batch, ctx, chunk=None):
     """Mean over an example's response positions of −Σ_v p_teacher(v) log p_student(v): the forward KL to the teacher
     up to the teacher's entropy. chunk: rows of logits at a time (Head.cross_entropy; default from the vocab)."""
     body, head = body_and_head(model)
-    hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state[:, :-1]
+    packed = getattr(ctx, 'packing', False)  # the student and the teacher on packed rows (packing.py): one layout
+    hidden, layout = packing.scoring_hidden(body, batch, packed)
     mask = batch['response_mask'][:, 1:]
-    rows = mask.reshape(-1).nonzero().squeeze(-1)  # only response positions are distilled
+    rows = packing.gather(mask, layout).reshape(-1).nonzero().squeeze(-1)  # only response positions are distilled
     with torch.no_grad():
         teacher_body, teacher_head = body_and_head(ctx.teacher)
-        teacher_hidden = teacher_body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'])
-        teacher_hidden = teacher_hidden.last_hidden_state[:, :-1].reshape(-1, teacher_hidden.last_hidden_state.shape[-1])
+        teacher_hidden = packing.scoring_hidden(teacher_body, batch, packed)[0]
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     losses = head.cross_entropy(hidden.reshape(-1, hidden.shape[-1])[rows], teacher_head, teacher_hidden[rows], chunk)
-    per_token = torch.zeros(mask.numel(), device=hidden.device, dtype=torch.float32).index_put((rows,), losses)
+    per_token = torch.zeros(hidden.shape[:-1].numel(), device=hidden.device, dtype=torch.float32)
+    per_token = packing.spread(per_token.index_put((rows,), losses), layout, mask.shape)
     tokens = mask.sum(1).clamp(min=1)
     return per_token.view(mask.shape).sum(1) / tokens, {'tokens': tokens.float()}
 

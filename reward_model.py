@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_head import body_and_head
+import packing
 
 
 def last_tokens(input_ids, pad_id):
@@ -36,12 +37,18 @@ def last_tokens(input_ids, pad_id):
     return (positions * (input_ids != pad_id)).argmax(-1)
 
 
-def scores(model, batch, pad_id):
-    """[rows] fp32 reward of each row of batch: the reward head on the final hidden state of its last token."""
+def scores(model, batch, pad_id, packed=False):
+    """[rows] fp32 reward of each row of batch: the reward head on the final hidden state of its last token.
+    packed: the body runs on packed rows (packing.py) and the head reads that same token there."""
     body, _ = body_and_head(model)
-    hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return model.reward_head(hidden[rows, last_tokens(batch['input_ids'], pad_id)]).squeeze(-1).float()
+    last = last_tokens(batch['input_ids'], pad_id)
+    if packed:
+        rows = packing.pack(batch['input_ids'], batch['attention_mask'], packing.one_row(body))
+        hidden = packing.forward(body, rows)[packing.token_at(rows, last)]
+    else:
+        hidden = body(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).last_hidden_state
+        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return model.reward_head(hidden).squeeze(-1).float()
 
 
 def pairwise_losses(chosen, rejected, margin=None, center=0.0):
@@ -59,7 +66,7 @@ def pairwise_losses(chosen, rejected, margin=None, center=0.0):
 
 def objective(model, batch, ctx):
     """objectives.OBJECTIVES['rm'] on a preference batch (2B rows, chosen first)."""
-    rewards = scores(model, batch, ctx.pad_id)
+    rewards = scores(model, batch, ctx.pad_id, getattr(ctx, 'packing', False))
     B = rewards.shape[0] // 2
     return pairwise_losses(rewards[:B], rewards[B:], batch.get('margin'), ctx.rm_center_coefficient)
 

@@ -38,6 +38,7 @@ import time
 import torch
 
 import lm_head  # the shared head path (log-probs through the LM head); objectives.py imports this file, not the reverse
+import packing  # padding-free packed rows for the loss forward (generation stays padded)
 import rewards as reward_functions
 
 ADVANTAGES = ('group', 'group_std', 'batch_std', 'loo', 'ppo')
@@ -320,10 +321,12 @@ def forward(model, rows, ctx, values):
     """Per-token log-probs [N, L−1] of the completions (0 elsewhere), their mask, and V(s_t) when values: the value
     head reads the same final hidden state that scores token t."""
     body, head = lm_head.body_and_head(model)
-    hidden = body(input_ids=rows['input_ids'], attention_mask=rows['attention_mask']).last_hidden_state[:, :-1]
+    hidden, layout = packing.scoring_hidden(body, rows, getattr(ctx, 'packing', False))  # packed: [S, H] (packing.py)
     targets, mask = rows['input_ids'][:, 1:], rows['response_mask'][:, 1:].bool()
-    logps = head.logprobs(hidden, targets, mask, fused=None if ctx.fused_kernels else False)
-    return logps, mask, (model.value_head(hidden).squeeze(-1).float() if values else None)
+    logps = head.logprobs(hidden, packing.gather(targets, layout), packing.gather(mask, layout),
+                          fused=None if ctx.fused_kernels else False)
+    values = packing.spread(model.value_head(hidden).squeeze(-1).float(), layout, mask.shape) if values else None
+    return packing.spread(logps, layout, mask.shape), mask, values
 
 
 def per_prompt(values, group):

@@ -17,12 +17,14 @@ def startup_facts(c, raw_model, trained, frozen_models, train_data, val_data, ki
     print(f"objectives: {c['objectives']} | strategy {c['strategy']} | weights {c['weights']} | "
           f"f* {[round(v, 4) for v in optimum_values] if optimum_values else 'unknown (optima = [])'}")
     engine = f"deepspeed ZeRO-{c['zero_stage']}" if c['deepspeed'] else 'plain torch'
+    rows = f"{'packed' if c['packing'] else 'padded'} rows"
     if c['max_tokens_per_batch']:  # RL's prompts keep batch_size
         print(f"world {world_size} | {engine} | device {device} | micro-batches of up to {c['max_tokens_per_batch']} "
-              f"tokens x {accumulation} accum x {world_size} ranks per update")
+              f"tokens x {accumulation} accum x {world_size} ranks per update | {rows}")
     else:
         print(f"world {world_size} | {engine} | device {device} | {c['batch_size']} x {accumulation} accum x "
-              f"{world_size} ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update")
+              f"{world_size} ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update | "
+              f"{rows}")
     for name in c['objectives']:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")

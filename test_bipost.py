@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 #   baselines        the results table's ORPO / CPO / SimPO rows in data/demo/tradeoff.json -k golden_baselines
 #   tokens           max_tokens_per_batch: micro-batches by tokens, the loss per example, resume -k tokens_
 #   DPO or PPO?      data/demo/rlhf_table.py: pairs from the warm-up's samples, its golden table -k rlhf_table
+#   packing          packing.py: packed rows against the padded path, per family and objective -k packing
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -7067,3 +7068,284 @@ def test_rlhf_table_docs_table_is_golden_json():
     docs = open(os.path.join(ROOT, 'docs', 'reward-model.md'), encoding='utf-8').read().splitlines()
     start = docs.index(printed[0])
     assert [line for line in docs[start:start + len(printed) + 1] if line.strip()] == printed
+
+
+# ---- packing: padding-free packed rows (packing.py) against the padded path ----
+
+import packing
+import reward_model
+
+# families whose attention reads packed position ids (transformers' masking_utils); sliding windows shorter than the
+# rows, so that a window computed over the packed row instead of per example would show; Gemma 2 with its soft caps
+PACK_FAMILIES = {'llama': ('llama', {}), 'llama_eager': ('llama', {'attn_implementation': 'eager'}),
+                 'qwen2': ('qwen2', {'sliding_window': 3, 'use_sliding_window': True, 'max_window_layers': 0}),
+                 'mistral': ('mistral', {'sliding_window': 3}),
+                 'gemma2': ('gemma2', {'sliding_window': 3, 'attn_implementation': 'eager'})}
+
+
+def _pack_model(family, seed=0):
+    """A tiny random model of HEAD_FAMILIES' family (head x20: sharp log-probs), with PACK_FAMILIES' changes."""
+    import transformers
+    name, changes = PACK_FAMILIES[family]
+    config_class, kwargs, _, _ = HEAD_FAMILIES[name]
+    changes = dict(changes)
+    attention = changes.pop('attn_implementation', 'sdpa')
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{**kwargs, **changes})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+def _pack_batch(spans, pad_id=None, seed=0):
+    """_obj_batch's rows on the families' vocab (64), padding = pad_id where given."""
+    g = torch.Generator().manual_seed(seed)
+    batch = _obj_batch(spans, seed)
+    batch['input_ids'] = torch.randint(0, 63, batch['input_ids'].shape, generator=g)
+    if pad_id is not None:
+        batch['input_ids'][batch['attention_mask'] == 0] = pad_id
+    return batch
+
+
+def _pack_both(run, model):
+    """run(packing) -> (losses, metrics) with packing off and on: each with the gradients of losses.mean()."""
+    results = []
+    for on in (False, True):
+        model.zero_grad()
+        losses, metrics = run(on)
+        grads = torch.autograd.grad(losses.mean(), list(model.parameters()), allow_unused=True, materialize_grads=True)
+        results.append((losses, metrics, grads))  # (rm leaves the LM head unused)
+    return results
+
+
+def _pack_assert_equal(results, what):
+    (losses, metrics, grads), (p_losses, p_metrics, p_grads) = results
+    torch.testing.assert_close(p_losses, losses, atol=1e-5, rtol=1e-5, msg=what)
+    assert metrics.keys() == p_metrics.keys()
+    for key in metrics:
+        torch.testing.assert_close(p_metrics[key], metrics[key], atol=1e-5, rtol=1e-5, msg=f'{what}: {key}')
+    for a, b in zip(p_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=what)
+
+
+def test_packing_layout_by_hand():
+    """pack(): right- and left-padded rows become their real tokens example after example, positions restarting at 0
+    for every example, cu_seqlens at the example boundaries (an empty row is an empty segment); the rows the body runs
+    on hold them first fit, longest first, in the longest example's length (one_row: all in one), a row's end a run of
+    its own from 0; next_token_rows drops each example's last token and maps the others into the [B, L-1] layout."""
+    ids = torch.tensor([[1, 2, 3, 0], [0, 0, 4, 5], [0, 0, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    packed = packing.pack(ids, mask)
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 5, 9, 10]
+    assert packed.index.tolist() == [0, 1, 2, 6, 7, 12, 13, 14, 15, 16]
+    # longest first into rows of 4: [6 7 8 9], [1 2 3 | 10], [4 5 | pad pad]
+    assert packed.input_ids.tolist() == [[6, 7, 8, 9], [1, 2, 3, 10], [4, 5, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert packed.slots.tolist() == [4, 5, 6, 8, 9, 0, 1, 2, 3, 7]
+    one = packing.pack(ids, mask, one_row=True)
+    assert one.input_ids.tolist() == [[6, 7, 8, 9, 1, 2, 3, 4, 5, 10]]
+    assert one.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0]]
+    for p in (packed, one):
+        assert p.input_ids.reshape(-1)[p.slots].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # example after example
+    rows, layout = packing.next_token_rows(packed)
+    assert rows.tolist() == [0, 1, 3, 5, 6, 7]  # not 2, 4, 8, 9: the last token of each example
+    assert layout.tolist() == [0, 1, 3 + 2, 9 + 0, 9 + 1, 9 + 2]  # row b, column t -> b·(L-1) + t
+    assert packing.token_at(packed, torch.tensor([2, 3, 0, 3, 0])).tolist() == [2, 4, 5, 8, 9]
+    values = torch.arange(1.0, 7.0)
+    assert packing.spread(values, layout, (5, 3)).tolist() == [[1, 2, 0], [0, 0, 3], [0, 0, 0], [4, 5, 6], [0, 0, 0]]
+    assert packing.gather(torch.arange(15).view(5, 3), layout).tolist() == layout.tolist()
+
+
+PACK_SPANS = [(3, 4), (1, 6), (5, 2), (2, 1), (1, 2)]  # 7, 7, 7, 3, 3 tokens: packed, the two 3s share a row
+
+
+@pytest.mark.parametrize('one_row', [False, True])
+@pytest.mark.parametrize('family', list(PACK_FAMILIES))
+def test_packing_logprobs_and_gradients_equal_padded(monkeypatch, family, one_row):
+    """Per-token log-probs of every response token (and their gradients) from packed rows equal the padded path's to
+    1e-5 (fp32), per family and attention implementation, in rows of the longest example's length (sdpa, eager) and
+    in one row (flash-attention's layout); the padded path is the model's own (check_packing passes)."""
+    model = _pack_model(family)
+    monkeypatch.setattr(packing, 'one_row', lambda body: one_row)
+    lm_head.check_packing(model, family)
+    batch = _pack_batch(PACK_SPANS)
+    rows = packing.pack(batch['input_ids'], batch['attention_mask'], one_row).input_ids.shape[0]
+    assert rows == (1 if one_row else 4)  # examples share rows
+    runs = _pack_both(lambda on: (lambda lp: (lp[0].sum(1), {'logps': lp[0]}))(
+        lm_head.response_logprobs(model, batch, _obj_ctx(packing=on))), model)
+    _pack_assert_equal(runs, family)
+    padded = runs[0][1]['logps']
+    mine, _ = _obj_hand_logprobs(model, batch)
+    torch.testing.assert_close(padded, mine, atol=1e-5, rtol=1e-5)
+    assert (padded != 0).sum() == batch['response_mask'][:, 1:].sum()  # every response token scored
+
+
+def _pack_objective_ctx(name, family):
+    reference, teacher = _pack_model(family, seed=1), _pack_model('qwen2', seed=2)  # a teacher of another family
+    return dict(reference=reference, teacher=teacher, beta=0.5, simpo_gamma=0.3, cpo_alpha=0.7, desirable_weight=1.0,
+                undesirable_weight=1.3, dpo_nll_weight=0.2 if name == 'dpo' else 0.0, label_smoothing=0.1,
+                grads_in_forward=name == 'sft', pad_id=63, rm_center_coefficient=0.01)
+
+
+@pytest.mark.parametrize('family', ['llama', 'gemma2'])
+@pytest.mark.parametrize('name', ['sft', 'dpo', 'simpo', 'cpo', 'orpo', 'kto', 'kd', 'rm'])
+def test_packing_objectives_equal_padded(name, family):
+    """Each objective's per-example losses, metrics and gradients with packed rows equal the padded path's (1e-5):
+    sft (gradients in the forward), dpo (+ NLL, reference on packed rows), the reference-free zoo, kto (own and
+    mismatched rows), kd (student and a teacher of another family, both packed), rm (the score at each row's last
+    token, padding = pad_id)."""
+    model = _pack_model(family)
+    spans = OBJ_PAIRS if objectives.DATA_KIND[name] in ('pref', 'unpaired') else PACK_SPANS
+    batch = _pack_batch(spans, pad_id=63)
+    if name == 'kto':
+        batch['labels'] = torch.tensor([True, False, True])  # (OBJ_PAIRS: its 5- and 4-token rows share a row)
+    if name == 'rm':
+        torch.manual_seed(3)
+        model.reward_head = torch.nn.Linear(32, 1, bias=False)
+    settings = _pack_objective_ctx(name, family)
+    runs = _pack_both(lambda on: objectives.OBJECTIVES[name](model, batch, _obj_ctx(**settings, packing=on)), model)
+    _pack_assert_equal(runs, f'{name} {family}')
+    assert any(g.abs().sum() > 0 for g in runs[1][2])  # the packed path really trains the model
+
+
+def test_packing_rl_loss_forward_equals_padded():
+    """RL's loss forward (rl.loss on a fixed rollout: PPO's value head, the k3 KL to a reference whose log-probs are
+    packed too) gives the padded path's losses, metrics and gradients (1e-5)."""
+    model, reference = _pack_model('llama'), _pack_model('llama', seed=1)
+    model.value_head = torch.nn.Linear(32, 1)  # random, not rl.value_head's zeros: the values must come out right
+    rows = _pack_batch(RL_SPANS)
+    rows = {k: rows[k] for k in ('input_ids', 'attention_mask', 'response_mask')}
+    rewards_ = torch.tensor([10.0, 0.0, 0.0, 10.0])
+
+    def run(on):
+        ctx = _rl_ctx(rl_advantage='ppo', rl_kl=0.1, packing=on)
+        with torch.no_grad():
+            reference_logps, _ = lm_head.response_logprobs(reference, rows, ctx)
+        roll = {'rows': rows, 'group': 2, 'rewards': rewards_, 'scores': rewards_ / 10, 'lengths': torch.tensor([4, 2, 5, 1]),
+                'reference_logps': reference_logps, 'gen_tokens_per_s': 1.0, 'truncated': torch.zeros(4, dtype=torch.bool)}
+        return rl.loss(model, roll, ctx)
+
+    _pack_assert_equal(_pack_both(run, model), 'rl')
+
+
+@pytest.mark.skipif(not _triton_runs, reason="Triton cannot run here (see FUSED)")
+def test_packing_kernels_under_the_interpreter_equal_the_padded_twins(monkeypatch):
+    """sft and dpo on packed rows through the Triton kernels (interpreter, tiny shapes, fp32) equal the padded twins."""
+    policy, reference = _pack_model('gemma2'), _pack_model('gemma2', seed=1)
+    for name, spans in (('sft', PACK_SPANS), ('dpo', OBJ_PAIRS)):
+        batch = _pack_batch(spans)
+        padded = _pack_both(lambda on: objectives.OBJECTIVES[name](
+            policy, batch, _obj_ctx(reference=reference, beta=0.5, packing=False)), policy)[0]
+        with monkeypatch.context() as patch:
+            calls = _force_kernels(patch)
+            packed = _pack_both(lambda on: objectives.OBJECTIVES[name](
+                policy, batch, _obj_ctx(reference=reference, beta=0.5, packing=True, fused_kernels=True)), policy)[0]
+        assert '_triton_forward' in calls and (name == 'sft' or '_dpo_forward_kernel' in calls), calls
+        _pack_assert_equal([padded, packed], name)
+
+
+def _pack_leaky(body, packed):
+    """A wrong packing: positions that run on across the examples of a row (0..W-1), so that nothing separates them."""
+    positions = torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids)
+    hidden = body(input_ids=packed.input_ids, position_ids=positions, attention_mask=None, use_cache=False)
+    return hidden.last_hidden_state.reshape(-1, hidden.last_hidden_state.shape[-1])[packed.slots]
+
+
+def _pack_cached(body, packed):
+    """Another: restarting positions, but with a KV cache, where transformers never reads them as packed."""
+    hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=True)
+    return hidden.last_hidden_state.reshape(-1, hidden.last_hidden_state.shape[-1])[packed.slots]
+
+
+@pytest.mark.parametrize('wrong', [_pack_leaky, _pack_cached])
+@pytest.mark.parametrize('family', ['llama', 'mistral', 'gemma2'])
+def test_packing_probe_refuses_a_packing_that_leaks(monkeypatch, capsys, family, wrong):
+    """A packed forward whose attention crosses examples (positions that do not restart; or a cache, under which the
+    packed format is not detected) gives other log-probs: check_packing refuses it in one line, the policy falls
+    back to padded rows with one printed line, and a teacher is refused (frozen)."""
+    import model as model_module
+    model = _pack_model(family)
+    assert model_module.packing_checked(model, 'm', master=True) and capsys.readouterr().out == ''
+    monkeypatch.setattr(packing, 'forward', wrong)
+    with pytest.raises(ValueError, match=r"packed rows give log-probs that differ .* set packing=False"):
+        lm_head.check_packing(model, family)
+    assert not model_module.packing_checked(model, 'm', master=True)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith('packing off: ') and 'set packing=False' in out[0], out
+    with pytest.raises(ValueError, match=r"teacher 't'.*set packing=False"):
+        model_module.frozen(model, 't', 'teacher', 64, 'cpu', torch.float32, packing=True)
+    model_module.frozen(model, 't', 'teacher', 64, 'cpu', torch.float32, packing=False)  # padded: no probe
+
+
+def _pack_was_on(out_dir):
+    """Whether a run trained on packed rows: its checkpoint's config holds packing as the load-time probe left it."""
+    with open(os.path.join(out_dir, 'ckpt.json')) as f:
+        return json.load(f)['config']['packing']
+
+
+def test_packing_training_runs_equal_padded_and_resume_exactly(tmp_path, monkeypatch, capsys):
+    """bipost.py on the demo data (sft + dpo, mix; a 1-layer scratch Llama; in this process): packing=True (the
+    default) and False give the same training and held-out numbers to ~1e-5, and a packed run stopped after update 2
+    and resumed continues exactly as the uninterrupted packed run."""
+    common = ['--objectives=["sft", "dpo"]', '--strategy=mix', '--eval_interval=2', '--decay_lr=False',
+              '--export_hf=False']  # lr: not from max_iters
+    for name, args in (('padded', ['--packing=False', '--max_iters=4']), ('packed', ['--max_iters=4']),
+                       ('part', ['--max_iters=2']), ('part', ['--max_iters=4', "--init_from='resume'"])):
+        code, out, err = _rel_inprocess(monkeypatch, capsys, *common, *args, f'--out_dir={tmp_path / name}')
+        assert code == 0 and ('| padded rows' if name == 'padded' else '| packed rows') in out, err
+    assert [_pack_was_on(tmp_path / name) for name in ('padded', 'packed', 'part')] == [False, True, True]
+    padded, packed, resumed = (_rel_losses(_rel_metrics(tmp_path / name)) for name in ('padded', 'packed', 'part'))
+    assert padded.keys() == packed.keys() and len(padded) == 7  # evals 0, 2, 4; updates 1-4
+    for key, record in padded.items():
+        assert record.keys() == packed[key].keys()
+        for k, v in record.items():  # losses to 1e-5; summed log-probs (~100) and β·their differences to fp32 rounding
+            tolerance = 1e-5 if k.endswith('/loss') else 1e-4
+            assert packed[key][k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=tolerance)), (key, k)
+    assert resumed == packed  # exactly
+
+
+@pytest.mark.slow
+def test_packing_zero3_equals_padded(tmp_path):
+    """Under DeepSpeed ZeRO-3 (one process, gloo; n_embd=400: the attention matrices and the head are partitioned,
+    and so is the reference), packed rows give the padded run's per-update and held-out sft / dpo numbers."""
+    common = ['--n_embd=400', '--objectives=["sft", "dpo"]', '--strategy=mix', '--batch_size=2', '--max_iters=3',
+              '--eval_interval=3', '--eval_iters=1', '--warmup_iters=0', '--decay_lr=False', '--beta=1.0',
+              '--length_normalize=False', '--export_hf=False', '--deepspeed=True', '--zero_stage=3']
+    dirs = _train_run(tmp_path, {'padded': common + ['--packing=False'], 'packed': common})
+    assert [_pack_was_on(dirs[name]) for name in ('padded', 'packed')] == [False, True]
+    padded, packed = (_rel_losses(_rel_metrics(dirs[name])) for name in ('padded', 'packed'))
+    assert padded.keys() == packed.keys() and len(padded) == 5  # evals 0, 3; updates 1-3
+    for key, record in padded.items():
+        for k, v in record.items():
+            tolerance = 1e-5 if k.endswith('/loss') else 1e-4  # as in test_packing_training_runs_equal_padded_...
+            assert packed[key][k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=tolerance)), (key, k)
+
+
+def test_packing_bench_padding_share_by_hand():
+    """bench_packing.padding_share on rows of 2, 4 and 1 real tokens padded to 4: linear 1 - 7/12, attention (causal
+    pairs) 1 - (3 + 10 + 1)/(3·10); packed in 2 rows of 4: positions 8/12, scores 2·4²/(3·4²)."""
+    from bipost_kernels import bench_packing
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    shares = bench_packing.padding_share({'input_ids': torch.zeros_like(mask), 'attention_mask': mask})
+    assert shares == pytest.approx((5 / 12, 16 / 30, 8 / 12, 2 / 3))
+
+
+def test_packing_bipost_falls_back_with_one_line_and_refuses_such_a_teacher(tmp_path, monkeypatch, capsys, rel_models):
+    """bipost.py with a packing that leaks (positions that do not restart): one 'packing off:' line at startup, the
+    run trains on padded rows (its startup line and checkpoint say so); a KD teacher loaded then is refused in one
+    line with the fix, nothing written."""
+    exact = packing.forward
+    monkeypatch.setattr(packing, 'forward', _pack_leaky)
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--max_iters=1', f'--out_dir={tmp_path / "out"}')
+    assert code == 0, err
+    off = [line for line in out.splitlines() if line.startswith('packing off: ')]
+    assert len(off) == 1 and 'set packing=False' in off[0] and '| padded rows' in out, out
+    assert not _pack_was_on(tmp_path / 'out')
+    teacher = lambda body: body.config.max_position_embeddings == 256  # rel_models' (the scratch policy's: 128)
+    monkeypatch.setattr(packing, 'forward', lambda body, packed: (_pack_leaky if teacher(body) else exact)(body, packed))
+    code, out, err = _rel_inprocess(monkeypatch, capsys, '--objectives=["sft", "kd"]', '--max_iters=1',
+                                    f'--teacher_from={rel_models["init"]}', f'--out_dir={tmp_path / "kd"}')
+    message = err.strip().splitlines()[-1]
+    assert code == 1 and message.startswith(f"bipost: error: teacher '{rel_models['init']}'"), message
+    assert 'set packing=False' in message and not (tmp_path / 'kd').exists()
