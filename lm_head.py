@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bipost_kernels.logprob import token_logprobs
-import packing  # padding-free rows: one [1, T] row per micro-batch (packing.py)
+import packing  # padding-free rows: the examples laid end to end, positions restarting (packing.py)
 
 
 class Head(NamedTuple):
