@@ -409,7 +409,8 @@ for path in (metrics_path, os.path.join(out_dir, rl.SAMPLES_FILE)):
     if master and not eval_only and os.path.exists(path):  # as if never stopped (fresh: started over)
         restart_metrics(path, checkpoint, iter_num)
 if checkpoint and master:
-    print(f"resumed from {out_dir} at update {iter_num}, with the config saved there")
+    print(f"resumed from {out_dir} at update {iter_num}, with the config saved there" +
+          (f"; it is done (max_iters={max_iters}): --max_iters=N to train on" if iter_num >= max_iters else ''))
 
 # -----------------------------------------------------------------------------
 # helpers for the loop

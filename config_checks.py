@@ -32,10 +32,13 @@ def check_settings(c, world_size):
         accumulation = c['total_batch_size'] // (batch_size * world_size)
     if batch_size < 1 or accumulation < 1:
         raise ValueError(f"batch_size={batch_size} and gradient_accumulation_steps={accumulation} must be >= 1")
-    if c['max_tokens_per_batch'] and (c['max_tokens_per_batch'] < 0 or c['total_batch_size'] or c['data_selection']):
-        raise ValueError(f"max_tokens_per_batch={c['max_tokens_per_batch']} fills micro-batches by tokens: it must be > 0, "
-                         f"and total_batch_size (a count of examples) and data_selection (whose passes take batch_size "
-                         f"examples) need it 0; set one of them")
+    if c['max_tokens_per_batch'] < 0:
+        raise ValueError(f"max_tokens_per_batch={c['max_tokens_per_batch']} must be >= 0 (0: micro-batches of batch_size "
+                         f"examples; > 0: filled up to that many tokens)")
+    if c['max_tokens_per_batch'] and (c['total_batch_size'] or c['data_selection']):
+        raise ValueError(f"max_tokens_per_batch={c['max_tokens_per_batch']} fills micro-batches by tokens, but "
+                         f"{'total_batch_size (a count of examples)' if c['total_batch_size'] else 'data_selection (its passes take batch_size examples)'}"
+                         f" needs it 0: set one of them")
     lr, min_lr = c['learning_rate'], c['min_lr']
     if not (math.isfinite(lr) and 0 < lr <= 1 and 0 <= min_lr <= lr):
         raise ValueError(f"learning_rate={lr} and min_lr={min_lr}: need 0 < learning_rate <= 1 and 0 <= min_lr <= "

@@ -322,8 +322,8 @@ def _trust_sft_losses(model, split, ids):
 
 
 # data/demo/golden.json holds the numbers the README prints as expected output (the demo's eval lines) and the short
-# run's per-update losses. CPU runs are deterministic on one machine (OMP_NUM_THREADS 1 and 2 agree to every digit);
-# another CPU may sum in another order (another SIMD width), which updates amplify: the short run and the demo's
+# run's per-update losses. CPU runs are deterministic on one machine and thread count (written with torch's default);
+# another thread count or CPU may sum in another order (another SIMD width), which updates amplify: the short run and the demo's
 # first 100 updates hold to the stated relative tolerances across CPUs; later demo evals drift by up to ~16 % (seen
 # on an AMD EPYC against the Intel machine that wrote the file), so for them the test checks what the README claims.
 # After a change that moves these numbers on purpose: BIPOST_UPDATE_GOLDEN=1 python -m pytest -k golden, then
@@ -6943,23 +6943,24 @@ def _tokens_demo_costs(name):
 
 
 @pytest.mark.parametrize('args, says', [
-    (['--max_tokens_per_batch=SFT-1'], "max_tokens_per_batch=SFT-1 is smaller than split 'sft_train''s longest example "
-                                       "(SFT tokens): raise max_tokens_per_batch to at least SFT"),
-    (['--max_tokens_per_batch=PREF-1'], "split 'pref_train''s longest example (PREF tokens, both rows of a pair): raise "
-                                        "max_tokens_per_batch to at least PREF"),
+    (['--max_tokens_per_batch=SFT-1', '--objectives=["sft"]', '--weights=[1.0]'],
+     "max_tokens_per_batch=SFT-1 is smaller than the longest example of split 'sft_train' (SFT tokens): raise "
+     "max_tokens_per_batch to at least SFT"),
+    (['--max_tokens_per_batch=SFT-1'], "the longest example of split 'pref_train' (PREF tokens, both rows of a pair): "
+                                       "raise max_tokens_per_batch to at least PREF"),  # the least that fits every split
     (['--max_tokens_per_batch=TEN', '--keep_list=KEEP', '--gradient_accumulation_steps=2'],
      "split 'sft_train' holds TEN tokens, fewer than one update of 2 micro-batches x 1 ranks of max_tokens_per_batch=TEN"),
-    (['--max_tokens_per_batch=-5'], 'max_tokens_per_batch=-5 fills micro-batches by tokens: it must be > 0'),
-    (['--max_tokens_per_batch=500', '--total_batch_size=32'], 'total_batch_size (a count of examples) and data_selection'),
-    (['--max_tokens_per_batch=500', '--data_selection=True'], 'total_batch_size (a count of examples) and data_selection'),
+    (['--max_tokens_per_batch=-5'], 'max_tokens_per_batch=-5 must be >= 0 (0: micro-batches of batch_size examples'),
+    (['--max_tokens_per_batch=500', '--total_batch_size=32'], 'but total_batch_size (a count of examples) needs it 0'),
+    (['--max_tokens_per_batch=500', '--data_selection=True'], 'but data_selection (its passes take batch_size examples) needs'),
 ])
 def test_tokens_bad_budget_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, says):
     """A budget below a split's longest example (a pair: both rows), or a split (here cut to 10 examples by a keep
     list) that cannot fill one update even with full micro-batches, or a setting that counts examples: one line."""
     np.save(tmp_path / 'keep.npy', np.arange(10))
     sft, pref = _tokens_demo_costs('sft_train'), _tokens_demo_costs('pref_train')
-    assert sft.max() < pref.max()  # so that a budget of PREF-1 passes the SFT split and stops at the pairs
-    values = {'SFT-1': sft.max() - 1, 'PREF-1': pref.max() - 1, 'SFT': sft.max(), 'PREF': pref.max(), 'TEN': sft[:10].sum(),
+    assert sft.max() < pref.max()  # so that a budget of SFT-1 fails both splits, and the line names the pairs' need
+    values = {'SFT-1': sft.max() - 1, 'SFT': sft.max(), 'PREF': pref.max(), 'TEN': sft[:10].sum(),
               'KEEP': tmp_path / 'keep.npy'}
     args, says = ([re.sub('|'.join(map(re.escape, values)), lambda m: str(values[m[0]]), a) for a in x] for x in (args, [says]))
     code, out, err = _rel_inprocess(monkeypatch, capsys, f'--out_dir={tmp_path / "out"}', *args)

@@ -266,18 +266,24 @@ class Split:
         chunks = [order[a:b] for a, b in zip(bounds, bounds[1:])]
         return chunks[self.rank::self.world_size], bounds[-1] - bounds[0]
 
-    def check_tokens(self, steps):
-        """max_tokens must hold the split's largest micro-batch (its longest example; unpaired data: two, with their KL
-        rows) and the split enough tokens for one update in any order (each micro-batch holds at most max_tokens)."""
+    def least_budget(self):
+        """The tokens of the split's largest micro-batch: its longest example (unpaired data: two, with their KL rows)."""
         rows = self.index
         own = rows[:, 1] * (rows.shape[1] - 2) + rows[:, 2:].sum(1)  # the tokens an example costs on its own
         least, largest = (2, own + np.maximum(self.longest, rows[:, 1] + 1)) if self.kind == 'unpaired' else (1, own)
-        need = int(np.sort(largest)[-least:].sum())
+        return int(np.sort(largest)[-least:].sum())
+
+    def check_tokens(self, steps):
+        """max_tokens must hold the split's largest micro-batch (least_budget) and the split enough tokens for one
+        update in any order (each micro-batch holds at most max_tokens)."""
+        rows = self.index
+        own = rows[:, 1] * (rows.shape[1] - 2) + rows[:, 2:].sum(1)  # the tokens an example costs on its own
+        least, need = 1 + (self.kind == 'unpaired'), self.least_budget()
         if self.max_tokens < need:
-            raise DataError(f"max_tokens_per_batch={self.max_tokens} is smaller than split '{self.name}''s "
-                            f"{'two longest examples with their KL rows' if least == 2 else 'longest example'} ({need} "
-                            f"tokens{', both rows of a pair' * (self.kind == 'pref')}): raise max_tokens_per_batch to at "
-                            f"least {need}")
+            raise DataError(f"max_tokens_per_batch={self.max_tokens} is smaller than the "
+                            f"{'two longest examples with their KL rows' if least == 2 else 'longest example'} of split "
+                            f"'{self.name}' ({need} tokens{', both rows of a pair' * (self.kind == 'pref')}): raise "
+                            f"max_tokens_per_batch to at least {need}")
         mine = np.sort(own[self.ids])  # a fresh epoch's micro-batches leave out fewer than `least` examples at its end
         if int(mine[:len(mine) - least + 1].sum()) < self.max_tokens * steps * self.world_size:
             raise DataError(f"split '{self.name}' holds {int(mine.sum())} tokens, fewer than one update of {steps} "
@@ -386,13 +392,12 @@ def run_splits(c, kinds, rank, world_size, device):
     for s in [*train.values(), *val.values()]:  # max_tokens_per_batch: RL's prompt splits keep batch_size
         s.max_tokens = c['max_tokens_per_batch'] if s.kind != 'prompt' else 0
     for s in train.values():
-        if s.max_tokens:
-            s.check_tokens(c['gradient_accumulation_steps'])
-        else:
+        if not s.max_tokens:
             s.check_batch(c['batch_size'])
-    for s in val.values():
-        if s.max_tokens:
-            s.check_tokens(0)
+    by_tokens = [(s, steps) for group, steps in ((train, c['gradient_accumulation_steps']), (val, 0))
+                 for s in group.values() if s.max_tokens]
+    for s, steps in sorted(by_tokens, key=lambda x: -x[0].least_budget()):  # a too-small budget: the least that fits all
+        s.check_tokens(steps)
     if (c['example_weights'] or c['coreset']) and c['keep_objective'] not in objectives:
         raise DataError(f"example_weights/coreset index keep_objective's train split, but '{c['keep_objective']}' is "
                         f"not one of objectives={objectives}: set keep_objective")
