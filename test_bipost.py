@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 #   tokens           max_tokens_per_batch: micro-batches by tokens, the loss per example, resume -k tokens_
 #   DPO or PPO?      data/demo/rlhf_table.py: pairs from the warm-up's samples, its golden table -k rlhf_table
 #   packing          packing.py: packed rows against the padded path, per family and objective -k packing
+#   RL table         data/demo/rl_table.py: docs/rl.md's table against its golden json  -k rl_table
 
 
 # ---- shared helpers: tiny models and batches, hand computations, runs of bipost.py ----
@@ -7351,3 +7352,29 @@ def test_packing_bipost_falls_back_with_one_line_and_refuses_such_a_teacher(tmp_
     message = err.strip().splitlines()[-1]
     assert code == 1 and message.startswith(f"bipost: error: teacher '{rel_models['init']}'"), message
     assert 'set packing=False' in message and not (tmp_path / 'kd').exists()
+
+
+# ---- RL table: data/demo/rl_table.py's golden table in docs/rl.md ----
+
+def test_rl_table_docs_table_is_golden_json():
+    """docs/rl.md's RL demo table is what `python data/demo/rl_table.py --print_only --out=data/demo` prints from the
+    golden data/demo/rl_table.json, its caption and every row, in order; the json holds both numbers of every seed
+    for the warm-up and every run rl_table.py makes; the demo line's seed-1337 accuracies are the json's."""
+    from data.demo.rl_table import RUNS
+    with open(os.path.join(ROOT, 'data', 'demo', 'rl_table.json'), encoding='utf-8') as f:
+        saved = json.load(f)
+    assert list(saved['results']) == ['warm-up', *RUNS]
+    for name, runs in saved['results'].items():
+        assert len(runs) == saved['seeds'] and all(set(r) == {'accuracy', 'sft_loss'} for r in runs), name
+    # the demo commands' line is the first seed's (1337, the default) warm-up and RL run of the same json
+    demo = (f"held-out greedy accuracy {saved['results']['warm-up'][0]['accuracy']:g} -> "
+            f"{saved['results']['RL'][0]['accuracy']:g} (seed 1337)")
+    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'rl_table.py'), '--print_only',
+                           '--out=data/demo'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(printed) == 3 + len(saved['results']) and 'held-out accuracy' in printed[1]
+    docs = open(os.path.join(ROOT, 'docs', 'rl.md'), encoding='utf-8').read().splitlines()
+    assert any(demo in line for line in docs), demo
+    start = docs.index(printed[0])
+    assert [line for line in docs[start:start + len(printed) + 1] if line.strip()] == printed
