@@ -44,10 +44,10 @@ def records(out_dir):
         return [json.loads(line) for line in f]
 
 
-def judge(model_dir, out_dir):
-    """Held-out greedy accuracy and SFT loss of one exported model (one eval of both objectives)."""
+def judge(model_dir, out_dir, *extra):
+    """Held-out greedy accuracy and SFT loss of one exported model (one eval of both objectives); extra: overrides."""
     bipost('config/rl_demo.py', f'--init_from={model_dir}', '--objectives=["sft", "rl"]', '--weights=[0.5, 0.5]',
-           '--eval_only=True', f'--out_dir={out_dir}', '--overwrite=True')
+           '--eval_only=True', f'--out_dir={out_dir}', '--overwrite=True', *extra)
     last = records(out_dir)[-1]
     return {'accuracy': last['val/rl/accuracy'], 'sft_loss': last['val/sft/loss']}
 

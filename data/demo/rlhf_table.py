@@ -166,7 +166,10 @@ def main():
     parser.add_argument('--iters', type=int, default=300, help='updates of every run after the warm-up')
     parser.add_argument('--out', default='out-rlhf-table')
     parser.add_argument('--print_only', action='store_true', help='print the table of an earlier run from its json')
+    parser.add_argument('--extra', default='', help="overrides for every bipost.py run, e.g. '--packing=False' (the "
+                        "rows data/demo/rlhf_table.json was measured on)")
     args = parser.parse_args()
+    extra = args.extra.split()
     out = os.path.join(ROOT, args.out)
     if args.print_only:
         with open(os.path.join(out, 'rlhf_table.json')) as f:
@@ -177,12 +180,12 @@ def main():
     for seed in range(1337, 1337 + args.seeds):
         base = os.path.join(out, f'seed{seed}')
         warmup, dataset = os.path.join(base, 'warmup'), os.path.join(base, 'data')
-        bipost('config/rl_sft_warmup.py', f'--seed={seed}', f'--out_dir={warmup}', '--overwrite=True')
-        results['warm-up'].append(judge(os.path.join(warmup, 'hf'), os.path.join(base, 'judge-warmup')))
+        bipost('config/rl_sft_warmup.py', f'--seed={seed}', f'--out_dir={warmup}', '--overwrite=True', *extra)
+        results['warm-up'].append(judge(os.path.join(warmup, 'hf'), os.path.join(base, 'judge-warmup'), *extra))
         pairs.append(build_pairs(os.path.join(warmup, 'hf'), dataset, seed, config))
         common = [f'--seed={seed}', f'--init_from={os.path.join(warmup, "hf")}', f'--dataset={dataset}',
                   f'--train_splits={SPLITS}', f'--val_splits={VAL_SPLITS}', f'--max_iters={args.iters}',
-                  f'--eval_interval={args.iters}']
+                  f'--eval_interval={args.iters}', *extra]
         rm = os.path.join(base, 'rm')
         bipost('config/rl_demo.py', '--objectives=["rm"]', '--weights=[1.0]', *common, f'--out_dir={rm}',
                '--overwrite=True')
@@ -196,7 +199,7 @@ def main():
                 run = os.path.join(base, run_name.replace(' + ', '+'))
                 bipost('config/rl_demo.py', *common, *overrides, *mix, *(reward if uses_rm else []), f'--out_dir={run}',
                        '--overwrite=True')
-                result = judge(os.path.join(run, 'hf'), os.path.join(base, f'judge-{os.path.basename(run)}'))
+                result = judge(os.path.join(run, 'hf'), os.path.join(base, f'judge-{os.path.basename(run)}'), *extra)
                 result['ms'] = update_ms(run)
                 if objective == 'dpo':
                     result['pair_accuracy'] = pair_accuracy(run, 'val/dpo/rewards/accuracies')
