@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+if not torch.cuda.is_available():  # else DeepSpeed, imported with transformers' integrations, warns it found no GPU
+    os.environ.setdefault('DS_ACCELERATOR', 'cpu')
 from configurator import configure, ConfigError
 from config_checks import check_settings, demo_defaults_note
 from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \

@@ -21,8 +21,6 @@ def join(device, deepspeed):
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
-    else:  # DeepSpeed (imported later, e.g. by the memory plan) would warn mid-output that it found no GPU
-        os.environ.setdefault('DS_ACCELERATOR', 'cpu')
     backend = 'nccl' if device.startswith('cuda') else 'gloo'
     if deepspeed:
         import deepspeed as ds
