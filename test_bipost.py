@@ -5584,7 +5584,8 @@ with LogitRows():
         lm_head.response_logprobs(engine.module, batch, ctx)
 engine.step()
 print(json.dumps({'rows': LogitRows.most, 'tokens': B * (L - 1), 'chunk': CHUNK, 'partitioned': partitioned,
-                  'loss': losses.mean().item()}))
+                  'loss': losses.mean().item()}), flush=True)
+torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit ('terminate called ...')
 """
 
 
