@@ -7064,14 +7064,21 @@ def test_rlhf_table_docs_table_is_golden_json():
     with open(os.path.join(ROOT, 'data', 'demo', 'rlhf_table.json'), encoding='utf-8') as f:
         saved = json.load(f)
     assert all(len(runs) == saved['seeds'] for runs in saved['results'].values()) and len(saved['pairs']) == saved['seeds']
-    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'rlhf_table.py'), '--print_only',
-                           '--out=data/demo'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    printed, _ = _table_in_docs('rlhf_table.py', 'reward-model.md')
+    assert len(printed) == 3 + len(saved['results']) and 'ms / update' in printed[1]
+
+
+def _table_in_docs(script, page):
+    """The lines `python data/demo/<script> --print_only --out=data/demo` prints (caption, header, rows), asserted to
+    stand in docs/<page> as one block in that order; and the page's lines."""
+    done = subprocess.run([sys.executable, os.path.join('data', 'demo', script), '--print_only', '--out=data/demo'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     printed = [line for line in done.stdout.splitlines() if line.strip()]
-    assert len(printed) == 3 + len(saved['results']) and 'ms / update' in printed[1]
-    docs = open(os.path.join(ROOT, 'docs', 'reward-model.md'), encoding='utf-8').read().splitlines()
+    docs = open(os.path.join(ROOT, 'docs', page), encoding='utf-8').read().splitlines()
     start = docs.index(printed[0])
     assert [line for line in docs[start:start + len(printed) + 1] if line.strip()] == printed
+    return printed, docs
 
 
 # ---- packing: padding-free packed rows (packing.py) against the padded path ----
@@ -7370,12 +7377,6 @@ def test_rl_table_docs_table_is_golden_json():
     # the demo commands' line is the first seed's (1337, the default) warm-up and RL run of the same json
     demo = (f"held-out greedy accuracy {saved['results']['warm-up'][0]['accuracy']:g} -> "
             f"{saved['results']['RL'][0]['accuracy']:g} (seed 1337)")
-    done = subprocess.run([sys.executable, os.path.join('data', 'demo', 'rl_table.py'), '--print_only',
-                           '--out=data/demo'], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    printed, docs = _table_in_docs('rl_table.py', 'rl.md')
     assert len(printed) == 3 + len(saved['results']) and 'held-out accuracy' in printed[1]
-    docs = open(os.path.join(ROOT, 'docs', 'rl.md'), encoding='utf-8').read().splitlines()
     assert any(demo in line for line in docs), demo
-    start = docs.index(printed[0])
-    assert [line for line in docs[start:start + len(printed) + 1] if line.strip()] == printed

@@ -266,18 +266,20 @@ class Split:
         chunks = [order[a:b] for a, b in zip(bounds, bounds[1:])]
         return chunks[self.rank::self.world_size], bounds[-1] - bounds[0]
 
+    def _own_tokens(self):
+        """The tokens each example costs on its own: its prompt once per response, and the responses."""
+        return self.index[:, 1] * (self.index.shape[1] - 2) + self.index[:, 2:].sum(1)
+
     def least_budget(self):
         """The tokens of the split's largest micro-batch: its longest example (unpaired data: two, with their KL rows)."""
-        rows = self.index
-        own = rows[:, 1] * (rows.shape[1] - 2) + rows[:, 2:].sum(1)  # the tokens an example costs on its own
-        least, largest = (2, own + np.maximum(self.longest, rows[:, 1] + 1)) if self.kind == 'unpaired' else (1, own)
+        own = self._own_tokens()
+        least, largest = (2, own + np.maximum(self.longest, self.index[:, 1] + 1)) if self.kind == 'unpaired' else (1, own)
         return int(np.sort(largest)[-least:].sum())
 
     def check_tokens(self, steps):
         """max_tokens must hold the split's largest micro-batch (least_budget) and the split enough tokens for one
         update in any order (each micro-batch holds at most max_tokens)."""
-        rows = self.index
-        own = rows[:, 1] * (rows.shape[1] - 2) + rows[:, 2:].sum(1)  # the tokens an example costs on its own
+        own = self._own_tokens()
         least, need = 1 + (self.kind == 'unpaired'), self.least_budget()
         if self.max_tokens < need:
             raise DataError(f"max_tokens_per_batch={self.max_tokens} is smaller than the "
