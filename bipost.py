@@ -102,7 +102,7 @@ lora_dropout = 0.0            # dropout on the adapters' input, 0-0.1 (kept even
 lora_targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj']  # names of the modules that get adapters (peft target_modules); not the LM head
 # reinforcement learning (objective 'rl', rl.py): prompts from a 'prompt' split, rl_group sampled completions each
 rl_group = 8                  # G: completions per prompt, 4-16 (>= 2 unless ppo)
-rl_max_new_tokens = 64        # completion budget in tokens; a completion ends at EOS or here
+rl_max_new_tokens = 64        # completion budget in tokens; a completion ends at EOS (or the template's end of turn) or here
 rl_temperature = 1.0          # sampling temperature, 0.6-1.2 (evals decode greedily)
 rl_top_p = 1.0                # nucleus sampling, 0.9-1 (no top-k)
 rl_reward = 'verify_number'   # rewards.py: 'verify_number' | 'exact' | 'normalized' | 'format' | 'math' | 'ifeval'; a local reward-model dir; 'module:function'

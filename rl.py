@@ -6,7 +6,8 @@ other objectives together; the math is in small pure functions that the tests ch
 
 One RL micro-step, on a batch of prompts from a 'prompt' split:
   1. rollout(): rl_group (G) completions per prompt from the current policy through the model's own generate
-     (KV cache; ZeRO-3: synced_gpus), each rank with its own sampling seed. The seam for a faster engine.
+     (KV cache; ZeRO-3: synced_gpus), each rank with its own sampling seed, each ending at EOS or the chat
+     template's end of turn (stop_ids). The seam for a faster engine.
   2. rewards: rl_reward_scale (α) × the reward function's score, per completion (rewards.py).
   3. one forward with grad: per-token log-probs of the completions through lm_head.py's fused head path, the
      reference's (no grad, for the KL) and, for PPO, the value head's V(s_t) on the same hidden states.
@@ -19,7 +20,8 @@ One RL micro-step, on a batch of prompts from a 'prompt' split:
      − (ref − logp) − 1 (× ρ with rl_use_bias_correction_kl), plus for PPO ½·max((V − R)², (V_clipped − R)²).
      logp_old: the same forward detached on a rollout's first update (ρ = 1, so the gradient is REINFORCE's), the
      stored one on the rl_epochs − 1 updates that replay the same rollouts (their prompts drawn by the trainer are
-     then skipped). rl_mask_truncated_completions: a completion without EOS contributes no token (DAPO).
+     then skipped). rl_mask_truncated_completions: a completion without EOS (or end of turn) contributes no
+     token (DAPO).
 Normalization (rl_loss_norm, TRL's names): 'bnpo' the token-level mean over the micro-batch's completion tokens (the
 default); 'dapo' the token-level mean over the whole generation batch (every micro-step of the update, every rank);
 'grpo' the mean over each completion's tokens, then over completions; 'dr_grpo' the token sum / (completions ×
@@ -103,9 +105,18 @@ def settings(config, meta, rank, device, synced_gpus, splits):
                 reward=reward_functions.load(config['rl_reward'], device),
                 verifier=config['rl_reward'] in FIELDS,  # accuracy = share of verified answers
                 decode=reward_functions.decoder(meta), eos_id=meta['eos_id'], pad_id=meta['pad_id'], rank=rank,
+                stop_ids=stop_ids(meta),
                 synced_gpus=synced_gpus, gradient_accumulation_steps=config['gradient_accumulation_steps'],
                 rl_replay={'calls': 0, 'rollouts': []}, eval_samples=[], val_split_name=splits[1].name,
                 rl_reward_stats=torch.zeros(3, dtype=torch.float64) if config['rl_reward_norm'] else None)
+
+
+def stop_ids(meta):
+    """The ids a completion ends at: EOS, and the chat template's end of turn (<|im_end|>, <|eot_id|>) when that is
+    another token: a chat model trained on bipost's data ends its answer there (data/prepare.py), and what the template
+    writes after it would otherwise be generated, scored and trained as part of the answer."""
+    end_of_turn = meta.get('tokenizer_identity', {}).get('end_of_turn_id')  # absent: data prepared before it existed
+    return [meta['eos_id']] + ([end_of_turn] if end_of_turn is not None and end_of_turn != meta['eos_id'] else [])
 
 
 # ---- the math, pure functions ----
@@ -231,7 +242,7 @@ def rollout(model, prompts, prompt_mask, ctx, group, greedy):
     a faster rollout engine (vLLM, SGLang) would plug in, with the same inputs and outputs."""
     from transformers import GenerationConfig
     sampling = {} if greedy else dict(temperature=ctx.rl_temperature, top_p=ctx.rl_top_p, top_k=0)  # the policy's own
-    config = GenerationConfig(do_sample=not greedy, max_new_tokens=ctx.rl_max_new_tokens, eos_token_id=ctx.eos_id,
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=ctx.rl_max_new_tokens, eos_token_id=ctx.stop_ids,
                               pad_token_id=ctx.pad_id, use_cache=True, **sampling)
     ids, mask = prompts.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
     seed = None if greedy else sampling_seed(ctx)  # drawn before the fork, so that the shared RNG moves on
@@ -243,9 +254,14 @@ def rollout(model, prompts, prompt_mask, ctx, group, greedy):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=ctx.synced_gpus)
     model.train(training)
     completions = out[:, ids.shape[1]:]
-    ends = completions == ctx.eos_id
+    ends = stopped(completions, ctx)
     lengths = torch.where(ends.any(1), ends.int().argmax(1) + 1, completions.shape[1])
     return completions, lengths, time.time() - start
+
+
+def stopped(completions, ctx):
+    """[N, T] True where a completion holds one of ctx.stop_ids."""
+    return torch.isin(completions, torch.tensor(ctx.stop_ids, device=completions.device))
 
 
 def sequences(prompts, prompt_mask, completions, lengths, group, pad_id):
@@ -288,7 +304,7 @@ def make_rollout(model, batch, ctx, group, greedy):
         with torch.no_grad():
             reference_logps, _ = lm_head.response_logprobs(ctx.reference, rows, ctx)
     return {'rows': rows, 'group': group, 'rewards': rewards, 'scores': scores, 'lengths': lengths,
-            'truncated': ~(completions == ctx.eos_id).any(1),  # hit rl_max_new_tokens without EOS
+            'truncated': ~stopped(completions, ctx).any(1),  # hit rl_max_new_tokens without EOS (or end of turn)
             'reference_logps': reference_logps, 'gen_tokens_per_s': float(lengths.sum()) / max(seconds, 1e-9)}
 
 

@@ -3876,7 +3876,7 @@ def _rl_ctx(**overrides):
                     rl_importance_sampling_level='token', rl_mask_truncated_completions=False,
                     rl_use_bias_correction_kl=False, rl_overlong_cache=0)
     settings.update(reward=rewards.exact, verifier=True, decode=lambda ids: ' '.join(map(str, ids)), eos_id=RL_EOS,
-                    pad_id=RL_EOS, rank=0, synced_gpus=False, gradient_accumulation_steps=1,
+                    stop_ids=[RL_EOS], pad_id=RL_EOS, rank=0, synced_gpus=False, gradient_accumulation_steps=1,
                     rl_replay={'calls': 0, 'rollouts': []})
     return _obj_ctx(**{**settings, **overrides})
 
@@ -4059,6 +4059,33 @@ def test_rl_rollout_rows_score_what_generate_sampled():
         theirs = step_logps[i, torch.arange(n), completions[i, :n]]
         torch.testing.assert_close(logps[i, p - 1:p - 1 + n], theirs, rtol=1e-4, atol=1e-4)
         assert mask[i].sum() == n
+
+
+def test_rl_completions_also_end_at_the_chat_templates_end_of_turn():
+    """A chat template's end of turn (<|im_end|>, <|eot_id|>) that is not EOS ends a completion too: rl.stop_ids adds
+    it from meta.json (not twice, not when unknown). Sampled from the same RNG state, each completion is the one
+    sampled without that stop, cut after its first end of turn or EOS (pad after it), and only one that reached
+    rl_max_new_tokens without either counts as truncated (DAPO's overlong filter)."""
+    identity = lambda eot: {'eos_id': RL_EOS, 'tokenizer_identity': {'end_of_turn_id': eot}}
+    assert rl.stop_ids(identity(7)) == [RL_EOS, 7] and rl.stop_ids(identity(RL_EOS)) == [RL_EOS]
+    assert rl.stop_ids(identity(None)) == rl.stop_ids({'eos_id': RL_EOS}) == [RL_EOS]
+    model, group = _obj_model(0), 3
+    prompts, prompt_mask = torch.tensor([[RL_EOS, 5, 6], [1, 2, 3]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    def sample(stops):
+        torch.manual_seed(11)
+        return rl.rollout(model, prompts, prompt_mask, _rl_ctx(rl_max_new_tokens=12, stop_ids=stops), group, False)
+    free, free_lengths, _ = sample([RL_EOS])
+    eot = next(t for c in free.tolist() for t in c[1:4] if t != RL_EOS)  # a token sampled early in some completion
+    cut, lengths, _ = sample([RL_EOS, eot])
+    hits = 0
+    for c, got, n in zip(free.tolist(), cut.tolist(), lengths.tolist()):
+        ends = [i for i, t in enumerate(c) if t in (RL_EOS, eot)]
+        expected = ends[0] + 1 if ends else len(c)
+        hits += bool(ends) and c[ends[0]] == eot
+        assert n == expected and got[:n] == c[:n] and all(t == RL_EOS for t in got[n:]), (c, got, n)
+    assert hits >= 1 and (lengths < free_lengths).any()
+    truncated = ~rl.stopped(cut, _rl_ctx(stop_ids=[RL_EOS, eot])).any(1)
+    assert truncated.tolist() == [n == 12 and not {RL_EOS, eot} & set(c[:12]) for c, n in zip(cut.tolist(), lengths.tolist())]
 
 
 def test_rl_ranks_sample_differently_and_the_shared_rng_moves_alike():
