@@ -216,8 +216,10 @@ reference_needed = any(n in NEEDS_REFERENCE for n in objectives) or (data_select
 try:
     data_dir, meta, train_data, val_data = run_splits(config, DATA_KIND, rank, world_size, device)
     meta_path = os.path.join(data_dir, 'meta.json')
-    if (note := check_tokenizer(meta, meta_path, init_from)) and master:  # the policy's tokenizer made the data
-        print(note)
+    for role, source in (('policy', init_from), ('reference', reference_from if reference_needed else ''),
+                         ('teacher', teacher_from if 'kd' in objectives else '')):
+        if (note := check_tokenizer(meta, meta_path, source, role)) and master:  # every model reads the data's ids
+            print(note)
     example_weight = coresets.load_example_weights(example_weights, train_data[keep_objective], device) \
         if example_weights else None  # mean 1 over the examples trained on (the keep_list's, if any)
 except DataError as e:

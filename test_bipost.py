@@ -996,7 +996,8 @@ def test_data21_truncation_keeps_the_end_of_turn_and_trains_no_newline_after_it(
 def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
     """meta.json holds the tokenizer's identity; check_tokenizer refuses a model directory whose tokenizer differs in
     the text of one id, in its EOS, or in everything (the demo's data), warns where it cannot check (old meta.json,
-    weights-only directory), and takes a bipost export's bipost_data_meta.json for its tokenizer."""
+    weights-only directory), and takes a bipost export's bipost_data_meta.json for its tokenizer. A reference or
+    teacher directory is refused on the text of its ids, not on its special ids."""
     from data.loader import check_tokenizer
     hf = _d21_tokenizer(tmp_path / "tok")
     _d21_tokenizer(tmp_path / "swapped", swap=True)  # the same size and special ids, two ids' texts exchanged
@@ -1022,6 +1023,15 @@ def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     assert "could not load a Hugging Face tokenizer" in check_tokenizer(meta, "m.json", str(tmp_path / "broken"))
+    for role in ("reference", "teacher"):  # a frozen model reads the same ids: their text must match, not its EOS
+        assert check_tokenizer(meta, "m.json", str(tmp_path / "qwen_eos"), role) == ""
+        with pytest.raises(data_prep.DataError) as error:
+            check_tokenizer(meta, "m.json", str(tmp_path / "swapped"), role)
+        assert str(error.value).startswith(f"{role}_from={tmp_path / 'swapped'}: its tokenizer is not the data's")
+        assert f"the text of its ids differ), so it would score other text than the policy reads: the {role} must share" \
+            in str(error.value)
+        with pytest.raises(data_prep.DataError, match=f"vocab_size 257 vs {len(hf)}, the text of its ids differ"):
+            check_tokenizer(demo, "m.json", str(tmp_path / "tok"), role)
     json.dump(demo, open(tmp_path / "weights" / "bipost_data_meta.json", "w"))  # an export of a scratch demo model
     assert check_tokenizer(demo, "m.json", str(tmp_path / "weights")) == ""
     with pytest.raises(data_prep.DataError, match="the text of its ids"):
@@ -1033,7 +1043,8 @@ def test_data21_tokenizer_identity_checked_by_the_trainer(tmp_path):
 
 def test_data21_bipost_refuses_other_tokenizer_trains_on_its_own(tmp_path, monkeypatch, capsys):
     """A user's ChatML model: the demo data (forgotten --dataset) is refused in one line with the fix; the smoke recipe
-    has no default dataset; data prepared with the model's tokenizer (every SFT and preference shape mixed) trains."""
+    has no default dataset; data prepared with the model's tokenizer (every SFT and preference shape mixed) trains;
+    a KD teacher whose tokenizer gives two ids other texts is refused in one line, nothing written."""
     model = str(tmp_path / "model")
     _d21_tokenizer(model, model=True)
     capsys.readouterr()  # (save_pretrained's progress bar)
@@ -1052,6 +1063,13 @@ def test_data21_bipost_refuses_other_tokenizer_trains_on_its_own(tmp_path, monke
     assert code == 0 and "warning" not in out, err
     losses = [r for r in map(json.loads, open(tmp_path / "c" / "metrics.jsonl")) if "val/sft/loss" in r]
     assert len(losses) == 2 and all(math.isfinite(r["val/sft/loss"]) and math.isfinite(r["val/dpo/loss"]) for r in losses)
+    teacher = str(tmp_path / "teacher")  # the same size and special ids, two ids' texts exchanged: KD would train on noise
+    _d21_tokenizer(teacher, swap=True, model=True)
+    capsys.readouterr()
+    code, out, err = _rel_inprocess(monkeypatch, capsys, f"--init_from={model}", f"--dataset={data}", "--max_iters=1",
+                                    '--objectives=["sft", "kd"]', f"--teacher_from={teacher}", f"--out_dir={tmp_path / 'd'}")
+    assert code == 1 and err.count("\n") == 1 and f"teacher_from={teacher}: its tokenizer is not the data's" in err, err
+    assert not (tmp_path / "d").exists()
 
 
 def test_data21_hub_name_offline_one_line(tmp_path):

@@ -68,10 +68,12 @@ def check_meta(meta, vocab_size, path):
                             f"data again with the model's tokenizer")
 
 
-def check_tokenizer(meta, meta_path, init_from):
+def check_tokenizer(meta, meta_path, init_from, role='policy'):
     """The data must come from the policy's own tokenizer: from another one it trains without any error as long as the
     ids fit the vocabulary, on text the model reads as noise. A scratch model is built for the data's tokenizer and a
-    resumed run was checked when it started: nothing to check. Returns a warning where the check cannot be made."""
+    resumed run was checked when it started: nothing to check. The frozen reference and KD teacher (role) read the
+    same ids, so the text of each id must match too; their special ids may differ (a base teacher's EOS). Returns a
+    warning where the check cannot be made."""
     if init_from in ('scratch', 'resume') or not os.path.isdir(init_from):  # (a missing dir: the model loader says so)
         return ''
     data = meta.get('tokenizer_identity')
@@ -92,8 +94,13 @@ def check_tokenizer(meta, meta_path, init_from):
     if model is None:
         return (f"warning: {init_from} has no tokenizer files: the data's tokenizer ({meta['tokenizer']}) is checked "
                 f"against it by vocabulary size only")
+    keys = data if role == 'policy' else ('vocab_size', 'vocab_sha256')
     differs = ['the text of its ids' if key == 'vocab_sha256' else f"{key} {data[key]} vs {model.get(key)}"
-               for key in data if data[key] != model.get(key)]
+               for key in keys if data[key] != model.get(key)]
+    if differs and role != 'policy':
+        raise DataError(f"{role}_from={init_from}: its tokenizer is not the data's ({meta['tokenizer']}; "
+                        f"{', '.join(differs)} differ), so it would score other text than the policy reads: the {role} "
+                        f"must share the policy's tokenizer (the same model family and vocabulary)")
     if differs:
         raise DataError(f"{meta_path}: the data was prepared with tokenizer {meta['tokenizer']}, not with {init_from}'s "
                         f"({', '.join(differs)} differ): re-run python data/prepare.py --tokenizer={init_from} with a new "
