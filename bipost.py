@@ -326,15 +326,10 @@ if reference_needed:
     reference = adapters_off if lora_rank and not reference_from else \
         built(frozen, load(source), source, 'reference', digest=reference_logps == 'precompute', **frozen_setup)
 teacher = built(frozen, load(teacher_from), teacher_from, 'teacher', **frozen_setup) if 'kd' in objectives else None
-ctx = SimpleNamespace(reference=reference, teacher=teacher, beta=beta, dpo_loss=dpo_loss, label_smoothing=label_smoothing,
-                      length_normalize=length_normalize, dpo_nll_weight=dpo_nll_weight, fused_kernels=fused_kernels,
-                      dpo_loss_weights=dpo_loss_weights, discopop_tau=discopop_tau, ld_alpha=ld_alpha,
-                      simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, desirable_weight=desirable_weight,
-                      undesirable_weight=undesirable_weight, reference_cache=None, pad_id=meta['pad_id'],
-                      rm_center_coefficient=rm_center_coefficient, packing=packing,
+# what the objectives read: every setting by its config name (rl's resolved ones too), the frozen models, the pad id
+ctx = SimpleNamespace(**config, reference=reference, teacher=teacher, reference_cache=None, pad_id=meta['pad_id'],
                       grads_in_forward=sft_grads_in_forward and not data_selection)
-if 'rl' in objectives:
-    ctx.__dict__.update(rl_context)
+ctx.__dict__.update(rl_context if 'rl' in objectives else {})
 # plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
 autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
 

@@ -140,7 +140,7 @@ def kto(model, batch, ctx):
     """KTO (Ethayarajh et al. 2024) on unpaired data, as TRL's KTOTrainer: rows 0..B-1 are each prompt with its own
     completion, B..2B-1 each prompt with another example's (data/loader.py), labels [B] (True: desirable). With
     ρ = β·(log πθ(y|x) − log πref(y|x)) on summed log-probs and the reference point z0 = max(0, mean over the
-    mismatched rows of log πθ − log πref) (no gradient), a desirable example's loss is λ_D·(1 − σ(ρ − β·z0)), an
+    mismatched rows of log πθ − log πref, each rank's mean averaged over the ranks) (no gradient), a desirable example's loss is λ_D·(1 − σ(ρ − β·z0)), an
     undesirable one's λ_U·(1 − σ(β·z0 − ρ)); their mean is TRL's loss. Metrics: TRL's kl, and rewards / logps of
     each class as per-example shares whose mean over the micro-batch is TRL's mean over that class."""
     B = batch['labels'].shape[0]
@@ -150,7 +150,11 @@ def kto(model, batch, ctx):
     policy = logps.sum(1)
     with torch.no_grad():
         reference = response_logprobs(ctx.reference, batch, ctx)[0].sum(1)
-        kl = (response_logprobs(model, mismatched, ctx)[0].sum(1) - reference[B:]).mean().clamp(min=0)
+        kl = (response_logprobs(model, mismatched, ctx)[0].sum(1) - reference[B:]).mean()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # TRL: the mean of every rank's
+            torch.distributed.all_reduce(kl)  # mean, then the clamp; every rank runs kto in the same micro-step
+            kl = kl / torch.distributed.get_world_size()
+        kl = kl.clamp(min=0)
     logratio = policy - reference[:B]
     desirable = batch['labels'].bool()
     losses = torch.where(desirable, ctx.desirable_weight * (1 - torch.sigmoid(ctx.beta * (logratio - kl))),

@@ -2512,6 +2512,30 @@ def test_kto_hand_numbers_and_no_gradient_through_the_kl_point(monkeypatch):
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.25), 1 - sigmoid(0.5), 1 - sigmoid(0.0), 1 - sigmoid(-0.25)])
 
 
+def test_kto_kl_point_is_the_mean_over_ranks_then_clamped(monkeypatch):
+    """Under torchrun the reference point is TRL's: every rank's mean KL estimate, averaged over the ranks
+    (gather_for_metrics), then clamped at 0. Here a world of 2 whose other rank's mean is 0.9 (all_reduce adds it):
+    this rank's mean −0.625 (clamped alone: 0) gives z0 = (−0.625 + 0.9) / 2 = 0.1375, in the KL metric and the losses."""
+    other, calls = 0.9, []
+    def all_reduce(t):
+        calls.append(t.requires_grad)
+        t += other
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(torch.distributed, 'all_reduce', all_reduce)
+    _, batch, policy, reference = _kto_patch(monkeypatch, KTO_POLICY[:4] + [-4.0, -3.0, -5.0, -3.5], KTO_REFERENCE)
+    losses, metrics = objectives.kto(policy, batch, _obj_ctx(reference=reference, beta=0.5, desirable_weight=1.0,
+                                                             undesirable_weight=1.0))
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    mine = sum(p - r for p, r in zip([-4.0, -3.0, -5.0, -3.5], KTO_REFERENCE[4:])) / 4  # log-ratios -.5, -.5, -1, -.5
+    z0 = (mine + other) / 2
+    assert mine == -0.625 and z0 == pytest.approx(0.1375) and calls == [False]  # one collective, no gradient through it
+    assert metrics['kl'].tolist() == pytest.approx([z0] * 4)
+    ratios = [0.5, -1.0, 0.0, 0.5]
+    hand = [1 - sigmoid(0.5 * (r - z0)) if i % 2 == 0 else 1 - sigmoid(0.5 * (z0 - r)) for i, r in enumerate(ratios)]
+    assert losses.tolist() == pytest.approx(hand, rel=1e-6)
+
+
 def test_kto_equals_trl_rederivation(monkeypatch):
     """Random sums and labels for 8 examples: the mean of the per-example losses is TRL's KTOTrainer loss (chosen and
     rejected losses concatenated, weighted, nanmean), and the logged per-class means are its metrics."""
