@@ -23,12 +23,11 @@ if not torch.cuda.is_available():  # else DeepSpeed, imported with transformers'
     os.environ.setdefault('DS_ACCELERATOR', 'cpu')
 from configurator import configure, ConfigError
 from config_checks import check_settings, demo_defaults_note
-from checkpoint import resume_config, finish_publish, read_checkpoint, resume, restart_metrics, \
-    save_checkpoint
+from checkpoint import resume_config, read_checkpoint, resume, restart_metrics, save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND, NEEDS_REFERENCE
 import rl
 import reward_model
-from reference_cache import fingerprint, load_or_compute, reference_pass
+from reference_cache import precompute
 import memory_plan
 import run_log
 from selector import ObjectiveSelector, DataSelector, optimum_record, read_optimum, write_optimum
@@ -256,21 +255,14 @@ except ValueError as e:
 from transformers import AutoConfig, AutoModelForCausalLM
 from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora, packing_checked
 
-checkpoint, state = None, None  # the pointer ckpt.json, and plain torch's ckpt.pt (checkpoint.py)
-if master:
-    finish_publish(out_dir)
-if distributed:
-    dist.barrier()  # every rank reads the published files
-if init_from == 'resume':  # the pointer exists: resume_config read its config
-    try:
-        checkpoint, state = read_checkpoint(out_dir, world_size)
-    except ValueError as e:
-        fail(str(e))
+try:  # the pointer ckpt.json and plain torch's ckpt.pt of a resumed run (whose config resume_config read), else None
+    checkpoint, state = read_checkpoint(out_dir, init_from == 'resume', master, world_size)
+except ValueError as e:
+    fail(str(e))
 policy_source = checkpoint['policy_init'] if checkpoint else init_from
 
 
-def built(step, *args, **kwargs):
-    """One step of model.py; its ValueError (bad input) is the run's one-line error."""
+def built(step, *args, **kwargs):  # one step of model.py: its ValueError (bad input) is the run's one-line error
     try:
         return step(*args, **kwargs)
     except ValueError as e:
@@ -333,13 +325,9 @@ ctx.__dict__.update(rl_context if 'rl' in objectives else {})
 # plain torch: fp32 master weights, matmuls in dtype through autocast (CPU too); DeepSpeed casts the model itself
 autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=not deepspeed and dtype != 'float32')
 
-
 if reference_logps == 'precompute' and reference is not None:
-    pref = list({s.name: s for s in [*train_data.values(), *val_data.values()] if s.kind == 'pref'}.values())  # + trusted
-    ctx.reference_cache = load_or_compute(
-        os.path.join(out_dir, 'reference_logps.npz'), pref, fingerprint(pref, reference_from or policy_source, seed,
-                                                                         reference, config, device),
-        lambda split: reference_pass(reference, split, ctx, batch_size, autocast), master)
+    ctx.reference_cache = precompute(reference, [*train_data.values(), *val_data.values()], reference_from or
+                                     policy_source, ctx, config, device, autocast, master)  # the preference splits'
     reference = ctx.reference = None  # never loaded again (the last reference to it: memory_plan sees it gone)
     gc.collect()
     if device.startswith('cuda'):

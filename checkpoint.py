@@ -93,10 +93,17 @@ def finish_publish(out_dir):
             publish(out_dir, json.load(f))
 
 
-def read_checkpoint(out_dir, world_size):
-    """A resumed run's pointer (ckpt.json) and, for plain torch, the ckpt.pt it points at (else None). A resume on
-    another number of ranks is refused: each rank's data cursor and sampling seed, the split of every batch over the
-    ranks and DeepSpeed's optimizer shards are the world size's, so that it could not continue exactly."""
+def read_checkpoint(out_dir, resuming, master, world_size):
+    """On startup: rank 0 finishes a save that a kill interrupted, every rank waiting for it; then a resumed run's
+    pointer (ckpt.json) and, for plain torch, the ckpt.pt it points at (else None); a fresh run's (None, None). A
+    resume on another number of ranks is refused: each rank's data cursor and sampling seed, the split of every batch
+    over the ranks and DeepSpeed's optimizer shards are the world size's, so that it could not continue exactly."""
+    if master:
+        finish_publish(out_dir)
+    if world_size > 1:
+        dist.barrier()  # every rank reads the published files
+    if not resuming:
+        return None, None
     with open(os.path.join(out_dir, 'ckpt.json')) as f:
         checkpoint = json.load(f)
     saved = checkpoint.get('world_size', world_size)  # older checkpoints did not record it

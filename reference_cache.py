@@ -99,3 +99,12 @@ def fingerprint(splits, source, seed, reference, config, device):
                           reference.config.to_json_string(), reference.bipost_weights],
             'settings': {**{k: config[k] for k in ('dtype', 'deepspeed', 'zero_stage', 'fused_kernels')},
                          'device': device.split(':')[0]}}
+
+
+def precompute(reference, splits, source, ctx, config, device, autocast, master):
+    """The ReferenceCache of every preference split among splits (train, val, trusted; each once): from
+    out_dir/reference_logps.npz when its fingerprint matches, else computed now. The caller then frees the reference."""
+    pref = list({s.name: s for s in splits if s.kind == 'pref'}.values())
+    return load_or_compute(os.path.join(config['out_dir'], 'reference_logps.npz'), pref,
+                           fingerprint(pref, source, config['seed'], reference, config, device),
+                           lambda split: reference_pass(reference, split, ctx, config['batch_size'], autocast), master)
