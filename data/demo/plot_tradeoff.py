@@ -5,7 +5,8 @@ The trade-off plot of data/demo/tradeoff.json: held-out f_DPO against f_SFT.
 
 One trajectory per method at λ = 0.5 (the mean over seeds at every eval, a dot per eval; the bars on
 the final point are ± one standard deviation over seeds), a faint dashed line through each method's
-final points at every λ, the single-objective runs in grey, and the ideal point (f*_SFT, f*_DPO).
+final points at every λ, the single-objective runs in grey, the one-stage baselines (ORPO, CPO, SimPO: final
+points only, ± one standard deviation) as diamonds, and the ideal point (f*_SFT, f*_DPO).
 """
 import json, os, statistics, sys
 
@@ -19,6 +20,7 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLORS = {'sequential SFT→DPO': 'tab:red', 'sequential DPO→SFT': 'tab:orange', 'mix': 'tab:purple',
           'alright': 'tab:blue', 'maxright': 'tab:green', 'SFT only': '0.45', 'DPO only': '0.45'}
+BASELINES = {'ORPO': 'tab:brown', 'CPO': 'tab:pink', 'SimPO': 'tab:olive'}
 
 with open(os.path.join(HERE, 'tradeoff.json')) as f:
     result = json.load(f)
@@ -49,6 +51,11 @@ for method, color in COLORS.items():
         for l, sx, dy in finals:
             if l != 0.5:
                 ax.plot(sx, dy, 'o', color=color, ms=4, alpha=0.35)
+for method, color in BASELINES.items():  # trained alone at their papers' β, evaluated at the demo's DPO settings
+    row = next((r for r in table if r['method'] == method), None)
+    if row:
+        ax.errorbar(row['sft'], row['dpo'], xerr=row['sft_std'], yerr=row['dpo_std'], fmt='D', color=color, ms=6,
+                    capsize=3, zorder=5, label=f'{method} (baseline)')
 x0, y0 = mean_trajectory('SFT only', 1.0)[0]
 ax.plot(x0, y0, 's', color='black', ms=7, label='initial model')
 optima = result['optima'].values()
