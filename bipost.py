@@ -500,6 +500,8 @@ while True:
                                             autocast)['loss'])
     chosen = selector.choose(iter_num)
 
+    if deepspeed and zero_stage == 3:  # ZeRO-3 copies a gradient into its partition at the update's first micro-step, then
+        engine.optimizer.grad_partitions_flat_buffer.zero_()  # adds: from 0, not from the last update's, for a weight first reached later (rm's head after sft)
     totals, tokens = {}, 0
     for name, weight in chosen:
         split = train_data[name]
