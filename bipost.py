@@ -500,8 +500,8 @@ while True:
                                             autocast)['loss'])
     chosen = selector.choose(iter_num)
 
-    if deepspeed and zero_stage == 3:  # ZeRO-3 copies a gradient into its partition at the update's first micro-step, then
-        engine.optimizer.grad_partitions_flat_buffer.zero_()  # adds: from 0, not from the last update's, for a weight first reached later (rm's head after sft)
+    if deepspeed and zero_stage == 3:  # ZeRO-3 copies gradients in at an update's first micro-step and adds later ones,
+        engine.optimizer.grad_partitions_flat_buffer.zero_()  # so one first reached later (rm's head) adds to 0, not the last update's
     totals, tokens = {}, 0
     for name, weight in chosen:
         split = train_data[name]

@@ -7393,11 +7393,11 @@ def test_zero3_accumulation_weight_first_reached_late_gets_plain_torchs_gradient
     update's, so from update 2 on it was stepped with the running sum of all its past gradients (measured here: the
     reward head's gradient norm 0.95, 2.08, 2.62 at updates 2-4 against plain torch's 0.94, 1.37, 0.61; the logged
     losses, taken before each step, off by 5e-4 to 3e-3 relative from update 3). bipost zeroes the partitions at each
-    update's start. Checked on what each optimizer step receives (grad_clip=0, one process; ZeRO-3's
-    flat partitions in a world of one hold every parameter's gradient in the groups' order): mix in both orders (with
-    2 micro-batches per objective in one) against plain torch to fp32 rounding (rtol 1e-4; measured ≤ 3e-6 relative
-    per parameter), and alright, whose updates leave one head unreached (stepped with its stale gradient before),
-    against ZeRO-2, which steps such a weight with a zero gradient."""
+    update's start. Checked on what each optimizer step receives (grad_clip=0, one process; ZeRO-3's flat partitions
+    in a world of one hold every parameter's gradient in the groups' order): mix in both orders (with 2 micro-batches
+    per objective in one) against plain torch to fp32 rounding (rtol 1e-4; measured ≤ 3e-6 relative per parameter),
+    and alright, whose updates leave one head unreached (stepped with its stale gradient before), against ZeRO-2,
+    which steps such a weight with a zero gradient."""
     common = ['--batch_size=2', '--max_iters=4', '--eval_interval=4', '--eval_iters=1', '--grad_clip=0',
               '--warmup_iters=0', '--learning_rate=1e-2', '--decay_lr=False', '--export_hf=False']
     setups = {'sft_rm': ['--objectives=["sft", "rm"]', '--strategy=mix'],
