@@ -81,6 +81,13 @@ def check_settings(c, world_size):
     if c['data_selection'] and c['lower_level'] == 'reference' and c['reference_logps'] == 'precompute':
         raise ValueError("reference_logps='precompute' frees the reference, but data_selection's lower_level='reference' "
                          "runs it as θ̂ during training: set lower_level='copy' or 'none', or reference_logps='live'")
+    heads = {'rm': "rm's reward head", 'rl': "PPO's value head" if c['rl_advantage'] == 'ppo' else ''}
+    head = next((heads[n] for n in objectives if heads.get(n)), '')  # a weight that one objective alone reaches
+    if c['deepspeed'] and c['offload'] and head and len(objectives) > 1:
+        raise ValueError(f"offload=True with objectives {objectives}: DeepSpeed's offloaded optimizer receives a "
+                         f"weight's gradient only at an update's last micro-step, if that reaches the weight (else it "
+                         f"keeps a stale one), and {head} is not reached by every micro-step: set offload=False, or "
+                         f"train that objective alone")
     if 'kd' in c['objectives'] and not c['teacher_from']:
         raise ValueError("objective 'kd' needs teacher_from = a local HF model directory")
     if c['optima'] and len(c['optima']) != len(c['objectives']):
