@@ -429,8 +429,11 @@ def log(record, line):
         wandb.log(record, step=record['iter'])
 
 
-def zero_loss():
-    """A loss with zero gradient for every parameter: stands in for a skipped non-finite micro-batch."""
+def zero_loss(batch):
+    """A loss with zero gradient for every parameter: stands in for a skipped non-finite micro-batch. Under ZeRO-3 a
+    parameter is an empty placeholder outside its module's forward: there the zero is a forward of one token."""
+    if deepspeed and zero_stage == 3:
+        return raw_model(input_ids=batch['input_ids'][:1, :1]).logits.sum() * 0
     return sum((p.view(-1)[:1] * 0).sum() for p in raw_model.parameters() if p.requires_grad)
 
 # -----------------------------------------------------------------------------
@@ -511,7 +514,7 @@ while True:
                     fail(f"non-finite {name} loss at update {iter_num} (lr {lr:.2e}): stopped before any "
                          f"checkpoint was written; lower learning_rate, check the data, or set nonfinite='skip'")
                 skipped += 1
-                loss = zero_loss()
+                loss = zero_loss(batch)
             scale = weight * len(chosen)  # mix: the engine divides by micro_steps, which counts every objective
             if deepspeed:
                 engine.backward(loss * scale)  # the engine scales by 1/gradient_accumulation_steps itself

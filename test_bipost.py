@@ -6122,6 +6122,29 @@ def test_reliability_nonfinite_loss_stop_skip_and_diverged_weights(tmp_path, rel
     assert json.load(open(tmp_path / 'skip' / 'ckpt.json'))['iter_num'] == 6
 
 
+@pytest.mark.slow
+def test_reliability_nonfinite_skip_logs_plain_torchs_numbers_on_zero2_and_zero3(tmp_path, rel_models):
+    """nonfinite='skip' through DeepSpeed ZeRO-2 and ZeRO-3 (one process, gloo): the NaN reference's micro-batches
+    are skipped with a zero gradient, counted, and every finite loss and held-out number is plain torch's. Under
+    ZeRO-3 a parameter is an empty placeholder outside its module's forward: a zero loss made from the parameters
+    themselves failed in backward (a gradient of shape [0])."""
+    args = ['--batch_size=4', '--warmup_iters=2', f'--init_from={rel_models["init"]}', "--objectives=['dpo']",
+            f'--reference_from={rel_models["nan_ref"]}', '--weights=[1.0]', '--max_iters=4', '--eval_interval=4',
+            '--nonfinite=skip', '--export_hf=False']
+    dirs = _train_run(tmp_path, {'plain': args, **{f'zero{z}': args + ['--deepspeed=True', f'--zero_stage={z}']
+                                                   for z in (2, 3)}})
+    plain_evals, plain = _train_records(dirs['plain'])
+    assert plain[-1]['skipped'] >= 1 and any(not math.isfinite(r['train/dpo/loss']) for r in plain)
+    for engine in ('zero2', 'zero3'):
+        evals, updates = _train_records(dirs[engine])
+        assert [r['skipped'] for r in updates] == [r['skipped'] for r in plain], engine
+        for ours, theirs in zip(evals + updates, plain_evals + plain):
+            for k, v in theirs.items():
+                if k.startswith(('train/', 'val/')) and math.isfinite(v):  # margins: differences of sums, rounded
+                    tolerance = 1e-5 if k.endswith('/loss') else 1e-4
+                    assert ours[k] == pytest.approx(v, rel=tolerance, abs=tolerance), (engine, ours['iter'], k)
+
+
 def _rel_dataset(root, fault):
     """A copy of data/demo's four default splits in root/data, with one fault injected."""
     import shutil
