@@ -307,11 +307,8 @@ if not deepspeed:
     model.to(device)  # fp32 master weights; bf16 compute through autocast
 # the reference computes exactly as the policy does, so that at step 0 every pair's margin is exactly 0: under
 # DeepSpeed the engine holds the policy in the training dtype; plain torch keeps fp32 weights under autocast
-frozen_setup = dict(vocab_size=vocab_size, device=device, dtype=ptdtype if deepspeed else torch.float32, zero3_config=None,
-                    packing=packing)
-if deepspeed and zero_stage == 3:  # partitioned like the policy; forward only
-    frozen_setup['zero3_config'] = {'train_micro_batch_size_per_gpu': batch_size, 'bf16': {'enabled': dtype == 'bfloat16'},
-                                    'fp16': {'enabled': dtype == 'float16'}, 'zero_optimization': {'stage': 3}}
+frozen_setup = dict(vocab_size=vocab_size, device=device, dtype=ptdtype if deepspeed else torch.float32, packing=packing,
+                    zero3_batch=batch_size if deepspeed and zero_stage == 3 else 0)  # ZeRO-3: partitioned like the policy
 reference = None
 if reference_needed:
     source = reference_from or policy_source

@@ -83,10 +83,11 @@ def packing_checked(model, source, master):
         return False
 
 
-def frozen(m, source, role, vocab_size, device, dtype, digest=False, zero3_config=None, packing=False):
+def frozen(m, source, role, vocab_size, device, dtype, digest=False, zero3_batch=0, packing=False):
     """A loaded model as the frozen reference/teacher: the policy's vocab, no gradients, eval mode. digest: its
     weights_digest as m.bipost_weights (the precomputed reference's fingerprint), taken before ZeRO-3 partitions it.
-    zero3_config: partitioned like the policy by a forward-only DeepSpeed engine; else on device in dtype. packing:
+    zero3_batch > 0: partitioned like the policy by a forward-only ZeRO-3 engine of that micro-batch, in dtype; else on
+    device in dtype. packing:
     its packed rows must give its padded numbers, as the policy's did (a teacher of another family may not)."""
     if m.get_output_embeddings().weight.shape[0] != vocab_size:
         raise ValueError(f"{role} '{source}' has vocab {m.get_output_embeddings().weight.shape[0]} but the policy has "
@@ -96,9 +97,11 @@ def frozen(m, source, role, vocab_size, device, dtype, digest=False, zero3_confi
     m.requires_grad_(False).eval()
     if digest:
         m.bipost_weights = weights_digest(m)
-    if zero3_config:
+    if zero3_batch:
         import deepspeed
-        return deepspeed.initialize(model=m, config=zero3_config)[0].module
+        config = {'train_micro_batch_size_per_gpu': zero3_batch, 'bf16': {'enabled': dtype == torch.bfloat16},
+                  'fp16': {'enabled': dtype == torch.float16}, 'zero_optimization': {'stage': 3}}
+        return deepspeed.initialize(model=m, config=config)[0].module
     return m.to(device, dtype)
 
 
