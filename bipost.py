@@ -2,7 +2,7 @@
 bipost: one-stage bi-objective (and bilevel) LLM post-training, e.g. SFT + DPO in one run.
 
     python bipost.py                                               # the CPU demo: ~30 s on 2 quiet cores
-    python bipost.py config/demo.py --strategy=maxright            # a recipe, plus overrides
+    python bipost.py config/demo.py --strategy=maxright --out_dir=out-maxright  # a recipe, plus overrides
     torchrun --nproc_per_node=8 bipost.py config/llama3_dpo_sft.py # 8 GPUs, DeepSpeed ZeRO-3
 
 One launch path: plain python or torchrun; the only branch is whether RANK is in the environment.
@@ -173,9 +173,9 @@ config_keys = [k for k, v in globals().items()  # not the imported constants (OB
                if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str, list, dict))]
 config = {k: globals()[k] for k in config_keys}
 
-if {'-h', '--help'} & set(sys.argv[1:]):
-    print(__doc__ + "\nEvery global at the top of bipost.py (with its comment) is a key, set in a config file or as "
-          "--key=value.\n" + '\n'.join(f"  {k} = {v!r}" for k, v in config.items()))
+if {'-h', '--help'} & set(sys.argv[1:]):  # the block of globals above, as written: each is a key, with its comment
+    block = open(__file__, encoding='utf-8').read().split('\n# ' + '-' * 77 + '\n')[1]
+    print(__doc__.strip() + "\n\nEvery global below is a key, set in a config file or as --key=value:\n\n" + block)
     sys.exit(0)
 try:
     _defaults = dict(config)

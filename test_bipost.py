@@ -6909,6 +6909,20 @@ def _bipost_defaults():
     return {k: v for k, v in namespace.items() if not k.startswith('_') and k != 'torch' and not k.isupper()}
 
 
+def test_config_help_prints_every_key_with_its_comment():
+    """`python bipost.py --help` prints the globals block as written: every key the trainer reads (those of
+    _bipost_defaults) at a line's start with its default, each with its comment, and the section headers."""
+    done = subprocess.run([sys.executable, 'bipost.py', '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and '# optimizer' in lines and '# deepspeed' in lines, done.stderr
+    for key in _bipost_defaults():
+        line = next((l for l in lines if l.startswith(f'{key} = ')), None)
+        assert line is not None, key
+    assert "out_dir = 'out-demo'          # checkpoint, HF export, metrics.jsonl" in lines
+    assert sum(' # ' in l for l in lines if ' = ' in l and not l.startswith(' ')) >= 90  # the comments came along
+
+
 def test_config_checks_total_batch_and_refusals():
     """check_settings: total_batch_size sets the accumulation for any world size (128 = 4 x 8 x 4 ranks = 4 x 32 x 1),
     and a bad choice, a bad combination or an optima list of the wrong length is refused with its key named."""

@@ -1,6 +1,6 @@
 # RL with verifiable rewards (Tulu 3's RLVR, GRPO's group-relative advantages) on the CPU demo: two-digit addition,
 # reward 10 for the right sum (rewards.verify_number), else 0, from the SFT warm-up's checkpoint.
-#   python bipost.py config/rl_sft_warmup.py    # first: ~70 s, writes out-rl-sft/hf
+#   python bipost.py config/rl_sft_warmup.py    # first: ~1 min, writes out-rl-sft/hf
 #   python bipost.py config/rl_demo.py          # ~2 min on one CPU core: held-out greedy accuracy 0.585 -> 0.74 (seed 1337)
 #   python bipost.py config/rl_demo.py --objectives="['sft', 'rl']" --weights="[0.5, 0.5]" --out_dir=out-rl-joint  # joint
 #   python data/demo/rl_table.py                # the table of docs/rl.md: these runs and more, over seeds
