@@ -440,9 +440,11 @@ n_params = sum(memory_plan.numel(p) for p in raw_model.parameters())  # ZeRO-3 l
 peak = memory_plan.peak_flops(torch.cuda.get_device_name(device), peak_flops) if device.startswith('cuda') else None
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    side = [m for m in (data_selector and data_selector.lower, getattr(getattr(ctx, 'reward', None), 'model', None))
+            if m is not None]  # whole fp32 modules beside the policy: the data selector's θ̂, rl's reward model
     run_log.startup_facts(config, raw_model, trained, [m for m in (reference, teacher) if m is not None], train_data,
                           val_data, DATA_KIND, policy_source, vocab_size, world_size, device,
-                          gradient_accumulation_steps, optimum_values, n_params, peak)
+                          gradient_accumulation_steps, optimum_values, n_params, peak, side)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)

@@ -103,5 +103,5 @@ def demo_defaults_note(c, data_dir):
     if os.path.abspath(data_dir) == demo or (c['beta'], c['length_normalize'], c['learning_rate']) != (5.0, True, 1e-3):
         return ''
     return (f"note: beta=5.0, length_normalize=True and learning_rate=1e-3 are the demo's defaults, tuned for a tiny "
-            f"model from scratch; for {data_dir} set them in your config (standard DPO: beta ~0.1, summed log-probs; "
-            f"lr ~1e-6)")
+            f"model from scratch; for {data_dir} set them in your config (a pretrained model: lr ~1e-6 to 1e-5; DPO "
+            f"and kto: beta ~0.1 on summed log-probs)")

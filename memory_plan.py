@@ -52,11 +52,13 @@ def activations(config, tokens, checkpointing, value_bytes):
     return tokens * values * value_bytes
 
 
-def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes, tokens, checkpointing, gpu=True):
+def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes, tokens, checkpointing, gpu=True,
+         side=()):
     """The plan as one line, GB per GPU (per process off GPU: gpu=False, the CPU's memory). model: the policy
     (partitioned or not); frozen: the reference/teacher models (16-bit under DeepSpeed, fp32 under plain torch,
     partitioned by ZeRO-3); tokens: the largest micro-batch. Model states count the trained parameters; the policy's
-    frozen ones (LoRA's base) count as frozen weights."""
+    frozen ones (LoRA's base) count as frozen weights. side: plain fp32 modules beside DeepSpeed, whole on every rank
+    (the data selector's θ̂ copy, trained by Adam: 16 bytes/param; RL's reward model: 4)."""
     params = list(model.parameters())
     trained = sum(numel(p) for p in params if p.requires_grad)
     largest_layer = max(sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
@@ -65,6 +67,7 @@ def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes,
     n_frozen = sum(numel(p) for p in params if not p.requires_grad) + sum(numel(p) for m in frozen for p in m.parameters())
     frozen_bytes = n_frozen * (value_bytes if deepspeed else 4) / shards
     acts = activations(model.config.get_text_config(), tokens, checkpointing, value_bytes)
+    side_bytes = sum((16 if p.requires_grad else 4) * numel(p) for m in side for p in m.parameters())
     engine = ('plain torch, 16 B/param' if not deepspeed else "DeepSpeed's ZeRO-3 estimator" if zero_stage == 3 else
               f"DeepSpeed's ZeRO-2 estimator{', nothing partitioned' if zero_stage == 0 else ''}")
     gb = lambda x: f"{x / 1e9:.3g} GB"
@@ -72,7 +75,7 @@ def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes,
     return (f"memory plan per {unit}: model states {gb(states)} ({engine}, {world_size} {units if world_size > 1 else unit}"
             f"{', optimizer offloaded' if deepspeed and offload else ''}) + frozen weights {gb(frozen_bytes)} + "
             f"activations ~{gb(acts)} ({tokens} tokens a micro-batch, checkpointing {'on' if checkpointing else 'off'})"
-            f" = ~{gb(states + frozen_bytes + acts)}")
+            f"{f' + side models {gb(side_bytes)} (fp32, whole)' if side else ''} = ~{gb(states + frozen_bytes + acts + side_bytes)}")
 
 
 def per_second(count):

@@ -9,7 +9,7 @@ import memory_plan
 
 
 def startup_facts(c, raw_model, trained, frozen_models, train_data, val_data, kinds, policy_source, vocab_size,
-                  world_size, device, accumulation, optimum_values, n_params, peak):
+                  world_size, device, accumulation, optimum_values, n_params, peak, side_models=()):
     """Print the facts of the run about to start; c: the config."""
     print(f"policy: {policy_source} | {n_params / 1e6:.2f}M parameters | vocab {vocab_size} | dtype {c['dtype']}" + (
           f" | LoRA rank {c['lora_rank']}: {sum(memory_plan.numel(p) for p in trained) / 1e6:.3g}M trained"
@@ -22,9 +22,11 @@ def startup_facts(c, raw_model, trained, frozen_models, train_data, val_data, ki
         print(f"world {world_size} | {engine} | device {device} | micro-batches of up to {c['max_tokens_per_batch']} "
               f"tokens x {accumulation} accum x {world_size} ranks per update | {rows}")
     else:
+        n = c['batch_size'] * accumulation * world_size
+        what = ', '.join([f"pairs for {k}" for k in c['objectives'] if kinds.get(k) == 'pref'] +
+                         [f"prompts x {c['rl_group']} completions for rl"] * ('rl' in c['objectives']))
         print(f"world {world_size} | {engine} | device {device} | {c['batch_size']} x {accumulation} accum x "
-              f"{world_size} ranks = {c['batch_size'] * accumulation * world_size} examples (pairs for dpo) per update | "
-              f"{rows}")
+              f"{world_size} ranks = {n} examples{f' ({what})' if what else ''} per update | {rows}")
     for name in c['objectives']:
         print(f"  {name}: train {train_data[name].name} ({len(train_data[name].ids)} examples), "
               f"val {val_data[name].name} ({len(val_data[name].index)})")
@@ -34,7 +36,8 @@ def startup_facts(c, raw_model, trained, frozen_models, train_data, val_data, ki
                   for n, s in train_data.items() if n in c['objectives'])
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[c['dtype']]
     print(memory_plan.plan(raw_model, frozen_models, c['deepspeed'], c['zero_stage'], world_size, c['offload'],
-                           torch.finfo(dtype).bits // 8, longest, c['gradient_checkpointing'], device.startswith('cuda')))
+                           torch.finfo(dtype).bits // 8, longest, c['gradient_checkpointing'], device.startswith('cuda'),
+                           side_models))
     if device.startswith('cuda') and peak is None:
         print(f"note: no peak FLOP/s known for {torch.cuda.get_device_name(device)}: set peak_flops for an MFU in the log")
 

@@ -1080,7 +1080,7 @@ def test_data21_hub_name_offline_one_line(tmp_path):
                               f"--tokenizer={name}", f"sft_train={tmp_path / 'train.jsonl'}"], capture_output=True, text=True,
                              env={**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HF_HUB_OFFLINE": "1"})
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "works offline" in bad.stderr and \
-            "huggingface-cli download ORG/NAME --local-dir DIR" in bad.stderr, bad.stderr
+            "hf download ORG/NAME --local-dir DIR" in bad.stderr, bad.stderr
         assert not (tmp_path / "out").exists()
 
 
@@ -2814,6 +2814,25 @@ def test_memory_plan_model_states_and_frozen_models_per_gpu():
     line = memory_plan.plan(policy, [reference], True, 3, 2, False, 2, 100, False)
     assert f"model states {states[3] / 1e9:.3g} GB" in line and f"frozen weights {P / 1e9:.3g} GB" in line, line
     assert f"frozen weights {2 * P / 1e9:.3g} GB" in memory_plan.plan(policy, [reference], True, 2, 2, False, 2, 100, False)
+    # side models, whole on every rank in fp32: a trained copy with Adam (the data selector's θ̂) 16 B/param, a frozen
+    # one (RL's reward model) 4
+    copy_, frozen_ = _obj_model(2), _obj_model(3).requires_grad_(False)
+    line = memory_plan.plan(policy, [reference], True, 3, 2, False, 2, 100, False, side=[copy_, frozen_])
+    assert f"+ side models {20 * P / 1e9:.3g} GB (fp32, whole)" in line, line
+    assert "side models" not in memory_plan.plan(policy, [reference], True, 3, 2, False, 2, 100, False)
+
+
+def test_memory_plan_counts_the_data_selectors_copy(monkeypatch, capsys):
+    """bipost.py passes the data selector's θ̂ (lower_level='copy', a copy of the policy trained by Adam) to the plan:
+    16 bytes per policy parameter, as much as plain torch's model states of the policy; lower_level='none' has none."""
+    for lower, expected in (('copy', True), ('none', False)):
+        code, out, err = _rel_inprocess(monkeypatch, capsys, 'config/select_demo.py', '--max_iters=0', '--eval_iters=1',
+                                        f"--lower_level='{lower}'", '--save_checkpoints=False')
+        assert code == 0, err
+        line = next(l for l in out.splitlines() if l.startswith('memory plan'))
+        assert ('side models' in line) == expected and '(plain torch, 16 B/param' in line, line
+        if expected:
+            assert line.split('side models ')[1].split(' GB')[0] == line.split('model states ')[1].split(' GB')[0], line
 
 
 def test_peak_flops_by_device_name_and_override():

@@ -120,9 +120,12 @@ def run_bipost(job, backend, model_dir, data_dir, work, args):
 def run_trl(model_dir, data_dir, n_params, args):
     """TRL's DPOTrainer with its defaults (fp32 weights under bf16 autocast, the reference a copy on the GPU) on the
     same pairs, timed per step by a callback."""
-    from datasets import Dataset
+    try:
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as e:  # optional extras; the other rows do not need them
+        raise ImportError(f"{e}: the anchor row needs TRL, not in requirements.txt: pip install trl datasets") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
     tokens, index = np.fromfile(os.path.join(data_dir, 'pref_train.bin'), dtype=np.uint32), \
         np.load(os.path.join(data_dir, 'pref_train_index.npy'))
     text = lambda ids: ' '.join(f't{i}' for i in ids)

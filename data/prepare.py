@@ -1,4 +1,4 @@
-"""
+r"""
 Generic JSONL (or JSON array) -> token bins for bipost. Training never tokenizes; this does it once, offline.
 
     python data/prepare.py --out_dir=data/mydata --tokenizer=/path/to/hf_model_dir --max_length=1024 \
@@ -103,7 +103,7 @@ class Tokenizer:
                             "save_pretrained writes)")
         offline = ("data/prepare.py works offline: only a local Hugging Face tokenizer directory (e.g. the model's) or a "
                    "built-in encoding (demo, a cached tiktoken name) works; download a Hub tokenizer where there is "
-                   "network (huggingface-cli download ORG/NAME --local-dir DIR) and pass --tokenizer=DIR")
+                   "network (hf download ORG/NAME --local-dir DIR) and pass --tokenizer=DIR")
         if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec):  # relative path or Hub name: either way no such directory here
             raise DataError(f"tokenizer {spec!r} is no local directory (and a Hub name is not downloaded): {offline}")
         if os.sep in spec or "/" in spec or spec.startswith((".", "~")):  # a path, never a tiktoken name
