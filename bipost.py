@@ -23,7 +23,7 @@ if not torch.cuda.is_available():  # else DeepSpeed, imported with transformers'
     os.environ.setdefault('DS_ACCELERATOR', 'cpu')
 from configurator import configure, ConfigError
 from config_checks import check_settings, demo_defaults_note
-from checkpoint import resume_config, read_checkpoint, resume, restart_metrics, save_checkpoint
+from checkpoint import resume_config, read_checkpoint, resumed_policy, resume, restart_metrics, save_checkpoint
 from objectives import OBJECTIVES, DATA_KIND, NEEDS_REFERENCE
 import rl
 import reward_model
@@ -252,7 +252,6 @@ except ValueError as e:
 # -----------------------------------------------------------------------------
 # models: the policy, and the frozen reference (DPO) / teacher (KD), each loaded on its own
 
-from transformers import AutoConfig, AutoModelForCausalLM
 from model import load_model, check_vocab, drop_dropout, enable_checkpointing, frozen, add_lora, packing_checked
 
 try:  # the pointer ckpt.json and plain torch's ckpt.pt of a resumed run (whose config resume_config read), else None
@@ -272,20 +271,12 @@ def built(step, *args, **kwargs):  # one step of model.py: its ValueError (bad i
 def load(source):
     return built(load_model, source, meta, seed, n_layer, n_head, n_embd, block_size)
 
-if checkpoint and not lora_rank:  # every weight comes from the checkpoint (DeepSpeed's: the engine loads them below)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
-    if checkpoint['format'] == 'torch':
-        model.load_state_dict({k: v for k, v in state['model'].items()  # the heads of rl (ppo) and rm: below
-                               if not k.startswith(('value_head.', 'reward_head.'))})
-else:  # LoRA resumes its frozen base from its source, as the reference is loaded, and the adapters from the checkpoint
-    model = load(policy_source)
+# a resume takes every weight from the checkpoint; LoRA's frozen base comes from its source, as the reference does
+model = resumed_policy(checkpoint, state) if checkpoint and not lora_rank else load(policy_source)
 if disable_dropout:
     drop_dropout(model)
 if 'rl' in objectives and rl_advantage == 'ppo':  # PPO's value head: a submodule of the policy, so that the optimizer,
-    model.value_head = rl.value_head(model)         # the checkpoint and ZeRO take it along; the HF export leaves it out
-    if checkpoint and checkpoint['format'] == 'torch':
-        model.value_head.load_state_dict({k[len('value_head.'):]: v for k, v in state['model'].items()
-                                          if k.startswith('value_head.')})
+    model.value_head = rl.value_head(model, state)  # the checkpoint and ZeRO take it along; the HF export leaves it out
 vocab_size = built(check_vocab, model, policy_source, meta, meta_path)
 packing = config['packing'] = packing and packing_checked(model, policy_source, master)  # fp32, before LoRA / DeepSpeed
 try:

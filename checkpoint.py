@@ -126,6 +126,15 @@ def read_checkpoint(out_dir, resuming, master, world_size):
                          f"with --overwrite=True")
     return checkpoint, state
 
+def resumed_policy(checkpoint, state):
+    """The policy of a full-weights resume, built from the config it saved: plain torch's weights from ckpt.pt (state;
+    the heads of rl's PPO and of rm are loaded by their owners), DeepSpeed's by its engine once it exists."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**checkpoint['model_config']))
+    if state is not None:
+        model.load_state_dict({k: v for k, v in state['model'].items() if not k.startswith(('value_head.', 'reward_head.'))})
+    return model
+
 # -----------------------------------------------------------------------------
 # a run's state besides weights and optimizer: enough that a resumed run continues exactly (data cursors, selector
 # and RNG state)

@@ -471,10 +471,12 @@ def update_reference(reference, policy, alpha):
         p.lerp_(params[name].detach().to(p.dtype), 1 - alpha)
 
 
-def value_head(model):
+def value_head(model, state=None):
     """PPO's V(s) = w·h + b on the policy's final hidden states; zero-initialized (V = 0 at first, the same on
-    every rank without a broadcast)."""
+    every rank without a broadcast), or a plain-torch checkpoint's (state; under DeepSpeed the engine loads it)."""
     head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
+    if state is not None:
+        head.load_state_dict({k[len('value_head.'):]: v for k, v in state['model'].items() if k.startswith('value_head.')})
     return head
