@@ -478,8 +478,8 @@ while True:
                                             autocast)['loss'])
     chosen = selector.choose(iter_num)
 
-    if deepspeed and zero_stage == 3:  # ZeRO-3 copies gradients in at an update's first micro-step and adds later ones,
-        engine.optimizer.grad_partitions_flat_buffer.zero_()  # so one first reached later (rm's head) adds to 0, not the last update's
+    if deepspeed and zero_stage == 3:  # ZeRO-3 copies gradients in at an update's first micro-step and adds later
+        engine.optimizer.grad_partitions_flat_buffer.zero_()  # ones: one first reached later (rm's head) adds to 0
     totals, tokens = {}, 0
     for name, weight in chosen:
         split = train_data[name]

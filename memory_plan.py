@@ -75,7 +75,8 @@ def plan(model, frozen, deepspeed, zero_stage, world_size, offload, value_bytes,
     return (f"memory plan per {unit}: model states {gb(states)} ({engine}, {world_size} {units if world_size > 1 else unit}"
             f"{', optimizer offloaded' if deepspeed and offload else ''}) + frozen weights {gb(frozen_bytes)} + "
             f"activations ~{gb(acts)} ({tokens} tokens a micro-batch, checkpointing {'on' if checkpointing else 'off'})"
-            f"{f' + side models {gb(side_bytes)} (fp32, whole)' if side else ''} = ~{gb(states + frozen_bytes + acts + side_bytes)}")
+            f"{f' + side models {gb(side_bytes)} (fp32, whole)' if side else ''}"
+            f" = ~{gb(states + frozen_bytes + acts + side_bytes)}")
 
 
 def per_second(count):

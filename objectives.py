@@ -140,9 +140,10 @@ def kto(model, batch, ctx):
     """KTO (Ethayarajh et al. 2024) on unpaired data, as TRL's KTOTrainer: rows 0..B-1 are each prompt with its own
     completion, B..2B-1 each prompt with another example's (data/loader.py), labels [B] (True: desirable). With
     ρ = β·(log πθ(y|x) − log πref(y|x)) on summed log-probs and the reference point z0 = max(0, mean over the
-    mismatched rows of log πθ − log πref, each rank's mean averaged over the ranks) (no gradient), a desirable example's loss is λ_D·(1 − σ(ρ − β·z0)), an
-    undesirable one's λ_U·(1 − σ(β·z0 − ρ)); their mean is TRL's loss. Metrics: TRL's kl, and rewards / logps of
-    each class as per-example shares whose mean over the micro-batch is TRL's mean over that class."""
+    mismatched rows of log πθ − log πref, each rank's mean averaged over the ranks) (no gradient), a desirable
+    example's loss is λ_D·(1 − σ(ρ − β·z0)), an undesirable one's λ_U·(1 − σ(β·z0 − ρ)); their mean is TRL's loss.
+    Metrics: TRL's kl, and rewards / logps of each class as per-example shares whose mean over the micro-batch is
+    TRL's mean over that class."""
     B = batch['labels'].shape[0]
     own = {k: batch[k][:B] for k in ('input_ids', 'attention_mask', 'response_mask')}
     mismatched = {k: batch[k][B:] for k in ('input_ids', 'attention_mask', 'response_mask')}
